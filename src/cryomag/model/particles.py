@@ -1,0 +1,257 @@
+"""The in-memory particle set shared by every reader, writer and estimator.
+
+A :class:`ParticleSet` holds two tables with RELION column names (the common language of
+the field) plus where they came from:
+
+- ``particles``: one row per particle. Columns used by cryomag (all in RELION units):
+  ``rlnImageName`` (``"000001@stack.mrcs"``, 1-based), ``rlnMicrographName``,
+  ``rlnOpticsGroup`` (1-based, refers to ``optics``), ``rlnDefocusU``/``rlnDefocusV`` (A,
+  positive = underfocus), ``rlnDefocusAngle`` (deg), ``rlnPhaseShift`` (deg),
+  ``rlnCtfBfactor`` (A^2), ``rlnCtfScalefactor``, ``rlnAngleRot``/``Tilt``/``Psi`` (deg),
+  ``rlnOriginXAngst``/``rlnOriginYAngst`` (A), ``rlnRandomSubset`` (1 or 2). Any other
+  column read from a file is kept untouched and written back.
+- ``optics``: one row per optics group: ``rlnOpticsGroup``, ``rlnOpticsGroupName``,
+  ``rlnImagePixelSize`` (A/px), ``rlnImageSize`` (px), ``rlnVoltage`` (kV),
+  ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``, ``rlnMagMat00..11``.
+
+Magnification matrices follow RELION: ``k_ref = M @ k_obs`` (see CONVENTIONS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MAGMAT_COLUMNS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+
+#: Particle columns every estimator needs, with the unit, for error messages.
+REQUIRED_PARTICLE_COLUMNS = {
+    "rlnOpticsGroup": "optics group number (1-based)",
+    "rlnDefocusU": "defocus U in A",
+    "rlnDefocusV": "defocus V in A",
+    "rlnDefocusAngle": "astigmatism angle in degrees",
+    "rlnAngleRot": "Euler angle rot in degrees",
+    "rlnAngleTilt": "Euler angle tilt in degrees",
+    "rlnAnglePsi": "Euler angle psi in degrees",
+    "rlnOriginXAngst": "origin X in A",
+    "rlnOriginYAngst": "origin Y in A",
+}
+
+REQUIRED_OPTICS_COLUMNS = {
+    "rlnOpticsGroup": "optics group number (1-based)",
+    "rlnImagePixelSize": "pixel size in A",
+    "rlnImageSize": "box size in pixels",
+    "rlnVoltage": "voltage in kV",
+    "rlnSphericalAberration": "Cs in mm",
+    "rlnAmplitudeContrast": "amplitude contrast (fraction)",
+}
+
+#: Defaults for optional particle columns that have a neutral value.
+PARTICLE_DEFAULTS = {
+    "rlnPhaseShift": 0.0,
+    "rlnCtfBfactor": 0.0,
+    "rlnCtfScalefactor": 1.0,
+}
+
+
+class ParticleDataError(ValueError):
+    """Bad or missing particle metadata; the message names the file, row/column and expectation."""
+
+
+@dataclass
+class SourceInfo:
+    """Where a particle set came from, so that writers can keep what they did not change.
+
+    Attributes
+    ----------
+    path : Path or None
+        The file read (STAR or .cs); ``None`` for sets built in memory.
+    kind : str
+        ``"star"``, ``"cs"`` or ``"memory"``.
+    star_version : str or None
+        The ``# version NNNNN`` line of a STAR file, kept on write.
+    extra_blocks : dict
+        STAR data blocks other than optics and particles, in file order, kept on write.
+    block_order : list of str
+        Order of the data blocks in the source STAR file.
+    cs_data : Any
+        For .cs input: the original structured array (primary joined with passthrough),
+        kept so that a written .cs carries every input field.
+    legacy : bool
+        True for RELION 3.0 STAR files (no optics table).
+    has_poses : bool
+        False when the source had no orientations (a .cs file without ``alignments3D``, a STAR
+        file without ``rlnAngleRot/Tilt/Psi``): the reader then filled angles and origins
+        with 0, and these zeros are not real poses.
+    filled_columns : list of str
+        Particle columns the reader added with a default value (not in the file). Writers
+        leave them out again while they still hold that default.
+    nonloop_blocks : list of str
+        Names of STAR blocks written as ``_label value`` pairs rather than a ``loop_``.
+    passthrough : Path or None
+        For .cs input: the passthrough file joined to the primary file, if any.
+    """
+
+    path: Path | None = None
+    kind: str = "memory"
+    star_version: str | None = None
+    extra_blocks: dict[str, pd.DataFrame] = field(default_factory=dict)
+    block_order: list[str] = field(default_factory=list)
+    cs_data: Any = None
+    legacy: bool = False
+    has_poses: bool = True
+    filled_columns: list[str] = field(default_factory=list)
+    nonloop_blocks: list[str] = field(default_factory=list)
+    passthrough: Path | None = None
+
+
+@dataclass
+class ParticleSet:
+    """A particle table and its optics groups, with lazy access to the images.
+
+    Parameters
+    ----------
+    particles : pandas.DataFrame
+        One row per particle, RELION column names (see module docstring).
+    optics : pandas.DataFrame
+        One row per optics group, RELION column names.
+    source : SourceInfo
+        Provenance, used by the writers to keep untouched content.
+    """
+
+    particles: pd.DataFrame
+    optics: pd.DataFrame
+    source: SourceInfo = field(default_factory=SourceInfo)
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    @property
+    def name(self) -> str:
+        """A short label for messages: the source file name or ``"<memory>"``."""
+        return str(self.source.path) if self.source.path is not None else "<memory>"
+
+    def copy(self) -> ParticleSet:
+        """Deep copy of both tables (the source information is shared)."""
+        return ParticleSet(self.particles.copy(), self.optics.copy(), self.source)
+
+    def validate(self) -> None:
+        """Check required columns and values; raise :class:`ParticleDataError` naming them."""
+        for col, what in REQUIRED_OPTICS_COLUMNS.items():
+            if col not in self.optics.columns:
+                raise ParticleDataError(
+                    f"{self.name}: optics table has no column {col} (expected {what})"
+                )
+        for col, what in REQUIRED_PARTICLE_COLUMNS.items():
+            if col not in self.particles.columns:
+                raise ParticleDataError(
+                    f"{self.name}: particle table has no column {col} (expected {what})"
+                )
+        for table, cols, label in (
+            (self.particles, REQUIRED_PARTICLE_COLUMNS, "particle"),
+            (self.optics, REQUIRED_OPTICS_COLUMNS, "optics"),
+        ):
+            for col in cols:
+                values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float)
+                bad = ~np.isfinite(values)
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise ParticleDataError(
+                        f"{self.name}: {label} row {row + 1}, column {col}: value "
+                        f"{table[col].iloc[row]!r} is not a finite number (expected {cols[col]})"
+                    )
+        groups = set(self.optics["rlnOpticsGroup"].astype(int))
+        used = set(self.particles["rlnOpticsGroup"].astype(int))
+        missing = used - groups
+        if missing:
+            raise ParticleDataError(
+                f"{self.name}: particles refer to optics group(s) {sorted(missing)} that the "
+                f"optics table does not define (it has {sorted(groups)})"
+            )
+        apix = self.optics["rlnImagePixelSize"].to_numpy(float)
+        if (apix <= 0).any():
+            raise ParticleDataError(f"{self.name}: rlnImagePixelSize must be > 0, got {apix}")
+
+    # ------------------------------------------------------------ per group
+    @property
+    def n_groups(self) -> int:
+        return len(self.optics)
+
+    def group_numbers(self) -> np.ndarray:
+        """The optics group numbers (1-based, as in the file), shape (G,)."""
+        return self.optics["rlnOpticsGroup"].to_numpy(int)
+
+    def group_index(self) -> np.ndarray:
+        """For each particle, the 0-based row of its optics group in ``optics``, shape (N,)."""
+        lookup = {g: i for i, g in enumerate(self.group_numbers())}
+        return np.array([lookup[int(g)] for g in self.particles["rlnOpticsGroup"]], dtype=int)
+
+    def mag_matrices(self) -> np.ndarray:
+        """RELION magnification matrix per optics group, shape (G, 2, 2); identity if absent."""
+        mats = np.tile(np.eye(2), (self.n_groups, 1, 1))
+        if all(c in self.optics.columns for c in MAGMAT_COLUMNS):
+            vals = self.optics[list(MAGMAT_COLUMNS)].to_numpy(float)
+            mats = vals.reshape(-1, 2, 2)
+        return mats
+
+    def set_mag_matrices(self, mats: np.ndarray) -> None:
+        """Write RELION matrices, shape (G, 2, 2), into ``rlnMagMat00..11``."""
+        mats = np.asarray(mats, float).reshape(self.n_groups, 4)
+        for j, col in enumerate(MAGMAT_COLUMNS):
+            self.optics[col] = mats[:, j]
+
+    def optics_value(self, column: str) -> np.ndarray:
+        """An optics column as floats, shape (G,)."""
+        return self.optics[column].to_numpy(float)
+
+    # --------------------------------------------------------- per particle
+    def column(self, name: str, default: float | None = None) -> np.ndarray:
+        """A particle column as float64, shape (N,); ``default`` fills a missing column."""
+        if name not in self.particles.columns:
+            if default is None and name in PARTICLE_DEFAULTS:
+                default = PARTICLE_DEFAULTS[name]
+            if default is None:
+                raise ParticleDataError(
+                    f"{self.name}: particle table has no column {name}"
+                    + (
+                        f" (expected {REQUIRED_PARTICLE_COLUMNS[name]})"
+                        if name in REQUIRED_PARTICLE_COLUMNS
+                        else ""
+                    )
+                )
+            return np.full(len(self), float(default))
+        return self.particles[name].to_numpy(float)
+
+    def euler_deg(self) -> np.ndarray:
+        """(rot, tilt, psi) per particle in degrees, shape (N, 3)."""
+        return np.stack(
+            [self.column("rlnAngleRot"), self.column("rlnAngleTilt"), self.column("rlnAnglePsi")],
+            axis=1,
+        )
+
+    def origin_A(self) -> np.ndarray:
+        """(rlnOriginXAngst, rlnOriginYAngst) per particle in A, shape (N, 2)."""
+        return np.stack([self.column("rlnOriginXAngst"), self.column("rlnOriginYAngst")], axis=1)
+
+    def micrographs(self) -> np.ndarray:
+        """Micrograph name per particle (``"?"`` when the column is absent), shape (N,)."""
+        if "rlnMicrographName" not in self.particles.columns:
+            return np.full(len(self), "?", dtype=object)
+        return self.particles["rlnMicrographName"].astype(str).to_numpy()
+
+    def half_sets(self) -> np.ndarray:
+        """rlnRandomSubset per particle (1 or 2); alternating 1, 2 when absent. Shape (N,)."""
+        if "rlnRandomSubset" in self.particles.columns:
+            return self.particles["rlnRandomSubset"].to_numpy(int)
+        return (np.arange(len(self)) % 2 + 1).astype(int)
+
+    def select(self, mask_or_index: np.ndarray) -> ParticleSet:
+        """A new set with the chosen particles (optics table copied whole)."""
+        idx = np.asarray(mask_or_index)
+        sub = self.particles.iloc[np.flatnonzero(idx) if idx.dtype == bool else idx]
+        return ParticleSet(sub.reset_index(drop=True), self.optics.copy(), self.source)

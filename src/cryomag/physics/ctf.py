@@ -1,0 +1,125 @@
+"""RELION's contrast transfer function (src/ctf.h, src/ctf.cpp of RELION 5.0.1).
+
+CTF(k) = scale * exp(-B |k|^2 / 4) * [sqrt(1 - Q0^2) sin(chi) + Q0 cos(chi)],
+chi(k) = pi lambda k^T Adef k - (pi/2) Cs lambda^3 |k|^4 + phase_shift,
+Adef = Q^T diag(DfU, DfV) Q, Q = [[cos a, sin a], [-sin a, cos a]], a = rlnDefocusAngle.
+Positive defocus is underfocus; CTF(0) = +Q0 and the CTF is positive at low frequency for
+underfocus. The CTF is evaluated at the true (reference-frame) frequency k = M k_obs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def electron_wavelength_A(voltage_kv: float | np.ndarray) -> np.ndarray:
+    """Relativistic electron wavelength in A for an acceleration voltage in kV."""
+    v = np.asarray(voltage_kv, float) * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+def defocus_matrix(defocus_u_A, defocus_v_A, angle_deg) -> np.ndarray:
+    """Astigmatic defocus as a symmetric matrix, Adef = Q^T diag(DfU, DfV) Q, shape (N, 2, 2), A.
+
+    k^T Adef k = defocus(k direction) * |k|^2.
+    """
+    u = np.atleast_1d(np.asarray(defocus_u_A, float))
+    v = np.atleast_1d(np.asarray(defocus_v_A, float))
+    a = np.deg2rad(np.atleast_1d(np.asarray(angle_deg, float)))
+    c, s = np.cos(a), np.sin(a)
+    out = np.empty(np.broadcast(u, v, a).shape + (2, 2))
+    out[..., 0, 0] = u * c * c + v * s * s
+    out[..., 1, 1] = u * s * s + v * c * c
+    out[..., 0, 1] = out[..., 1, 0] = (u - v) * c * s
+    return out
+
+
+def defocus_from_matrix(adef: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`defocus_matrix`: (DfU, DfV, angle_deg) with DfU >= DfV.
+
+    The angle is the direction of DfU, in (-90, 90] degrees.
+    """
+    m = np.asarray(adef, float)
+    sym = 0.5 * (m + np.swapaxes(m, -1, -2))
+    w, vecs = np.linalg.eigh(sym)
+    du, dv = w[..., 1], w[..., 0]
+    ang = np.rad2deg(np.arctan2(vecs[..., 1, 1], vecs[..., 0, 1]))
+    ang = np.where(ang <= -90, ang + 180, ang)
+    ang = np.where(ang > 90, ang - 180, ang)
+    return du, dv, ang
+
+
+def transform_astigmatism(defocus_u_A, defocus_v_A, angle_deg, mat: np.ndarray):
+    """Re-express astigmatism for frequencies transformed by ``mat``: Adef' = mat^T Adef mat.
+
+    With ``mat = M`` this gives the apparent (observed-frame) astigmatism of a particle whose
+    true-frame defocus is given, since k_ref^T Adef k_ref = k_obs^T (M^T Adef M) k_obs.
+    With ``mat = inc^-1`` it is RELION's adaptation after a magnification update
+    (Adef <- inc^-T Adef inc^-1), which keeps the CTF unchanged.
+
+    Parameters
+    ----------
+    mat : ndarray, shape (2, 2) or (N, 2, 2)
+
+    Returns
+    -------
+    (DfU, DfV, angle_deg), each shape (N,)
+    """
+    adef = defocus_matrix(defocus_u_A, defocus_v_A, angle_deg)
+    m = np.asarray(mat, float)
+    out = np.swapaxes(m, -1, -2) @ adef @ m
+    return defocus_from_matrix(out)
+
+
+def ctf_values(
+    kx: np.ndarray,
+    ky: np.ndarray,
+    defocus_u_A,
+    defocus_v_A,
+    angle_deg,
+    voltage_kv: float,
+    cs_mm: float,
+    amplitude_contrast: float,
+    phase_shift_deg=0.0,
+    bfactor_A2=0.0,
+    scale=1.0,
+) -> np.ndarray:
+    """Evaluate RELION's CTF.
+
+    Parameters
+    ----------
+    kx, ky : ndarray, shape (N, npix) or (npix,)
+        Frequencies in 1/A in the frame where the defocus is expressed (the true frame,
+        k = M k_obs, for RELION semantics).
+    defocus_u_A, defocus_v_A, angle_deg, phase_shift_deg, bfactor_A2, scale : array_like
+        Per particle, shape (N,) or scalar.
+    voltage_kv, cs_mm, amplitude_contrast : float
+        Per optics group.
+
+    Returns
+    -------
+    ndarray, shape (N, npix)
+    """
+    kx = np.atleast_2d(kx)
+    ky = np.atleast_2d(ky)
+
+    def col(x):
+        return np.asarray(x, float).reshape(-1, 1)
+
+    adef = defocus_matrix(defocus_u_A, defocus_v_A, angle_deg)
+    a00, a01, a11 = col(adef[..., 0, 0]), col(adef[..., 0, 1]), col(adef[..., 1, 1])
+    lam = float(electron_wavelength_A(voltage_kv))
+    cs_A = cs_mm * 1e7
+    k2 = kx * kx + ky * ky
+    quad = a00 * kx * kx + 2 * a01 * kx * ky + a11 * ky * ky
+    chi = (
+        np.pi * lam * quad
+        - 0.5 * np.pi * cs_A * lam**3 * k2 * k2
+        + np.deg2rad(col(phase_shift_deg))
+    )
+    q0 = float(amplitude_contrast)
+    ctf = np.sqrt(1 - q0 * q0) * np.sin(chi) + q0 * np.cos(chi)
+    b = col(bfactor_A2)
+    if np.any(b != 0):
+        ctf = ctf * np.exp(-0.25 * b * k2)
+    return ctf * col(scale)

@@ -1,0 +1,435 @@
+"""``cryomag estimate``: per-particle contrast scale and per-group magnification.
+
+Data flow: ParticleSet -> chunks (rows of one optics group) -> per chunk, read the images,
+predict with the exact forward model and accumulate the statistics of
+:mod:`cryomag.fit.statistics` -> reduce per group -> Gauss-Newton step for each group's M ->
+repeat at the new M until the largest update is below ``tol`` -> scales, M with standard
+errors, adapted defocus -> outputs.
+
+Defocus semantics (as RELION's CtfRefine): the CTF as the input models it (its defocus at its
+current rlnMagMat, identity when absent) is held fixed in the observed frame while M changes;
+afterwards each particle's astigmatism is re-expressed, Adef <- inc^-T Adef inc^-1 with
+inc = M_new M_in^-1, so that its CTF is unchanged (per particle, exactly; RELION averages the
+astigmatism per micrograph by default). The Cs term is not compensated (as in RELION).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cryomag.execution.chunks import Chunk, make_chunks
+from cryomag.execution.local import map_chunks
+from cryomag.fit.anisomag import MagUpdate, solve_group
+from cryomag.fit.scale import ScaleResult, fit_scales
+from cryomag.fit.statistics import Band, ChunkStatistics, GroupStatistics, chunk_statistics
+from cryomag.model.particles import ParticleDataError, ParticleSet
+from cryomag.physics.ctf import transform_astigmatism
+from cryomag.physics.fourier import centered_rfft2
+from cryomag.physics.projection import MapReference, OpticsParams, ParticleGeometry
+
+log = logging.getLogger("cryomag")
+
+FITS = ("scale", "aniso")
+
+
+@dataclass
+class EstimateOptions:
+    """Settings of an estimation run.
+
+    Attributes
+    ----------
+    fit : tuple of str
+        Subset of ``("scale", "aniso")``.
+    low_res_A : float
+        Low-frequency cut (A); frequencies below 1 / low_res_A are not used (default 20 A).
+    high_res_A : float or None
+        High-frequency limit (A). Default: the FSC = 0.143 resolution of the half maps when
+        given, else 0.9 of the smaller of the particles' and the reference's Nyquist.
+    max_iter : int
+        Gauss-Newton iterations (re-linearisations) at most.
+    tol : float
+        Stop when every element of every group's update is below this.
+    chunk_size : int
+        Particles per chunk (memory ~ chunk_size * box^2 * 1 kB).
+    joint_scale : bool
+        Fit M jointly with the per-particle scales (True) or with scales held (RELION).
+    eps : float
+        Accuracy of the Fourier-slice evaluation (finufft eps).
+    nthreads : int
+        Threads for the Fourier-slice evaluation (0 = all cores).
+    """
+
+    fit: tuple = FITS
+    low_res_A: float = 20.0
+    high_res_A: float | None = None
+    max_iter: int = 10
+    tol: float = 1e-5
+    chunk_size: int = 64
+    joint_scale: bool = True
+    eps: float = 1e-6
+    nthreads: int = 0
+
+    def __post_init__(self) -> None:
+        bad = set(self.fit) - set(FITS)
+        if bad:
+            raise ValueError(f"unknown fit(s) {sorted(bad)}; choose from {', '.join(FITS)}")
+
+
+@dataclass
+class GroupResult:
+    """Result for one optics group."""
+
+    group: int
+    n_particles: int
+    mag_in: np.ndarray
+    mag: np.ndarray
+    mag_error: np.ndarray
+    covariance: np.ndarray
+    iterations: int
+    band_A: tuple
+    chi2: float
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class EstimateResult:
+    """Everything an estimation produced (also written to ``out``)."""
+
+    particles: ParticleSet
+    groups: list[GroupResult]
+    scales: ScaleResult
+    stats: dict[int, GroupStatistics]
+    options: EstimateOptions
+    timings: dict
+
+
+def _geometry(ps: ParticleSet, rows: np.ndarray, mag: np.ndarray, ctf_mag: np.ndarray):
+    t = ps.particles.iloc[rows]
+
+    def col(name, default=0.0):
+        return t[name].to_numpy(float) if name in t.columns else np.full(len(rows), default)
+
+    return ParticleGeometry(
+        euler_deg=np.stack([col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi")], 1),
+        origin_A=np.stack([col("rlnOriginXAngst"), col("rlnOriginYAngst")], 1),
+        mag=mag,
+        defocus_u_A=col("rlnDefocusU"),
+        defocus_v_A=col("rlnDefocusV"),
+        defocus_angle_deg=col("rlnDefocusAngle"),
+        phase_shift_deg=col("rlnPhaseShift"),
+        bfactor_A2=col("rlnCtfBfactor"),
+        ctf_scale=col("rlnCtfScalefactor", 1.0),
+        ctf_mag=ctf_mag,
+    )
+
+
+def _optics(ps: ParticleSet, g: int) -> OpticsParams:
+    o = ps.optics.iloc[g]
+    return OpticsParams(
+        pixel_size_A=float(o["rlnImagePixelSize"]),
+        box=int(o["rlnImageSize"]),
+        voltage_kv=float(o["rlnVoltage"]),
+        cs_mm=float(o["rlnSphericalAberration"]),
+        amplitude_contrast=float(o["rlnAmplitudeContrast"]),
+    )
+
+
+def load_references(
+    reference, half_maps=None, mask=None, eps: float = 1e-6, nthreads: int = 0
+) -> tuple[dict[int, MapReference], float | None]:
+    """Reference(s) by half set (key 0 = the full map) and the FSC=0.143 resolution (A).
+
+    ``reference`` may be a path, a MapReference or None when two half maps are given.
+    """
+    from cryomag.io import read_map
+    from cryomag.reconstruct.fsc import fsc, resolution_at
+
+    mask_vol = None
+    if mask is not None:
+        mask_vol, _ = read_map(mask)
+
+    def load(src):
+        if isinstance(src, MapReference):
+            return src
+        vol, apix = read_map(src)
+        if mask_vol is not None:
+            if mask_vol.shape != vol.shape:
+                raise ParticleDataError(
+                    f"{mask}: mask shape {mask_vol.shape} differs from map {src} {vol.shape}"
+                )
+            vol = vol * mask_vol
+        return MapReference(vol, apix, eps=eps, nthreads=nthreads), vol
+
+    refs: dict[int, MapReference] = {}
+    res = None
+    if half_maps:
+        h1, v1 = load(half_maps[0])
+        h2, v2 = load(half_maps[1])
+        refs[1], refs[2] = h1, h2
+        freq, curve = fsc(v1, v2, h1.pixel_size_A)
+        res = resolution_at(freq, curve, 0.143)
+    if reference is not None:
+        full = load(reference)
+        refs[0] = full if isinstance(full, MapReference) else full[0]
+    if not refs:
+        raise ValueError("give a reference map or two half maps")
+    return refs, res
+
+
+def _reference_for(refs: dict[int, MapReference], half: int) -> MapReference:
+    if 1 in refs and 2 in refs:
+        return refs[half if half in (1, 2) else 1]
+    return refs[0]
+
+
+class _Pass:
+    """One pass over the images at given group matrices: returns chunk statistics."""
+
+    def __init__(self, ps, refs, bands, image_source, ctf_mags):
+        self.ps = ps
+        self.refs = refs
+        self.bands = bands
+        self.images = image_source
+        self.ctf_mags = ctf_mags
+        self.halves = ps.half_sets()
+        self.mags = None
+        self.noise = None
+
+    def spectra(self, rows: np.ndarray) -> np.ndarray:
+        return centered_rfft2(self.images.read(rows).astype(np.float64))
+
+    def __call__(self, chunk: Chunk) -> list[ChunkStatistics]:
+        rows = np.asarray(chunk.rows)
+        g = chunk.group
+        spectra = self.spectra(rows)
+        out = []
+        halves = self.halves[rows]
+        for half in np.unique(halves) if (1 in self.refs and 2 in self.refs) else [0]:
+            sel = halves == half if half else np.ones(len(rows), bool)
+            geom = _geometry(self.ps, rows[sel], self.mags[g], self.ctf_mags[g])
+            out.append(
+                chunk_statistics(
+                    _reference_for(self.refs, int(half)),
+                    spectra[sel],
+                    geom,
+                    _optics(self.ps, g),
+                    self.bands[g],
+                    self.noise[g],
+                    rows[sel],
+                )
+            )
+        return out
+
+
+def _initial_noise(pass_: _Pass, chunks: list[Chunk], g: int) -> np.ndarray:
+    """Radial power of the images themselves (signal + noise): weights for the first pass."""
+    first = next(c for c in chunks if c.group == g)
+    spectra = pass_.spectra(np.asarray(first.rows))
+    band = pass_.bands[g]
+    p = (np.abs(spectra) ** 2).mean(axis=0)
+    nsh = band.n_shells + 1
+    num = np.bincount(band.shell_all.ravel(), p.ravel(), minlength=nsh)
+    cnt = np.bincount(band.shell_all.ravel(), minlength=nsh)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pw = num / cnt
+    pw[~np.isfinite(pw) | (pw <= 0)] = (
+        np.nanmax(pw[np.isfinite(pw)]) if np.isfinite(pw).any() else 1
+    )
+    return pw
+
+
+def make_bands(
+    ps: ParticleSet, refs: dict[int, MapReference], opts: EstimateOptions, fsc_res: float | None
+) -> list[Band]:
+    """The frequency band of each optics group (1/A)."""
+    bands = []
+    ref_nyq = min(r.nyquist for r in refs.values())
+    mats = ps.mag_matrices()
+    for g in range(ps.n_groups):
+        o = _optics(ps, g)
+        nyq = 0.5 / o.pixel_size_A
+        smax = float(np.linalg.svd(mats[g], compute_uv=False).max())
+        kmax_default = 0.9 * min(nyq, ref_nyq / (smax * 1.05))
+        if opts.high_res_A is not None:
+            kmax = 1.0 / opts.high_res_A
+        elif fsc_res is not None:
+            kmax = min(1.0 / fsc_res, kmax_default)
+        else:
+            kmax = kmax_default
+        kmin = 1.0 / opts.low_res_A if opts.low_res_A > 0 else 0.0
+        if kmax <= kmin:
+            raise ValueError(
+                f"optics group {ps.group_numbers()[g]}: empty band {1 / kmin:.2f}-{1 / kmax:.2f} A"
+            )
+        bands.append(Band(o.box, o.pixel_size_A, kmin, kmax))
+    return bands
+
+
+def run_estimate(
+    particles: ParticleSet,
+    refs: dict[int, MapReference],
+    image_source,
+    options: EstimateOptions | None = None,
+    fsc_res: float | None = None,
+    progress: bool = True,
+) -> EstimateResult:
+    """The estimation engine on loaded inputs (see :func:`estimate` for files)."""
+    opts = options or EstimateOptions()
+    ps = particles
+    ps.validate()
+    t0 = time.perf_counter()
+    gidx = ps.group_index()
+    chunks = make_chunks(gidx, opts.chunk_size)
+    bands = make_bands(ps, refs, opts, fsc_res)
+    mag_in = ps.mag_matrices()
+    pass_ = _Pass(ps, refs, bands, image_source, ctf_mags=mag_in.copy())
+    pass_.mags = mag_in.copy()
+    pass_.noise = [
+        _initial_noise(pass_, chunks, g) if (gidx == g).any() else np.ones(bands[g].n_shells + 1)
+        for g in range(ps.n_groups)
+    ]
+    fit_aniso = "aniso" in opts.fit
+    max_iter = opts.max_iter if fit_aniso else 1
+    history: dict[int, list] = {g: [] for g in range(ps.n_groups)}
+    updates: dict[int, MagUpdate] = {}
+    iterations = {g: 0 for g in range(ps.n_groups)}
+    converged = {g: not fit_aniso for g in range(ps.n_groups)}
+    stats: dict[int, GroupStatistics] = {}
+    for it in range(max_iter):
+        todo = [c for c in chunks if not converged[c.group] or it == 0]
+        results = map_chunks(pass_, todo, f"pass {it + 1}", progress)
+        by_group: dict[int, list[ChunkStatistics]] = {}
+        for c, res in zip(todo, results, strict=True):
+            by_group.setdefault(c.group, []).extend(res)
+        for g, lst in by_group.items():
+            stats[g] = GroupStatistics.reduce(lst)
+            pass_.noise[g] = stats[g].noise_power()
+            if not fit_aniso:
+                continue
+            upd = solve_group(stats[g], joint_scale=opts.joint_scale)
+            updates[g] = upd
+            pass_.mags[g] = pass_.mags[g] + upd.delta
+            iterations[g] = it + 1
+            step = float(np.abs(upd.delta).max())
+            history[g].append({"iteration": it + 1, "max_step": step, "M": pass_.mags[g].tolist()})
+            log.info("group %d iteration %d: max |dM| = %.2e", g + 1, it + 1, step)
+            if step < opts.tol:
+                converged[g] = True
+        if all(converged.values()):
+            break
+    t1 = time.perf_counter()
+
+    gnum = ps.group_numbers()
+    scales = fit_scales({int(gnum[g]): st for g, st in stats.items()}, len(ps))
+    out = ps.copy()
+    groups = []
+    for g in range(ps.n_groups):
+        if g not in stats:
+            continue
+        upd = updates.get(g)
+        groups.append(
+            GroupResult(
+                group=int(gnum[g]),
+                n_particles=int((gidx == g).sum()),
+                mag_in=mag_in[g],
+                mag=pass_.mags[g].copy(),
+                mag_error=upd.standard_error if upd else np.zeros((2, 2)),
+                covariance=upd.covariance if upd else np.zeros((4, 4)),
+                iterations=iterations[g],
+                band_A=(1 / bands[g].kmin if bands[g].kmin > 0 else np.inf, 1 / bands[g].kmax),
+                chi2=stats[g].chi2_per_pixel(),
+                history=history[g],
+            )
+        )
+    if fit_aniso:
+        _apply_magnification(out, mag_in, pass_.mags, gidx)
+    if "scale" in opts.fit:
+        old = out.column("rlnCtfScalefactor", 1.0)
+        new = old * scales.raw
+        mean = np.nanmean(new)
+        out.particles["rlnCtfScalefactor"] = np.where(np.isfinite(new), new / mean, old)
+        out.particles["cmagScale"] = scales.normalised
+        out.particles["cmagScaleError"] = scales.error
+    timings = {"statistics_s": t1 - t0, "particles_per_s": len(ps) * (it + 1) / max(t1 - t0, 1e-9)}
+    return EstimateResult(out, groups, scales, stats, opts, timings)
+
+
+def _apply_magnification(ps: ParticleSet, mag_in, mag_new, gidx) -> None:
+    """Write new group matrices and re-express each particle's astigmatism (CTF unchanged)."""
+    ps.set_mag_matrices(np.asarray(mag_new))
+    du = ps.column("rlnDefocusU").copy()
+    dv = ps.column("rlnDefocusV").copy()
+    ang = ps.column("rlnDefocusAngle").copy()
+    for g in range(len(mag_new)):
+        sel = gidx == g
+        if not sel.any():
+            continue
+        inc = mag_new[g] @ np.linalg.inv(mag_in[g])
+        u, v, a = transform_astigmatism(du[sel], dv[sel], ang[sel], np.linalg.inv(inc))
+        du[sel], dv[sel], ang[sel] = u, v, a
+    ps.particles["rlnDefocusU"] = du
+    ps.particles["rlnDefocusV"] = dv
+    ps.particles["rlnDefocusAngle"] = ang
+
+
+def results_dict(res: EstimateResult) -> dict:
+    """The JSON-serialisable summary written to results.json."""
+    from cryomag.model.magnification import polar, relion_to_cryosparc
+
+    groups = []
+    for gr in res.groups:
+        p = polar(gr.mag)
+        groups.append(
+            {
+                "optics_group": gr.group,
+                "n_particles": gr.n_particles,
+                "M_input": gr.mag_in.tolist(),
+                "M": gr.mag.tolist(),
+                "M_standard_error": gr.mag_error.tolist(),
+                "M_covariance": gr.covariance.tolist(),
+                "cryosparc_anisomag": np.asarray(relion_to_cryosparc(gr.mag)).tolist(),
+                "polar": {k: float(v) for k, v in vars(p).items()},
+                "iterations": gr.iterations,
+                "band_A": [float(gr.band_A[0]), float(gr.band_A[1])],
+                "chi2_per_pixel": gr.chi2,
+                "mean_raw_scale": res.scales.group_mean.get(gr.group),
+                "history": gr.history,
+            }
+        )
+    s = res.scales.normalised
+    return {
+        "fit": list(res.options.fit),
+        "options": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(res.options).items()
+        },
+        "groups": groups,
+        "scale": {
+            "quantiles": {
+                q: float(np.nanquantile(s, float(q)))
+                for q in ("0.05", "0.25", "0.5", "0.75", "0.95")
+            },
+            "median_standard_error": float(np.nanmedian(res.scales.error)),
+        },
+        "timings": res.timings,
+    }
+
+
+def save_statistics(res: EstimateResult, folder: Path) -> None:
+    """Store the per-particle statistics (one .npz per optics group) for later refits."""
+    from cryomag.io.atomic import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for gr in res.groups:
+        st = res.stats[next(g for g in res.stats if res.particles.group_numbers()[g] == gr.group)]
+        path = folder / f"group_{gr.group:03d}.npz"
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **st.as_arrays(), mag=gr.mag, mag_in=gr.mag_in)
+    with atomic_write(folder / "options.json") as tmp:
+        Path(tmp).write_text(json.dumps(results_dict(res)["options"], indent=2))
