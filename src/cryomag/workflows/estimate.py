@@ -107,6 +107,8 @@ class EstimateResult:
     stats: dict[int, GroupStatistics]
     options: EstimateOptions
     timings: dict
+    bands: list = field(default_factory=list)
+    first_stats: dict = field(default_factory=dict)
 
 
 def _geometry(ps: ParticleSet, rows: np.ndarray, mag: np.ndarray, ctf_mag: np.ndarray):
@@ -301,6 +303,7 @@ def run_estimate(
     iterations = {g: 0 for g in range(ps.n_groups)}
     converged = {g: not fit_aniso for g in range(ps.n_groups)}
     stats: dict[int, GroupStatistics] = {}
+    first_stats: dict[int, GroupStatistics] = {}
     for it in range(max_iter):
         todo = [c for c in chunks if not converged[c.group] or it == 0]
         results = map_chunks(pass_, todo, f"pass {it + 1}", progress)
@@ -309,6 +312,8 @@ def run_estimate(
             by_group.setdefault(c.group, []).extend(res)
         for g, lst in by_group.items():
             stats[g] = GroupStatistics.reduce(lst)
+            if it == 0:
+                first_stats[g] = stats[g]
             pass_.noise[g] = stats[g].noise_power()
             if not fit_aniso:
                 continue
@@ -357,7 +362,7 @@ def run_estimate(
         out.particles["cmagScale"] = scales.normalised
         out.particles["cmagScaleError"] = scales.error
     timings = {"statistics_s": t1 - t0, "particles_per_s": len(ps) * (it + 1) / max(t1 - t0, 1e-9)}
-    return EstimateResult(out, groups, scales, stats, opts, timings)
+    return EstimateResult(out, groups, scales, stats, opts, timings, bands, first_stats)
 
 
 def _apply_magnification(ps: ParticleSet, mag_in, mag_new, gidx) -> None:
@@ -394,7 +399,7 @@ def results_dict(res: EstimateResult) -> dict:
                 "M_standard_error": gr.mag_error.tolist(),
                 "M_covariance": gr.covariance.tolist(),
                 "cryosparc_anisomag": np.asarray(relion_to_cryosparc(gr.mag)).tolist(),
-                "polar": {k: float(v) for k, v in vars(p).items()},
+                "polar": p.as_dict(),
                 "iterations": gr.iterations,
                 "band_A": [float(gr.band_A[0]), float(gr.band_A[1])],
                 "chi2_per_pixel": gr.chi2,
@@ -433,3 +438,183 @@ def save_statistics(res: EstimateResult, folder: Path) -> None:
                 np.savez(fh, **st.as_arrays(), mag=gr.mag, mag_in=gr.mag_in)
     with atomic_write(folder / "options.json") as tmp:
         Path(tmp).write_text(json.dumps(results_dict(res)["options"], indent=2))
+
+
+def write_outputs(
+    res: EstimateResult, out: Path, inputs: list, write_cs: bool = False, plots: bool = True
+) -> dict[str, Path]:
+    """Write the fixed-name outputs of an estimation into ``out``.
+
+    ``particles.star`` (always), ``particles.cs`` (for .cs input or ``write_cs``),
+    ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf``.
+    """
+    from cryomag.io import write_star
+    from cryomag.io.atomic import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    star = out / "particles.star"
+    from cryomag.io.atomic import ensure_not_input
+
+    ensure_not_input(star, inputs)
+    write_star(res.particles, star)
+    written["star"] = star
+    if write_cs or res.particles.source.kind == "cs":
+        from cryomag.io import write_cs as _write_cs
+
+        cs = out / "particles.cs"
+        ensure_not_input(cs, inputs)
+        _write_cs(res.particles, cs)
+        written["cs"] = cs
+    with atomic_write(out / "results.json", inputs) as tmp:
+        Path(tmp).write_text(json.dumps(results_dict(res), indent=2, default=_json_default))
+    written["results"] = out / "results.json"
+    save_statistics(res, out / "stats")
+    written["stats"] = out / "stats"
+    if plots:
+        from cryomag.report.plots_estimate import plot_estimate
+
+        plot_estimate(res, res.bands, out / "plots")
+        written["plots"] = out / "plots"
+    return written
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def estimate(
+    particles,
+    reference=None,
+    out=None,
+    *,
+    half_maps=None,
+    mask=None,
+    angpix: float | None = None,
+    passthrough=None,
+    write_cs: bool = False,
+    plots: bool = True,
+    progress: bool = True,
+    **options,
+) -> EstimateResult:
+    """Estimate per-particle scales and per-group magnification from files (Python API).
+
+    Parameters
+    ----------
+    particles : path or ParticleSet
+        RELION STAR or cryoSPARC .cs (with ``passthrough``), or a loaded set.
+    reference : path or MapReference, optional
+        The reference map (any pixel size and box). Optional when ``half_maps`` are given.
+    out : path, optional
+        Output folder; nothing is written when None.
+    half_maps : (path, path), optional
+        Half maps: half-set 1 is compared with map 1, half-set 2 with map 2, and the
+        FSC = 0.143 resolution sets the default high-frequency limit.
+    mask : path, optional
+        Mask multiplied into the map(s).
+    **options
+        Fields of :class:`EstimateOptions` (fit, low_res_A, high_res_A, max_iter, tol,
+        chunk_size, joint_scale, eps, nthreads).
+
+    Examples
+    --------
+    >>> res = cryomag.estimate("particles.star", "map.mrc", out="run1")  # doctest: +SKIP
+    >>> res.groups[0].mag, res.scales.normalised[:5]  # doctest: +SKIP
+    """
+    from cryomag.io import ImageSource, read_particles
+
+    ps = particles
+    inputs = []
+    if not isinstance(ps, ParticleSet):
+        inputs.append(Path(ps))
+        ps = read_particles(ps, angpix=angpix, passthrough=passthrough)
+    for x in (reference, mask, *(half_maps or ())):
+        if x is not None and not isinstance(x, MapReference):
+            inputs.append(Path(x))
+    opts = EstimateOptions(**options)
+    handler = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "cryomag.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        log.info(
+            "estimate: %d particles from %s, %d optics group(s)", len(ps), ps.name, ps.n_groups
+        )
+        refs, fsc_res = load_references(
+            reference, half_maps, mask, eps=opts.eps, nthreads=opts.nthreads
+        )
+        if fsc_res is not None:
+            log.info("half-map FSC = 0.143 at %.2f A", fsc_res)
+        res = run_estimate(ps, refs, ImageSource(ps), opts, fsc_res, progress)
+        for gr in res.groups:
+            log.info(
+                "group %d: M = %s +- %s after %d iterations",
+                gr.group,
+                np.round(gr.mag, 6).tolist(),
+                np.round(gr.mag_error, 6).tolist(),
+                gr.iterations,
+            )
+        if out is not None:
+            write_outputs(res, out, inputs, write_cs=write_cs, plots=plots)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+    return res
+
+
+def print_summary(res: EstimateResult, console) -> None:
+    """Print the per-group results (M, errors, polar form) and the scale distribution."""
+    from rich.table import Table
+
+    from cryomag.model.magnification import polar
+
+    table = Table(title="Magnification per optics group (RELION M: k_ref = M k_obs)")
+    for col in (
+        "group",
+        "particles",
+        "M00",
+        "M01",
+        "M10",
+        "M11",
+        "+- (max)",
+        "major",
+        "minor",
+        "angle",
+        "pixel size change",
+        "iter",
+    ):
+        table.add_column(col, justify="right")
+    for gr in res.groups:
+        p = polar(gr.mag)
+        table.add_row(
+            str(gr.group),
+            str(gr.n_particles),
+            *[f"{v:.5f}" for v in gr.mag.ravel()],
+            f"{gr.mag_error.max():.1e}",
+            f"{p.major_scale:.5f}",
+            f"{p.minor_scale:.5f}",
+            f"{p.angle_deg:.1f}",
+            f"{100 * p.pixel_size_change:+.3f} %",
+            str(gr.iterations),
+        )
+    console.print(table)
+    s = res.scales.normalised
+    if np.isfinite(s).any():
+        q = np.nanquantile(s, [0.05, 0.25, 0.5, 0.75, 0.95])
+        console.print(
+            "Per-particle contrast scale (1 = mean particle; a contrast weight, mostly ice "
+            "thickness, not a size): 5/25/50/75/95 % = "
+            + " / ".join(f"{v:.2f}" for v in q)
+            + f", median standard error {np.nanmedian(res.scales.error):.3f}"
+        )

@@ -1,0 +1,135 @@
+"""Plots of an estimation run: displacement field, scales, convergence (PNG + one PDF)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+
+from cryomag.io.atomic import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path, pdf: PdfPages | None) -> Path:
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    if pdf is not None:
+        pdf.savefig(fig, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def displacement_images(stats, band, delta: np.ndarray, bins: int = 32):
+    """Observed and fitted per-pixel displacement (1/A) on a binned full-plane grid.
+
+    Observed: per pixel d = A(k)^-1 b(k) from the accumulated Re(conj(h) h^T) and
+    Re(conj(h) r); fitted: delta @ k. Returns (observed_x, observed_y, fitted_x, fitted_y,
+    extent) with images of shape (bins, bins) in units of 1e-3 of |k|.
+    """
+    kx, ky = band.kx, band.ky
+    a00, a01, a11 = stats.pix_a
+    b0, b1 = stats.pix_b
+    nyq = 0.5 / band.pixel_size_A
+    edges = np.linspace(-nyq, nyq, bins + 1)
+    # mirror the half plane (displacement of -k is -d)
+    kxs = np.concatenate([kx, -kx])
+    kys = np.concatenate([ky, -ky])
+
+    def binned(v):
+        return np.histogram2d(kys, kxs, bins=[edges, edges], weights=v)[0]
+
+    sa00 = binned(np.concatenate([a00, a00]))
+    sa01 = binned(np.concatenate([a01, a01]))
+    sa11 = binned(np.concatenate([a11, a11]))
+    sb0 = binned(np.concatenate([b0, -b0]))
+    sb1 = binned(np.concatenate([b1, -b1]))
+    det = sa00 * sa11 - sa01**2
+    ok = det > 1e-12 * np.nanmax(np.abs(det)) if np.any(det) else det > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dx = np.where(ok, (sa11 * sb0 - sa01 * sb1) / det, np.nan)
+        dy = np.where(ok, (sa00 * sb1 - sa01 * sb0) / det, np.nan)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    gy, gx = np.meshgrid(centres, centres, indexing="ij")
+    fx = delta[0, 0] * gx + delta[0, 1] * gy
+    fy = delta[1, 0] * gx + delta[1, 1] * gy
+    cnt = binned(np.ones_like(kxs)) > 0
+    fx = np.where(cnt, fx, np.nan)
+    fy = np.where(cnt, fy, np.nan)
+    return dx, dy, fx, fy, (-nyq, nyq, -nyq, nyq)
+
+
+def plot_estimate(result, bands, folder: Path) -> list[Path]:
+    """Write every plot of an estimation into ``folder``; returns the PNG paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    ps = result.particles
+    gnum = list(ps.group_numbers())
+    pdf_path = folder / "estimate.pdf"
+    with atomic_write(pdf_path) as tmp_pdf, PdfPages(tmp_pdf) as pdf:
+        for gr in result.groups:
+            g = gnum.index(gr.group)
+            # the first pass was linearised at the input M: it shows the whole distortion
+            st = result.first_stats.get(g, result.stats[g])
+            dx0, dy0, fx0, fy0, ext = displacement_images(st, bands[g], gr.mag - gr.mag_in)
+            fig, axes = plt.subplots(2, 2, figsize=(8, 7))
+            lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
+            lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
+            for ax, img, title in zip(
+                axes.ravel(),
+                [dx0, dy0, fx0, fy0],
+                ["observed x", "observed y", "fitted x", "fitted y"],
+                strict=True,
+            ):
+                im = ax.imshow(img, origin="lower", extent=ext, cmap="RdBu_r", vmin=-lim, vmax=lim)
+                ax.set_title(f"{title} displacement (1/A)")
+                ax.set_xlabel("kx (1/A)")
+                ax.set_ylabel("ky (1/A)")
+                fig.colorbar(im, ax=ax, shrink=0.8)
+            fig.suptitle(
+                f"Optics group {gr.group}: displacement of the reference frequency, "
+                "first pass (at the input M)"
+            )
+            paths.append(_save(fig, folder / f"displacement_group{gr.group:03d}.png", pdf))
+
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            steps = [h["max_step"] for h in gr.history]
+            if steps:
+                ax.semilogy(range(1, len(steps) + 1), steps, "o-")
+            ax.axhline(result.options.tol, color="grey", ls="--", label="tolerance")
+            ax.set_xlabel("Gauss-Newton iteration")
+            ax.set_ylabel("max |update of M|")
+            ax.set_title(f"Convergence, optics group {gr.group}")
+            ax.legend()
+            paths.append(_save(fig, folder / f"convergence_group{gr.group:03d}.png", pdf))
+
+        s = result.scales.normalised
+        if np.isfinite(s).any():
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            gidx = ps.group_index()
+            for g, num in enumerate(gnum):
+                sel = (gidx == g) & np.isfinite(s)
+                if sel.any():
+                    ax.hist(s[sel], bins=50, histtype="step", label=f"group {num}")
+            ax.set_xlabel("per-particle contrast scale (1 = mean particle)")
+            ax.set_ylabel("particles")
+            ax.legend(fontsize=7)
+            paths.append(_save(fig, folder / "scale_histogram.png", pdf))
+
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+            dz = 0.5 * (ps.column("rlnDefocusU") + ps.column("rlnDefocusV")) / 1e4
+            axes[0].plot(dz, s, ".", ms=2, alpha=0.5)
+            axes[0].set_xlabel("mean defocus (um)")
+            axes[0].set_ylabel("scale")
+            mics = ps.micrographs()
+            names, inv = np.unique(mics, return_inverse=True)
+            med = np.array([np.nanmedian(s[inv == i]) for i in range(len(names))])
+            axes[1].plot(np.arange(len(names)), med, ".")
+            axes[1].set_xlabel("micrograph index")
+            axes[1].set_ylabel("median scale")
+            fig.suptitle("Per-particle scale vs defocus and micrograph")
+            paths.append(_save(fig, folder / "scale_vs_defocus_micrograph.png", pdf))
+    return paths

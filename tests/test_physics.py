@@ -1,0 +1,318 @@
+"""Physical-property tests of the forward model: conventions pinned against RELION's formulas.
+
+Each test names the fact of ../shared/CONVENTIONS_VERIFIED.md it pins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from cryomag.physics.ctf import (
+    ctf_values,
+    defocus_from_matrix,
+    defocus_matrix,
+    electron_wavelength_A,
+    transform_astigmatism,
+)
+from cryomag.physics.fourier import centered_irfft2, centered_rfft2, rfft_freqs
+from cryomag.physics.geometry import (
+    euler_to_matrix,
+    euler_to_rotvec,
+    matrix_to_euler,
+    rotvec_to_euler,
+)
+from cryomag.physics.projection import (
+    MapReference,
+    OpticsParams,
+    ParticleGeometry,
+    direct_fourier,
+    predict,
+    slice_values,
+)
+
+
+def blob_map(n: int, centres_px, sigma_px: float = 1.2) -> np.ndarray:
+    """Gaussian blobs at voxel offsets from the centre voxel n // 2, [z, y, x]."""
+    z, y, x = np.mgrid[:n, :n, :n] - n // 2
+    vol = np.zeros((n, n, n))
+    for cx, cy, cz in centres_px:
+        vol += np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * sigma_px**2))
+    return vol
+
+
+def relion_euler_matrix(rot, tilt, psi):
+    """RELION's Euler_angles2matrix (src/euler.cpp), written out."""
+    a, b, g = np.deg2rad([rot, tilt, psi])
+    ca, cb, cg, sa, sb, sg = np.cos(a), np.cos(b), np.cos(g), np.sin(a), np.sin(b), np.sin(g)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    return np.array(
+        [
+            [cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb],
+            [-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb],
+            [sc, ss, cb],
+        ]
+    )
+
+
+def unit_ctf_geometry(n, euler, origin, mag):
+    """Geometry whose CTF is exactly 1 (Q0 = 1, no defocus, Cs = 0)."""
+    z = np.zeros(n)
+    geom = ParticleGeometry(
+        np.atleast_2d(euler), np.atleast_2d(origin), mag, z, z, z, z, z, np.ones(n)
+    )
+    return geom
+
+
+def projection_image(ref, euler, origin=(0.0, 0.0), mag=np.eye(2), box=64, apix=1.0):
+    kx, ky = rfft_freqs(box, apix)
+    geom = unit_ctf_geometry(1, euler, origin, mag)
+    optics = OpticsParams(apix, box, 300.0, 0.0, 1.0)
+    spec = predict(ref, geom, optics, kx.ravel(), ky.ravel()).reshape(1, box, box // 2 + 1)
+    return centered_irfft2(spec, box)[0]
+
+
+def peak_position(img):
+    """Sub-pixel peak (x = column, y = row) by a parabola through the log of 3 samples.
+
+    Exact for a well-sampled Gaussian blob, whose logarithm is quadratic.
+    """
+    iy, ix = np.unravel_index(np.argmax(img), img.shape)
+
+    def offset(a, b, c):
+        la, lb, lc = np.log([a, b, c])
+        return 0.5 * (la - lc) / (la - 2 * lb + lc)
+
+    dx = offset(img[iy, ix - 1], img[iy, ix], img[iy, ix + 1])
+    dy = offset(img[iy - 1, ix], img[iy, ix], img[iy + 1, ix])
+    return ix + dx, iy + dy
+
+
+# --------------------------------------------------------------------- geometry (2.1, 6.3)
+def test_euler_matrix_matches_relion_formula():
+    rng = np.random.default_rng(0)
+    for rot, tilt, psi in rng.uniform(-180, 180, (20, 3)):
+        np.testing.assert_allclose(
+            euler_to_matrix([rot, tilt, psi]), relion_euler_matrix(rot, tilt, psi), atol=1e-12
+        )
+
+
+def test_euler_round_trip_and_rotvec_round_trip():
+    rng = np.random.default_rng(1)
+    e = Rotation.random(50, random_state=2).as_euler("ZYZ", degrees=True)
+    np.testing.assert_allclose(
+        euler_to_matrix(matrix_to_euler(euler_to_matrix(e))), euler_to_matrix(e), atol=1e-10
+    )
+    rv = rng.normal(size=(50, 3))
+    # CONVENTIONS_VERIFIED 6.1-6.3: RELION A = from_rotvec(pose).as_matrix().T
+    np.testing.assert_allclose(
+        euler_to_matrix(rotvec_to_euler(rv)),
+        np.swapaxes(Rotation.from_rotvec(rv).as_matrix(), 1, 2),
+        atol=1e-10,
+    )
+    np.testing.assert_allclose(
+        Rotation.from_rotvec(euler_to_rotvec(rotvec_to_euler(rv))).as_matrix(),
+        Rotation.from_rotvec(rv).as_matrix(),
+        atol=1e-10,
+    )
+
+
+# ------------------------------------------------------------ exact slice (issue 2, part 2)
+@pytest.fixture(scope="module")
+def blob_reference():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 5, (60, 3))
+    vol = blob_map(48, centres, sigma_px=0.9)
+    return vol, MapReference(vol, 1.2, eps=1e-8)
+
+
+def test_slice_matches_direct_evaluation_per_shell(blob_reference):
+    """Relative rms error per resolution shell < 1e-3 up to 0.9 Nyquist (issue 2 target)."""
+    vol, ref = blob_reference
+    rng = np.random.default_rng(4)
+    nyq = ref.nyquist
+    for lo, hi in [(0.05, 0.3), (0.3, 0.6), (0.6, 0.8), (0.8, 0.9)]:
+        d = rng.normal(size=(40, 3))
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        k = d * rng.uniform(lo * nyq, hi * nyq, (40, 1))
+        exact = direct_fourier(vol, ref.pixel_size_A, k)
+        got = ref.evaluate(k)
+        err = np.sqrt(np.mean(np.abs(got - exact) ** 2) / np.mean(np.abs(exact) ** 2))
+        assert err < 1e-3, (lo, hi, err)
+
+
+def test_gradient_matches_finite_differences(blob_reference):
+    vol, ref = blob_reference
+    rng = np.random.default_rng(5)
+    k = rng.uniform(-0.2, 0.2, (10, 3))
+    _, g = ref.evaluate(k, gradient=True)
+    h = 1e-5
+    for a in range(3):
+        e = np.zeros(3)
+        e[a] = h
+        fd = (direct_fourier(vol, 1.2, k + e) - direct_fourier(vol, 1.2, k - e)) / (2 * h)
+        np.testing.assert_allclose(g[:, a], fd, rtol=1e-4, atol=1e-6 * np.abs(fd).max())
+
+
+def test_slice_gradient_in_plane_matches_finite_differences(blob_reference):
+    _, ref = blob_reference
+    euler = np.array([[30.0, 60.0, -20.0]])
+    kx = np.array([0.05, -0.11, 0.2])
+    ky = np.array([0.13, 0.02, -0.07])
+    _, gu = slice_values(ref, euler, np.eye(2), kx, ky, gradient=True)
+    h = 1e-6
+    for a in range(2):
+        m_p = np.eye(2)
+        m_m = np.eye(2)
+        # shifting u = M k by h along axis a at each point: use M = I + h e_a k^T / |k|^2
+        vp = np.array(
+            [
+                slice_values(
+                    ref,
+                    euler,
+                    np.eye(2),
+                    kx[i : i + 1] + h * (a == 0),
+                    ky[i : i + 1] + h * (a == 1),
+                )[0, 0]
+                for i in range(3)
+            ]
+        )
+        vm = np.array(
+            [
+                slice_values(
+                    ref,
+                    euler,
+                    np.eye(2),
+                    kx[i : i + 1] - h * (a == 0),
+                    ky[i : i + 1] - h * (a == 1),
+                )[0, 0]
+                for i in range(3)
+            ]
+        )
+        del m_p, m_m
+        np.testing.assert_allclose(gu[0, :, a], (vp - vm) / (2 * h), rtol=1e-4)
+
+
+# ------------------------------------------- projection geometry, shifts, M (2.2, 3.1, 1.2)
+@pytest.fixture(scope="module")
+def offcentre_reference():
+    # one bright blob off-centre, a weak one at the centre (breaks no symmetry needed)
+    vol = blob_map(64, [(8, -5, 3)], sigma_px=1.5)
+    return MapReference(vol, 1.0, eps=1e-7)
+
+
+def test_offcentre_blob_projects_to_A_r(offcentre_reference):
+    """CONVENTIONS_VERIFIED 2.2: a map point r projects to (A r)_xy."""
+    r = np.array([8.0, -5.0, 3.0])
+    for euler in ([0, 0, 0], [40, 70, -30], [-120, 130, 75]):
+        img = projection_image(offcentre_reference, np.array(euler, float))
+        expect = (euler_to_matrix(np.array(euler, float)) @ r)[:2] + 32
+        np.testing.assert_allclose(peak_position(img), expect, atol=0.05)
+
+
+def test_origin_moves_particle_centre_to_minus_origin(offcentre_reference):
+    """CONVENTIONS_VERIFIED 3.1: the particle centre sits at box/2 - origin/apix."""
+    base = peak_position(projection_image(offcentre_reference, np.zeros(3)))
+    origin = np.array([4.0, -6.5])
+    moved = peak_position(projection_image(offcentre_reference, np.zeros(3), origin=origin))
+    np.testing.assert_allclose(np.subtract(moved, base), -origin, atol=0.05)
+
+
+def test_isotropic_M_above_one_makes_particle_look_larger():
+    """CONVENTIONS_VERIFIED 1.1-1.2: x_obs = M^T x_true; M > 1 looks larger."""
+    vol = blob_map(64, [(10, 0, 0), (-10, 0, 0)], sigma_px=1.5)
+    ref = MapReference(vol, 1.0, eps=1e-7)
+    m = 1.05
+    img = projection_image(ref, np.zeros(3), mag=m * np.eye(2))
+    left = peak_position(np.where(np.arange(64)[None, :] < 32, img, 0))
+    right = peak_position(np.where(np.arange(64)[None, :] >= 32, img, 0))
+    assert right[0] - left[0] == pytest.approx(20 * m, abs=0.05)
+
+
+def test_anisotropic_M_maps_features_by_M_transpose():
+    vol = blob_map(64, [(9, 4, 0)], sigma_px=1.5)
+    ref = MapReference(vol, 1.0, eps=1e-7)
+    mag = np.array([[1.04, 0.02], [-0.01, 0.97]])
+    img = projection_image(ref, np.zeros(3), mag=mag)
+    expect = mag.T @ np.array([9.0, 4.0]) + 32
+    np.testing.assert_allclose(peak_position(img), expect, atol=0.05)
+
+
+def test_centered_fft_round_trip():
+    rng = np.random.default_rng(6)
+    img = rng.normal(size=(3, 32, 32))
+    np.testing.assert_allclose(centered_irfft2(centered_rfft2(img), 32), img, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- CTF (4.1-4.3)
+def relion_ctf(kx, ky, du, dv, ang_deg, kv, cs_mm, q0, phase_deg=0.0):
+    """RELION's getCTF written as in ctf.cpp/ctf.h: -sin(gamma_R)."""
+    lam = 12.2643247 / np.sqrt(kv * 1e3 * (1 + 0.978466e-6 * kv * 1e3))
+    k1 = np.pi * lam
+    k2 = np.pi / 2 * cs_mm * 1e7 * lam**3
+    k3 = np.arctan(q0 / np.sqrt(1 - q0 * q0))
+    k5 = np.deg2rad(phase_deg)
+    a = np.deg2rad(ang_deg)
+    q = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    adef = q.T @ np.diag([-du, -dv]) @ q
+    quad = adef[0, 0] * kx * kx + 2 * adef[0, 1] * kx * ky + adef[1, 1] * ky * ky
+    u2 = kx * kx + ky * ky
+    gamma = k1 * quad + k2 * u2 * u2 - k5 - k3
+    return -np.sin(gamma)
+
+
+def test_ctf_matches_relion_formula():
+    rng = np.random.default_rng(7)
+    kx = rng.uniform(-0.4, 0.4, 500)
+    ky = rng.uniform(-0.4, 0.4, 500)
+    for du, dv, ang, ps in [(15000, 14000, 30, 0), (8000, 9000, -70, 0), (5000, 5000, 0, 90)]:
+        mine = ctf_values(kx, ky, du, dv, ang, 300, 2.7, 0.1, ps)[0]
+        np.testing.assert_allclose(
+            mine, relion_ctf(kx, ky, du, dv, ang, 300, 2.7, 0.1, ps), atol=1e-10
+        )
+
+
+def test_ctf_physical_properties():
+    q0 = 0.07
+    assert ctf_values(np.zeros(1), np.zeros(1), 10000, 10000, 0, 300, 2.7, q0)[
+        0, 0
+    ] == pytest.approx(q0)
+    # underfocus: positive at low frequency
+    assert ctf_values(np.array([0.01]), np.zeros(1), 10000, 10000, 0, 300, 2.7, q0)[0, 0] > 0
+    # first zero where chi + atan(q0/sqrt(1-q0^2)) = pi (Cs = 0)
+    lam = float(electron_wavelength_A(300))
+    k3 = np.arctan(q0 / np.sqrt(1 - q0**2))
+    k0 = np.sqrt((np.pi - k3) / (np.pi * lam * 10000))
+    val = ctf_values(np.array([k0]), np.zeros(1), 10000, 10000, 0, 300, 0.0, q0)[0, 0]
+    assert abs(val) < 1e-9
+    assert lam == pytest.approx(0.019687, abs=1e-6)  # 300 kV
+
+
+def test_defocus_angle_direction():
+    """CONVENTIONS_VERIFIED 4.3: DfU applies along (cos a, sin a)."""
+    a = np.deg2rad(25.0)
+    m = defocus_matrix(12000, 9000, 25.0)[0]
+    d = np.array([np.cos(a), np.sin(a)])
+    assert d @ m @ d == pytest.approx(12000)
+    e = np.array([-np.sin(a), np.cos(a)])
+    assert e @ m @ e == pytest.approx(9000)
+    du, dv, ang = defocus_from_matrix(m)
+    assert (du, dv, ang) == pytest.approx((12000, 9000, 25.0))
+
+
+def test_astigmatism_transform_keeps_ctf():
+    """CONVENTIONS_VERIFIED 4.4/1.6: CTF(M k; Adef) == CTF(k; M^T Adef M)."""
+    rng = np.random.default_rng(8)
+    mag = np.array([[1.03, 0.01], [0.015, 0.98]])
+    kx = rng.uniform(-0.3, 0.3, 200)
+    ky = rng.uniform(-0.3, 0.3, 200)
+    u = mag[0, 0] * kx + mag[0, 1] * ky
+    v = mag[1, 0] * kx + mag[1, 1] * ky
+    true = ctf_values(u, v, 14000, 12500, 40, 300, 0.0, 0.1)
+    au, av, aa = transform_astigmatism(14000, 12500, 40, mag)
+    apparent = ctf_values(kx, ky, au, av, aa, 300, 0.0, 0.1)
+    np.testing.assert_allclose(apparent, true, atol=1e-10)
+    # and back with the inverse
+    bu, bv, ba = transform_astigmatism(au, av, aa, np.linalg.inv(mag))
+    assert (bu[0], bv[0], ba[0]) == pytest.approx((14000, 12500, 40))
