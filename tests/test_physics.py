@@ -65,7 +65,8 @@ def unit_ctf_geometry(n, euler, origin, mag):
     return geom
 
 
-def projection_image(ref, euler, origin=(0.0, 0.0), mag=np.eye(2), box=64, apix=1.0):
+def projection_image(ref, euler, origin=(0.0, 0.0), mag=None, box=64, apix=1.0):
+    mag = np.eye(2) if mag is None else mag
     kx, ky = rfft_freqs(box, apix)
     geom = unit_ctf_geometry(1, euler, origin, mag)
     optics = OpticsParams(apix, box, 300.0, 0.0, 1.0)

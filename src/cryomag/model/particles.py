@@ -188,14 +188,21 @@ class ParticleSet:
 
     def group_index(self) -> np.ndarray:
         """For each particle, the 0-based row of its optics group in ``optics``, shape (N,)."""
-        lookup = {g: i for i, g in enumerate(self.group_numbers())}
-        return np.array([lookup[int(g)] for g in self.particles["rlnOpticsGroup"]], dtype=int)
+        numbers = self.group_numbers()
+        order = np.argsort(numbers, kind="stable")
+        values = self.particles["rlnOpticsGroup"].to_numpy(int)
+        pos = np.searchsorted(numbers[order], values)
+        pos = np.clip(pos, 0, len(numbers) - 1)
+        if len(values) and not np.array_equal(numbers[order][pos], values):
+            bad = values[numbers[order][pos] != values][0]
+            raise ParticleDataError(f"{self.name}: optics group {bad} is not in the optics table")
+        return order[pos].astype(int)
 
     def mag_matrices(self) -> np.ndarray:
         """RELION magnification matrix per optics group, shape (G, 2, 2); identity if absent."""
         mats = np.tile(np.eye(2), (self.n_groups, 1, 1))
         if all(c in self.optics.columns for c in MAGMAT_COLUMNS):
-            vals = self.optics[list(MAGMAT_COLUMNS)].to_numpy(float)
+            vals = self.optics[list(MAGMAT_COLUMNS)].to_numpy(float, copy=True)
             mats = vals.reshape(-1, 2, 2)
         return mats
 
@@ -225,7 +232,7 @@ class ParticleSet:
                     )
                 )
             return np.full(len(self), float(default))
-        return self.particles[name].to_numpy(float)
+        return self.particles[name].to_numpy(float, copy=True)
 
     def euler_deg(self) -> np.ndarray:
         """(rot, tilt, psi) per particle in degrees, shape (N, 3)."""

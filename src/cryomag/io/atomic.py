@@ -1,0 +1,119 @@
+"""Safe writing: atomic replacement of output files and the I/O error classes.
+
+Every writer in :mod:`cryomag.io` writes to a temporary file in the destination folder and
+renames it onto the destination only when writing succeeded, so that a crash or an error never
+leaves a half-written STAR, .cs or MRC file behind, and never destroys an existing one. Writers
+also refuse to replace a file they (or the particle set) read from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from cryomag.model.particles import ParticleDataError
+
+__all__ = [
+    "ParticleFileError",
+    "ParticleFileNotFoundError",
+    "atomic_write",
+    "ensure_not_input",
+]
+
+
+class ParticleFileError(ParticleDataError):
+    """A particle, optics or image file is missing, malformed or inconsistent.
+
+    The message names the file, the row or column where possible, and what was expected.
+    """
+
+
+class ParticleFileNotFoundError(ParticleFileError, FileNotFoundError):
+    """An input file does not exist (also catchable as :class:`FileNotFoundError`)."""
+
+
+def ensure_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Raise if ``out`` is the same file as one of ``inputs``.
+
+    Parameters
+    ----------
+    out : path
+        The file about to be written.
+    inputs : iterable of path or None
+        Files that were read to produce the output (``None`` entries are ignored).
+
+    Raises
+    ------
+    ParticleFileError
+        When ``out`` resolves to (or is a hard link of) one of the inputs.
+    """
+    out_path = Path(out)
+    out_resolved = out_path.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp_path = Path(inp)
+        same = inp_path.resolve() == out_resolved
+        if not same and out_path.exists() and inp_path.exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(out_path, inp_path)
+        if same:
+            raise ParticleFileError(
+                f"{out_path}: refusing to overwrite an input file ({inp_path}); "
+                "write to a different path"
+            )
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
+    """Context manager yielding a temporary path that replaces ``path`` on success.
+
+    The temporary file lies in the destination folder (so the final :func:`os.replace` is an
+    atomic rename on the same file system) and keeps the destination's suffix. If the body
+    raises, the temporary file is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : path
+        Final destination.
+    inputs : iterable of path or None
+        Files read to produce the output; writing onto any of them is refused (see
+        :func:`ensure_not_input`).
+
+    Yields
+    ------
+    Path
+        Temporary file path to write to (it does not exist yet).
+
+    Raises
+    ------
+    ParticleFileError
+        If ``path`` is one of ``inputs``.
+    FileNotFoundError
+        If the destination folder does not exist.
+
+    Examples
+    --------
+    >>> with atomic_write("out.star") as tmp:  # doctest: +SKIP
+    ...     tmp.write_text("data_\\n")
+    """
+    dest = Path(path)
+    ensure_not_input(dest, inputs)
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{dest}: output folder {folder} does not exist")
+    tmp = folder / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{dest.suffix}"
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise ParticleFileError(f"{dest}: the writer produced no file")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

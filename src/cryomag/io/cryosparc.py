@@ -1,0 +1,592 @@
+"""cryoSPARC ``.cs`` particle files: read into a :class:`ParticleSet`, write back.
+
+A ``.cs`` file is a numpy structured array, one row per particle (the classic format, read
+with :func:`numpy.load`), or cryosparc-tools' newer compressed stream (read with
+``cryosparc.dataset.Dataset.load``). Jobs often write a primary file plus a passthrough file
+with the remaining fields, joined on ``uid``.
+
+Conversion to RELION columns (units of :mod:`cryomag.model.particles`)
+-----------------------------------------------------------------------
+======================  ============================================================
+RELION column           from cryoSPARC
+======================  ============================================================
+rlnImageName            ``f"{blob/idx + 1:06d}@{blob/path}"`` (leading ``>`` removed;
+                        path relative to the cryoSPARC project folder, kept as given)
+rlnMicrographName       ``location/micrograph_path``, else ``"mic_<exp_group_id>"``
+rlnOpticsGroup          one group per distinct ``ctf/exp_group_id`` (1 when absent),
+                        split further if pixel size, box, kV, Cs or Q0 differ in it
+rlnDefocusU / V         ``ctf/df1_A`` / ``ctf/df2_A``
+rlnDefocusAngle         ``ctf/df_angle_rad`` in degrees
+rlnPhaseShift           ``ctf/phase_shift_rad`` in degrees
+rlnAngleRot/Tilt/Psi    ``Rotation.from_rotvec(alignments3D/pose).as_euler("ZYZ")``
+                        (CONVENTIONS_VERIFIED 6.3, settled)
+rlnOriginX/YAngst       ``alignments3D/shift`` (pixels, same sign) * ``blob/psize_A``
+rlnCtfScalefactor       ``alignments3D/alpha`` (cryoSPARC's per-particle scale)
+rlnRandomSubset         ``alignments3D/split + 1``
+cmagUid                 ``uid`` (uint64), used to match rows when writing back
+optics rlnImagePixelSize  ``blob/psize_A``; rlnImageSize ``blob/shape[0]``; rlnVoltage
+                        ``ctf/accel_kv``; rlnSphericalAberration ``ctf/cs_mm``;
+                        rlnAmplitudeContrast ``ctf/amp_contrast``
+optics rlnMagMat00..11  ``inv(I + ctf/anisomag.reshape(2, 2))`` (row-major)
+======================  ============================================================
+
+Assumptions
+-----------
+- Magnification: cryoSPARC stores ``anisomag`` with the identity subtracted, and ``I + A`` is
+  a passive transform of Fourier coordinates (CONVENTIONS_VERIFIED 5.1, 5.2). For the
+  isotropic part ``M_RELION = (I + A)^-1`` is settled (5.3). For the anisotropic part cryomag
+  CHOOSES ``M = (I + A)^-1``, i.e. cryoSPARC's ``I + A`` maps true frequency to observed,
+  ``k_obs = (I + A) k_true``, while RELION's M maps observed to true, ``k_true = M k_obs``
+  (the alternative ``(I + A)^-T`` differs only by a rotation of the distortion axes, 5.6).
+  RELION has one M per optics group: it is taken from the group's first particle, with a
+  warning when particles of a group differ.
+- Shifts (U2): ``alignments3D/shift`` is taken to be in pixels of ``blob/psize_A`` (as pyem
+  and cryoDRGN do); a warning is given when ``alignments3D/psize_A`` differs.
+- No ``alignments3D`` (e.g. 2D classification or import): angles and origins are set to 0 and
+  ``source.has_poses`` is False.
+- ``ctf/bfactor`` and the higher-order aberrations (tilt_A, trefoil_A, tetra_A) are not
+  converted (kept in the array, written back unchanged).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy.spatial.transform import Rotation
+
+from cryomag.io.atomic import ParticleFileError, ParticleFileNotFoundError, atomic_write
+from cryomag.io.mrc import parse_image_names
+from cryomag.model.particles import ParticleSet, SourceInfo
+from cryomag.physics.geometry import euler_to_rotvec, rotvec_to_euler
+
+__all__ = ["read_cs", "write_cs", "load_cs_array"]
+
+_MAX_HEADER = 1 << 30
+_EXP_GROUP_RE = re.compile(r"^exp_group_(\d+)")
+#: Micrograph names made up by :func:`read_cs` when the file had none (not written back).
+_SYNTH_MIC_RE = re.compile(r"^mic_\d+$")
+#: Rotation difference (rad) below which a written pose keeps the input's rotation vector.
+POSE_TOL_RAD = 1e-6
+
+_REQUIRED = {
+    "blob/path": "image stack path",
+    "blob/idx": "0-based image index in the stack",
+    "blob/shape": "image size (ny, nx) in pixels",
+    "blob/psize_A": "pixel size in A",
+    "ctf/accel_kv": "voltage in kV",
+    "ctf/cs_mm": "Cs in mm",
+    "ctf/amp_contrast": "amplitude contrast",
+    "ctf/df1_A": "defocus 1 in A",
+    "ctf/df2_A": "defocus 2 in A",
+    "ctf/df_angle_rad": "astigmatism angle in rad",
+}
+
+
+# ------------------------------------------------------------------------------- loading
+def _plain_structured(rec) -> np.ndarray:
+    """A plain (non-record) structured ndarray with the same fields."""
+    names = rec.dtype.names
+    out = np.empty(len(rec), dtype=[(n, rec.dtype[n]) for n in names])
+    for n in names:
+        out[n] = rec[n]
+    return out
+
+
+def load_cs_array(path: str | os.PathLike) -> np.ndarray:
+    """Load a ``.cs`` file as a 1D numpy structured array.
+
+    Parameters
+    ----------
+    path : path
+        Classic (``.npy``-format) or compressed-stream ``.cs`` file.
+
+    Returns
+    -------
+    ndarray, shape (N,)
+        Structured array with cryoSPARC field names (``uid``, ``blob/path``, ...); string
+        fields as fixed-length bytes.
+
+    Raises
+    ------
+    ParticleFileNotFoundError, ParticleFileError
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParticleFileNotFoundError(f"{path}: cryoSPARC .cs file not found")
+    first_err: Exception | None = None
+    try:
+        arr = np.load(path, allow_pickle=False, max_header_size=_MAX_HEADER)
+    except Exception as err:  # not the classic format: try cryosparc-tools
+        first_err = err
+        try:
+            from cryosparc.dataset import Dataset
+
+            arr = _plain_structured(Dataset.load(path).to_records(fixed=True))
+        except Exception as err2:
+            raise ParticleFileError(
+                f"{path}: not a readable cryoSPARC .cs file (numpy: {first_err}; "
+                f"cryosparc-tools: {err2})"
+            ) from err2
+    if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
+        raise ParticleFileError(
+            f"{path}: expected a 1D structured array of particles, got "
+            f"{type(arr).__name__} {getattr(arr, 'shape', '')}"
+        )
+    return arr
+
+
+def _join_passthrough(arr: np.ndarray, pt: np.ndarray, path: Path, pt_path: Path) -> np.ndarray:
+    """Join ``pt`` fields onto ``arr`` by uid; fields of ``arr`` win; order of ``arr``."""
+    for a, p in ((arr, path), (pt, pt_path)):
+        if "uid" not in a.dtype.names:
+            raise ParticleFileError(f"{p}: no uid field; cannot join primary and passthrough")
+    order = np.argsort(pt["uid"], kind="stable")
+    sorted_uid = pt["uid"][order]
+    pos = np.searchsorted(sorted_uid, arr["uid"])
+    pos_c = np.minimum(pos, len(sorted_uid) - 1)
+    found = (pos < len(sorted_uid)) & (sorted_uid[pos_c] == arr["uid"]) if len(pt) else pos < 0
+    if not found.all():
+        r = int(np.flatnonzero(~found)[0])
+        raise ParticleFileError(
+            f"{pt_path}: passthrough has no row for {int((~found).sum())} of {len(arr)} "
+            f"particles of {path} (first: row {r + 1}, uid {int(arr['uid'][r])})"
+        )
+    take = order[pos_c]
+    extra = [n for n in pt.dtype.names if n not in arr.dtype.names]
+    dtype = [(n, arr.dtype[n]) for n in arr.dtype.names] + [(n, pt.dtype[n]) for n in extra]
+    out = np.empty(len(arr), dtype=dtype)
+    for n in arr.dtype.names:
+        out[n] = arr[n]
+    for n in extra:
+        out[n] = pt[n][take]
+    return out
+
+
+def _decode_paths(values: np.ndarray) -> np.ndarray:
+    """Byte / str paths -> str (object array), a leading '>' removed. Shape (N,)."""
+    uniq, inv = np.unique(values, return_inverse=True)
+    dec = [
+        (u.decode("utf-8", errors="replace") if isinstance(u, bytes) else str(u)).lstrip(">")
+        for u in uniq
+    ]
+    return np.asarray(dec, dtype=object)[inv.reshape(-1)]
+
+
+def _to_float64(values: np.ndarray) -> np.ndarray:
+    """float32 -> float64 through the shortest decimal (2.95f -> 2.95, not 2.9500000477).
+
+    The result rounds back to the same float32 exactly, so nothing is lost; other dtypes are
+    cast directly. Shape is kept.
+    """
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        return values.astype(np.float64)
+    flat = pa.array(values.reshape(-1))
+    out = pc.cast(pc.cast(flat, pa.string()), pa.float64()).to_numpy(zero_copy_only=False)
+    return out.reshape(values.shape)
+
+
+# ------------------------------------------------------------------------------- reading
+def read_cs(path: str | os.PathLike, passthrough: str | os.PathLike | None = None) -> ParticleSet:
+    """Read a cryoSPARC particle ``.cs`` file (optionally joined with its passthrough).
+
+    Parameters
+    ----------
+    path : path
+        Primary ``.cs`` file.
+    passthrough : path, optional
+        Passthrough ``.cs`` file of the same job; joined on ``uid``, primary fields win.
+
+    Returns
+    -------
+    ParticleSet
+        RELION-named tables (see the module docstring for the conversion), ``cmagUid``, and
+        the original structured array in ``source.cs_data``.
+
+    Raises
+    ------
+    ParticleFileNotFoundError
+        Missing file.
+    ParticleFileError
+        Unreadable file, missing required fields, non-square blobs, passthrough without some
+        uids, or values that fail :meth:`ParticleSet.validate`.
+    """
+    path = Path(path)
+    arr = load_cs_array(path)
+    pt_path = None
+    if passthrough is not None:
+        pt_path = Path(passthrough)
+        arr = _join_passthrough(arr, load_cs_array(pt_path), path, pt_path)
+    names = set(arr.dtype.names)
+    missing = [f for f in _REQUIRED if f not in names]
+    if missing:
+        raise ParticleFileError(
+            f"{path}: no field {missing[0]} (expected {_REQUIRED[missing[0]]})"
+            + (f"; also missing {missing[1:]}" if len(missing) > 1 else "")
+            + ("" if passthrough else "; pass the job's passthrough file if it has them")
+        )
+    n = len(arr)
+    if n == 0:
+        raise ParticleFileError(f"{path}: contains no particles")
+    shape = np.asarray(arr["blob/shape"]).reshape(n, -1)
+    if shape.shape[1] != 2:
+        raise ParticleFileError(f"{path}: blob/shape has {shape.shape[1]} values, expected 2")
+    bad = np.flatnonzero(shape[:, 0] != shape[:, 1])
+    if bad.size:
+        r = int(bad[0])
+        raise ParticleFileError(
+            f"{path}: row {r + 1}: blob/shape is {shape[r].tolist()}; non-square boxes are "
+            "unsupported"
+        )
+    f64 = lambda name: _to_float64(arr[name])  # noqa: E731
+    psize = f64("blob/psize_A")
+    exp = (
+        np.asarray(arr["ctf/exp_group_id"], dtype=np.int64)
+        if "ctf/exp_group_id" in names
+        else np.ones(n, dtype=np.int64)
+    )
+
+    # ---------------------------------------------------------------- optics groups
+    key = pd.DataFrame(
+        {
+            "exp": exp,
+            "psize": psize,
+            "box": shape[:, 0].astype(np.int64),
+            "kv": f64("ctf/accel_kv"),
+            "cs": f64("ctf/cs_mm"),
+            "q0": f64("ctf/amp_contrast"),
+        }
+    )
+    codes, _ = pd.factorize(pd.MultiIndex.from_frame(key), sort=True)
+    n_groups = int(codes.max()) + 1
+    first = np.zeros(n_groups, dtype=np.int64)
+    first[codes[::-1]] = np.arange(n - 1, -1, -1)  # first row of each group
+    uniq = key.iloc[first].reset_index(drop=True)
+    counts = uniq["exp"].value_counts()
+    split_exp = counts[counts > 1].index.tolist()
+    if split_exp:
+        warnings.warn(
+            f"{path}: exposure group(s) {split_exp} mix pixel sizes, boxes or microscope "
+            "settings; they are split into several optics groups",
+            stacklevel=2,
+        )
+    group_names, seen = [], {}
+    for e in uniq["exp"]:
+        seen[e] = seen.get(e, 0) + 1
+        group_names.append(f"exp_group_{e}" + (f"_{seen[e]}" if counts[e] > 1 else ""))
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": np.arange(1, n_groups + 1, dtype=np.int64),
+            "rlnOpticsGroupName": group_names,
+            "rlnAmplitudeContrast": uniq["q0"].to_numpy(),
+            "rlnSphericalAberration": uniq["cs"].to_numpy(),
+            "rlnVoltage": uniq["kv"].to_numpy(),
+            "rlnImagePixelSize": uniq["psize"].to_numpy(),
+            "rlnImageSize": uniq["box"].to_numpy(),
+            "rlnImageDimensionality": np.full(n_groups, 2, dtype=np.int64),
+            "rlnCtfDataAreCtfPremultiplied": np.zeros(n_groups, dtype=np.int64),
+        }
+    )
+    if "ctf/anisomag" in names:
+        aniso = _to_float64(arr["ctf/anisomag"]).reshape(n, 4)
+        differ = np.abs(aniso - aniso[first[codes]]).max(axis=1) > 1e-6
+        if differ.any():
+            bad_groups = sorted({group_names[c] for c in codes[differ]})
+            warnings.warn(
+                f"{path}: ctf/anisomag differs between particles of optics group(s) "
+                f"{bad_groups}; using each group's first particle (RELION keeps one matrix "
+                "per optics group)",
+                stacklevel=2,
+            )
+        mats = np.linalg.inv(np.eye(2) + aniso[first].reshape(n_groups, 2, 2))
+        for j, col in enumerate(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")):
+            optics[col] = mats.reshape(n_groups, 4)[:, j]
+
+    # ---------------------------------------------------------------- particles
+    paths = _decode_paths(arr["blob/path"])
+    idx1 = np.asarray(arr["blob/idx"], dtype=np.int64) + 1
+    image_names = pd.Series(idx1).astype(str).str.zfill(6).to_numpy(dtype=object) + "@" + paths
+    if "location/micrograph_path" in names:
+        mics = _decode_paths(arr["location/micrograph_path"])
+    else:
+        mics = np.array([f"mic_{e}" for e in exp], dtype=object)
+    cols: dict[str, np.ndarray] = {
+        "rlnImageName": image_names,
+        "rlnMicrographName": mics,
+        "rlnOpticsGroup": codes.astype(np.int64) + 1,
+        "rlnDefocusU": f64("ctf/df1_A"),
+        "rlnDefocusV": f64("ctf/df2_A"),
+        "rlnDefocusAngle": np.rad2deg(f64("ctf/df_angle_rad")),
+    }
+    if "ctf/phase_shift_rad" in names:
+        cols["rlnPhaseShift"] = np.rad2deg(f64("ctf/phase_shift_rad"))
+    source = SourceInfo(path=path, kind="cs", cs_data=arr, passthrough=pt_path)
+    if "alignments3D/pose" in names:
+        with warnings.catch_warnings():  # tilt 0 or 180: the matrix is still exact
+            warnings.filterwarnings("ignore", message="Gimbal lock")
+            euler = rotvec_to_euler(np.asarray(arr["alignments3D/pose"], np.float64).reshape(n, 3))
+        cols["rlnAngleRot"], cols["rlnAngleTilt"], cols["rlnAnglePsi"] = euler.T
+        if "alignments3D/shift" in names:
+            shift = np.asarray(arr["alignments3D/shift"], np.float64).reshape(n, 2)  # exact
+            if "alignments3D/psize_A" in names:
+                ap = f64("alignments3D/psize_A")
+                if np.any(np.abs(ap / psize - 1.0) > 1e-3):
+                    warnings.warn(
+                        f"{path}: alignments3D/psize_A differs from blob/psize_A; shifts are "
+                        "taken in blob pixels (assumption U2 of CONVENTIONS_VERIFIED)",
+                        stacklevel=2,
+                    )
+            cols["rlnOriginXAngst"] = shift[:, 0] * psize
+            cols["rlnOriginYAngst"] = shift[:, 1] * psize
+        else:
+            cols["rlnOriginXAngst"] = np.zeros(n)
+            cols["rlnOriginYAngst"] = np.zeros(n)
+            source.filled_columns += ["rlnOriginXAngst", "rlnOriginYAngst"]
+        if "alignments3D/alpha" in names:
+            cols["rlnCtfScalefactor"] = f64("alignments3D/alpha")
+        if "alignments3D/split" in names:
+            cols["rlnRandomSubset"] = np.asarray(arr["alignments3D/split"], np.int64) + 1
+    else:
+        for c in (
+            "rlnAngleRot",
+            "rlnAngleTilt",
+            "rlnAnglePsi",
+            "rlnOriginXAngst",
+            "rlnOriginYAngst",
+        ):
+            cols[c] = np.zeros(n)
+            source.filled_columns.append(c)
+        source.has_poses = False
+    cols["cmagUid"] = np.asarray(arr["uid"], dtype=np.uint64) if "uid" in names else None
+    if cols["cmagUid"] is None:
+        del cols["cmagUid"]
+    particles = pd.DataFrame(cols)
+    ps = ParticleSet(particles, optics, source)
+    ps.validate()
+    return ps
+
+
+# ------------------------------------------------------------------------------- writing
+def _with_field(arr: np.ndarray, name: str, dtype) -> np.ndarray:
+    """``arr`` with field ``name`` of ``dtype`` (added, or re-typed when different)."""
+    dtype = np.dtype(dtype)
+    names = arr.dtype.names
+    if name in names and arr.dtype[name] == dtype:
+        return arr
+    fields = [(n, dtype if n == name else arr.dtype[n]) for n in names]
+    if name not in names:
+        fields.append((name, dtype))
+    out = np.zeros(len(arr), dtype=fields)
+    for n in names:
+        if n == name:
+            out[n] = arr[n] if dtype.kind != "S" else np.asarray(arr[n]).astype(dtype)
+        else:
+            out[n] = arr[n]
+    return out
+
+
+def _set_float(arr: np.ndarray, name: str, values: np.ndarray, shape: tuple = ()) -> np.ndarray:
+    """Write float ``values`` (N, *shape) into ``arr[name]`` where they differ beyond 2 ulp."""
+    if name not in arr.dtype.names:
+        arr = _with_field(arr, name, np.dtype((np.float32, shape)) if shape else np.float32)
+        arr[name] = values
+        return arr
+    old = np.asarray(arr[name])
+    base = old.dtype if old.dtype.kind == "f" else np.dtype(np.float32)
+    tol = 2.0 * np.abs(np.spacing(old.astype(base))).astype(np.float64)
+    changed = np.abs(np.asarray(values, np.float64) - old.astype(np.float64)) > tol
+    if changed.ndim > 1:
+        changed = changed.reshape(len(arr), -1).any(axis=1)
+    if changed.any():
+        sub = arr[name]
+        sub[changed] = np.asarray(values)[changed]
+    return arr
+
+
+def _set_exact(arr: np.ndarray, name: str, values: np.ndarray, dtype) -> np.ndarray:
+    """Write values into ``arr[name]`` (exact comparison; added with ``dtype`` when absent)."""
+    if name not in arr.dtype.names:
+        arr = _with_field(arr, name, dtype)
+    arr[name] = values
+    return arr
+
+
+def _set_strings(arr: np.ndarray, name: str, values: np.ndarray) -> np.ndarray:
+    """Write str ``values`` into a bytes field, keeping entries equal after '>' stripping."""
+    if name in arr.dtype.names:
+        old = _decode_paths(arr[name])
+        changed = old != values
+        if not changed.any():
+            return arr
+    else:
+        changed = np.ones(len(arr), dtype=bool)
+    enc = np.array([v.encode() for v in values[changed]], dtype=bytes)
+    width = max(enc.dtype.itemsize, 1)
+    cur = arr.dtype[name].itemsize if name in arr.dtype.names else 0
+    arr = _with_field(arr, name, f"S{max(width, cur)}")
+    col = arr[name]
+    col[changed] = enc
+    return arr
+
+
+def _scratch_array(ps: ParticleSet) -> np.ndarray:
+    """A new structured array with ``uid`` for a set that did not come from a .cs file."""
+    n = len(ps)
+    uid = np.arange(1, n + 1, dtype=np.uint64)
+    if "cmagUid" in ps.particles.columns:
+        given = pd.to_numeric(ps.particles["cmagUid"], errors="coerce")
+        if given.notna().all() and given.is_unique and (given >= 0).all():
+            uid = given.to_numpy().astype(np.uint64)
+    arr = np.zeros(n, dtype=[("uid", np.uint64)])
+    arr["uid"] = uid
+    return arr
+
+
+def write_cs(ps: ParticleSet, path: str | os.PathLike) -> None:
+    """Write a particle set as a cryoSPARC ``.cs`` file (classic numpy format), atomically.
+
+    If the set was read from a ``.cs`` file, the output starts from the original structured
+    array (rows matched by ``cmagUid``, so subsets and reordering are fine) and every input
+    field is kept; fields are only overwritten where the table's value differs (beyond 2 ulp
+    of the stored float32, or :data:`POSE_TOL_RAD` for poses). Otherwise an array is built
+    from scratch: ``uid`` (``cmagUid`` if present and unique, else 1..N), ``blob/path``,
+    ``blob/idx``, ``blob/shape``, ``blob/psize_A``, ``blob/sign`` (-1, the value cryoSPARC
+    gives RELION-style stacks), ``location/micrograph_path``, ``ctf/*`` and, when the set has
+    poses, ``alignments3D/pose``, ``shift``, ``psize_A``, ``alpha``, ``split``.
+
+    Inverse conversions: ``anisomag = inv(M) - I`` (row-major), pose =
+    ``Rotation.from_euler("ZYZ", [rot, tilt, psi]).as_rotvec()``, shift = origin_A /
+    rlnImagePixelSize, split = rlnRandomSubset - 1, alpha = rlnCtfScalefactor.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        Particles to write.
+    path : path
+        Destination; the name is used exactly (no ``.npy`` is appended).
+
+    Raises
+    ------
+    ParticleFileError
+        If ``path`` is an input of ``ps``, or a ``cmagUid`` is not in the source array.
+    """
+    ps.validate()
+    src = ps.source
+    n = len(ps)
+    p = ps.particles
+    from_cs = (
+        src.kind == "cs"
+        and src.cs_data is not None
+        and "cmagUid" in p.columns
+        and "uid" in src.cs_data.dtype.names
+    )
+    if from_cs:
+        base_all = src.cs_data
+        order = np.argsort(base_all["uid"], kind="stable")
+        suid = base_all["uid"][order]
+        want = p["cmagUid"].to_numpy().astype(np.uint64)
+        pos = np.minimum(np.searchsorted(suid, want), len(suid) - 1)
+        ok = suid[pos] == want
+        if not ok.all():
+            r = int(np.flatnonzero(~ok)[0])
+            raise ParticleFileError(
+                f"{ps.name}: particle row {r + 1}: cmagUid {int(want[r])} is not in the source "
+                ".cs array; drop cmagUid to write a new file"
+            )
+        arr = base_all[order[pos]].copy()
+    else:
+        arr = _scratch_array(ps)
+    fresh = not from_cs
+    names = lambda: arr.dtype.names  # noqa: E731
+
+    gi = ps.group_index()
+    optics = ps.optics
+    apix = optics["rlnImagePixelSize"].to_numpy(float)[gi]
+    box = optics["rlnImageSize"].to_numpy(float).astype(np.int64)[gi]
+
+    # blob
+    numbers, files = (
+        parse_image_names(p["rlnImageName"], ps.name)
+        if ("rlnImageName" in p.columns)
+        else (None, None)
+    )
+    if numbers is not None:
+        arr = _set_strings(arr, "blob/path", np.asarray(files, dtype=object))
+        arr = _set_exact(arr, "blob/idx", numbers - 1, np.uint32)
+    elif fresh:
+        raise ParticleFileError(f"{ps.name}: no rlnImageName column; cannot write blob/path")
+    arr = _set_exact(arr, "blob/shape", np.stack([box, box], axis=1), np.dtype((np.uint32, 2)))
+    arr = _set_float(arr, "blob/psize_A", apix)
+    if fresh:
+        arr = _set_exact(arr, "blob/sign", np.full(n, -1.0), np.float32)
+        mics = ps.micrographs().astype(object)
+        if "rlnMicrographName" in p.columns and not all(_SYNTH_MIC_RE.match(m) for m in set(mics)):
+            arr = _set_strings(arr, "location/micrograph_path", mics)
+
+    # ctf
+    arr = _set_float(arr, "ctf/accel_kv", optics["rlnVoltage"].to_numpy(float)[gi])
+    arr = _set_float(arr, "ctf/cs_mm", optics["rlnSphericalAberration"].to_numpy(float)[gi])
+    arr = _set_float(arr, "ctf/amp_contrast", optics["rlnAmplitudeContrast"].to_numpy(float)[gi])
+    arr = _set_float(arr, "ctf/df1_A", ps.column("rlnDefocusU"))
+    arr = _set_float(arr, "ctf/df2_A", ps.column("rlnDefocusV"))
+    arr = _set_float(arr, "ctf/df_angle_rad", np.deg2rad(ps.column("rlnDefocusAngle")))
+    if "rlnPhaseShift" in p.columns or "ctf/phase_shift_rad" in names() or fresh:
+        arr = _set_float(arr, "ctf/phase_shift_rad", np.deg2rad(ps.column("rlnPhaseShift")))
+    group_names = optics.get("rlnOpticsGroupName")
+    exp_ids = []
+    for j, g in enumerate(optics["rlnOpticsGroup"].to_numpy(int)):
+        m = _EXP_GROUP_RE.match(str(group_names.iloc[j])) if group_names is not None else None
+        exp_ids.append(int(m.group(1)) if m else int(g))
+    if "ctf/exp_group_id" in names() or fresh:
+        arr = _set_exact(arr, "ctf/exp_group_id", np.asarray(exp_ids, np.int64)[gi], np.uint32)
+
+    # magnification: per group, compare with what read_cs derived from the input
+    mats = ps.mag_matrices()
+    has_field = "ctf/anisomag" in names()
+    if has_field or not np.allclose(mats, np.eye(2), rtol=0, atol=1e-12):
+        new_aniso = np.linalg.inv(mats) - np.eye(2)
+        if not has_field:
+            arr = _with_field(arr, "ctf/anisomag", np.dtype((np.float32, 4)))
+            arr["ctf/anisomag"] = new_aniso.reshape(-1, 4)[gi]
+        else:
+            cur = np.asarray(arr["ctf/anisomag"], np.float64).reshape(n, 4)
+            for g in range(ps.n_groups):
+                rows = np.flatnonzero(gi == g)
+                if rows.size == 0:
+                    continue
+                m_in = np.linalg.inv(np.eye(2) + cur[rows[0]].reshape(2, 2))
+                if np.abs(m_in - mats[g]).max() > 1e-6:
+                    arr["ctf/anisomag"][rows] = new_aniso[g].reshape(4)
+
+    # alignments
+    euler = ps.euler_deg()
+    origin = ps.origin_A()
+    poses = src.has_poses or bool(np.any(euler != 0) or np.any(origin != 0))
+    if poses:
+        new_rv = euler_to_rotvec(euler).reshape(n, 3)
+        if "alignments3D/pose" in names():
+            old_rv = np.asarray(arr["alignments3D/pose"], np.float64).reshape(n, 3)
+            diff = (Rotation.from_rotvec(old_rv).inv() * Rotation.from_rotvec(new_rv)).magnitude()
+            changed = diff > POSE_TOL_RAD
+            if changed.any():
+                arr["alignments3D/pose"][changed] = new_rv[changed]
+        else:
+            arr = _with_field(arr, "alignments3D/pose", np.dtype((np.float32, 3)))
+            arr["alignments3D/pose"] = new_rv
+        arr = _set_float(arr, "alignments3D/shift", origin / apix[:, None], (2,))
+        if "alignments3D/psize_A" not in names():
+            arr = _set_float(arr, "alignments3D/psize_A", apix)
+        if "rlnCtfScalefactor" in p.columns:
+            arr = _set_float(arr, "alignments3D/alpha", ps.column("rlnCtfScalefactor"))
+        if "rlnRandomSubset" in p.columns:
+            arr = _set_exact(arr, "alignments3D/split", ps.half_sets() - 1, np.uint32)
+
+    with atomic_write(path, inputs=[src.path, src.passthrough]) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)

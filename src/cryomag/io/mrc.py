@@ -1,0 +1,487 @@
+"""MRC images: lazy, memory-mapped access to particle stacks, and map / stack writing.
+
+Particle images are referenced as ``NNNNNN@stack.mrcs`` (1-based image number) in
+``rlnImageName``. :class:`ImageSource` resolves each stack once, keeps it memory-mapped
+(``mrcfile.mmap``, read-only, permissive for headers without the ``MAP`` id that some
+programs write), and reads images grouped by file.
+
+Pixel sizes in particle-stack headers are often wrong, so the STAR / .cs pixel size always
+wins; a warning is given once per stack when the header disagrees by more than 1 %.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import mrcfile
+import mrcfile.utils
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from cryomag.io.atomic import ParticleFileError, ParticleFileNotFoundError, atomic_write
+from cryomag.model.particles import ParticleSet
+
+__all__ = [
+    "ImageSource",
+    "parse_image_names",
+    "read_map",
+    "resolve_image_path",
+    "stack_shape",
+    "write_stack",
+]
+
+#: Relative pixel-size difference between MRC header and STAR above which a warning is given.
+PIXEL_SIZE_WARN_TOL = 0.01
+_HEADER_BYTES = 1024
+
+
+# ------------------------------------------------------------------------------ helpers
+def parse_image_names(
+    names: Sequence[str] | pd.Series, where: str | os.PathLike = "<memory>"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rlnImageName`` values into image numbers and file names.
+
+    Parameters
+    ----------
+    names : sequence of str, length N
+        ``"NNNNNN@file.mrcs"`` (1-based image number) or ``"file.mrc"`` (a single image).
+    where : str or path
+        File the names came from, for error messages.
+
+    Returns
+    -------
+    numbers : ndarray of int64, shape (N,)
+        1-based image number within the file.
+    files : ndarray of object (str), shape (N,)
+        File names as written (not resolved).
+
+    Raises
+    ------
+    ParticleFileError
+        For a number that is not a positive integer.
+    """
+    s = pd.Series(names, copy=False).astype(str).reset_index(drop=True)
+    parts = s.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        return np.ones(len(s), dtype=np.int64), parts[0].to_numpy(dtype=object)
+    has_at = parts[1].notna().to_numpy()
+    files = np.where(has_at, parts[1].to_numpy(dtype=object), parts[0].to_numpy(dtype=object))
+    num_txt = parts[0].where(has_at, "1")
+    numbers = pd.to_numeric(num_txt, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(numbers) | (numbers < 1) | (numbers != np.round(numbers))
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise ParticleFileError(
+            f"{where}: particle row {r + 1}, column rlnImageName: {s.iloc[r]!r} does not start "
+            "with a positive image number (expected 'NNNNNN@stack.mrcs', 1-based)"
+        )
+    return numbers.astype(np.int64), files
+
+
+def resolve_image_path(name: str | os.PathLike, search_dirs: Iterable[Path]) -> Path | None:
+    """Find a stack file: absolute as is, else the first of ``search_dirs / name`` that exists.
+
+    Returns ``None`` when no candidate exists.
+    """
+    p = Path(name)
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for d in search_dirs:
+        cand = Path(d) / p
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_header(path: Path):
+    """The MRC header record of ``path`` (permissive about a missing MAP id / machine stamp)."""
+    if not path.is_file():
+        raise ParticleFileNotFoundError(f"{path}: MRC file not found")
+    size = path.stat().st_size
+    if size < _HEADER_BYTES:
+        raise ParticleFileError(
+            f"{path}: truncated MRC file: {size} bytes, shorter than the 1024-byte header"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as m:
+            header = m.header.copy()
+    return header
+
+
+def _check_size(path: Path, header) -> tuple[int, int, int, np.dtype]:
+    """(nz, ny, nx, dtype) from ``header``; raise if the file is shorter than the header says."""
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    try:
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+    except ValueError as err:
+        raise ParticleFileError(f"{path}: unsupported MRC mode {int(header.mode)} ({err})") from err
+    if min(nx, ny, nz) < 1:
+        raise ParticleFileError(f"{path}: MRC header gives size {nx} x {ny} x {nz}")
+    expected = _HEADER_BYTES + int(header.nsymbt) + nx * ny * nz * dtype.itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise ParticleFileError(
+            f"{path}: truncated MRC file: header promises {nz} section(s) of {nx} x {ny} "
+            f"({expected} bytes in all), the file has {actual} bytes"
+        )
+    return nz, ny, nx, dtype
+
+
+def stack_shape(path: str | os.PathLike) -> tuple[int, int, int]:
+    """Number of images and image size of an MRC stack, from its header.
+
+    Parameters
+    ----------
+    path : path
+        MRC / MRCS file (a single 2D image counts as a stack of one).
+
+    Returns
+    -------
+    (n, ny, nx) : tuple of int
+        Images (sections) and rows x columns per image, in pixels.
+
+    Raises
+    ------
+    ParticleFileNotFoundError, ParticleFileError
+        Missing or truncated file, unsupported mode.
+    """
+    path = Path(path)
+    nz, ny, nx, _ = _check_size(path, _read_header(path))
+    return nz, ny, nx
+
+
+def _open_mmap(path: Path):
+    """Memory-map an MRC file read-only; permissive only when the strict read fails."""
+    _check_size(path, _read_header(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            m = mrcfile.mmap(path, mode="r", permissive=False)
+        except ValueError:
+            m = mrcfile.mmap(path, mode="r", permissive=True)
+    if m.data is None:
+        m.close()
+        raise ParticleFileError(f"{path}: could not read the MRC data block")
+    return m
+
+
+# --------------------------------------------------------------------------- ImageSource
+class ImageSource:
+    """Lazy, memory-mapped access to the particle images of a :class:`ParticleSet`.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        Needs ``rlnImageName``; box and pixel size come from the optics table.
+    search_dirs : sequence of path, optional
+        Folders searched first for relative stack names. Then, by source: a STAR file's folder,
+        the working directory, and the STAR folder's parent and grandparent (a RELION project
+        folder for ``Refine3D/job012/run_data.star``); a .cs file's folder, its parent
+        (usually the cryoSPARC project folder) and the working directory; for in-memory sets
+        the working directory.
+    max_open : int
+        Most stacks kept open (memory-mapped) at once; least recently used are closed.
+
+    Notes
+    -----
+    The object can be pickled (e.g. sent to Dask workers): open files are not pickled and are
+    reopened on first use.
+
+    Examples
+    --------
+    >>> src = ImageSource(ps)  # doctest: +SKIP
+    >>> imgs = src.read([0, 1, 2])  # float32, shape (3, box, box)
+    """
+
+    def __init__(
+        self,
+        ps: ParticleSet,
+        search_dirs: Sequence[str | os.PathLike] | None = None,
+        max_open: int = 256,
+    ) -> None:
+        self.ps = ps
+        self.max_open = int(max_open)
+        if "rlnImageName" not in ps.particles.columns:
+            raise ParticleFileError(
+                f"{ps.name}: particle table has no column rlnImageName (expected "
+                "'NNNNNN@stack.mrcs'); cannot read images"
+            )
+        numbers, self._files = parse_image_names(ps.particles["rlnImageName"], ps.name)
+        self._index0 = numbers - 1
+        gidx = ps.group_index()
+        self._group = ps.particles["rlnOpticsGroup"].to_numpy(int)
+        self._box = ps.optics["rlnImageSize"].to_numpy(float).astype(int)[gidx]
+        self._apix = ps.optics["rlnImagePixelSize"].to_numpy(float)[gidx]
+        dirs = [Path(d) for d in (search_dirs or [])]
+        src = ps.source.path
+        folder = Path(src).resolve().parent if src is not None else None
+        if folder is not None:
+            dirs.append(folder)
+            if ps.source.kind == "cs":
+                dirs.append(folder.parent)
+        dirs.append(Path.cwd())
+        if folder is not None and ps.source.kind == "star":
+            # RELION job outputs sit two levels below the project folder (Class3D/job012/)
+            dirs += [folder.parent, folder.parent.parent]
+        self.search_dirs = list(dict.fromkeys(dirs))
+        self._resolved: dict[str, Path] = {}
+        self._open: OrderedDict[Path, object] = OrderedDict()
+        self._checked: set[Path] = set()
+
+    # -------------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        return len(self._index0)
+
+    @property
+    def box(self) -> int:
+        """The box size in pixels when all particles share one (else ParticleFileError)."""
+        boxes = np.unique(self._box)
+        if boxes.size != 1:
+            raise ParticleFileError(
+                f"{self.ps.name}: optics groups have different boxes {boxes.tolist()}"
+            )
+        return int(boxes[0])
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def close(self) -> None:
+        """Close every open stack."""
+        for m in self._open.values():
+            with contextlib.suppress(Exception):
+                m.close()
+        self._open.clear()
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -------------------------------------------------------------------- files
+    def path_of(self, row: int) -> Path:
+        """The resolved stack path of particle row ``row`` (0-based)."""
+        name = self._files[row]
+        p = self._resolved.get(name)
+        if p is None:
+            p = resolve_image_path(name, self.search_dirs)
+            if p is None:
+                raise ParticleFileNotFoundError(
+                    f"{self.ps.name}: particle row {row + 1}: image stack {name} not found "
+                    f"(looked in {', '.join(str(d) for d in self.search_dirs)})"
+                )
+            self._resolved[name] = p
+        return p
+
+    def _mmap(self, path: Path, row: int):
+        m = self._open.get(path)
+        if m is not None:
+            self._open.move_to_end(path)
+            return m
+        m = _open_mmap(path)
+        if path not in self._checked:
+            self._checked.add(path)
+            vs = float(m.voxel_size.x)
+            apix = float(self._apix[row])
+            if vs > 0 and abs(vs / apix - 1.0) > PIXEL_SIZE_WARN_TOL:
+                warnings.warn(
+                    f"{path}: MRC header pixel size {vs:g} A differs from the "
+                    f"{'STAR' if self.ps.source.kind == 'star' else 'particle file'} pixel "
+                    f"size {apix:g} A (optics group {self._group[row]}); using {apix:g} A",
+                    stacklevel=3,
+                )
+        self._open[path] = m
+        while len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            with contextlib.suppress(Exception):
+                old.close()
+        return m
+
+    # --------------------------------------------------------------------- read
+    def read(self, indices: npt.ArrayLike) -> np.ndarray:
+        """Read particle images.
+
+        Parameters
+        ----------
+        indices : array_like of int, shape (n,)
+            0-based rows of ``ps.particles`` (a scalar reads one image, still 3D output).
+            All must belong to optics groups with the same box size.
+
+        Returns
+        -------
+        ndarray of float32, shape (n, box, box)
+            Images in file order of rows (y) and columns (x), as stored.
+
+        Raises
+        ------
+        ParticleFileNotFoundError
+            Missing stack.
+        ParticleFileError
+            Image number beyond the stack, truncated file, non-square images, or a stack
+            whose image size differs from the optics group's rlnImageSize. Messages name the
+            file and the particle row.
+        """
+        rows = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        if rows.ndim != 1:
+            raise ValueError(f"indices must be 1D, got shape {rows.shape}")
+        n_all = len(self)
+        if rows.size and (rows.min() < 0 or rows.max() >= n_all):
+            bad = rows[(rows < 0) | (rows >= n_all)][0]
+            raise IndexError(f"{self.ps.name}: particle row {bad} out of range 0..{n_all - 1}")
+        if rows.size == 0:
+            b = np.unique(self._box)
+            return np.empty((0, b[0], b[0]) if b.size == 1 else (0, 0, 0), np.float32)
+        boxes = np.unique(self._box[rows])
+        if boxes.size != 1:
+            raise ParticleFileError(
+                f"{self.ps.name}: the requested rows span optics groups with boxes "
+                f"{boxes.tolist()}; read each box size separately"
+            )
+        box = int(boxes[0])
+        out = np.empty((rows.size, box, box), np.float32)
+        codes, uniq = pd.factorize(self._files[rows])
+        order = np.argsort(codes, kind="stable")
+        splits = np.flatnonzero(np.diff(codes[order])) + 1
+        for pos in np.split(order, splits):
+            first = int(rows[pos[0]])
+            path = self.path_of(first)
+            m = self._mmap(path, first)
+            data = m.data
+            if data.ndim == 2:
+                data = data[None]
+            elif data.ndim != 3:
+                raise ParticleFileError(
+                    f"{path}: expected a stack of 2D images, the data has shape {data.shape} "
+                    f"(particle row {first + 1})"
+                )
+            k, ny, nx = data.shape
+            if ny != nx:
+                raise ParticleFileError(
+                    f"{path}: images are {nx} x {ny} pixels (particle row {first + 1}); "
+                    "non-square boxes are unsupported"
+                )
+            if nx != box:
+                raise ParticleFileError(
+                    f"{path}: images are {nx} x {nx} pixels but particle row {first + 1} is in "
+                    f"optics group {self._group[first]} with rlnImageSize {box}"
+                )
+            j = self._index0[rows[pos]]
+            over = np.flatnonzero(j >= k)
+            if over.size:
+                r = int(rows[pos[over[0]]])
+                raise ParticleFileError(
+                    f"{path}: stack has {k} images, particle row {r + 1} asks for image "
+                    f"{int(j[over[0]]) + 1}"
+                )
+            srt = np.argsort(j, kind="stable")
+            out[pos[srt]] = data[j[srt]]
+        return out
+
+    def read_one(self, row: int) -> np.ndarray:
+        """One image, float32, shape (box, box)."""
+        return self.read([row])[0]
+
+
+# -------------------------------------------------------------------------- writing / maps
+def write_stack(
+    path: str | os.PathLike,
+    images: npt.ArrayLike,
+    pixel_size_A: float,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> None:
+    """Write images as an MRC stack (mode 2, float32), atomically.
+
+    Parameters
+    ----------
+    path : path
+        Destination (``.mrcs`` by convention).
+    images : array_like, shape (n, box, box) or (box, box)
+        Images; converted to float32.
+    pixel_size_A : float
+        Pixel size in A written to the header (voxel size x, y, z).
+    inputs : iterable of path
+        Files that must not be overwritten (e.g. the stack the images were read from).
+    """
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"images must have shape (n, box, box), got {arr.shape}")
+    if not pixel_size_A > 0:
+        raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A}")
+    with atomic_write(path, inputs=inputs) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(np.ascontiguousarray(arr))
+            m.set_image_stack()
+            m.voxel_size = float(pixel_size_A)
+            m.update_header_stats()
+
+
+def read_map(
+    path: str | os.PathLike, pixel_size_A: float | None = None
+) -> tuple[np.ndarray, float]:
+    """Read a 3D map.
+
+    Parameters
+    ----------
+    path : path
+        MRC map.
+    pixel_size_A : float, optional
+        Overrides the header voxel size.
+
+    Returns
+    -------
+    volume : ndarray of float32, shape (n, n, n)
+        Indexed [z, y, x].
+    pixel_size_A : float
+        Voxel size in A (header or the override).
+
+    Raises
+    ------
+    ParticleFileNotFoundError
+        Missing file.
+    ParticleFileError
+        Truncated file, not 3D, non-cubic map, no pixel size in the header (and no override),
+        or anisotropic voxels.
+    """
+    path = Path(path)
+    header = _read_header(path)
+    nz, ny, nx, _ = _check_size(path, header)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.open(path, mode="r", permissive=True) as m:
+            if m.data is None:
+                raise ParticleFileError(f"{path}: could not read the MRC data block")
+            vol = np.asarray(m.data, dtype=np.float32).copy()
+            vs = m.voxel_size
+            # float32 header values -> shortest decimal (2.64, not 2.6400001049)
+            voxel = tuple(float(str(np.float32(v))) for v in (vs.x, vs.y, vs.z))
+    if vol.ndim != 3:
+        raise ParticleFileError(f"{path}: expected a 3D map, got data of shape {vol.shape}")
+    if not (nx == ny == nz):
+        raise ParticleFileError(
+            f"{path}: map is {nx} x {ny} x {nz} voxels; non-cubic maps are unsupported "
+            "(expected n x n x n)"
+        )
+    if pixel_size_A is not None:
+        return vol, float(pixel_size_A)
+    if voxel[0] <= 0:
+        raise ParticleFileError(f"{path}: header has no voxel size; pass pixel_size_A")
+    if max(abs(v / voxel[0] - 1.0) for v in voxel) > 1e-3:
+        raise ParticleFileError(
+            f"{path}: anisotropic voxel size {voxel} A; expected equal x, y, z sizes"
+        )
+    return vol, voxel[0]
