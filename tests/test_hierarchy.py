@@ -1,0 +1,42 @@
+"""Empirical-Bayes shrinkage recovers the between-unit scatter, and zero when there is none."""
+
+import numpy as np
+
+from cryomag.fit.hierarchy import shrink
+
+
+def test_no_scatter_reports_spread_consistent_with_zero():
+    rng = np.random.default_rng(0)
+    n = 2000
+    se = rng.uniform(0.002, 0.006, n)
+    x = 0.01 + rng.normal(0, se)
+    res = shrink(x, se**2)
+    assert abs(res.mean[0] - 0.01) < 4 * np.sqrt(1 / np.sum(se**-2))
+    # spread consistent with zero: within 2 standard errors of 0
+    assert res.between[0, 0] < 2 * res.between_se[0]
+    assert np.nanmax(res.weight) < 0.3
+
+
+def test_real_scatter_is_recovered_and_shrinkage_helps():
+    rng = np.random.default_rng(1)
+    n = 3000
+    tau = 0.005
+    truth = rng.normal(0.0, tau, n)
+    se = rng.uniform(0.002, 0.008, n)
+    x = truth + rng.normal(0, se)
+    res = shrink(x, se**2)
+    assert abs(res.scatter[0] - tau) < 0.1 * tau
+    raw_err = np.sqrt(np.mean((x - truth) ** 2))
+    post_err = np.sqrt(np.mean((res.posterior[:, 0] - truth) ** 2))
+    assert post_err < 0.8 * raw_err
+
+
+def test_multivariate_scatter():
+    rng = np.random.default_rng(2)
+    n, d = 2000, 4
+    t = np.diag([4e-6, 1e-6, 1e-6, 9e-6])
+    truth = rng.multivariate_normal(np.zeros(d), t, n)
+    v = np.tile(np.eye(d) * 4e-6, (n, 1, 1))
+    x = truth + rng.normal(0, 2e-3, (n, d))
+    res = shrink(x, v)
+    np.testing.assert_allclose(np.diag(res.between), np.diag(t), atol=1.2e-6)
