@@ -49,9 +49,7 @@ class Shrinkage:
         return np.sqrt(np.clip(np.diag(self.between), 0, None))
 
 
-def shrink(
-    x: np.ndarray, cov: np.ndarray, max_iter: int = 500, tol: float = 1e-12
-) -> Shrinkage:
+def shrink(x: np.ndarray, cov: np.ndarray, max_iter: int = 500, tol: float = 1e-12) -> Shrinkage:
     """Estimate mu and T by EM and return the shrunk estimates.
 
     Parameters
@@ -102,9 +100,7 @@ def shrink(
     weight = np.full(n, np.nan)
     weight[ok] = np.trace(kgain, axis1=1, axis2=2) / d
     # Fisher information of the diagonal of T (each parameter on its own)
-    se = np.array(
-        [np.sqrt(2.0 / np.sum(1.0 / (t[j, j] + vs[:, j, j]) ** 2)) for j in range(d)]
-    )
+    se = np.array([np.sqrt(2.0 / np.sum(1.0 / (t[j, j] + vs[:, j, j]) ** 2)) for j in range(d)])
     return Shrinkage(mu, t, se, post, pcov, weight, n_iter)
 
 

@@ -161,14 +161,17 @@ def chunk_statistics(
         if np.ndim(geom.mag) == 2
         else geom.mag
     )
-    ctf = ctf_at(geom, optics, kx, ky)
+    ctf, dctf = ctf_at(geom, optics, kx, ky, gradient=True)
     phase = np.exp(
         2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
     )
     amp = amplitude_factor(m0, reference.pixel_size_A, optics.pixel_size_A)
-    common = (amp[:, None] * ctf) * phase
+    ampphase = amp[:, None] * phase
     val, gu = slice_values(reference, geom.euler_deg, m0, kx, ky, gradient=True)
-    p = common * val
+    p = ampphase * ctf * val
+    # d/du of C(u) V(u): the reference term and the Cs term of the CTF
+    gu = ctf[..., None] * gu + dctf * val[..., None]
+    common = ampphase
     wp = w * p
     pp = np.einsum("np,np->n", wp.real, p.real) + np.einsum("np,np->n", wp.imag, p.imag)
     py = np.einsum("np,np->n", wp.real, y.real) + np.einsum("np,np->n", wp.imag, y.imag)
@@ -176,7 +179,7 @@ def chunk_statistics(
     s = np.where(pp > 0, py / np.where(pp > 0, pp, 1), 0.0)
     r = y - s[:, None] * p
     rr = np.einsum("np,p->n", (r * r.conj()).real, w)
-    # h_a = s * common * dV/du_a ; G_ab = h_a * k_b
+    # h_a = s * amp * phase * d(C V)/du_a ; G_ab = h_a * k_b
     h = (s[:, None] * common)[..., None] * gu  # (n, npix, 2)
     kb = np.stack([kx, ky], axis=-1)  # (npix, 2)
     g = (h[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)  # index a*2+b

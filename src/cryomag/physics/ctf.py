@@ -123,3 +123,69 @@ def ctf_values(
     if np.any(b != 0):
         ctf = ctf * np.exp(-0.25 * b * k2)
     return ctf * col(scale)
+
+
+def ctf_split_frames(
+    kx: np.ndarray,
+    ky: np.ndarray,
+    ux: np.ndarray,
+    uy: np.ndarray,
+    defocus_u_A,
+    defocus_v_A,
+    angle_deg,
+    voltage_kv: float,
+    cs_mm: float,
+    amplitude_contrast: float,
+    phase_shift_deg=0.0,
+    bfactor_A2=0.0,
+    scale=1.0,
+    gradient: bool = False,
+):
+    """CTF with the defocus term at frequencies ``k`` and the Cs term at ``u``.
+
+    This is the model of a magnification fit that holds the CTF "as measured": the defocus
+    and astigmatism were measured on the distorted images, so their term is fixed in the frame
+    where they were measured (``k``, e.g. M_in k_obs), while spherical aberration is a property
+    of the objective lens and acts on the true frequency ``u = M k_obs`` at the current M.
+    With ``u == k`` it equals :func:`ctf_values`.
+
+    Parameters
+    ----------
+    kx, ky : ndarray, shape (N, npix)
+        Frequencies of the defocus term (1/A).
+    ux, uy : ndarray, shape (N, npix)
+        True frequencies (1/A) of the Cs term.
+    gradient : bool
+        Also return dCTF/du (through the Cs term), shape (N, npix, 2).
+
+    Returns
+    -------
+    ctf : ndarray, shape (N, npix)
+    dctf_du : ndarray, shape (N, npix, 2), only with ``gradient``
+    """
+
+    def col(x):
+        return np.asarray(x, float).reshape(-1, 1)
+
+    adef = defocus_matrix(defocus_u_A, defocus_v_A, angle_deg)
+    a00, a01, a11 = col(adef[..., 0, 0]), col(adef[..., 0, 1]), col(adef[..., 1, 1])
+    lam = float(electron_wavelength_A(voltage_kv))
+    cs_A = cs_mm * 1e7
+    quad = a00 * kx * kx + 2 * a01 * kx * ky + a11 * ky * ky
+    u2 = ux * ux + uy * uy
+    chi = (
+        np.pi * lam * quad
+        - 0.5 * np.pi * cs_A * lam**3 * u2 * u2
+        + np.deg2rad(col(phase_shift_deg))
+    )
+    q0 = float(amplitude_contrast)
+    w = np.sqrt(1 - q0 * q0)
+    env = col(scale)
+    b = col(bfactor_A2)
+    if np.any(b != 0):
+        env = env * np.exp(-0.25 * b * (kx * kx + ky * ky))
+    ctf = env * (w * np.sin(chi) + q0 * np.cos(chi))
+    if not gradient:
+        return ctf
+    dchi = env * (w * np.cos(chi) - q0 * np.sin(chi)) * (-2 * np.pi * cs_A * lam**3 * u2)
+    return ctf, np.stack([dchi * ux, dchi * uy], axis=-1)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import finufft
 import numpy as np
 
-from cryomag.physics.ctf import ctf_values
+from cryomag.physics.ctf import ctf_split_frames
 from cryomag.physics.geometry import euler_to_matrix
 
 
@@ -70,7 +70,7 @@ class MapReference:
         gy = v * (-2j * np.pi * c[None, :, None])
         gz = v * (-2j * np.pi * c[:, None, None])
         self._value = np.ascontiguousarray(v)
-        self._with_grad = np.ascontiguousarray(np.stack([v, gx, gy, gz]))
+        self._with_grad = np.ascontiguousarray(np.stack([v, gx, gy, gz]).astype(self._dtype))
         # finufft modes are -N/2..N/2-1 in natural order (modeord 0): voxel index i has mode
         # i - N//2 for even N; odd N handled by an explicit roll
         if self.box % 2:
@@ -175,8 +175,9 @@ class ParticleGeometry:
     defocus_u_A, defocus_v_A, defocus_angle_deg, phase_shift_deg, bfactor_A2, ctf_scale :
         ndarray, shape (N,)
     ctf_mag : ndarray, shape (N, 2, 2) or (2, 2), optional
-        Matrix at which the CTF is evaluated (C(ctf_mag k)); defaults to ``mag``. Set it to
-        the input's M to hold the CTF fixed as measured while ``mag`` changes.
+        Matrix at which the CTF's defocus term is evaluated (``ctf_mag @ k``); defaults to
+        ``mag``. Set it to the input's M to hold the defocus fixed as measured while ``mag``
+        changes; the Cs term always acts at the true frequency ``mag @ k``.
     """
 
     euler_deg: np.ndarray
@@ -211,24 +212,39 @@ def _per_particle(mat: np.ndarray, n: int) -> np.ndarray:
 
 
 def ctf_at(
-    geom: ParticleGeometry, optics: OpticsParams, kx: np.ndarray, ky: np.ndarray
-) -> np.ndarray:
-    """CTF of each particle at observed frequencies, evaluated at ``ctf_mag @ k``.
+    geom: ParticleGeometry,
+    optics: OpticsParams,
+    kx: np.ndarray,
+    ky: np.ndarray,
+    gradient: bool = False,
+):
+    """CTF of each particle at observed frequencies.
+
+    The defocus term is evaluated at ``ctf_mag @ k`` (the frame where the input's defocus is
+    expressed) and the Cs term at the true frequency ``mag @ k``; when ``ctf_mag`` is None both
+    use ``mag`` and this is RELION's CTF(M k).
 
     Parameters
     ----------
     kx, ky : ndarray, shape (npix,)
         Observed frequencies (1/A).
+    gradient : bool
+        Also return dCTF/du at u = mag @ k (through the Cs term), shape (N, npix, 2).
 
     Returns
     -------
-    ndarray, shape (N, npix)
+    ndarray, shape (N, npix) (and the gradient)
     """
     n = len(geom)
-    cm = _per_particle(geom.mag if geom.ctf_mag is None else geom.ctf_mag, n)
-    ux = cm[:, 0, 0, None] * kx[None] + cm[:, 0, 1, None] * ky[None]
-    uy = cm[:, 1, 0, None] * kx[None] + cm[:, 1, 1, None] * ky[None]
-    return ctf_values(
+    m = _per_particle(geom.mag, n)
+    cm = m if geom.ctf_mag is None else _per_particle(geom.ctf_mag, n)
+    dx = cm[:, 0, 0, None] * kx[None] + cm[:, 0, 1, None] * ky[None]
+    dy = cm[:, 1, 0, None] * kx[None] + cm[:, 1, 1, None] * ky[None]
+    ux = m[:, 0, 0, None] * kx[None] + m[:, 0, 1, None] * ky[None]
+    uy = m[:, 1, 0, None] * kx[None] + m[:, 1, 1, None] * ky[None]
+    return ctf_split_frames(
+        dx,
+        dy,
         ux,
         uy,
         geom.defocus_u_A,
@@ -240,6 +256,7 @@ def ctf_at(
         geom.phase_shift_deg,
         geom.bfactor_A2,
         geom.ctf_scale,
+        gradient=gradient,
     )
 
 

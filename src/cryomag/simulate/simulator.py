@@ -1083,13 +1083,13 @@ def _run_tasks(tasks, source, n_workers, progress, on_progress, P, signal_power,
                 mi, power, _ = _render_micrograph(t)
                 finished(mi, power)
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            # threads, not processes: finufft and numpy's FFTs release the GIL, and a thread
+            # pool needs no ``if __name__ == "__main__"`` guard in the caller's script (a
+            # spawned process pool re-runs an unguarded script and hangs)
+            from concurrent.futures import ThreadPoolExecutor, as_completed
 
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(
-                n_workers, mp_context=ctx, initializer=_init_worker, initargs=(source,)
-            ) as pool:
+            _init_worker(source)
+            with ThreadPoolExecutor(n_workers) as pool:
                 futures = [pool.submit(_render_micrograph, t) for t in tasks]
                 for fut in as_completed(futures):
                     mi, power, _ = fut.result()
