@@ -1,0 +1,251 @@
+"""`cryomag estimate` recovers simulated ground truth (issue 3), and runs on real files.
+
+Fast variants run by default; the full-size targets are marked slow (``pytest -m slow``).
+Tolerances: each element of M within 4 reported standard errors (and the standard error small
+enough that this is a meaningful test); per-particle scale correlation with the truth > 0.9.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cryomag
+from cryomag.cli.main import app
+from cryomag.io import read_cs, read_star
+from cryomag.physics.ctf import ctf_values
+from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulate.simulator import load_truth, simulate_dataset
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def small_config(seed=0, aniso=(1.01, 0.99, 30.0), n=800, box=64, snr=0.5, spread=30.0, cs=True):
+    cfg = SimulationConfig(seed=seed)
+    cfg.optics_groups = [
+        OpticsGroupConfig(
+            pixel_size_A=1.3,
+            aniso=list(aniso) if aniso else None,
+            box=box,
+            n_particles=n,
+            particles_per_micrograph=40,
+        )
+    ]
+    cfg.defocus.min_um = 0.5
+    cfg.defocus.max_um = 1.0
+    cfg.noise.snr = snr
+    cfg.scale.spread_pct = spread
+    cfg.phantom.diameter_A = 56.0
+    cfg.phantom.n_atoms = 1200
+    cfg.output.write_cs = cs
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sim")
+    simulate_dataset(small_config(), folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def estimated(simulated, tmp_path_factory):
+    out = tmp_path_factory.mktemp("est")
+    res = cryomag.estimate(simulated / "particles.star", simulated / "ref.mrc", out, progress=False)
+    return res, out
+
+
+def test_recovers_anisotropic_magnification_and_scales(simulated, estimated):
+    res, _ = estimated
+    truth = load_truth(simulated)
+    m_true = truth["M_group"][0]
+    g = res.groups[0]
+    err = g.mag - m_true
+    assert g.mag_error.max() < 5e-4
+    assert np.all(np.abs(err) < 4 * g.mag_error), (err, g.mag_error)
+    assert 1 < g.iterations < res.options.max_iter
+    corr = np.corrcoef(res.scales.normalised, truth["particles"]["scale"])[0, 1]
+    assert corr > 0.9
+    assert res.scales.normalised.mean() == pytest.approx(1.0)
+
+
+def test_outputs_written_and_reread(simulated, estimated):
+    res, out = estimated
+    ps_in = read_star(simulated / "particles.star")
+    ps = read_star(out / "particles.star")
+    assert len(ps) == len(ps_in)
+    # every input column kept
+    assert set(ps_in.particles.columns) <= set(ps.particles.columns)
+    np.testing.assert_allclose(ps.mag_matrices()[0], res.groups[0].mag, atol=1e-8)
+    s = ps.column("rlnCtfScalefactor")
+    assert s.mean() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(ps.column("cmagScale"), res.scales.normalised, rtol=1e-5)
+    # the adapted defocus keeps each particle's CTF (defocus term) unchanged
+    m = ps.mag_matrices()[0]
+    rng = np.random.default_rng(0)
+    kx, ky = rng.uniform(-0.3, 0.3, (2, 50))
+    u = m @ np.stack([kx, ky])
+    for row in range(5):
+        old = ctf_values(
+            kx,
+            ky,
+            *(ps_in.column(c)[row] for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")),
+            300,
+            0.0,
+            0.1,
+        )
+        new = ctf_values(
+            u[0],
+            u[1],
+            *(ps.column(c)[row] for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")),
+            300,
+            0.0,
+            0.1,
+        )
+        np.testing.assert_allclose(new, old, atol=2e-3)
+    results = json.loads((out / "results.json").read_text())
+    grp = results["groups"][0]
+    np.testing.assert_allclose(grp["M"], res.groups[0].mag)
+    assert {"major_scale", "minor_scale", "angle_deg", "pixel_size_change"} <= set(grp["polar"])
+    stats = np.load(out / "stats" / "group_001.npz")
+    assert stats["hgg"].shape == (len(ps), 4, 4)
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert "scale_histogram.png" in pngs and any(p.startswith("displacement") for p in pngs)
+    assert (out / "plots" / "estimate.pdf").stat().st_size > 1000
+    assert (out / "cryomag.log").read_text().count("iteration") >= 2
+    # no temporary files left behind
+    assert not list(out.rglob(".*tmp*"))
+
+
+def test_cs_input_writes_cs_with_anisomag_and_alpha(simulated, tmp_path):
+    res = cryomag.estimate(
+        simulated / "particles.cs",
+        simulated / "ref.mrc",
+        tmp_path / "o",
+        progress=False,
+        plots=False,
+        max_iter=3,
+    )
+    cs = read_cs(tmp_path / "o" / "particles.cs")
+    np.testing.assert_allclose(cs.mag_matrices()[0], res.groups[0].mag, atol=1e-6)
+    raw = np.load(tmp_path / "o" / "particles.cs")
+    m = np.linalg.inv(np.eye(2) + raw["ctf/anisomag"][0].reshape(2, 2))
+    np.testing.assert_allclose(m, res.groups[0].mag, atol=1e-6)
+    np.testing.assert_allclose(
+        raw["alignments3D/alpha"], res.particles.column("rlnCtfScalefactor"), rtol=1e-5
+    )
+    assert (tmp_path / "o" / "particles.star").exists()
+
+
+def test_scale_only_fit_leaves_magnification(simulated, tmp_path):
+    res = cryomag.estimate(
+        simulated / "particles.star",
+        simulated / "ref.mrc",
+        tmp_path / "s",
+        fit=("scale",),
+        progress=False,
+        plots=False,
+    )
+    np.testing.assert_array_equal(res.groups[0].mag, np.eye(2))
+    assert res.groups[0].iterations == 0
+
+
+def test_bad_fit_name_and_missing_reference_give_clear_errors(simulated, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "estimate",
+            "--particles",
+            str(simulated / "particles.star"),
+            "--ref",
+            str(tmp_path / "nope.mrc"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert r.exit_code == 1
+    assert "nope.mrc" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "estimate",
+            "--particles",
+            str(simulated / "particles.star"),
+            "--ref",
+            str(simulated / "ref.mrc"),
+            "--out",
+            str(tmp_path / "y"),
+            "--fit",
+            "scale,wobble",
+        ],
+    )
+    assert r.exit_code == 1
+    assert "wobble" in r.output
+
+
+def test_refuses_to_overwrite_input(simulated, tmp_path):
+    import shutil
+
+    from cryomag.model.particles import ParticleDataError
+
+    shutil.copytree(simulated, tmp_path / "d")
+    with pytest.raises(ParticleDataError):
+        cryomag.estimate(
+            tmp_path / "d" / "particles.star",
+            tmp_path / "d" / "ref.mrc",
+            tmp_path / "d",
+            progress=False,
+            plots=False,
+            max_iter=1,
+        )
+
+
+@pytest.mark.skipif(not (DATA / "particles").is_dir(), reason="../shared/data not present")
+def test_runs_on_real_relion31_particles_with_real_map(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "estimate",
+            "--particles",
+            str(DATA / "particles" / "relion31.star"),
+            "--ref",
+            str(DATA / "map" / "emd_6824.mrc"),
+            "--out",
+            str(tmp_path / "real"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    ps = read_star(tmp_path / "real" / "particles.star")
+    assert len(ps) == 5
+    assert np.all(np.isfinite(ps.mag_matrices()))
+
+
+# ----------------------------------------------------------------------- full-size targets
+@pytest.mark.slow
+@pytest.mark.parametrize("aniso", [(1.01, 0.99, 30.0), (1.025, 0.975, 30.0), None])
+def test_full_size_targets(tmp_path, aniso):
+    """10,000 particles, box 128, SNR 0.05: each element of M within 2e-4 of the truth."""
+    cfg = small_config(seed=11, aniso=aniso, n=10000, box=128, snr=0.05)
+    cfg.phantom.diameter_A = 100.0
+    cfg.phantom.n_atoms = 4000
+    cfg.defocus.min_um, cfg.defocus.max_um = 0.8, 1.6
+    simulate_dataset(cfg, tmp_path / "sim", progress=False)
+    res = cryomag.estimate(
+        tmp_path / "sim" / "particles.star",
+        tmp_path / "sim" / "ref.mrc",
+        tmp_path / "est",
+        progress=False,
+    )
+    truth = load_truth(tmp_path / "sim")
+    err = res.groups[0].mag - truth["M_group"][0]
+    print("errors", err.ravel(), "se", res.groups[0].mag_error.ravel())
+    assert np.abs(err).max() < 2e-4
+    corr = np.corrcoef(res.scales.normalised, truth["particles"]["scale"])[0, 1]
+    assert corr > 0.9
