@@ -48,6 +48,14 @@ class Shrinkage:
         """Standard deviation of the real scatter per parameter, shape (d,)."""
         return np.sqrt(np.clip(np.diag(self.between), 0, None))
 
+    @property
+    def scatter_se(self) -> np.ndarray:
+        """Standard error of :attr:`scatter` (delta method; sqrt(se of T) when T = 0)."""
+        sc = self.scatter
+        return np.where(
+            sc > 0, self.between_se / (2 * np.where(sc > 0, sc, 1)), np.sqrt(self.between_se)
+        )
+
 
 def shrink(x: np.ndarray, cov: np.ndarray, max_iter: int = 500, tol: float = 1e-12) -> Shrinkage:
     """Estimate mu and T by EM and return the shrunk estimates.

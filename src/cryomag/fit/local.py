@@ -133,6 +133,7 @@ class DefocusModel:
     p_value: float
     gain: float
     anisotropic: np.ndarray | None = None  # (2, 2) d vec(M) / d dz per A when fitted
+    micrograph_scatter: float = 0.0  # isotropic scatter between micrographs not due to dz
 
     @property
     def kappa_percent_per_um(self) -> float:
@@ -209,6 +210,75 @@ def defocus_fit(
         gain=f.gain,
         anisotropic=aniso,
     )
+
+
+def defocus_fit_mixed(
+    stats: GroupStatistics,
+    m_lin: np.ndarray,
+    m_group: np.ndarray,
+    dz_A: np.ndarray,
+    micrographs: np.ndarray,
+) -> DefocusModel:
+    """Defocus model with a random magnification offset per micrograph (meta-regression).
+
+    Micrographs differ in magnification for reasons other than defocus (stage height,
+    specimen charging, drift of the lenses); ignoring that scatter makes kappa's standard
+    error far too small. Each micrograph's isotropic magnification x_i (variance v_i, from its
+    particles' statistics) is modelled as delta_0 + kappa (dz_i - dz_ref) + u_i with
+    u_i ~ N(0, tau^2); tau^2 is estimated by restricted maximum likelihood and kappa by
+    weighted least squares with weights 1 / (v_i + tau^2). With fewer than 4 micrographs the
+    particle-level fit :func:`defocus_fit` is returned.
+    """
+    from scipy.optimize import minimize_scalar
+
+    units, x, var, _ = unit_fits(stats, m_lin, m_group, micrographs, isotropic=True)
+    ok = np.isfinite(x[:, 0]) & np.isfinite(var[:, 0, 0])
+    if ok.sum() < 4:
+        return defocus_fit(stats, m_lin, m_group, dz_A)
+    h, _ = per_particle_system(stats)
+    v = np.asarray(m_group, float).ravel()
+    hv = np.einsum("i,nij,j->n", v, h, v)
+    _, inv = np.unique(micrographs, return_inverse=True)
+    wsum = np.bincount(inv, hv, minlength=len(units))
+    dzm = np.bincount(inv, hv * np.asarray(dz_A, float), minlength=len(units)) / np.where(
+        wsum > 0, wsum, 1
+    )
+    xi, vi, di = x[ok, 0], var[ok, 0, 0], dzm[ok]
+    dz_ref = float(np.sum(di / vi) / np.sum(1 / vi))
+    design = np.stack([np.ones_like(di), di - dz_ref], axis=1)
+
+    def fit(tau2):
+        w = 1.0 / (vi + tau2)
+        a = design.T @ (w[:, None] * design)
+        beta = np.linalg.solve(a, design.T @ (w * xi))
+        r = xi - design @ beta
+        reml = np.sum(np.log(vi + tau2)) + np.linalg.slogdet(a)[1] + np.sum(w * r * r)
+        return reml, beta, a
+
+    upper = max(float(np.var(xi)) * 10, 1e-12)
+    best = minimize_scalar(
+        lambda t: fit(t)[0], bounds=(0.0, upper), method="bounded", options={"xatol": upper * 1e-6}
+    )
+    tau2 = float(best.x) if fit(best.x)[0] < fit(0.0)[0] else 0.0
+    _, beta, a = fit(tau2)
+    cov = np.linalg.inv(a)
+    se = np.sqrt(np.diag(cov))
+    z = beta[1] / se[1] if se[1] > 0 else 0.0
+    p = float(2 * sstats.norm.sf(abs(z)))
+    chi2 = stats.chi2_per_pixel()
+    gain = float(np.sum(xi * xi / vi) - np.sum((xi - design @ beta) ** 2 / vi)) * chi2 / 2
+    model = DefocusModel(
+        kappa_per_A=float(beta[1]),
+        kappa_se_per_A=float(se[1]),
+        delta0=float(beta[0]),
+        delta0_se=float(se[0]),
+        dz_ref_A=dz_ref,
+        z=float(z),
+        p_value=p,
+        gain=gain,
+    )
+    model.micrograph_scatter = float(np.sqrt(tau2))
+    return model
 
 
 def model_choice(

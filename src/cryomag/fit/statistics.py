@@ -127,6 +127,77 @@ class ChunkStatistics:
     pix_b: np.ndarray  # (2, npix_band)
 
 
+def model_terms(
+    reference: MapReference,
+    geom: ParticleGeometry,
+    optics: OpticsParams,
+    kx: np.ndarray,
+    ky: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-scale prediction P and its derivative with respect to the elements of M.
+
+    The CTF's defocus term is held at ``geom.ctf_mag @ k``; the Cs term and the reference
+    move with M = ``geom.mag`` (see :func:`cryomag.physics.projection.ctf_at`).
+
+    Parameters
+    ----------
+    kx, ky : ndarray, shape (npix,)
+        Observed frequencies (1/A).
+
+    Returns
+    -------
+    p : ndarray, complex, shape (N, npix)
+    dp : ndarray, complex, shape (N, npix, 4)
+        dP/dM_ab, index a * 2 + b (det(M) in the amplitude is left to the scale).
+    """
+    n = len(geom)
+    m0 = np.asarray(geom.mag, float)
+    m0 = np.broadcast_to(m0, (n, 2, 2)) if m0.ndim == 2 else m0
+    ctf, dctf = ctf_at(geom, optics, kx, ky, gradient=True)
+    phase = np.exp(
+        2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
+    )
+    amp = amplitude_factor(m0, reference.pixel_size_A, optics.pixel_size_A)
+    ampphase = amp[:, None] * phase
+    val, gu = slice_values(reference, geom.euler_deg, m0, kx, ky, gradient=True)
+    p = ampphase * ctf * val
+    # d/du of C(u) V(u): the reference term and the Cs term of the CTF
+    du = ampphase[..., None] * (ctf[..., None] * gu + dctf * val[..., None])
+    kb = np.stack([kx, ky], axis=-1)
+    dp = (du[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)
+    return p, dp
+
+
+def _model_windowed(
+    reference: MapReference,
+    geom: ParticleGeometry,
+    optics: OpticsParams,
+    band: Band,
+    pad: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`model_terms` with the particle box as a real-space window (see chunk_statistics)."""
+    from cryomag.physics.fourier import centered_irfft2, centered_rfft2
+
+    n = len(geom)
+    box = band.box
+    big = int(pad * box) + (int(pad * box) % 2)
+    kxb, kyb = rfft_freqs(big, band.pixel_size_A)
+    nyq = 0.5 / band.pixel_size_A
+    sel = np.hypot(kxb, kyb) <= nyq
+    p_s, dp_s = model_terms(reference, geom, optics, kxb[sel], kyb[sel])
+    out_p = np.empty((n, band.npix), complex)
+    out_dp = np.empty((n, band.npix, 4), complex)
+    lo = big // 2 - box // 2
+    grid = np.zeros((n, big, big // 2 + 1), complex)
+    # the model is a pixel-sum DFT whatever the box: irfft2 on the big grid, cut, rfft2
+    for src, dst in [(p_s, out_p)] + [(dp_s[..., c], out_dp[..., c]) for c in range(4)]:
+        grid[:] = 0
+        grid[:, sel] = src
+        img = centered_irfft2(grid, big)[:, lo : lo + box, lo : lo + box]
+        dst[...] = centered_rfft2(img).reshape(n, -1)[:, band.mask.ravel()]
+    return out_p, out_dp
+
+
 def chunk_statistics(
     reference: MapReference,
     spectra: np.ndarray,
@@ -135,6 +206,7 @@ def chunk_statistics(
     band: Band,
     noise_power: np.ndarray,
     rows: np.ndarray,
+    window_pad: int = 1,
 ) -> ChunkStatistics:
     """Accumulate the statistics of one chunk of particles of one optics group.
 
@@ -151,27 +223,20 @@ def chunk_statistics(
         sigma^2 per radial shell (E |noise(k)|^2); weights are 1 / sigma^2.
     rows : ndarray, shape (N,)
         Particle indices in the full set.
+    window_pad : int
+        1: box-periodic model (RELION's). >1: window-aware model: predict on a box
+        ``window_pad`` times larger, go to real space, cut out the particle box and transform
+        back, so that signal the CTF moves out of the box is missing from the prediction as
+        it is from the data.
     """
     n = len(geom)
     kx, ky = band.kx, band.ky
     y = spectra.reshape(n, -1)[:, band.mask.ravel()]
     w = 1.0 / noise_power[band.shell]
-    m0 = (
-        np.broadcast_to(np.asarray(geom.mag, float), (n, 2, 2))
-        if np.ndim(geom.mag) == 2
-        else geom.mag
-    )
-    ctf, dctf = ctf_at(geom, optics, kx, ky, gradient=True)
-    phase = np.exp(
-        2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
-    )
-    amp = amplitude_factor(m0, reference.pixel_size_A, optics.pixel_size_A)
-    ampphase = amp[:, None] * phase
-    val, gu = slice_values(reference, geom.euler_deg, m0, kx, ky, gradient=True)
-    p = ampphase * ctf * val
-    # d/du of C(u) V(u): the reference term and the Cs term of the CTF
-    gu = ctf[..., None] * gu + dctf * val[..., None]
-    common = ampphase
+    if window_pad > 1:
+        p, dp = _model_windowed(reference, geom, optics, band, window_pad)
+    else:
+        p, dp = model_terms(reference, geom, optics, kx, ky)
     wp = w * p
     pp = np.einsum("np,np->n", wp.real, p.real) + np.einsum("np,np->n", wp.imag, p.imag)
     py = np.einsum("np,np->n", wp.real, y.real) + np.einsum("np,np->n", wp.imag, y.imag)
@@ -179,10 +244,13 @@ def chunk_statistics(
     s = np.where(pp > 0, py / np.where(pp > 0, pp, 1), 0.0)
     r = y - s[:, None] * p
     rr = np.einsum("np,p->n", (r * r.conj()).real, w)
-    # h_a = s * amp * phase * d(C V)/du_a ; G_ab = h_a * k_b
-    h = (s[:, None] * common)[..., None] * gu  # (n, npix, 2)
-    kb = np.stack([kx, ky], axis=-1)  # (npix, 2)
-    g = (h[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)  # index a*2+b
+    # G_ab = s dP/dM_ab (index a*2+b); h_a = s dP/du_a (= G_ab k_b / |k|^2 without window)
+    g = s[:, None, None] * dp
+    k2 = kx * kx + ky * ky
+    h = np.stack(
+        [(g[..., 0] * kx + g[..., 1] * ky) / k2, (g[..., 2] * kx + g[..., 3] * ky) / k2], axis=-1
+    )
+
     wg = w[None, :, None] * g
     hpg = np.einsum("np,npi->ni", p.real, wg.real) + np.einsum("np,npi->ni", p.imag, wg.imag)
     hgg = np.einsum("npi,npj->nij", wg.real, g.real) + np.einsum("npi,npj->nij", wg.imag, g.imag)

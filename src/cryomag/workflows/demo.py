@@ -17,8 +17,7 @@ from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
 
 def demo_config(n_particles: int = 1500, box: int = 96, seed: int = 0) -> SimulationConfig:
     """The demo's data set: one optics group, 2 % anisotropic magnification at 30 deg,
-    30 % contrast spread, SNR 0.05, defocus 0.8-1.6 um (kept low so that the CTF-delocalised
-    signal stays in the box)."""
+    30 % contrast spread, SNR 0.05, defocus 0.5-1.2 um."""
     cfg = SimulationConfig(seed=seed)
     cfg.optics_groups = [
         OpticsGroupConfig(
@@ -30,8 +29,8 @@ def demo_config(n_particles: int = 1500, box: int = 96, seed: int = 0) -> Simula
             particles_per_micrograph=50,
         )
     ]
-    cfg.defocus.min_um = 0.8
-    cfg.defocus.max_um = 1.6
+    cfg.defocus.min_um = 0.5
+    cfg.defocus.max_um = 1.2
     cfg.noise.snr = 0.05
     cfg.phantom.diameter_A = 80.0
     cfg.phantom.n_atoms = 2500

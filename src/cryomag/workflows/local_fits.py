@@ -1,0 +1,191 @@
+"""Per-particle, per-micrograph and defocus-dependent magnification: from the stored statistics.
+
+Used by ``cryomag estimate --fit ...,particle,micrograph,defocus`` after the group fit and by
+``cryomag refit DIR`` (no images read). Writes documented columns into the particle table:
+
+=============================  ==================================================================
+``cmagParticleMag``            isotropic magnification of the particle relative to its group's M,
+                               shrunk toward the group (empirical Bayes); 1 = the group
+``cmagParticleMagRaw``         the same, unshrunk (the particle's own least-squares value)
+``cmagParticleMagError``       standard error of the raw value
+``cmagParticleMagMat00..11``   the particle's full matrix M_p (RELION convention, absolute),
+                               anisotropic fit shrunk toward the group
+``cmagMicrographMag``          isotropic magnification of the micrograph relative to the group
+                               (shrunk); ``cmagMicrographMagRaw``, ``cmagMicrographMagError``
+``cmagMicrographMagMat00..11`` the micrograph's full matrix (absolute, shrunk)
+``cmagDefocusMag``             the defocus model's magnification at the particle's defocus,
+                               relative to the group
+=============================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cryomag.fit.hierarchy import shrink
+from cryomag.fit.local import defocus_fit, defocus_fit_mixed, model_choice, unit_fits
+from cryomag.fit.statistics import GroupStatistics
+from cryomag.model.particles import ParticleSet
+
+LOCAL_FITS = ("particle", "micrograph", "defocus")
+MAT = ("00", "01", "10", "11")
+
+
+def mean_defocus_A(ps: ParticleSet) -> np.ndarray:
+    """(DefocusU + DefocusV) / 2 per particle (A), shape (N,)."""
+    return 0.5 * (ps.column("rlnDefocusU") + ps.column("rlnDefocusV"))
+
+
+def _shrunk_iso(stats, m_lin, m_g, labels):
+    units, theta, var, _ = unit_fits(stats, m_lin, m_g, labels, isotropic=True)
+    ok = np.isfinite(theta[:, 0])
+    res = shrink(theta[ok, 0], var[ok, 0, 0])
+    post = np.full(len(units), 0.0)
+    post[ok] = res.posterior[:, 0]
+    post[~ok] = res.mean[0]
+    return units, theta[:, 0], np.sqrt(var[:, 0, 0]), post, res
+
+
+def _shrunk_aniso(stats, m_lin, m_g, labels):
+    units, theta, cov, _ = unit_fits(stats, m_lin, m_g, labels, isotropic=False)
+    ok = np.all(np.isfinite(theta), axis=1)
+    out = np.tile(np.zeros(4), (len(units), 1))
+    res = None
+    if ok.sum() >= 3:
+        res = shrink(theta[ok], cov[ok])
+        out[ok] = res.posterior
+        out[~ok] = res.mean
+    return units, out, res
+
+
+def fit_local(
+    ps: ParticleSet,
+    stats: dict[int, GroupStatistics],
+    mags: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    fits: tuple,
+    defocus_A: np.ndarray | None = None,
+) -> dict:
+    """Run the local fits of every group and write their columns into ``ps.particles``.
+
+    Parameters
+    ----------
+    ps : ParticleSet
+        The output set (columns are added in place).
+    stats : dict
+        Group row -> GroupStatistics of the last pass.
+    mags : dict
+        Group row -> (M_in, M_lin, M_group): the input matrix, the linearisation point of
+        the statistics and the fitted group matrix.
+    fits : tuple of str
+        Any of ``particle``, ``micrograph``, ``defocus``.
+    defocus_A : ndarray, shape (N,), optional
+        Mean defocus per particle as the CTF models it; default from the table.
+
+    Returns
+    -------
+    dict
+        Per optics-group number: the JSON summary (defocus model with kappa, its 95 %
+        interval and the test of kappa = 0; real scatter per particle and per micrograph with
+        standard errors; model choice).
+    """
+    n = len(ps)
+    dz_all = mean_defocus_A(ps) if defocus_A is None else np.asarray(defocus_A, float)
+    mics_all = ps.micrographs()
+    gnum = ps.group_numbers()
+    new_cols: dict[str, np.ndarray] = {}
+
+    def col(name, fill=np.nan):
+        if name not in new_cols:
+            new_cols[name] = np.full(n, fill)
+        return new_cols[name]
+
+    summary = {}
+    for g, st in stats.items():
+        m_in, m_lin, m_g = (np.asarray(x, float) for x in mags[g])
+        rows = st.rows
+        mics = mics_all[rows]
+        dz = dz_all[rows]
+        out: dict = {}
+        if "particle" in fits:
+            _, raw, se, post, res = _shrunk_iso(st, m_lin, m_g, rows)
+            col("cmagParticleMag")[rows] = 1 + post
+            col("cmagParticleMagRaw")[rows] = 1 + raw
+            col("cmagParticleMagError")[rows] = se
+            _, post4, res4 = _shrunk_aniso(st, m_lin, m_g, rows)
+            mp = m_g.ravel()[None] + post4
+            for j, c in enumerate(MAT):
+                col(f"cmagParticleMagMat{c}")[rows] = mp[:, j]
+            out["particle"] = {
+                "isotropic_scatter": float(res.scatter[0]),
+                "isotropic_scatter_se": float(res.scatter_se[0]),
+                "median_standard_error": float(np.nanmedian(se)),
+                "mean_shrinkage_weight": float(np.nanmean(res.weight)),
+                "anisotropic_scatter": res4.scatter.tolist() if res4 is not None else None,
+            }
+        if "micrograph" in fits:
+            units, raw, se, post, res = _shrunk_iso(st, m_lin, m_g, mics)
+            lookup = {u: i for i, u in enumerate(units)}
+            idx = np.array([lookup[m] for m in mics])
+            col("cmagMicrographMag")[rows] = 1 + post[idx]
+            col("cmagMicrographMagRaw")[rows] = 1 + raw[idx]
+            col("cmagMicrographMagError")[rows] = se[idx]
+            _, post4, res4 = _shrunk_aniso(st, m_lin, m_g, mics)
+            mm = m_g.ravel()[None] + post4
+            for j, c in enumerate(MAT):
+                col(f"cmagMicrographMagMat{c}")[rows] = mm[idx, j]
+            out["micrograph"] = {
+                "n_micrographs": len(units),
+                "isotropic_scatter": float(res.scatter[0]),
+                "isotropic_scatter_se": float(res.scatter_se[0]),
+                "median_standard_error": float(np.nanmedian(se)),
+                "values": {str(u): float(1 + p) for u, p in zip(units, post, strict=True)},
+            }
+        if "defocus" in fits:
+            dm = defocus_fit_mixed(st, m_lin, m_g, dz, mics)
+            aniso = defocus_fit(st, m_lin, m_g, dz, anisotropic=True).anisotropic
+            col("cmagDefocusMag")[rows] = dm.magnification(dz)
+            lo, hi = dm.interval_percent_per_um(0.95)
+            out["defocus"] = {
+                "kappa_percent_per_um": dm.kappa_percent_per_um,
+                "kappa_se_percent_per_um": dm.kappa_se_percent_per_um,
+                "kappa_ci95_percent_per_um": [lo, hi],
+                "kappa_per_A": dm.kappa_per_A,
+                "z": dm.z,
+                "p_value_kappa_zero": dm.p_value,
+                "dz_ref_A": dm.dz_ref_A,
+                "magnification_at_dz_ref": 1 + dm.delta0,
+                "micrograph_scatter_not_from_defocus": dm.micrograph_scatter,
+                "method": "micrograph-level meta-regression with REML random offsets",
+                "anisotropic_slope_per_um": (aniso * 1e4).tolist(),
+            }
+        out["model_choice"] = model_choice(st, m_in, m_lin, m_g, mics, dz)
+        summary[int(gnum[g])] = out
+    for name, values in new_cols.items():
+        ps.particles[name] = values
+    return summary
+
+
+def print_local_summary(summary: dict, console) -> None:
+    """Print kappa, the real scatter and the chosen model of each group."""
+    for num, info in summary.items():
+        lines = [f"[bold]Optics group {num}[/]"]
+        if "defocus" in info:
+            d = info["defocus"]
+            lo, hi = d["kappa_ci95_percent_per_um"]
+            lines.append(
+                f"  defocus-dependent magnification: kappa = {d['kappa_percent_per_um']:.4f} "
+                f"%/um (95 % interval {lo:.4f} .. {hi:.4f}; p(kappa = 0) = "
+                f"{d['p_value_kappa_zero']:.2g})"
+            )
+        for unit in ("micrograph", "particle"):
+            if unit in info:
+                u = info[unit]
+                lines.append(
+                    f"  per-{unit} isotropic scatter: {100 * u['isotropic_scatter']:.3f} % "
+                    f"(+- {100 * u['isotropic_scatter_se']:.3f} %), median standard error "
+                    f"{100 * u['median_standard_error']:.3f} %"
+                )
+        mc = info.get("model_choice")
+        if mc:
+            lines.append(f"  model chosen by AIC: {mc['chosen']}")
+        console.print("\n".join(lines))

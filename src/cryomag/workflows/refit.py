@@ -1,0 +1,86 @@
+"""``cryomag refit``: refit local magnification models from a run's stored statistics.
+
+Reads RUN/particles.star and RUN/stats/group_NNN.npz written by ``cryomag estimate`` and fits
+the per-particle, per-micrograph and defocus models again (any subset) without reading a
+single image. Writes OUT/particles.star and OUT/results.json (and plots).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cryomag.fit.statistics import GroupStatistics
+from cryomag.model.particles import ParticleDataError
+from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
+
+STAT_FIELDS = tuple(GroupStatistics.__dataclass_fields__)
+
+
+def load_statistics(run: Path, group_numbers: np.ndarray) -> tuple[dict, dict, dict]:
+    """GroupStatistics, (M_in, M_lin, M) and input defocus per group row, from RUN/stats."""
+    stats, mags, dz = {}, {}, {}
+    folder = Path(run) / "stats"
+    if not folder.is_dir():
+        raise ParticleDataError(f"{folder}: no stored statistics (run cryomag estimate first)")
+    for g, num in enumerate(group_numbers):
+        path = folder / f"group_{int(num):03d}.npz"
+        if not path.exists():
+            continue
+        with np.load(path) as z:
+            missing = [f for f in STAT_FIELDS if f not in z.files]
+            if missing:
+                raise ParticleDataError(f"{path}: missing arrays {missing}")
+            stats[g] = GroupStatistics(**{f: z[f] for f in STAT_FIELDS})
+            mags[g] = (z["mag_in"], z["mag_lin"], z["mag"])
+            dz[g] = z["defocus_mean_A"] if "defocus_mean_A" in z.files else None
+    if not stats:
+        raise ParticleDataError(f"{folder}: no group_NNN.npz files")
+    return stats, mags, dz
+
+
+def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
+    """Refit the local models of a run (Python API of ``cryomag refit``).
+
+    Parameters
+    ----------
+    run : path
+        Output folder of ``cryomag estimate``.
+    fits : tuple of str
+        Subset of ``particle``, ``micrograph``, ``defocus``.
+    out : path, optional
+        Output folder (default RUN/refit); never the run folder itself.
+
+    Returns
+    -------
+    dict
+        The per-group summary (as in results.json "local").
+    """
+    from cryomag.io import read_star, write_star
+    from cryomag.io.atomic import atomic_write
+
+    run = Path(run)
+    bad = set(fits) - set(LOCAL_FITS)
+    if bad or not fits:
+        raise ValueError(f"refit: choose from {', '.join(LOCAL_FITS)}; got {sorted(fits)}")
+    out = Path(out) if out is not None else run / "refit"
+    if out.resolve() == run.resolve():
+        raise ValueError(f"{out}: refit writes to a new folder, not into the run folder")
+    ps = read_star(run / "particles.star")
+    stats, mags, dz = load_statistics(run, ps.group_numbers())
+    defocus = mean_defocus_A(ps)
+    for g, st in stats.items():
+        if dz[g] is not None and np.all(np.isfinite(dz[g])):
+            defocus[st.rows] = dz[g]
+    summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus)
+    out.mkdir(parents=True, exist_ok=True)
+    write_star(ps, out / "particles.star")
+    with atomic_write(out / "results.json") as tmp:
+        Path(tmp).write_text(json.dumps({"fit": list(fits), "groups": summary}, indent=2))
+    if plots:
+        from cryomag.report.plots_local import plot_local
+
+        plot_local(ps, summary, out / "plots")
+    return summary
