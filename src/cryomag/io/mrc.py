@@ -485,3 +485,33 @@ def read_map(
             f"{path}: anisotropic voxel size {voxel} A; expected equal x, y, z sizes"
         )
     return vol, voxel[0]
+
+
+def rebase_image_names(ps: ParticleSet, dest_folder: str | os.PathLike) -> None:
+    """Rewrite ``rlnImageName`` so that the stacks resolve from a STAR written to ``dest_folder``.
+
+    Each stack is resolved as :class:`ImageSource` would for the set's source file; names
+    are then written relative to ``dest_folder`` (absolute when no relative path exists).
+    Stacks that cannot be found are left as they are (metadata-only sets stay valid).
+    """
+    if "rlnImageName" not in ps.particles.columns:
+        return
+    numbers, files = parse_image_names(ps.particles["rlnImageName"], ps.name)
+    dirs: list[Path] = []
+    if ps.source.path is not None:
+        folder = Path(ps.source.path).resolve().parent
+        dirs += [folder, folder.parent] if ps.source.kind == "cs" else [folder]
+    dirs.append(Path.cwd())
+    dest = Path(dest_folder).resolve()
+    mapping: dict[str, str] = {}
+    for name in pd.unique(files):
+        found = resolve_image_path(name, dirs)
+        if found is None:
+            mapping[name] = name
+            continue
+        try:
+            mapping[name] = Path(os.path.relpath(found.resolve(), dest)).as_posix()
+        except ValueError:
+            mapping[name] = found.resolve().as_posix()
+    new_files = pd.Series(files).map(mapping).to_numpy(dtype=object)
+    ps.particles["rlnImageName"] = [f"{n:06d}@{f}" for n, f in zip(numbers, new_files, strict=True)]

@@ -76,6 +76,9 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
             defocus[st.rows] = dz[g]
     summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus)
     out.mkdir(parents=True, exist_ok=True)
+    from cryomag.io.mrc import rebase_image_names
+
+    rebase_image_names(ps, out)
     write_star(ps, out / "particles.star")
     with atomic_write(out / "results.json") as tmp:
         Path(tmp).write_text(json.dumps({"fit": list(fits), "groups": summary}, indent=2))

@@ -1,0 +1,232 @@
+"""``cryomag apply``: make downstream tools benefit from the fitted magnification.
+
+Three ways, from a STAR written by ``cryomag estimate`` (group matrices in rlnMagMat, local
+models in the documented ``cmag*`` columns):
+
+- ``split`` (RELION, which has one M per optics group): new optics groups, one per micrograph
+  or per bin of the fitted isotropic magnification, each with its own rlnMagMat (the mean of
+  its particles' matrices); every other column kept; each particle's astigmatism re-expressed
+  so that its CTF is unchanged.
+- ``cs`` (cryoSPARC, whose CTF is per particle): a .cs with each particle's own
+  ``ctf/anisomag`` (= M_p^-1 - I).
+- ``resample`` (any tool): new stacks with each image undistorted to the nominal (or a chosen)
+  pixel size (exact Fourier interpolation, :mod:`cryomag.physics.resample`), origins
+  transformed (t_new = M^-T t) and a STAR with M = I.
+
+Which matrix each particle gets (``model``): ``group`` (rlnMagMat), ``micrograph``
+(cmagMicrographMagMat..), ``particle`` (cmagParticleMagMat..) or ``defocus``
+(group matrix times cmagDefocusMag).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryomag.model.particles import ParticleDataError, ParticleSet
+from cryomag.physics.ctf import transform_astigmatism
+
+MODELS = ("group", "micrograph", "particle", "defocus")
+
+
+def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
+    """The magnification matrix of each particle under ``model``, shape (N, 2, 2)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    mg = ps.mag_matrices()[ps.group_index()]
+    t = ps.particles
+    if model == "group":
+        return mg.copy()
+    if model == "defocus":
+        if "cmagDefocusMag" not in t.columns:
+            raise ParticleDataError(f"{ps.name}: no cmagDefocusMag column (fit defocus first)")
+        return mg * t["cmagDefocusMag"].to_numpy(float)[:, None, None]
+    prefix = "cmagParticleMagMat" if model == "particle" else "cmagMicrographMagMat"
+    cols = [f"{prefix}{c}" for c in ("00", "01", "10", "11")]
+    missing = [c for c in cols if c not in t.columns]
+    if missing:
+        raise ParticleDataError(f"{ps.name}: no column {missing[0]} (fit {model} first)")
+    m = t[cols].to_numpy(float, copy=True).reshape(-1, 2, 2)
+    bad = ~np.all(np.isfinite(m), axis=(1, 2))
+    m[bad] = mg[bad]
+    return m
+
+
+def _adapt_defocus(ps: ParticleSet, rows: np.ndarray, mats: np.ndarray) -> None:
+    """Re-express astigmatism of ``rows`` for matrices ``mats`` (N, 2, 2): CTF unchanged."""
+    cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    du, dv, ang = (ps.column(c)[rows] for c in cols)
+    u, v, a = transform_astigmatism(du, dv, ang, mats)
+    for c, val in zip(cols, (u, v, a), strict=True):
+        arr = ps.column(c)
+        arr[rows] = val
+        ps.particles[c] = arr
+
+
+def split_optics_groups(
+    ps: ParticleSet, model: str = "micrograph", by: str = "micrograph", n_bins: int = 10
+) -> ParticleSet:
+    """New optics groups by micrograph or by bins of the isotropic magnification.
+
+    Returns a new set whose optics table has one row per (old group, new unit), named
+    ``<old name>_<unit>``, every old optics column kept, rlnMagMat the mean matrix of the
+    unit's particles; defocus re-expressed so that each particle's CTF is unchanged.
+    """
+    out = ps.copy()
+    mats = particle_matrices(ps, model)
+    mg = ps.mag_matrices()[ps.group_index()]
+    gidx = ps.group_index()
+    if by == "micrograph":
+        unit = pd.factorize(ps.micrographs())[0]
+    elif by == "bins":
+        iso = np.sqrt(np.abs(np.linalg.det(mats) / np.linalg.det(mg)))
+        edges = np.quantile(iso, np.linspace(0, 1, n_bins + 1))
+        unit = np.clip(np.searchsorted(edges, iso, side="right") - 1, 0, n_bins - 1)
+    else:
+        raise ValueError(f"split by 'micrograph' or 'bins', got {by!r}")
+    key = pd.factorize(pd.Series(list(zip(gidx, unit, strict=True))))[0]
+    rows_opt = []
+    new_group = np.empty(len(ps), int)
+    mean_m = np.empty((key.max() + 1, 2, 2))
+    for k in range(key.max() + 1):
+        sel = key == k
+        g = gidx[sel][0]
+        row = ps.optics.iloc[g].copy()
+        row["rlnOpticsGroup"] = k + 1
+        name = str(row.get("rlnOpticsGroupName", f"opticsGroup{g + 1}"))
+        row["rlnOpticsGroupName"] = f"{name}_{by}{unit[sel][0] + 1}"
+        mean_m[k] = mats[sel].mean(axis=0)
+        rows_opt.append(row)
+        new_group[sel] = k + 1
+    out.optics = pd.DataFrame(rows_opt).reset_index(drop=True)
+    out.set_mag_matrices(mean_m)
+    out.particles["rlnOpticsGroup"] = new_group
+    # CTF(M_old k; Adef) = CTF(M_new k; Adef') with Adef' = T^T Adef T, T = M_old M_new^-1
+    t = mg @ np.linalg.inv(mean_m[new_group - 1])
+    _adapt_defocus(out, np.arange(len(ps)), t)
+    return out
+
+
+def per_particle_cs(ps: ParticleSet, path: Path, model: str = "particle") -> None:
+    """Write a .cs whose ctf/anisomag holds each particle's own matrix."""
+    from cryomag.io import write_cs
+    from cryomag.io.atomic import atomic_write
+    from cryomag.io.cryosparc import load_cs_array
+
+    mats = particle_matrices(ps, model)
+    write_cs(ps, path)
+    arr = np.array(load_cs_array(path), copy=True)
+    if "ctf/anisomag" not in (arr.dtype.names or ()):
+        raise ParticleDataError(f"{path}: written .cs has no ctf/anisomag field")
+    arr["ctf/anisomag"] = (np.linalg.inv(mats) - np.eye(2)).reshape(-1, 4)
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
+
+
+def resample_particles(
+    ps: ParticleSet,
+    out: Path,
+    model: str = "group",
+    pixel_size_A: float | None = None,
+    box: int | None = None,
+    chunk: int = 500,
+    progress: bool = True,
+) -> ParticleSet:
+    """Write undistorted stacks into ``out/Particles`` and return the matching set (M = I).
+
+    Each particle is resampled with its own matrix (``model``) to ``pixel_size_A`` (default:
+    each group's declared pixel size) and ``box`` (default: each group's box); shifts become
+    t_new = M^-T t; the CTF is kept: defocus is re-expressed with M_group M_p^-1 (nothing
+    changes for ``model="group"``, since RELION's defocus already refers to the true frame).
+    """
+    from cryomag.execution.local import progress_bar
+    from cryomag.io import ImageSource, write_stack
+    from cryomag.physics.resample import new_origins_A, resample_images
+
+    out = Path(out)
+    (out / "Particles").mkdir(parents=True, exist_ok=True)
+    mats = particle_matrices(ps, model)
+    gidx = ps.group_index()
+    mg = ps.mag_matrices()[gidx]
+    new = ps.copy()
+    src = ImageSource(ps)
+    names = np.empty(len(ps), dtype=object)
+    apix_in = ps.optics_value("rlnImagePixelSize")
+    box_in = ps.optics_value("rlnImageSize").astype(int)
+    apix_out = np.full(ps.n_groups, pixel_size_A) if pixel_size_A else apix_in.copy()
+    box_out = np.full(ps.n_groups, box) if box else box_in.copy()
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("resampling", total=len(ps))
+        stack_no = 0
+        for g in range(ps.n_groups):
+            rows = np.flatnonzero(gidx == g)
+            for start in range(0, len(rows), chunk):
+                part = rows[start : start + chunk]
+                imgs = resample_images(
+                    src.read(part), mats[part], apix_in[g], apix_out[g], int(box_out[g])
+                )
+                stack_no += 1
+                rel = Path("Particles") / f"resampled_{stack_no:05d}.mrcs"
+                write_stack(out / rel, imgs, float(apix_out[g]))
+                names[part] = [f"{i + 1:06d}@{rel.as_posix()}" for i in range(len(part))]
+                bar.advance(task, len(part))
+    new.particles["rlnImageName"] = names
+    org = new_origins_A(ps.origin_A(), mats)
+    new.particles["rlnOriginXAngst"] = org[:, 0]
+    new.particles["rlnOriginYAngst"] = org[:, 1]
+    _adapt_defocus(new, np.arange(len(ps)), mg @ np.linalg.inv(mats))
+    new.optics["rlnImagePixelSize"] = apix_out
+    new.optics["rlnImageSize"] = box_out
+    # the local matrices referred to the old images
+    drop = [c for c in new.particles.columns if c.startswith("cmag") and "MagMat" in c]
+    new.particles = new.particles.drop(columns=drop)
+    new.set_mag_matrices(np.tile(np.eye(2), (ps.n_groups, 1, 1)))
+    return new
+
+
+def apply(
+    star,
+    out,
+    *,
+    resample: bool = False,
+    split: str | None = None,
+    n_bins: int = 10,
+    model: str = "group",
+    cs: bool = False,
+    pixel_size_A: float | None = None,
+    box: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Python API of ``cryomag apply``; returns the paths written."""
+    from cryomag.io import read_particles, write_star
+    from cryomag.io.atomic import ensure_not_input
+
+    star = Path(star)
+    if star.is_dir():
+        star = star / "particles.star"
+    out = Path(out)
+    ps = read_particles(star)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if resample:
+        res = resample_particles(ps, out, model, pixel_size_A, box, progress=progress)
+    elif split:
+        res = split_optics_groups(ps, model, split, n_bins)
+    else:
+        res = ps.copy()
+    target = out / "particles.star"
+    ensure_not_input(target, [star])
+    if not resample:
+        from cryomag.io.mrc import rebase_image_names
+
+        rebase_image_names(res, out)
+    write_star(res, target)
+    written["star"] = target
+    if cs:
+        target_cs = out / "particles.cs"
+        ensure_not_input(target_cs, [star])
+        per_particle_cs(res, target_cs, "group" if (resample or split) else model)
+        written["cs"] = target_cs
+    return written
