@@ -487,12 +487,13 @@ def read_map(
     return vol, voxel[0]
 
 
-def rebase_image_names(ps: ParticleSet, dest_folder: str | os.PathLike) -> None:
+def rebase_image_names(ps: ParticleSet, dest_folder: str | os.PathLike | None) -> None:
     """Rewrite ``rlnImageName`` so that the stacks resolve from a STAR written to ``dest_folder``.
 
     Each stack is resolved as :class:`ImageSource` would for the set's source file; names
-    are then written relative to ``dest_folder`` (absolute when no relative path exists).
-    Stacks that cannot be found are left as they are (metadata-only sets stay valid).
+    are then written relative to ``dest_folder`` (absolute when no relative path exists, or
+    when ``dest_folder`` is None). Stacks that cannot be found are left as they are
+    (metadata-only sets stay valid).
     """
     if "rlnImageName" not in ps.particles.columns:
         return
@@ -502,12 +503,15 @@ def rebase_image_names(ps: ParticleSet, dest_folder: str | os.PathLike) -> None:
         folder = Path(ps.source.path).resolve().parent
         dirs += [folder, folder.parent] if ps.source.kind == "cs" else [folder]
     dirs.append(Path.cwd())
-    dest = Path(dest_folder).resolve()
+    dest = None if dest_folder is None else Path(dest_folder).resolve()
     mapping: dict[str, str] = {}
     for name in pd.unique(files):
         found = resolve_image_path(name, dirs)
         if found is None:
             mapping[name] = name
+            continue
+        if dest is None:
+            mapping[name] = found.resolve().as_posix()
             continue
         try:
             mapping[name] = Path(os.path.relpath(found.resolve(), dest)).as_posix()

@@ -1,0 +1,248 @@
+"""``cryomag merge``: one particle set from data sets recorded at different pixel sizes.
+
+Each input (RELION STAR or cryoSPARC .cs) keeps its optics groups, renumbered after the
+previous inputs' groups and named ``<input stem>_<group name>``. The estimate engine then fits
+every group's magnification matrix against the one reference: the isotropic part is the
+group's true pixel size relative to the reference's, p_true = p_declared / sqrt(det M).
+The absolute scale is the reference's pixel size: it needs an external calibration (an
+atomic model, a diffraction standard); the merge only makes the groups consistent.
+
+Two ways out:
+1. keep the images: one STAR with per-group rlnMagMat (RELION handles mixed boxes and pixel
+   sizes through optics groups) and one .cs with every ``blob/psize_A`` set to a common pixel
+   size and ``ctf/anisomag`` carrying each group's difference (M' = M p_common / p_declared,
+   anisomag = M'^-1 - I; shifts kept in pixels);
+2. resample: new stacks at one pixel size and box (exact Fourier resampling), shifts rescaled,
+   CTF values kept in A, M = I. A set upsampled to a finer pixel carries no signal beyond its
+   own original Nyquist: refine (or re-estimate, ``--high-res``) within that limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryomag.model.particles import ParticleDataError, ParticleSet, SourceInfo
+
+log = logging.getLogger("cryomag")
+
+
+def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dict]:
+    """Read and concatenate particle files; returns the merged set and a report.
+
+    Image names become absolute paths where the stacks exist, so that the merged table is
+    valid wherever it is written (:func:`merge` rebases them to the output folder). Columns
+    missing from some inputs are left empty (NaN) for their particles.
+    """
+    from cryomag.io import read_particles
+    from cryomag.io.mrc import rebase_image_names
+
+    parts, optics, report = [], [], {"inputs": []}
+    offset = 0
+    kv_cs = set()
+    for i, path in enumerate(inputs):
+        path = Path(path)
+        ps = read_particles(path, angpix=angpix)
+        rebase_image_names(ps, None)  # absolute: valid wherever the merge is written
+        opt = ps.optics.copy()
+        old = opt["rlnOpticsGroup"].astype(int).to_numpy()
+        new = np.arange(1, len(opt) + 1) + offset
+        remap = dict(zip(old, new, strict=True))
+        names = (
+            opt["rlnOpticsGroupName"].astype(str)
+            if "rlnOpticsGroupName" in opt.columns
+            else pd.Series([f"opticsGroup{g}" for g in old])
+        )
+        opt["rlnOpticsGroupName"] = [f"{path.stem}_{n}" for n in names]
+        opt["rlnOpticsGroup"] = new
+        if not all(c in opt.columns for c in ("rlnMagMat00",)):
+            for c, v in (
+                ("rlnMagMat00", 1.0),
+                ("rlnMagMat01", 0.0),
+                ("rlnMagMat10", 0.0),
+                ("rlnMagMat11", 1.0),
+            ):
+                opt[c] = v
+        p = ps.particles.copy()
+        p["rlnOpticsGroup"] = p["rlnOpticsGroup"].astype(int).map(remap)
+        p["cmagInput"] = i + 1
+        parts.append(p)
+        optics.append(opt)
+        for _, o in opt.iterrows():
+            kv_cs.add((float(o["rlnVoltage"]), float(o["rlnSphericalAberration"])))
+        report["inputs"].append(
+            {
+                "file": str(path),
+                "particles": len(ps),
+                "optics_groups": new.tolist(),
+                "pixel_size_A": opt["rlnImagePixelSize"].astype(float).tolist(),
+                "box": opt["rlnImageSize"].astype(int).tolist(),
+            }
+        )
+        offset += len(opt)
+    if len(kv_cs) > 1:
+        msg = (
+            f"inputs differ in voltage/Cs {sorted(kv_cs)}: the CTF of each group uses its "
+            "own values, but check that this is intended"
+        )
+        warnings.warn(msg, stacklevel=2)
+        report["warning_voltage_cs"] = msg
+    particles = pd.concat(parts, ignore_index=True, sort=False)
+    optics_t = pd.concat(optics, ignore_index=True, sort=False)
+    merged = ParticleSet(
+        particles, optics_t, SourceInfo(kind="memory", star_version="# version 30001")
+    )
+    report["duplicates"] = find_duplicates(merged)
+    if report["duplicates"]["count"]:
+        warnings.warn(
+            f"{report['duplicates']['count']} duplicate particles (same image file and index)",
+            stacklevel=2,
+        )
+    return merged, report
+
+
+def find_duplicates(ps: ParticleSet) -> dict:
+    """Particles that point at the same image (file and index): count and first rows."""
+    if "rlnImageName" not in ps.particles.columns:
+        return {"count": 0, "rows": []}
+    names = ps.particles["rlnImageName"].astype(str)
+    dup = names.duplicated(keep="first").to_numpy()
+    return {"count": int(dup.sum()), "rows": (np.flatnonzero(dup)[:20] + 1).tolist()}
+
+
+def relative_pixel_sizes(res) -> list[dict]:
+    """True pixel size of each group from its fitted M, with standard error and anchor."""
+    ps = res.particles
+    out = []
+    for gr in res.groups:
+        g = list(ps.group_numbers()).index(gr.group)
+        p_decl = float(ps.optics["rlnImagePixelSize"].iloc[g])
+        m = gr.mag
+        det = float(np.linalg.det(m))
+        scale = np.sqrt(det)
+        # d sqrt(det M) / d M = 0.5 sqrt(det) M^-T
+        jac = 0.5 * scale * np.linalg.inv(m).T.ravel()
+        se_scale = float(np.sqrt(jac @ gr.covariance @ jac))
+        p_true = p_decl / scale
+        out.append(
+            {
+                "optics_group": gr.group,
+                "name": str(ps.optics["rlnOpticsGroupName"].iloc[g]),
+                "declared_pixel_size_A": p_decl,
+                "true_pixel_size_A": p_true,
+                "true_pixel_size_se_A": p_true * se_scale / scale,
+                "relative_scale": scale,
+                "relative_scale_se": se_scale,
+                "n_particles": gr.n_particles,
+            }
+        )
+    anchor = min(out, key=lambda r: (abs(np.log(r["relative_scale"])), -r["n_particles"]))
+    for r in out:
+        r["relative_to_anchor"] = r["true_pixel_size_A"] / anchor["true_pixel_size_A"]
+        r["is_anchor"] = r is anchor
+    return out
+
+
+def cs_with_common_pixel(ps: ParticleSet, common_A: float) -> ParticleSet:
+    """Relabel every group to ``common_A``: M' = M p_common / p_declared, origins so that the
+    shifts stay the same in pixels (cryoSPARC stores them in pixels)."""
+    out = ps.copy()
+    p_decl = out.optics_value("rlnImagePixelSize")
+    mats = out.mag_matrices() * (common_A / p_decl)[:, None, None]
+    out.set_mag_matrices(mats)
+    ratio = (common_A / p_decl)[out.group_index()]
+    out.particles["rlnOriginXAngst"] = out.column("rlnOriginXAngst") * ratio
+    out.particles["rlnOriginYAngst"] = out.column("rlnOriginYAngst") * ratio
+    out.optics["rlnImagePixelSize"] = common_A
+    return out
+
+
+def merge(
+    inputs: list,
+    out,
+    reference=None,
+    *,
+    estimate: bool = True,
+    resample: bool = False,
+    pixel_size_A: float | None = None,
+    box: int | None = None,
+    angpix: float | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Python API of ``cryomag merge``; returns the report written to OUT/merge.json."""
+    from cryomag.io import write_cs, write_star
+    from cryomag.io.atomic import atomic_write, ensure_not_input
+    from cryomag.io.mrc import rebase_image_names
+    from cryomag.workflows.estimate import estimate as run_estimate
+
+    if len(inputs) < 1:
+        raise ValueError("merge needs at least one input file")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("particles.star", "particles.cs"):
+        ensure_not_input(out / name, inputs)
+    merged, report = combine(list(inputs), angpix=angpix)
+    if estimate:
+        if reference is None:
+            raise ValueError("merge: give --ref (or --no-estimate to merge the tables only)")
+        res = run_estimate(merged, reference, out / "estimate", progress=progress, **options)
+        merged = res.particles
+        report["pixel_sizes"] = relative_pixel_sizes(res)
+        report["scale_per_group"] = {str(k): v for k, v in res.scales.group_mean.items()}
+        report["absolute_scale"] = (
+            "relative to the reference map's pixel size; an absolute calibration needs an "
+            "external standard (atomic model, diffraction ring)"
+        )
+        _plot_pixel_sizes(report["pixel_sizes"], out / "pixel_sizes.png")
+    if resample:
+        from cryomag.workflows.apply import resample_particles
+
+        p_true = merged.optics_value("rlnImagePixelSize") / np.sqrt(
+            np.linalg.det(merged.mag_matrices())
+        )
+        target = float(pixel_size_A or p_true.min())
+        extent = float((merged.optics_value("rlnImageSize") * p_true).max())
+        nbox = int(box or 2 * int(np.ceil(extent / target / 2)))
+        merged = resample_particles(merged, out, "group", target, nbox, progress=progress)
+        report["resampled"] = {"pixel_size_A": target, "box": nbox}
+    else:
+        rebase_image_names(merged, out)
+    write_star(merged, out / "particles.star")
+    common = float(pixel_size_A or merged.optics_value("rlnImagePixelSize").min())
+    write_cs(cs_with_common_pixel(merged, common), out / "particles.cs")
+    report["cs_common_pixel_size_A"] = common
+    report["n_particles"] = len(merged)
+    with atomic_write(out / "merge.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _plot_pixel_sizes(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cryomag.io.atomic import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(rows))
+    rel = [100 * (r["relative_scale"] - 1) for r in rows]
+    err = [100 * r["relative_scale_se"] for r in rows]
+    ax.errorbar(x, rel, yerr=err, fmt="o", capsize=3)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("declared / true pixel size - 1 (%)")
+    ax.set_title("Relative pixel size per optics group (vs the reference)")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+__all__ = ["ParticleDataError", "combine", "merge", "relative_pixel_sizes"]
