@@ -14,9 +14,29 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from cryomag.cli import demo, estimate, inspect_cmd, simulate
+    from cryomag.cli import (
+        apply,
+        demo,
+        estimate,
+        inspect_cmd,
+        merge,
+        reconstruct,
+        refit,
+        report,
+        simulate,
+    )
 
-    for module in (demo, estimate, inspect_cmd, simulate):
+    for module in (
+        apply,
+        demo,
+        estimate,
+        inspect_cmd,
+        merge,
+        reconstruct,
+        refit,
+        report,
+        simulate,
+    ):
         module.register(app)
 
 
