@@ -317,3 +317,15 @@ def test_astigmatism_transform_keeps_ctf():
     # and back with the inverse
     bu, bv, ba = transform_astigmatism(au, av, aa, np.linalg.inv(mag))
     assert (bu[0], bv[0], ba[0]) == pytest.approx((14000, 12500, 40))
+
+
+def test_origin_shift_is_not_distorted_by_M(offcentre_reference):
+    """CONVENTIONS_VERIFIED 1.5/3.4: the shift phase uses k_obs, so with M != I the particle
+    still moves by exactly -origin (observed A), not by -M^T origin."""
+    mag = np.array([[1.04, 0.02], [-0.01, 0.97]])
+    base = peak_position(projection_image(offcentre_reference, np.zeros(3), mag=mag))
+    origin = np.array([5.0, -3.5])
+    moved = peak_position(
+        projection_image(offcentre_reference, np.zeros(3), origin=origin, mag=mag)
+    )
+    np.testing.assert_allclose(np.subtract(moved, base), -origin, atol=0.05)
