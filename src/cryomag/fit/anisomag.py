@@ -61,15 +61,26 @@ def reduced_system(
 
 
 def per_particle_system(
-    stats: GroupStatistics, joint_scale: bool = True
+    stats: GroupStatistics, joint_scale: bool = True, ctf_moves: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each particle's reduced 4x4 system, shapes (N, 4, 4) and (N, 4)."""
+    """Each particle's reduced 4x4 system, shapes (N, 4, 4) and (N, 4).
+
+    ``ctf_moves``: the particle's CTF (defocus term) moves with its magnification (needs
+    extended statistics; the derivative is the sum of the reference and defocus columns).
+    """
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)
-    h = stats.hgg.copy()
-    b = stats.bg.copy()
+    if stats.hgg.shape[-1] == 8 and ctf_moves:
+        proj = np.vstack([np.eye(4), np.eye(4)])  # (8, 4)
+        hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg, proj)
+        hpg = stats.hpg @ proj
+        bg = stats.bg @ proj
+    else:
+        hgg, hpg, bg = stats.hgg[:, :4, :4], stats.hpg[:, :4], stats.bg[:, :4]
+    h = hgg.copy()
+    b = bg.copy()
     if joint_scale:
-        h -= stats.hpg[:, :, None] * stats.hpg[:, None, :] / pp[:, None, None]
+        h -= hpg[:, :, None] * hpg[:, None, :] / pp[:, None, None]
         # the residual is orthogonal to P at the closed-form scale, so b needs no correction
     h[~ok] = 0
     b[~ok] = 0

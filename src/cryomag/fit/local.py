@@ -43,10 +43,29 @@ class LinearFit:
         return np.sqrt(np.clip(np.diag(np.atleast_2d(self.covariance)), 0, None))
 
 
-def _gradients(stats: GroupStatistics, m_lin: np.ndarray, m_group: np.ndarray):
-    h, b = per_particle_system(stats)
+def _gradients(
+    stats: GroupStatistics, m_lin: np.ndarray, m_group: np.ndarray, ctf_moves: bool = False
+):
+    h, b = per_particle_system(stats, ctf_moves=ctf_moves)
     d = (np.asarray(m_group) - np.asarray(m_lin)).ravel()
+    if ctf_moves:
+        # the group step moved the reference, not the measured CTF
+        hx = _cross(stats)
+        return h, b - hx @ d
     return h, b - h @ d
+
+
+def _cross(stats: GroupStatistics) -> np.ndarray:
+    """Reduced cross block between the ctf-moves parameters and the group parameters."""
+    ok = stats.pp > 0
+    pp = np.where(ok, stats.pp, 1.0)
+    proj = np.vstack([np.eye(4), np.eye(4)])
+    h8 = stats.hgg
+    hx = np.einsum("ia,nij->naj", proj, h8[:, :, :4])
+    hpg8 = stats.hpg @ proj
+    hx = hx - hpg8[:, :, None] * stats.hpg[:, None, :4] / pp[:, None, None]
+    hx[~ok] = 0
+    return hx
 
 
 def _solve(a: np.ndarray, c: np.ndarray, chi2: float) -> LinearFit:
@@ -63,6 +82,7 @@ def unit_fits(
     m_group: np.ndarray,
     labels: np.ndarray,
     isotropic: bool = True,
+    ctf_moves: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit one isotropic (or full) increment per unit (particle or micrograph).
 
@@ -81,7 +101,8 @@ def unit_fits(
     gain : ndarray, shape (U,)
         Reduction of sum w |r|^2 of each unit's fit.
     """
-    h, bp = _gradients(stats, m_lin, m_group)
+    ctf_moves = ctf_moves and stats.hgg.shape[-1] == 8
+    h, bp = _gradients(stats, m_lin, m_group, ctf_moves)
     chi2 = stats.chi2_per_pixel()
     units, inv = np.unique(labels, return_inverse=True)
     nu = len(units)

@@ -25,6 +25,10 @@ Per particle (arrays of length N):
     hgg     sum w Re(conj(G_ab) G_cd)    shape (N, 4, 4)
     bg      sum w Re(conj(G_ab) r)       shape (N, 4), r = Y - s_hat P
 
+With ``extended`` statistics (local particle fits requested) the blocks have 8 columns: 0..3
+as above, 4..7 the derivatives through the CTF's defocus term (a particle whose CTF moves
+with its own magnification); the group fit uses the first 4.
+
 Per group and radial shell (for the noise model and plots): sum |r|^2, sum |Y|^2,
 sum |s P|^2, pixel count. Per group and rfft pixel (for the displacement-field plot):
 sum Re(conj(h) h^T) (3 unique) and sum Re(conj(h) r) (2), h = s amp C phase dV/du.
@@ -133,6 +137,7 @@ def model_terms(
     optics: OpticsParams,
     kx: np.ndarray,
     ky: np.ndarray,
+    extended: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unit-scale prediction P and its derivative with respect to the elements of M.
 
@@ -143,17 +148,25 @@ def model_terms(
     ----------
     kx, ky : ndarray, shape (npix,)
         Observed frequencies (1/A).
+    extended : bool
+        Also return the derivative through the CTF's defocus term (4 more columns): the
+        model of a particle whose CTF moves with its own magnification (its defocus was
+        measured per micrograph, not for the particle).
 
     Returns
     -------
     p : ndarray, complex, shape (N, npix)
-    dp : ndarray, complex, shape (N, npix, 4)
-        dP/dM_ab, index a * 2 + b (det(M) in the amplitude is left to the scale).
+    dp : ndarray, complex, shape (N, npix, 4) or (N, npix, 8)
+        dP/dM_ab, index a * 2 + b (det(M) in the amplitude is left to the scale); columns
+        4..7 (``extended``): the same through the defocus term.
     """
     n = len(geom)
     m0 = np.asarray(geom.mag, float)
     m0 = np.broadcast_to(m0, (n, 2, 2)) if m0.ndim == 2 else m0
-    ctf, dctf = ctf_at(geom, optics, kx, ky, gradient=True)
+    if extended:
+        ctf, dctf, ddef = ctf_at(geom, optics, kx, ky, gradient="both")
+    else:
+        ctf, dctf = ctf_at(geom, optics, kx, ky, gradient=True)
     phase = np.exp(
         2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
     )
@@ -165,6 +178,10 @@ def model_terms(
     du = ampphase[..., None] * (ctf[..., None] * gu + dctf * val[..., None])
     kb = np.stack([kx, ky], axis=-1)
     dp = (du[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)
+    if extended:
+        dd = ampphase[..., None] * (ddef * val[..., None])
+        dp2 = (dd[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)
+        dp = np.concatenate([dp, dp2], axis=-1)
     return p, dp
 
 
@@ -174,6 +191,7 @@ def _model_windowed(
     optics: OpticsParams,
     band: Band,
     pad: int,
+    extended: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`model_terms` with the particle box as a real-space window (see chunk_statistics)."""
     from cryomag.physics.fourier import centered_irfft2, centered_rfft2
@@ -184,13 +202,14 @@ def _model_windowed(
     kxb, kyb = rfft_freqs(big, band.pixel_size_A)
     nyq = 0.5 / band.pixel_size_A
     sel = np.hypot(kxb, kyb) <= nyq
-    p_s, dp_s = model_terms(reference, geom, optics, kxb[sel], kyb[sel])
+    p_s, dp_s = model_terms(reference, geom, optics, kxb[sel], kyb[sel], extended)
+    ncol = dp_s.shape[-1]
     out_p = np.empty((n, band.npix), complex)
-    out_dp = np.empty((n, band.npix, 4), complex)
+    out_dp = np.empty((n, band.npix, ncol), complex)
     lo = big // 2 - box // 2
     grid = np.zeros((n, big, big // 2 + 1), complex)
     # the model is a pixel-sum DFT whatever the box: irfft2 on the big grid, cut, rfft2
-    for src, dst in [(p_s, out_p)] + [(dp_s[..., c], out_dp[..., c]) for c in range(4)]:
+    for src, dst in [(p_s, out_p)] + [(dp_s[..., c], out_dp[..., c]) for c in range(ncol)]:
         grid[:] = 0
         grid[:, sel] = src
         img = centered_irfft2(grid, big)[:, lo : lo + box, lo : lo + box]
@@ -207,6 +226,7 @@ def chunk_statistics(
     noise_power: np.ndarray,
     rows: np.ndarray,
     window_pad: int = 1,
+    extended: bool = False,
 ) -> ChunkStatistics:
     """Accumulate the statistics of one chunk of particles of one optics group.
 
@@ -234,9 +254,9 @@ def chunk_statistics(
     y = spectra.reshape(n, -1)[:, band.mask.ravel()]
     w = 1.0 / noise_power[band.shell]
     if window_pad > 1:
-        p, dp = _model_windowed(reference, geom, optics, band, window_pad)
+        p, dp = _model_windowed(reference, geom, optics, band, window_pad, extended)
     else:
-        p, dp = model_terms(reference, geom, optics, kx, ky)
+        p, dp = model_terms(reference, geom, optics, kx, ky, extended)
     wp = w * p
     pp = np.einsum("np,np->n", wp.real, p.real) + np.einsum("np,np->n", wp.imag, p.imag)
     py = np.einsum("np,np->n", wp.real, y.real) + np.einsum("np,np->n", wp.imag, y.imag)

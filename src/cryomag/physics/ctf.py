@@ -155,13 +155,15 @@ def ctf_split_frames(
         Frequencies of the defocus term (1/A).
     ux, uy : ndarray, shape (N, npix)
         True frequencies (1/A) of the Cs term.
-    gradient : bool
-        Also return dCTF/du (through the Cs term), shape (N, npix, 2).
+    gradient : bool or "both"
+        Also return dCTF/du (through the Cs term), shape (N, npix, 2); with ``"both"`` also
+        the gradient of the defocus term with respect to ``k``.
 
     Returns
     -------
     ctf : ndarray, shape (N, npix)
     dctf_du : ndarray, shape (N, npix, 2), only with ``gradient``
+    dctf_dk : ndarray, shape (N, npix, 2), only with ``gradient="both"``
     """
 
     def col(x):
@@ -187,5 +189,12 @@ def ctf_split_frames(
     ctf = env * (w * np.sin(chi) + q0 * np.cos(chi))
     if not gradient:
         return ctf
-    dchi = env * (w * np.cos(chi) - q0 * np.sin(chi)) * (-2 * np.pi * cs_A * lam**3 * u2)
-    return ctf, np.stack([dchi * ux, dchi * uy], axis=-1)
+    slope = env * (w * np.cos(chi) - q0 * np.sin(chi))  # dCTF / dchi
+    dchi = slope * (-2 * np.pi * cs_A * lam**3 * u2)
+    grad_cs = np.stack([dchi * ux, dchi * uy], axis=-1)
+    if gradient != "both":
+        return ctf, grad_cs
+    # defocus term: d(pi lambda k^T Adef k)/dk = 2 pi lambda Adef k
+    f = slope * 2 * np.pi * lam
+    grad_def = np.stack([f * (a00 * kx + a01 * ky), f * (a01 * kx + a11 * ky)], axis=-1)
+    return ctf, grad_cs, grad_def

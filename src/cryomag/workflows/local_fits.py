@@ -36,8 +36,8 @@ def mean_defocus_A(ps: ParticleSet) -> np.ndarray:
     return 0.5 * (ps.column("rlnDefocusU") + ps.column("rlnDefocusV"))
 
 
-def _shrunk_iso(stats, m_lin, m_g, labels):
-    units, theta, var, _ = unit_fits(stats, m_lin, m_g, labels, isotropic=True)
+def _shrunk_iso(stats, m_lin, m_g, labels, ctf_moves=False):
+    units, theta, var, _ = unit_fits(stats, m_lin, m_g, labels, True, ctf_moves)
     ok = np.isfinite(theta[:, 0])
     res = shrink(theta[ok, 0], var[ok, 0, 0])
     post = np.full(len(units), 0.0)
@@ -46,8 +46,8 @@ def _shrunk_iso(stats, m_lin, m_g, labels):
     return units, theta[:, 0], np.sqrt(var[:, 0, 0]), post, res
 
 
-def _shrunk_aniso(stats, m_lin, m_g, labels):
-    units, theta, cov, _ = unit_fits(stats, m_lin, m_g, labels, isotropic=False)
+def _shrunk_aniso(stats, m_lin, m_g, labels, ctf_moves=False):
+    units, theta, cov, _ = unit_fits(stats, m_lin, m_g, labels, False, ctf_moves)
     ok = np.all(np.isfinite(theta), axis=1)
     out = np.tile(np.zeros(4), (len(units), 1))
     res = None
@@ -107,11 +107,12 @@ def fit_local(
         dz = dz_all[rows]
         out: dict = {}
         if "particle" in fits:
-            _, raw, se, post, res = _shrunk_iso(st, m_lin, m_g, rows)
+            # a particle's defocus was measured for its micrograph: its CTF moves with it
+            _, raw, se, post, res = _shrunk_iso(st, m_lin, m_g, rows, ctf_moves=True)
             col("cmagParticleMag")[rows] = 1 + post
             col("cmagParticleMagRaw")[rows] = 1 + raw
             col("cmagParticleMagError")[rows] = se
-            _, post4, res4 = _shrunk_aniso(st, m_lin, m_g, rows)
+            _, post4, res4 = _shrunk_aniso(st, m_lin, m_g, rows, ctf_moves=True)
             mp = m_g.ravel()[None] + post4
             for j, c in enumerate(MAT):
                 col(f"cmagParticleMagMat{c}")[rows] = mp[:, j]
