@@ -35,7 +35,121 @@ def estimate_cmd(
     max_iter: Annotated[int, typer.Option("--max-iter", help="Gauss-Newton iterations")] = 10,
     tol: Annotated[float, typer.Option("--tol", help="stop when |update of M| < tol")] = 1e-5,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="particles per chunk")] = 64,
-    j: Annotated[int, typer.Option("--j", help="threads (0 = all cores)")] = 0,
+    j: Annotated[
+        int,
+        typer.Option(
+            "--j",
+            help="local worker processes (a Dask LocalCluster); 0 = one per core; "
+            "1 = run in this process, without Dask (debugging)",
+            rich_help_panel="Execution",
+        ),
+    ] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="threads per worker process, used by finufft (default 1); with --j 1 the "
+            "threads of this process (default: all cores). Runs agree bit for bit only at "
+            "equal thread counts (finufft's output varies by ~1e-5 with them)",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="address of a running Dask scheduler (tcp://host:8786); its workers must "
+            "have cryomag and see the particle files at the same paths",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="slurm or pbs: submit the workers as batch jobs (dask-jobqueue); the jobs "
+            "run this Python and need the files at the same paths",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", help="batch jobs to submit", rich_help_panel="Execution")
+    ] = 1,
+    cores: Annotated[
+        int, typer.Option("--cores", help="cores per job", rich_help_panel="Execution")
+    ] = 1,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            help="worker processes per job (default: --cores, one thread each)",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    memory: Annotated[
+        str,
+        typer.Option(
+            "--memory",
+            help="memory per job, split between its processes; a worker needs about "
+            "13 N^3 x 8 B for a reference of box N (map, gradients, finufft grids) + "
+            "chunk-size x box^2 x 110 B + 150 MB (N = box = 128: 0.5 GB; 256: 2.4 GB)",
+            rich_help_panel="Execution",
+        ),
+    ] = "8GB",
+    queue: Annotated[
+        str | None,
+        typer.Option("--queue", help="partition / queue", rich_help_panel="Execution"),
+    ] = None,
+    account: Annotated[
+        str | None,
+        typer.Option("--account", help="account / project to charge", rich_help_panel="Execution"),
+    ] = None,
+    walltime: Annotated[
+        str,
+        typer.Option("--walltime", help="time limit per job", rich_help_panel="Execution"),
+    ] = "01:00:00",
+    job_extra: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--job-extra",
+            help="extra batch directive, repeatable (e.g. --job-extra=--qos=normal)",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    job_prologue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--job-prologue",
+            help="shell line run in each job before the worker starts, repeatable "
+            "(e.g. 'module load cuda')",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    job_logs: Annotated[
+        Path | None,
+        typer.Option(
+            "--job-logs",
+            help="folder for the jobs' output files (default OUT/jobs)",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    interface: Annotated[
+        str | None,
+        typer.Option(
+            "--interface",
+            help="network interface of scheduler and workers (e.g. ib0)",
+            rich_help_panel="Execution",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue an interrupted run into the same OUT: finished chunks stored in "
+            "OUT/.chunks are read back, only the rest is computed",
+            rich_help_panel="Execution",
+        ),
+    ] = False,
     angpix: Annotated[
         float | None, typer.Option("--angpix", help="pixel size for RELION 3.0 files (A)")
     ] = None,
@@ -51,32 +165,68 @@ def estimate_cmd(
     Writes OUT/particles.star (rlnMagMat per group, adapted defocus, rlnCtfScalefactor and
     cmagScale), OUT/particles.cs (for .cs input or --cs), OUT/results.json, OUT/stats/,
     OUT/plots/ and OUT/cryomag.log. Inputs are never overwritten.
+
+    Execution: by default a Dask LocalCluster with one single-threaded worker per core;
+    --j 1 runs in this process; --scheduler uses a running Dask cluster; --cluster slurm|pbs
+    submits --jobs batch jobs (e.g. --cluster slurm --jobs 4 --cores 8 --memory 32GB
+    --queue cpu --account proj --walltime 04:00:00). The results do not depend on where they
+    are computed. While running, each finished chunk is stored in OUT/.chunks (removed at the
+    end): after Ctrl-C, a killed job or a lost node, rerun the same command with --resume.
     """
     from rich.console import Console
 
+    from cryomag.execution.executor import ExecutorConfig
     from cryomag.workflows.estimate import estimate, print_summary
 
     if ref is None and half_maps is None:
         raise typer.BadParameter("give --ref or --half-maps")
     with fail_cleanly():
-        res = estimate(
-            particles,
-            ref,
-            out,
-            half_maps=half_maps,
-            mask=mask,
-            angpix=angpix,
-            passthrough=passthrough,
-            write_cs=cs,
-            plots=not no_plots,
-            progress=not quiet,
-            fit=tuple(f.strip() for f in fit.split(",") if f.strip()),
-            low_res_A=low_res,
-            high_res_A=high_res,
-            max_iter=max_iter,
-            tol=tol,
-            chunk_size=chunk_size,
-            nthreads=j,
+        execution = ExecutorConfig(
+            j=j,
+            threads=1 if threads is None else threads,
+            scheduler=scheduler,
+            cluster=cluster,
+            jobs=jobs,
+            cores=cores,
+            processes=processes,
+            memory=memory,
+            queue=queue,
+            account=account,
+            walltime=walltime,
+            job_extra=list(job_extra or []),
+            job_prologue=list(job_prologue or []),
+            log_directory=str(job_logs or out / "jobs") if cluster else None,
+            interface=interface,
         )
+        try:
+            res = estimate(
+                particles,
+                ref,
+                out,
+                half_maps=half_maps,
+                mask=mask,
+                angpix=angpix,
+                passthrough=passthrough,
+                write_cs=cs,
+                plots=not no_plots,
+                progress=not quiet,
+                executor=execution,
+                resume=resume,
+                fit=tuple(f.strip() for f in fit.split(",") if f.strip()),
+                low_res_A=low_res,
+                high_res_A=high_res,
+                max_iter=max_iter,
+                tol=tol,
+                chunk_size=chunk_size,
+                nthreads=(0 if threads is None else threads) if execution.synchronous else 1,
+            )
+        except KeyboardInterrupt:
+            typer.secho(
+                f"interrupted: finished chunks are kept in {out}/.chunks; rerun the same "
+                "command with --resume to continue",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(130) from None
         print_summary(res, Console())
         typer.echo(f"wrote {out}/particles.star, results.json, stats/, plots/")

@@ -1,4 +1,4 @@
-"""Run a function over chunks in this process, with a progress bar."""
+"""Run a function over chunks in this process, with a progress bar (see also executor.py)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,20 @@ def map_chunks(
     description: str = "particles",
     progress: bool = True,
     weight: Callable[[Any], int] = len,
+    on_result: Callable[[Any, Any], None] | None = None,
 ) -> list[Any]:
-    """Apply ``fn`` to each chunk in order and return the results in chunk order."""
+    """Apply ``fn`` to each chunk in order and return the results in chunk order.
+
+    ``on_result(chunk, result)`` is called after each chunk (e.g. to store a checkpoint).
+    """
     results = []
     total = sum(weight(c) for c in chunks)
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(description, total=total)
         for c in chunks:
-            results.append(fn(c))
+            res = fn(c)
+            if on_result is not None:
+                on_result(c, res)
+            results.append(res)
             bar.advance(task, weight(c))
     return results

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cryomag.execution.chunks import Chunk, make_chunks
-from cryomag.execution.local import map_chunks
+from cryomag.execution.executor import Executor, LocalExecutor, run_executor
 from cryomag.fit.anisomag import MagUpdate, solve_group
 from cryomag.fit.scale import ScaleResult, fit_scales
 from cryomag.fit.statistics import Band, ChunkStatistics, GroupStatistics, chunk_statistics
@@ -32,10 +32,11 @@ from cryomag.model.particles import ParticleDataError, ParticleSet
 from cryomag.physics.ctf import transform_astigmatism
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.projection import MapReference, OpticsParams, ParticleGeometry
+from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
 
 log = logging.getLogger("cryomag")
 
-FITS = ("scale", "aniso")
+FITS = ("scale", "aniso", "particle", "micrograph", "defocus")
 
 
 @dataclass
@@ -45,7 +46,9 @@ class EstimateOptions:
     Attributes
     ----------
     fit : tuple of str
-        Subset of ``("scale", "aniso")``.
+        Subset of ``("scale", "aniso", "particle", "micrograph", "defocus")``: per-particle
+        contrast scale, per-group matrix M, and the local models fitted afterwards from the
+        stored statistics (see :mod:`cryomag.workflows.local_fits`).
     low_res_A : float
         Low-frequency cut (A); frequencies below 1 / low_res_A are not used (default 20 A).
     high_res_A : float or None
@@ -66,6 +69,14 @@ class EstimateOptions:
         1e-3 per shell at eps <= 1e-6 (tests/test_physics.py).
     nthreads : int
         Threads for the Fourier-slice evaluation (0 = all cores).
+    window_pad : int
+        1: box-periodic prediction (RELION's). 2 (or more): window-aware prediction, made on a
+        box that many times larger and cut to the particle box in real space, so that the
+        signal the CTF delocalises out of the box is modelled (about pad^2 x slower).
+        0 (default): automatic per optics group, see :func:`auto_window_pad`. The
+        box-periodic model biases magnification when the CTF moves signal out of the box:
+        measured on simulated data (box 48 at 1.6 A, defocus 0.3-1.2 um) it recovered only
+        59 % of a defocus-dependent magnification, the window-aware model 92 %.
     """
 
     fit: tuple = FITS
@@ -77,6 +88,7 @@ class EstimateOptions:
     joint_scale: bool = True
     eps: float = 1e-4
     nthreads: int = 0
+    window_pad: int = 0
 
     def __post_init__(self) -> None:
         bad = set(self.fit) - set(FITS)
@@ -98,6 +110,7 @@ class GroupResult:
     band_A: tuple
     chi2: float
     history: list = field(default_factory=list)
+    mag_lin: np.ndarray | None = None
 
 
 @dataclass
@@ -112,6 +125,8 @@ class EstimateResult:
     timings: dict
     bands: list = field(default_factory=list)
     first_stats: dict = field(default_factory=dict)
+    local: dict = field(default_factory=dict)
+    input_defocus_A: np.ndarray | None = None
 
 
 def _geometry(ps: ParticleSet, rows: np.ndarray, mag: np.ndarray, ctf_mag: np.ndarray):
@@ -205,6 +220,8 @@ class _Pass:
         self.halves = ps.half_sets()
         self.mags = None
         self.noise = None
+        self.window_pad = [1] * len(bands)
+        self.extended = False
 
     def spectra(self, rows: np.ndarray) -> np.ndarray:
         return centered_rfft2(self.images.read(rows).astype(np.float64))
@@ -227,6 +244,8 @@ class _Pass:
                     self.bands[g],
                     self.noise[g],
                     rows[sel],
+                    window_pad=self.window_pad[g],
+                    extended=self.extended,
                 )
             )
         return out
@@ -247,6 +266,33 @@ def _initial_noise(pass_: _Pass, chunks: list[Chunk], g: int) -> np.ndarray:
         np.nanmax(pw[np.isfinite(pw)]) if np.isfinite(pw).any() else 1
     )
     return pw
+
+
+def auto_window_pad(ps: ParticleSet, g: int, band: Band, cap: int = 3) -> int:
+    """Padding factor that keeps the CTF-delocalised signal of group ``g`` in the model.
+
+    The CTF moves signal at frequency k by D = lambda dz k + Cs lambda^3 k^3 (A). With
+    D_max at the largest defocus of the group and the band's k_max, the prediction box must
+    hold the particle box plus 2 D_max: pad = ceil((L + 2 D_max) / L), L = box * pixel size,
+    capped at ``cap`` for speed (cost grows as pad^2); 1 when D_max < L / 4.
+    Measured (box 64 at 1.3 A, defocus 2-3 um, M = I, 3,000 particles): the box-periodic model
+    read the isotropic magnification 0.58 % high (12 sigma), pad 2 0.32 %, pad 6 -0.003 %
+    (0.4 sigma). Set ``window_pad`` explicitly for such extreme boxes.
+    """
+    from cryomag.physics.ctf import electron_wavelength_A
+
+    o = _optics(ps, g)
+    sel = ps.group_index() == g
+    dz = np.maximum(ps.column("rlnDefocusU")[sel], ps.column("rlnDefocusV")[sel])
+    if not len(dz):
+        return 1
+    lam = float(electron_wavelength_A(o.voltage_kv))
+    k = band.kmax
+    d_max = lam * float(np.max(np.abs(dz))) * k + o.cs_mm * 1e7 * lam**3 * k**3
+    length = o.box * o.pixel_size_A
+    if d_max < length / 4:
+        return 1
+    return int(min(cap, np.ceil((length + 2 * d_max) / length)))
 
 
 def make_bands(
@@ -283,8 +329,13 @@ def run_estimate(
     options: EstimateOptions | None = None,
     fsc_res: float | None = None,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> EstimateResult:
-    """The estimation engine on loaded inputs (see :func:`estimate` for files)."""
+    """The estimation engine on loaded inputs (see :func:`estimate` for files).
+
+    ``executor`` runs the chunks of each pass (:mod:`cryomag.execution.executor`; default:
+    this process, synchronously); the result does not depend on it.
+    """
     opts = options or EstimateOptions()
     ps = particles
     ps.validate()
@@ -295,6 +346,13 @@ def run_estimate(
     mag_in = ps.mag_matrices()
     pass_ = _Pass(ps, refs, bands, image_source, ctf_mags=mag_in.copy())
     pass_.mags = mag_in.copy()
+    pass_.extended = "particle" in opts.fit
+    pass_.window_pad = [
+        opts.window_pad if opts.window_pad > 0 else auto_window_pad(ps, g, bands[g])
+        for g in range(ps.n_groups)
+    ]
+    for g, pad in enumerate(pass_.window_pad):
+        log.info("optics group %d: prediction window padding %d", g + 1, pad)
     pass_.noise = [
         _initial_noise(pass_, chunks, g) if (gidx == g).any() else np.ones(bands[g].n_shells + 1)
         for g in range(ps.n_groups)
@@ -307,9 +365,10 @@ def run_estimate(
     converged = {g: not fit_aniso for g in range(ps.n_groups)}
     stats: dict[int, GroupStatistics] = {}
     first_stats: dict[int, GroupStatistics] = {}
+    lin = {g: mag_in[g].copy() for g in range(ps.n_groups)}
     for it in range(max_iter):
         todo = [c for c in chunks if not converged[c.group] or it == 0]
-        results = map_chunks(pass_, todo, f"pass {it + 1}", progress)
+        results = (executor or LocalExecutor()).map(pass_, todo, f"pass {it + 1}", progress)
         by_group: dict[int, list[ChunkStatistics]] = {}
         for c, res in zip(todo, results, strict=True):
             by_group.setdefault(c.group, []).extend(res)
@@ -322,6 +381,7 @@ def run_estimate(
                 continue
             upd = solve_group(stats[g], joint_scale=opts.joint_scale)
             updates[g] = upd
+            lin[g] = pass_.mags[g].copy()
             pass_.mags[g] = pass_.mags[g] + upd.delta
             iterations[g] = it + 1
             step = float(np.abs(upd.delta).max())
@@ -353,6 +413,7 @@ def run_estimate(
                 band_A=(1 / bands[g].kmin if bands[g].kmin > 0 else np.inf, 1 / bands[g].kmax),
                 chi2=stats[g].chi2_per_pixel(),
                 history=history[g],
+                mag_lin=lin[g],
             )
         )
     if fit_aniso:
@@ -364,8 +425,15 @@ def run_estimate(
         out.particles["rlnCtfScalefactor"] = np.where(np.isfinite(new), new / mean, old)
         out.particles["cmagScale"] = scales.normalised
         out.particles["cmagScaleError"] = scales.error
+    local = {}
+    local_fits = tuple(f for f in opts.fit if f in LOCAL_FITS)
+    if local_fits:
+        mags = {g: (mag_in[g], lin[g], pass_.mags[g]) for g in stats}
+        local = fit_local(out, stats, mags, local_fits, defocus_A=mean_defocus_A(ps))
     timings = {"statistics_s": t1 - t0, "particles_per_s": len(ps) * (it + 1) / max(t1 - t0, 1e-9)}
-    return EstimateResult(out, groups, scales, stats, opts, timings, bands, first_stats)
+    return EstimateResult(
+        out, groups, scales, stats, opts, timings, bands, first_stats, local, mean_defocus_A(ps)
+    )
 
 
 def _apply_magnification(ps: ParticleSet, mag_in, mag_new, gidx) -> None:
@@ -408,6 +476,8 @@ def results_dict(res: EstimateResult) -> dict:
                 "chi2_per_pixel": gr.chi2,
                 "mean_raw_scale": res.scales.group_mean.get(gr.group),
                 "history": gr.history,
+                "M_linearisation": None if gr.mag_lin is None else gr.mag_lin.tolist(),
+                **({"local": res.local[gr.group]} if gr.group in res.local else {}),
             }
         )
     s = res.scales.normalised
@@ -438,7 +508,19 @@ def save_statistics(res: EstimateResult, folder: Path) -> None:
         path = folder / f"group_{gr.group:03d}.npz"
         with atomic_write(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, **st.as_arrays(), mag=gr.mag, mag_in=gr.mag_in)
+                np.savez(
+                    fh,
+                    **st.as_arrays(),
+                    mag=gr.mag,
+                    mag_in=gr.mag_in,
+                    mag_lin=gr.mag if gr.mag_lin is None else gr.mag_lin,
+                    group=gr.group,
+                    defocus_mean_A=(
+                        res.input_defocus_A[st.rows]
+                        if res.input_defocus_A is not None
+                        else np.full(len(st.rows), np.nan)
+                    ),
+                )
     with atomic_write(folder / "options.json") as tmp:
         Path(tmp).write_text(json.dumps(results_dict(res)["options"], indent=2))
 
@@ -453,6 +535,7 @@ def write_outputs(
     """
     from cryomag.io import write_star
     from cryomag.io.atomic import atomic_write
+    from cryomag.io.mrc import rebase_image_names
 
     out.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -460,14 +543,16 @@ def write_outputs(
     from cryomag.io.atomic import ensure_not_input
 
     ensure_not_input(star, inputs)
-    write_star(res.particles, star)
+    to_write = res.particles.copy()  # the in-memory result keeps its own image paths
+    rebase_image_names(to_write, out)
+    write_star(to_write, star)
     written["star"] = star
     if write_cs or res.particles.source.kind == "cs":
         from cryomag.io import write_cs as _write_cs
 
         cs = out / "particles.cs"
         ensure_not_input(cs, inputs)
-        _write_cs(res.particles, cs)
+        _write_cs(to_write, cs)
         written["cs"] = cs
     with atomic_write(out / "results.json", inputs) as tmp:
         Path(tmp).write_text(json.dumps(results_dict(res), indent=2, default=_json_default))
@@ -478,6 +563,10 @@ def write_outputs(
         from cryomag.report.plots_estimate import plot_estimate
 
         plot_estimate(res, res.bands, out / "plots")
+        if res.local:
+            from cryomag.report.plots_local import plot_local
+
+            plot_local(res.particles, res.local, out / "plots")
         written["plots"] = out / "plots"
     return written
 
@@ -504,6 +593,8 @@ def estimate(
     write_cs: bool = False,
     plots: bool = True,
     progress: bool = True,
+    executor=None,
+    resume: bool = False,
     **options,
 ) -> EstimateResult:
     """Estimate per-particle scales and per-group magnification from files (Python API).
@@ -521,6 +612,15 @@ def estimate(
         FSC = 0.143 resolution sets the default high-frequency limit.
     mask : path, optional
         Mask multiplied into the map(s).
+    executor : Executor or ExecutorConfig, optional
+        Where the passes run (:mod:`cryomag.execution.executor`): an executor you own (left
+        open), an :class:`~cryomag.execution.executor.ExecutorConfig` (a LocalCluster, a
+        scheduler address or SLURM / PBS jobs; started and stopped here) or None (this
+        process, synchronously).
+    resume : bool
+        Continue an interrupted run into the same ``out``: finished chunks stored in
+        ``out/.chunks`` are read back, only the rest is computed. With ``out``, chunk
+        results are always stored while the run lasts and removed when it completes.
     **options
         Fields of :class:`EstimateOptions` (fit, low_res_A, high_res_A, max_iter, tol,
         chunk_size, joint_scale, eps, nthreads).
@@ -558,17 +658,19 @@ def estimate(
         )
         if fsc_res is not None:
             log.info("half-map FSC = 0.143 at %.2f A", fsc_res)
-        res = run_estimate(ps, refs, ImageSource(ps), opts, fsc_res, progress)
-        for gr in res.groups:
-            log.info(
-                "group %d: M = %s +- %s after %d iterations",
-                gr.group,
-                np.round(gr.mag, 6).tolist(),
-                np.round(gr.mag_error, 6).tolist(),
-                gr.iterations,
-            )
-        if out is not None:
-            write_outputs(res, out, inputs, write_cs=write_cs, plots=plots)
+        with run_executor(executor, None if out is None else out / ".chunks", resume) as ex:
+            log.info("executor: %s", ex.describe())
+            res = run_estimate(ps, refs, ImageSource(ps), opts, fsc_res, progress, executor=ex)
+            for gr in res.groups:
+                log.info(
+                    "group %d: M = %s +- %s after %d iterations",
+                    gr.group,
+                    np.round(gr.mag, 6).tolist(),
+                    np.round(gr.mag_error, 6).tolist(),
+                    gr.iterations,
+                )
+            if out is not None:
+                write_outputs(res, out, inputs, write_cs=write_cs, plots=plots)
     finally:
         if handler is not None:
             log.removeHandler(handler)

@@ -1,0 +1,434 @@
+"""Scale-out execution (issue 7): executors, shipping, determinism, lost workers, resume.
+
+The statistics of a pass must not depend on where the chunks ran: the synchronous run, a
+LocalCluster of 1, 2 or 4 processes, and runs interrupted and resumed must agree to 1e-10
+relative (they are in fact identical: chunks are computed from the same inputs with the same
+finufft thread count, 1, and reduced in a fixed order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryomag.execution.chunks import make_chunks
+from cryomag.execution.dask import DaskExecutor
+from cryomag.execution.executor import (
+    ExecutorConfig,
+    LocalExecutor,
+    Payload,
+    load_blob,
+    make_executor,
+)
+from cryomag.execution.resume import CheckpointExecutor, consolidate_statistics
+from cryomag.fit.statistics import GroupStatistics
+from cryomag.io import ImageSource, read_particles
+from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulate.simulator import simulate_dataset
+from cryomag.workflows.estimate import (
+    EstimateOptions,
+    _Pass,
+    estimate,
+    load_references,
+    make_bands,
+    run_estimate,
+)
+
+RTOL = 1e-10
+OPTS = {"fit": ("scale", "aniso"), "max_iter": 2, "tol": 0.0, "chunk_size": 16, "nthreads": 1}
+
+
+def sim_config(n: int = 160, seed: int = 3) -> SimulationConfig:
+    """Two optics groups (box 48 and 40), a few hundred particles: seconds to simulate."""
+    cfg = SimulationConfig(seed=seed)
+    cfg.optics_groups = [
+        OpticsGroupConfig(
+            name="a", pixel_size_A=2.0, aniso=[1.01, 0.99, 30.0], box=48, n_particles=n // 2
+        ),
+        OpticsGroupConfig(name="b", pixel_size_A=2.2, box=40, n_particles=n - n // 2),
+    ]
+    for g in cfg.optics_groups:
+        g.particles_per_micrograph = 20
+    cfg.defocus.min_um, cfg.defocus.max_um = 0.6, 1.2
+    cfg.noise.snr = 0.3
+    cfg.phantom.diameter_A, cfg.phantom.n_atoms = 60.0, 800
+    cfg.render.n_workers = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("exec_sim")
+    simulate_dataset(sim_config(), folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(data):
+    ps = read_particles(data / "particles.star")
+    opts = EstimateOptions(**OPTS)
+    refs, _ = load_references(data / "ref.mrc", eps=opts.eps, nthreads=1)
+    return ps, refs, opts
+
+
+def run(inputs, executor=None):
+    ps, refs, opts = inputs
+    return run_estimate(ps, refs, ImageSource(ps), opts, None, False, executor=executor)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs):
+    """The synchronous run (finufft with 1 thread, as in the workers)."""
+    return run(inputs, LocalExecutor())
+
+
+def assert_same_stats(a, b, rtol: float = RTOL) -> None:
+    assert sorted(a.stats) == sorted(b.stats)
+    for g in a.stats:
+        for name, x in a.stats[g].as_arrays().items():
+            y = getattr(b.stats[g], name)
+            assert x.shape == y.shape, name
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=0, err_msg=f"group {g} {name}")
+    for ga, gb in zip(a.groups, b.groups, strict=True):
+        np.testing.assert_allclose(gb.mag, ga.mag, rtol=rtol, atol=0)
+
+
+# ------------------------------------------------------------------------------ shipping
+def test_payload_ships_the_reference_once_and_rebuilds_it(inputs):
+    ps, refs, opts = inputs
+    bands = make_bands(ps, refs, opts, None)
+    pass_ = _Pass(ps, refs, bands, ImageSource(ps), ps.mag_matrices())
+    pass_.mags = ps.mag_matrices()
+    pass_.noise = [np.ones(b.n_shells + 1) for b in bands]
+    pay = Payload(pass_)
+    tokens, new = pay.parts({})
+    kinds = {type(load_blob(b, lambda t: None)).__name__ for b in new.values() if not b.deps}
+    assert {"MapReference", "ParticleSet"} <= kinds
+    # the per-pass pickle holds no map and no table: small next to the reference
+    ref_bytes = sum(len(b.data) for b in new.values())
+    assert len(pay.blob.data) < 0.2 * ref_bytes
+    # parts already shipped are not pickled again
+    again, new2 = Payload(pass_).parts({t: new[t].deps for t in new})
+    assert sorted(again) == sorted(tokens) and new2 == {}
+    # same content -> same fingerprint; a new M -> another one
+    assert Payload(pass_).token == pay.token
+    pass_.mags = pass_.mags * 1.001
+    assert Payload(pass_).token != pay.token
+    # the rebuilt reference evaluates exactly as the original
+    cache: dict = {}
+
+    def resolve(tok):
+        if tok not in cache:
+            cache[tok] = load_blob(new[tok], resolve)
+        return cache[tok]
+
+    shipped = load_blob(pay.blob, resolve)
+    k3 = np.random.default_rng(0).uniform(-0.1, 0.1, (500, 3))
+    v0, g0 = refs[0].evaluate(k3, gradient=True)
+    v1, g1 = shipped.refs[0].evaluate(k3, gradient=True)
+    assert np.array_equal(v0, v1) and np.array_equal(g0, g1)
+    assert shipped.ps is shipped.images.ps  # one table per worker, not two
+
+
+def test_executor_config_validation_and_factory():
+    assert isinstance(make_executor(ExecutorConfig(j=1)), LocalExecutor)
+    ex = make_executor(ExecutorConfig(j=2))
+    assert isinstance(ex, DaskExecutor) and "2 processes" in ex.describe()
+    ex.close()  # never started: nothing to stop
+    ex = make_executor(ExecutorConfig(cluster="slurm", jobs=3, cores=4))
+    assert "SLURM (3 job(s) x 4 workers)" in ex.describe()
+    with pytest.raises(ValueError, match="slurm or pbs"):
+        ExecutorConfig(cluster="sge")
+    with pytest.raises(ValueError, match="not both"):
+        ExecutorConfig(cluster="slurm", scheduler="tcp://x:8786")
+    with pytest.raises(ValueError, match="processes"):
+        ExecutorConfig(cores=2, processes=3)
+
+
+# ------------------------------------------------------------------------------ determinism
+def test_local_cluster_of_two_processes_equals_the_synchronous_run(inputs, reference):
+    """Through a scheduler address (--scheduler), as for a cluster started elsewhere."""
+    from distributed import LocalCluster
+
+    seen = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        with DaskExecutor.connect(cluster.scheduler_address) as ex:
+            res = run(inputs, _Recording(ex, seen))
+            # errors in a chunk reach the caller (with the progress bar on)
+            chunks = make_chunks(inputs[0].group_index(), 40)
+            with pytest.raises(ValueError, match="bad chunk 2"):
+                ex.map(_Failing(), chunks, "failing", progress=True)
+            assert ex.map(_Rows(), chunks, "rows", progress=True) == [len(c) for c in chunks]
+    assert_same_stats(reference, res)
+    # every chunk reported once per pass, in whatever order they finished
+    n_chunks = len(make_chunks(inputs[0].group_index(), OPTS["chunk_size"]))
+    assert len(seen) == OPTS["max_iter"] * n_chunks
+
+
+class _Failing:
+    def __call__(self, chunk):
+        if chunk.index == 2:
+            raise ValueError(f"bad chunk {chunk.index}")
+        return len(chunk)
+
+
+class _Rows:
+    def __call__(self, chunk):
+        return len(chunk.rows)
+
+
+def test_one_and_four_workers_give_identical_statistics(inputs, reference):
+    with DaskExecutor.local(1) as ex:
+        one = run(inputs, ex)
+    with DaskExecutor.local(4) as ex:
+        four = run(inputs, ex)
+    assert_same_stats(one, four)
+    assert_same_stats(reference, four)
+
+
+class _Recording:
+    """An executor wrapper that records the chunks reported through ``on_result``."""
+
+    def __init__(self, inner, seen):
+        self.inner, self.seen = inner, seen
+
+    def map(self, fn, chunks, description="", progress=True, on_result=None):
+        def note(chunk, res):
+            self.seen.append(chunk.index)
+
+        return self.inner.map(fn, chunks, description, progress, on_result=note)
+
+
+class KillOnce:
+    """A pass that kills its own worker process on one chunk, the first time only."""
+
+    def __init__(self, fn, marker: str, chunk_index: int) -> None:
+        self.fn, self.marker, self.chunk_index = fn, marker, chunk_index
+
+    def __call__(self, chunk):
+        if chunk.index == self.chunk_index and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.fn(chunk)
+
+
+class _Killing:
+    def __init__(self, inner, marker):
+        self.inner, self.marker = inner, marker
+
+    def map(self, fn, chunks, description="", progress=True, on_result=None):
+        return self.inner.map(
+            KillOnce(fn, self.marker, chunks[len(chunks) // 2].index), chunks, description, False
+        )
+
+
+def test_a_worker_killed_mid_run_is_retried_without_loss_or_double_count(
+    inputs, reference, tmp_path
+):
+    marker = tmp_path / "killed"
+    with DaskExecutor.local(2) as ex:
+        res = run(inputs, _Killing(ex, str(marker)))
+    assert marker.exists(), "the worker was not killed"
+    assert int(marker.read_text()) != os.getpid()
+    assert_same_stats(reference, res)
+    for g, st in res.stats.items():
+        rows = np.flatnonzero(inputs[0].group_index() == g)
+        assert np.array_equal(st.rows, rows)  # each particle exactly once
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def test_consolidated_pass_reduces_to_the_same_statistics(inputs):
+    ps, refs, opts = inputs
+    bands = make_bands(ps, refs, opts, None)
+    pass_ = _Pass(ps, refs, bands, ImageSource(ps), ps.mag_matrices())
+    pass_.mags = ps.mag_matrices()
+    pass_.noise = [np.ones(b.n_shells + 1) for b in bands]
+    chunks = make_chunks(ps.group_index(), 16)
+    results = [pass_(c) for c in chunks]
+    compact = consolidate_statistics(chunks, results)
+    for g in range(ps.n_groups):
+        full = GroupStatistics.reduce(
+            [s for c, r in zip(chunks, results, strict=True) if c.group == g for s in r]
+        )
+        short = GroupStatistics.reduce(
+            [s for c, r in zip(chunks, compact, strict=True) if c.group == g for s in r]
+        )
+        for name, x in full.as_arrays().items():
+            assert np.array_equal(x, getattr(short, name)), name
+
+
+def test_checkpoint_executor_resumes_and_rejects_other_inputs(inputs, reference, tmp_path):
+    folder = tmp_path / ".chunks"
+    first = CheckpointExecutor(LocalExecutor(), folder)
+    assert_same_stats(reference, run(inputs, first))
+    assert all(c["read"] == 0 for c in first.counts)
+    state = json.loads((folder / "state.json").read_text())
+    assert [p["complete"] for p in state["passes"]] == [True, True]
+    assert len(state["passes"][1]["M"]) == inputs[0].n_groups
+    assert not list(folder.glob("pass_*/chunk_*.npz"))  # consolidated
+    # drop the end of pass 2 as if the run had been killed there
+    p2 = folder / "pass_002"
+    (p2 / "pass.npz").unlink()
+    n_chunks = len(make_chunks(inputs[0].group_index(), OPTS["chunk_size"]))
+    ps, refs, opts = inputs
+    # chunk results of pass 2 for the first 5 chunks, written by a partial run
+    again = CheckpointExecutor(LocalExecutor(), folder, resume=True)
+    _partial(again, inputs, stop_after=5)
+    resumed = CheckpointExecutor(LocalExecutor(), folder, resume=True)
+    res = run(inputs, resumed)
+    assert resumed.counts[0] == {"pass": 1, "read": n_chunks, "computed": 0}
+    assert resumed.counts[1]["read"] >= 5
+    assert resumed.counts[1]["read"] + resumed.counts[1]["computed"] == n_chunks
+    assert_same_stats(reference, res)
+    # other options -> other fingerprints: nothing is reused
+    other = CheckpointExecutor(LocalExecutor(), folder, resume=True)
+    run((ps, refs, EstimateOptions(**{**OPTS, "low_res_A": 25.0})), other)
+    assert all(c["read"] == 0 for c in other.counts)
+    other.finish()
+    assert not folder.exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _partial(ex: CheckpointExecutor, inputs, stop_after: int) -> None:
+    """Run until ``stop_after`` chunks of pass 2 are stored, then stop as if killed."""
+    count = {"n": 0}
+    inner = ex.inner
+
+    class Stopping(LocalExecutor):
+        def map(self, fn, chunks, description="", progress=True, on_result=None):
+            if ex._pass < 2:
+                return inner.map(fn, chunks, description, progress, on_result)
+
+            def store(c, r):
+                on_result(c, r)
+                count["n"] += 1
+                if count["n"] >= stop_after:
+                    raise _Stop
+
+            return inner.map(fn, chunks, description, progress, on_result=store)
+
+    ex.inner = Stopping()
+    with pytest.raises(_Stop):
+        run(inputs, ex)
+
+
+# ------------------------------------------------------------------------------ CLI runs
+def _cli(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cryomag.cli.main",
+        "estimate",
+        "-i",
+        str(data / "particles.star"),
+        "--ref",
+        str(data / "ref.mrc"),
+        "-o",
+        str(out),
+        "--fit",
+        "scale,aniso",
+        "--max-iter",
+        "3",
+        "--tol",
+        "0",
+        "--chunk-size",
+        "4",
+        "--no-plots",
+        "-q",
+        *extra,
+    ]
+
+
+def _wait_for_chunks(proc, folder: Path, pass_no: int, n: int, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    pdir = folder / f"pass_{pass_no:03d}"
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be interrupted: {proc.stderr.read()}")
+        if len(list(pdir.glob("chunk_*.npz"))) >= n:
+            return
+        time.sleep(0.005)
+    pytest.fail("no chunk files appeared")
+
+
+def _compare_outputs(out: Path, expected) -> None:
+    got = json.loads((out / "results.json").read_text())
+    for gr, g in zip(expected.groups, got["groups"], strict=True):
+        np.testing.assert_allclose(g["M"], gr.mag, rtol=RTOL, atol=0)
+    for gr in expected.groups:
+        with np.load(out / "stats" / f"group_{gr.group:03d}.npz") as z:
+            st = expected.stats[gr.group - 1]
+            for name, x in st.as_arrays().items():
+                np.testing.assert_allclose(z[name], x, rtol=RTOL, atol=0, err_msg=name)
+    assert not (out / ".chunks").exists()
+
+
+@pytest.fixture(scope="module")
+def cli_reference(data):
+    return estimate(
+        data / "particles.star",
+        data / "ref.mrc",
+        None,
+        progress=False,
+        **{**OPTS, "max_iter": 3, "chunk_size": 4},
+    )
+
+
+def test_killed_run_resumes_with_only_the_unfinished_chunks(data, tmp_path, cli_reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(data, out, "--j", "1", "--threads", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_chunks(proc, out / ".chunks", 2, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    # the pass in progress when the run died, and its finished chunks
+    current = max(int(d.name[5:]) for d in (out / ".chunks").glob("pass_*"))
+    pdir = out / ".chunks" / f"pass_{current:03d}"
+    complete = (pdir / "pass.npz").exists()
+    stored = 0 if complete else len(list(pdir.glob("chunk_*.npz")))
+    assert current >= 2 and (out / ".chunks" / "pass_001" / "pass.npz").is_file()
+    done = subprocess.run(
+        _cli(data, out, "--j", "1", "--threads", "1", "--resume"), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    log = (out / "cryomag.log").read_text()
+    n_chunks = len(make_chunks(read_particles(data / "particles.star").group_index(), 4))
+    for k in range(1, current + 1 if complete else current):
+        assert f"pass {k}: all {n_chunks} chunks read" in log
+    if stored:
+        assert f"pass {current}: {stored} of {n_chunks} chunks read" in log
+        assert f"computing {n_chunks - stored}" in log
+    _compare_outputs(out, cli_reference)
+
+
+def test_ctrl_c_on_a_local_cluster_leaves_a_resumable_state(data, tmp_path, cli_reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(data, out, "--j", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_chunks(proc, out / ".chunks", 1, 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    stored = list((out / ".chunks").rglob("*.npz"))
+    assert stored and not list((out / ".chunks").rglob(".*.tmp-*"))
+    done = subprocess.run(_cli(data, out, "--j", "2", "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "chunks read from" in (out / "cryomag.log").read_text()
+    _compare_outputs(out, cli_reference)
