@@ -273,3 +273,38 @@ def test_window_aware_prediction_removes_box_bias(tmp_path):
         print("pad", pad, "max |M - I|", out[pad][0], "se", out[pad][1])
     assert out[1][0] > 5 * out[1][1]
     assert out[5][0] < 4 * out[5][1]
+
+
+def test_true_frame_defocus_input(tmp_path):
+    """Input whose defocus is in the specimen frame (simulator truth): the CTF moves with M."""
+    cfg = small_config(seed=5, n=500, snr=1.0, cs=False)
+    cfg.output.true_defocus = True
+    simulate_dataset(cfg, tmp_path / "sim", progress=False)
+    truth = load_truth(tmp_path / "sim")
+    res = cryomag.estimate(
+        tmp_path / "sim" / "particles.star",
+        tmp_path / "sim" / "ref.mrc",
+        fit=("scale", "aniso"),
+        defocus_frame="true",
+        progress=False,
+    )
+    g = res.groups[0]
+    assert np.all(np.abs(g.mag - truth["M_group"][0]) < 4 * g.mag_error)
+    # defocus written unchanged (it already refers to the true frame)
+    np.testing.assert_allclose(
+        res.particles.column("rlnDefocusU"),
+        read_star(tmp_path / "sim" / "particles.star").column("rlnDefocusU"),
+    )
+
+
+def test_half_maps_path(simulated, tmp_path):
+    """Half-set 1 against half map 1 and 2 against 2; the FSC sets the default limit."""
+    res = cryomag.estimate(
+        simulated / "particles.star",
+        half_maps=(simulated / "ref.mrc", simulated / "ref.mrc"),
+        fit=("scale", "aniso"),
+        progress=False,
+        max_iter=2,
+    )
+    assert np.all(np.isfinite(res.groups[0].mag))
+    assert res.groups[0].band_A[1] > 0

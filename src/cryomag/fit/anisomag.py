@@ -38,7 +38,10 @@ class MagUpdate:
 
 
 def reduced_system(
-    stats: GroupStatistics, select: np.ndarray | None = None, joint_scale: bool = True
+    stats: GroupStatistics,
+    select: np.ndarray | None = None,
+    joint_scale: bool = True,
+    ctf_moves: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations for the 4 elements of M with the scales profiled out.
 
@@ -54,7 +57,7 @@ def reduced_system(
     H : ndarray, shape (..., 4, 4) summed over the selection
     b : ndarray, shape (..., 4)
     """
-    h_p, b_p = per_particle_system(stats, joint_scale)
+    h_p, b_p = per_particle_system(stats, joint_scale, ctf_moves)
     if select is not None:
         h_p, b_p = h_p[select], b_p[select]
     return h_p.sum(axis=0), b_p.sum(axis=0)
@@ -87,9 +90,15 @@ def per_particle_system(
     return h, b
 
 
-def solve_group(stats: GroupStatistics, joint_scale: bool = True) -> MagUpdate:
-    """Gauss-Newton step for one group's M from its statistics."""
-    h, b = reduced_system(stats, joint_scale=joint_scale)
+def solve_group(
+    stats: GroupStatistics, joint_scale: bool = True, ctf_moves: bool = False
+) -> MagUpdate:
+    """Gauss-Newton step for one group's M from its statistics.
+
+    ``ctf_moves``: the CTF's defocus term moves with M too (defocus given in the true frame;
+    needs extended statistics).
+    """
+    h, b = reduced_system(stats, joint_scale=joint_scale, ctf_moves=ctf_moves)
     hinv = np.linalg.pinv(h, rcond=1e-12)
     delta = hinv @ b
     cov = hinv * stats.chi2_per_pixel() / 2.0

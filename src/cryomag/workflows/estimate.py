@@ -69,6 +69,13 @@ class EstimateOptions:
         1e-3 per shell at eps <= 1e-6 (tests/test_physics.py).
     nthreads : int
         Threads for the Fourier-slice evaluation (0 = all cores).
+    defocus_frame : str
+        ``"measured"`` (default, RELION's CtfRefine semantics): the defocus was measured on
+        the distorted images, so the CTF's defocus term is held fixed as the input models it
+        while M changes, and the astigmatism is re-expressed afterwards. ``"true"``: the
+        defocus is already in the specimen frame (e.g. simulated truth, or a refinement that
+        corrected it): the whole CTF moves with M (CTF(M k)), its derivative enters the fit,
+        and the defocus is written unchanged.
     window_pad : int
         1: box-periodic prediction (RELION's). 2 (or more): window-aware prediction, made on a
         box that many times larger and cut to the particle box in real space, so that the
@@ -89,8 +96,13 @@ class EstimateOptions:
     eps: float = 1e-4
     nthreads: int = 0
     window_pad: int = 0
+    defocus_frame: str = "measured"
 
     def __post_init__(self) -> None:
+        if self.defocus_frame not in ("measured", "true"):
+            raise ValueError(
+                f"defocus_frame must be 'measured' or 'true', got {self.defocus_frame!r}"
+            )
         bad = set(self.fit) - set(FITS)
         if bad:
             raise ValueError(f"unknown fit(s) {sorted(bad)}; choose from {', '.join(FITS)}")
@@ -344,9 +356,17 @@ def run_estimate(
     chunks = make_chunks(gidx, opts.chunk_size)
     bands = make_bands(ps, refs, opts, fsc_res)
     mag_in = ps.mag_matrices()
-    pass_ = _Pass(ps, refs, bands, image_source, ctf_mags=mag_in.copy())
+    true_frame = opts.defocus_frame == "true"
+    # "true": the CTF follows the current M (ctf_mag None -> CTF(M k))
+    pass_ = _Pass(
+        ps,
+        refs,
+        bands,
+        image_source,
+        ctf_mags=[None] * ps.n_groups if true_frame else mag_in.copy(),
+    )
     pass_.mags = mag_in.copy()
-    pass_.extended = "particle" in opts.fit
+    pass_.extended = "particle" in opts.fit or true_frame
     pass_.window_pad = [
         opts.window_pad if opts.window_pad > 0 else auto_window_pad(ps, g, bands[g])
         for g in range(ps.n_groups)
@@ -379,7 +399,7 @@ def run_estimate(
             pass_.noise[g] = stats[g].noise_power()
             if not fit_aniso:
                 continue
-            upd = solve_group(stats[g], joint_scale=opts.joint_scale)
+            upd = solve_group(stats[g], joint_scale=opts.joint_scale, ctf_moves=true_frame)
             updates[g] = upd
             lin[g] = pass_.mags[g].copy()
             pass_.mags[g] = pass_.mags[g] + upd.delta
@@ -416,7 +436,9 @@ def run_estimate(
                 mag_lin=lin[g],
             )
         )
-    if fit_aniso:
+    if fit_aniso and true_frame:
+        out.set_mag_matrices(np.asarray(pass_.mags))  # defocus already in the true frame
+    elif fit_aniso:
         _apply_magnification(out, mag_in, pass_.mags, gidx)
     if "scale" in opts.fit:
         old = out.column("rlnCtfScalefactor", 1.0)
