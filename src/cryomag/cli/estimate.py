@@ -158,6 +158,22 @@ def estimate_cmd(
     ] = None,
     cs: Annotated[bool, typer.Option("--cs", help="also write particles.cs")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip the plots")] = False,
+    defocus_frame: Annotated[
+        str,
+        typer.Option(
+            "--defocus-frame",
+            help="measured: defocus measured on the distorted images (held fixed, as RELION); "
+            "true: defocus already in the specimen frame (the CTF moves with M)",
+        ),
+    ] = "measured",
+    window_pad: Annotated[
+        int,
+        typer.Option(
+            "--window-pad",
+            help="0 = automatic; 1 = box-periodic prediction (RELION); >1 = predict on a "
+            "box that many times larger and cut the particle window",
+        ),
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Estimate per-particle scales and each optics group's magnification matrix.
@@ -219,6 +235,8 @@ def estimate_cmd(
                 tol=tol,
                 chunk_size=chunk_size,
                 nthreads=(0 if threads is None else threads) if execution.synchronous else 1,
+                defocus_frame=defocus_frame,
+                window_pad=window_pad,
             )
         except KeyboardInterrupt:
             typer.secho(
