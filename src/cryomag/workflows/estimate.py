@@ -86,7 +86,7 @@ class EstimateOptions:
         59 % of a defocus-dependent magnification, the window-aware model 92 %.
     """
 
-    fit: tuple = FITS
+    fit: tuple = ("scale", "aniso")
     low_res_A: float = 20.0
     high_res_A: float | None = None
     max_iter: int = 10
