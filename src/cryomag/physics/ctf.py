@@ -102,27 +102,21 @@ def ctf_values(
     """
     kx = np.atleast_2d(kx)
     ky = np.atleast_2d(ky)
-
-    def col(x):
-        return np.asarray(x, float).reshape(-1, 1)
-
-    adef = defocus_matrix(defocus_u_A, defocus_v_A, angle_deg)
-    a00, a01, a11 = col(adef[..., 0, 0]), col(adef[..., 0, 1]), col(adef[..., 1, 1])
-    lam = float(electron_wavelength_A(voltage_kv))
-    cs_A = cs_mm * 1e7
-    k2 = kx * kx + ky * ky
-    quad = a00 * kx * kx + 2 * a01 * kx * ky + a11 * ky * ky
-    chi = (
-        np.pi * lam * quad
-        - 0.5 * np.pi * cs_A * lam**3 * k2 * k2
-        + np.deg2rad(col(phase_shift_deg))
+    return ctf_split_frames(
+        kx,
+        ky,
+        kx,
+        ky,
+        defocus_u_A,
+        defocus_v_A,
+        angle_deg,
+        voltage_kv,
+        cs_mm,
+        amplitude_contrast,
+        phase_shift_deg,
+        bfactor_A2,
+        scale,
     )
-    q0 = float(amplitude_contrast)
-    ctf = np.sqrt(1 - q0 * q0) * np.sin(chi) + q0 * np.cos(chi)
-    b = col(bfactor_A2)
-    if np.any(b != 0):
-        ctf = ctf * np.exp(-0.25 * b * k2)
-    return ctf * col(scale)
 
 
 def ctf_split_frames(
