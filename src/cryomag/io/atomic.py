@@ -117,3 +117,26 @@ def atomic_write(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_json(
+    path: str | os.PathLike, obj, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Write ``obj`` as indented JSON atomically (numpy scalars/arrays and paths allowed)."""
+    import json
+
+    with atomic_write(path, inputs) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=_json_default))
+    return Path(path)

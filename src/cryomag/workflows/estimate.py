@@ -15,7 +15,6 @@ astigmatism per micrograph by default). The Cs term is not compensated (as in RE
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -520,9 +519,12 @@ def results_dict(res: EstimateResult) -> dict:
     }
 
 
-def save_statistics(res: EstimateResult, folder: Path) -> None:
-    """Store the per-particle statistics (one .npz per optics group) for later refits."""
-    from cryomag.io.atomic import atomic_write
+def save_statistics(res: EstimateResult, folder: Path, options: dict | None = None) -> None:
+    """Store the per-particle statistics (one .npz per optics group) for later refits.
+
+    ``options``: the run's options as written to results.json (derived from ``res`` if None).
+    """
+    from cryomag.io.atomic import atomic_write, write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     for gr in res.groups:
@@ -543,8 +545,7 @@ def save_statistics(res: EstimateResult, folder: Path) -> None:
                         else np.full(len(st.rows), np.nan)
                     ),
                 )
-    with atomic_write(folder / "options.json") as tmp:
-        Path(tmp).write_text(json.dumps(results_dict(res)["options"], indent=2))
+    write_json(folder / "options.json", options or results_dict(res)["options"])
 
 
 def write_outputs(
@@ -556,7 +557,7 @@ def write_outputs(
     ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf``.
     """
     from cryomag.io import write_star
-    from cryomag.io.atomic import atomic_write
+    from cryomag.io.atomic import write_json
     from cryomag.io.mrc import rebase_image_names
 
     out.mkdir(parents=True, exist_ok=True)
@@ -576,10 +577,10 @@ def write_outputs(
         ensure_not_input(cs, inputs)
         _write_cs(to_write, cs)
         written["cs"] = cs
-    with atomic_write(out / "results.json", inputs) as tmp:
-        Path(tmp).write_text(json.dumps(results_dict(res), indent=2, default=_json_default))
+    summary = results_dict(res)
+    write_json(out / "results.json", summary, inputs)
     written["results"] = out / "results.json"
-    save_statistics(res, out / "stats")
+    save_statistics(res, out / "stats", summary["options"])
     written["stats"] = out / "stats"
     if plots:
         from cryomag.report.plots_estimate import plot_estimate
@@ -591,16 +592,6 @@ def write_outputs(
             plot_local(res.particles, res.local, out / "plots")
         written["plots"] = out / "plots"
     return written
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def estimate(

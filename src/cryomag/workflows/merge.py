@@ -19,7 +19,6 @@ Two ways out:
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryomag.io.atomic import write_json
 from cryomag.model.particles import ParticleDataError, ParticleSet, SourceInfo
 
 log = logging.getLogger("cryomag")
@@ -177,7 +177,7 @@ def merge(
 ) -> dict:
     """Python API of ``cryomag merge``; returns the report written to OUT/merge.json."""
     from cryomag.io import write_cs, write_star
-    from cryomag.io.atomic import atomic_write, ensure_not_input
+    from cryomag.io.atomic import ensure_not_input
     from cryomag.io.mrc import rebase_image_names
     from cryomag.workflows.estimate import estimate as run_estimate
 
@@ -218,8 +218,7 @@ def merge(
     write_cs(cs_with_common_pixel(merged, common), out / "particles.cs")
     report["cs_common_pixel_size_A"] = common
     report["n_particles"] = len(merged)
-    with atomic_write(out / "merge.json") as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=2, default=str))
+    write_json(out / "merge.json", report)
     return report
 
 

@@ -28,7 +28,6 @@ Half sets come from rlnRandomSubset (1 and 2); when absent, particles alternate 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryomag.io.atomic import write_json
 from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.geometry import euler_to_matrix
@@ -464,7 +464,6 @@ def plot_fsc(result: ReconstructResult, path: Path, title: str | None = None) ->
 
 def write_outputs(result: ReconstructResult, out: Path, inputs=(), command: str | None = None):
     """Write half1.mrc, half2.mrc, map.mrc, fsc.json and fsc.png into ``out``."""
-    from cryomag.io.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -475,21 +474,10 @@ def write_outputs(result: ReconstructResult, out: Path, inputs=(), command: str 
     summary = result.summary()
     if command:
         summary["command"] = command
-    with atomic_write(out / "fsc.json", inputs) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_json(out / "fsc.json", summary, inputs)
     files["fsc_json"] = out / "fsc.json"
     files["fsc_png"] = plot_fsc(result, out / "fsc.png", title=str(out.name))
     return files
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def reconstruct(

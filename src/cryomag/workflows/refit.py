@@ -7,12 +7,12 @@ single image. Writes OUT/particles.star and OUT/results.json (and plots).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from cryomag.fit.statistics import GroupStatistics
+from cryomag.io.atomic import write_json
 from cryomag.model.particles import ParticleDataError
 from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
 
@@ -59,7 +59,6 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
         The per-group summary (as in results.json "local").
     """
     from cryomag.io import read_star, write_star
-    from cryomag.io.atomic import atomic_write
 
     run = Path(run)
     bad = set(fits) - set(LOCAL_FITS)
@@ -80,8 +79,7 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
 
     rebase_image_names(ps, out)
     write_star(ps, out / "particles.star")
-    with atomic_write(out / "results.json") as tmp:
-        Path(tmp).write_text(json.dumps({"fit": list(fits), "groups": summary}, indent=2))
+    write_json(out / "results.json", {"fit": list(fits), "groups": summary})
     if plots:
         from cryomag.report.plots_local import plot_local
 
