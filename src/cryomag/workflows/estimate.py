@@ -32,6 +32,7 @@ from cryomag.physics.ctf import transform_astigmatism
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.projection import MapReference, OpticsParams, ParticleGeometry
 from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
+from cryomag.workflows.runlog import run_log
 
 log = logging.getLogger("cryomag")
 
@@ -654,15 +655,7 @@ def estimate(
         if x is not None and not isinstance(x, MapReference):
             inputs.append(Path(x))
     opts = EstimateOptions(**options)
-    handler = None
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(out / "cryomag.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    try:
+    with run_log(out) as out:
         log.info(
             "estimate: %d particles from %s, %d optics group(s)", len(ps), ps.name, ps.n_groups
         )
@@ -684,10 +677,6 @@ def estimate(
                 )
             if out is not None:
                 write_outputs(res, out, inputs, write_cs=write_cs, plots=plots)
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
     return res
 
 

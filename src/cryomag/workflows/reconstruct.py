@@ -43,6 +43,7 @@ from cryomag.physics.projection import OpticsParams, ParticleGeometry, ctf_at
 from cryomag.reconstruct.backproject import Backprojector, half_plane_pixels, wiener_lambda
 from cryomag.reconstruct.fsc import fsc, resolution_at
 from cryomag.reconstruct.symmetry import symmetry_operators
+from cryomag.workflows.runlog import run_log
 
 log = logging.getLogger("cryomag")
 
@@ -553,15 +554,7 @@ def reconstruct(
         nthreads=nthreads,
         **options,
     )
-    handler = None
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(out / "cryomag.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    try:
+    with run_log(out) as out:
         if command:
             log.info("command: %s", command)
         log.info("reconstruct: particles from %s", ps.name)
@@ -572,8 +565,4 @@ def reconstruct(
         if out is not None:
             res.files = write_outputs(res, out, inputs, command=command)
             log.info("wrote %s", ", ".join(str(p) for p in res.files.values()))
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
     return res
