@@ -19,7 +19,7 @@ from cryomag.simulate.simulator import simulate_dataset
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def dataset(folder, seed, apix, box, true_apix, n=500):
+def dataset(folder, seed, apix, box, true_apix, n=500, snr=2.0):
     cfg = SimulationConfig(seed=seed)
     cfg.optics_groups = [
         OpticsGroupConfig(
@@ -32,7 +32,7 @@ def dataset(folder, seed, apix, box, true_apix, n=500):
         )
     ]
     cfg.defocus.min_um, cfg.defocus.max_um = 0.4, 0.9
-    cfg.noise.snr = 2.0
+    cfg.noise.snr = snr
     cfg.phantom.diameter_A, cfg.phantom.n_atoms, cfg.phantom.seed = 50.0, 1000, 7
     cfg.phantom.ref_pixel_size_A = 1.28
     simulate_dataset(cfg, folder, progress=False)
@@ -140,3 +140,80 @@ def test_real_metadata_merge_keeps_every_particle_and_column(tmp_path):
     # group matrices of the STAR input kept
     np.testing.assert_allclose(m.mag_matrices()[: a.n_groups], a.mag_matrices(), atol=1e-9)
     assert (tmp_path / "m" / "particles.cs").exists()
+
+
+@pytest.fixture(scope="module")
+def fsc_merge(tmp_path_factory):
+    """Two small, noisier sets 3 % apart (1.5 % each way) merged with the before/after FSC."""
+    tmp = tmp_path_factory.mktemp("merge_fsc")
+    dataset(tmp / "a", 1, 1.6, 48, 1.6 * 1.015, n=250, snr=0.5)
+    dataset(tmp / "b", 2, 1.28, 60, 1.28 * 0.985, n=250, snr=0.5)
+    rep = cryomag.workflows.merge.merge(
+        [tmp / "a" / "particles.star", tmp / "b" / "particles.star"],
+        tmp / "m",
+        tmp / "a" / "ref.mrc",
+        fsc=True,
+        progress=False,
+        plots=False,
+    )
+    return tmp, rep
+
+
+def test_merge_fsc_before_after(fsc_merge):
+    from PIL import Image
+
+    tmp, rep = fsc_merge
+    png = tmp / "m" / "plots" / "merge_fsc.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        im.verify()
+    assert not list((tmp / "m" / "plots").glob(".*tmp*")), "temporary file left behind"
+    f = json.loads((tmp / "m" / "merge.json").read_text())["fsc"]
+    assert f["plot"] == "plots/merge_fsc.png"
+    # the reference's grid (box 50 at 1.28 A)
+    assert f["grid"]["box"] == 50 and f["grid"]["pixel_size_A"] == pytest.approx(1.28)
+    freq = np.array(f["frequency_1_per_A"])
+    assert freq.shape == (25,)
+    for k in ("before", "after"):
+        assert len(f[k]["fsc"]) == len(f[k]["fsc_vs_reference"]) == freq.size
+        assert f[k]["resolution_0.5_A"] >= f[k]["resolution_0.143_A"] >= 2 * 1.28
+        assert f[k]["n_particles_half"] == [250, 250]
+    before, after = f["before"], f["after"]
+    # the correction makes the groups consistent: at least as good, better between 0.3 and
+    # 0.9 of Nyquist (same particles and noise, so the difference is systematic)
+    assert after["resolution_0.143_A"] <= before["resolution_0.143_A"] + 0.05
+    nyquist = 0.5 / f["grid"]["pixel_size_A"]
+    shells = (freq >= 0.3 * nyquist) & (freq <= 0.9 * nyquist)
+    mean = {k: np.mean(np.array(f[k]["fsc"])[shells]) for k in ("before", "after")}
+    assert mean["after"] > mean["before"] + 0.003, mean
+    ref = {k: np.mean(np.array(f[k]["fsc_vs_reference"])[shells]) for k in ("before", "after")}
+    assert ref["after"] > ref["before"], ref
+
+
+def test_merge_cli_fsc_option(fsc_merge, monkeypatch):
+    """--fsc reaches merge(fsc=True) (off by default) and its summary is printed."""
+    tmp, rep = fsc_merge
+    calls = []
+
+    def fake_merge(inputs, out, ref, **kw):
+        calls.append(kw)
+        return rep
+
+    monkeypatch.setattr(cryomag.workflows.merge, "merge", fake_merge)
+    args = ["merge", str(tmp / "a" / "particles.star"), "--ref", str(tmp / "a" / "ref.mrc")]
+    for extra, expected in (([], False), (["--fsc"], True), (["--no-fsc"], False)):
+        r = CliRunner().invoke(app, [*args, "--out", str(tmp / "cli"), "-q", *extra])
+        assert r.exit_code == 0, r.output
+        assert calls[-1]["fsc"] is expected
+        assert "half-map FSC = 0.143" in r.output
+        assert "merge_fsc.png" in r.output
+
+
+def test_merge_fsc_without_estimate_is_skipped(fsc_merge, tmp_path):
+    tmp, _ = fsc_merge
+    with pytest.warns(UserWarning, match="needs the estimate"):
+        rep = cryomag.workflows.merge.merge(
+            [tmp / "a" / "particles.star"], tmp_path / "n", estimate=False, fsc=True
+        )
+    assert "skipped" in rep["fsc"]
+    assert not (tmp_path / "n" / "plots").exists()

@@ -31,6 +31,14 @@ def merge_cmd(
         int | None, typer.Option("--box", help="target box; default the largest")
     ] = None,
     angpix: Annotated[float | None, typer.Option("--angpix", help="for RELION 3.0 inputs")] = None,
+    fsc: Annotated[
+        bool,
+        typer.Option(
+            "--fsc/--no-fsc",
+            help="also reconstruct before (M = I) and after (estimated M) and compare their "
+            "half-map FSC (takes two reconstructions)",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Merge particle sets recorded at different pixel sizes and find their relative scale.
@@ -38,7 +46,10 @@ def merge_cmd(
     Writes OUT/particles.star (per-group rlnMagMat), OUT/particles.cs (common blob/psize_A,
     anisomag carrying each group's difference), OUT/merge.json (true relative pixel sizes with
     standard errors, the best-calibrated anchor, duplicates, warnings), OUT/pixel_sizes.png and
-    OUT/estimate/ (the estimate run); with --resample also OUT/Particles/*.mrcs.
+    OUT/estimate/ (the estimate run); with --resample also OUT/Particles/*.mrcs. With --fsc
+    the particles are reconstructed on the reference's grid with every group at its declared
+    pixel size and with the estimated matrices: OUT/plots/merge_fsc.png and, in merge.json,
+    both half-map FSC curves with their resolutions at 0.143 and 0.5.
     """
     from rich.console import Console
     from rich.table import Table
@@ -56,6 +67,7 @@ def merge_cmd(
             box=box,
             angpix=angpix,
             progress=not quiet,
+            fsc=fsc,
         )
         console = Console()
         console.print(f"merged {rep['n_particles']} particles from {len(inputs)} files into {out}")
@@ -79,3 +91,14 @@ def merge_cmd(
                 )
             console.print(t)
             console.print(rep["absolute_scale"])
+        f = rep.get("fsc", {})
+        if "skipped" in f:
+            console.print(f"[yellow]{f['skipped']}[/]")
+        elif f:
+            b, a = f["before"], f["after"]
+            console.print(
+                f"half-map FSC = 0.143: {b['resolution_0.143_A']:.2f} A with every group at "
+                f"its declared pixel size, {a['resolution_0.143_A']:.2f} A with the estimated "
+                f"M (0.5: {b['resolution_0.5_A']:.2f} -> {a['resolution_0.5_A']:.2f} A); "
+                f"{Path(out) / f['plot']}"
+            )

@@ -15,11 +15,19 @@ Two ways out:
 2. resample: new stacks at one pixel size and box (exact Fourier resampling), shifts rescaled,
    CTF values kept in A, M = I. A set upsampled to a finer pixel carries no signal beyond its
    own original Nyquist: refine (or re-estimate, ``--high-res``) within that limit.
+
+With ``fsc`` (``--fsc``) the merged particles are also reconstructed twice on the reference's
+grid, with half-set FSC: "before" takes every group at its declared pixel size (M = I, the
+input defocus: what merging the tables naively gives), "after" uses the estimated matrices (the
+merged output; with ``resample`` still the input images, which carry the same correction).
+Both use the same contrast scales, so the difference is the magnification.
+OUT/plots/merge_fsc.png shows both curves; merge.json gets the curves and resolutions.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cryomag.io.atomic import write_json
-from cryomag.model.particles import ParticleDataError, ParticleSet, SourceInfo
+from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet, SourceInfo
 
 log = logging.getLogger("cryomag")
 
@@ -173,9 +181,15 @@ def merge(
     box: int | None = None,
     angpix: float | None = None,
     progress: bool = True,
+    fsc: bool = False,
     **options,
 ) -> dict:
-    """Python API of ``cryomag merge``; returns the report written to OUT/merge.json."""
+    """Python API of ``cryomag merge``; returns the report written to OUT/merge.json.
+
+    ``fsc``: reconstruct the merged particles before (M = I) and after (estimated M) the
+    correction and compare their half-map FSC (:func:`before_after_fsc`; needs the estimate).
+    ``options`` go to :func:`cryomag.estimate`.
+    """
     from cryomag.io import write_cs, write_star
     from cryomag.io.atomic import ensure_not_input
     from cryomag.io.mrc import rebase_image_names
@@ -188,10 +202,15 @@ def merge(
     for name in ("particles.star", "particles.cs"):
         ensure_not_input(out / name, inputs)
     merged, report = combine(list(inputs), angpix=angpix)
+    if fsc and not estimate:
+        msg = "the before/after FSC needs the estimate (images and --ref): skipped"
+        warnings.warn(msg, stacklevel=2)
+        report["fsc"] = {"skipped": msg}
     if estimate:
         if reference is None:
             raise ValueError("merge: give --ref (or --no-estimate to merge the tables only)")
         res = run_estimate(merged, reference, out / "estimate", progress=progress, **options)
+        naive = merged  # the tables as read: the "before" of the FSC
         merged = res.particles
         report["pixel_sizes"] = relative_pixel_sizes(res)
         report["scale_per_group"] = {str(k): v for k, v in res.scales.group_mean.items()}
@@ -200,6 +219,16 @@ def merge(
             "external standard (atomic model, diffraction ring)"
         )
         _plot_pixel_sizes(report["pixel_sizes"], out / "pixel_sizes.png")
+        if fsc:
+            report["fsc"] = before_after_fsc(
+                merged,
+                naive,
+                reference,
+                out / "plots" / "merge_fsc.png",
+                nthreads=int(options.get("nthreads", 0)),
+                progress=progress,
+            )
+            report["fsc"]["plot"] = "plots/merge_fsc.png"
     if resample:
         from cryomag.workflows.apply import resample_particles
 
@@ -220,6 +249,98 @@ def merge(
     report["n_particles"] = len(merged)
     write_json(out / "merge.json", report)
     return report
+
+
+def before_after_fsc(
+    merged: ParticleSet,
+    naive: ParticleSet,
+    reference,
+    plot_path: Path,
+    *,
+    nthreads: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Half-map FSC of the merged particles without and with the estimated magnification.
+
+    Parameters
+    ----------
+    merged : ParticleSet
+        The estimate's output (per-group M, adapted defocus, contrast scales): "after".
+    naive : ParticleSet
+        The same particles as read (same rows): "before", with every group's M set to the
+        identity (its declared pixel size) and the contrast scales of ``merged``.
+    reference : path or MapReference
+        Sets the output grid (box and voxel size); a map file also gives the FSC of each
+        full map against it.
+    plot_path : path
+        PNG with both half-map FSC curves (written atomically; its folder is created).
+
+    Returns
+    -------
+    dict
+        The grid, the shell frequencies (1/A) and per run the half-map FSC with its
+        resolutions at 0.143 and 0.5 (and, with a map file, the FSC against the reference).
+    """
+    from cryomag.io import ImageSource, read_map
+    from cryomag.physics.projection import MapReference
+    from cryomag.reconstruct.fsc import fsc as fsc_curve
+    from cryomag.reconstruct.fsc import resolution_at
+    from cryomag.report.html import plot_fsc_curves
+    from cryomag.workflows.reconstruct import ReconstructOptions, run_reconstruct
+
+    t0 = time.perf_counter()
+    if isinstance(reference, MapReference):
+        ref_vol, box, apix = None, reference.box, reference.pixel_size_A
+    else:
+        ref_vol, apix = read_map(reference)
+        box = int(ref_vol.shape[0])
+    if box % 2:  # the reconstruction needs an even box: one zero plane first keeps the centre
+        box += 1
+        if ref_vol is not None:
+            ref_vol = np.pad(ref_vol, ((1, 0),) * 3)
+    before = naive.copy()
+    before.set_mag_matrices(np.tile(np.eye(2), (before.n_groups, 1, 1)))
+    before.particles = before.particles.drop(
+        columns=[c for c in MAGMAT_COLUMNS if c in before.particles.columns]
+    )
+    if "rlnCtfScalefactor" in merged.particles.columns:
+        before.particles["rlnCtfScalefactor"] = merged.column("rlnCtfScalefactor")
+    opts = ReconstructOptions(box=box, pixel_size_A=float(apix), nthreads=nthreads)
+    runs = {
+        "before": (before, "every group at its declared pixel size (M = I)", "M = I"),
+        "after": (merged, "estimated per-group magnification matrices", "estimated M"),
+    }
+    out: dict = {"grid": {"box": box, "pixel_size_A": float(apix), "from": "reference"}}
+    curves = []
+    for label, (ps, what, short) in runs.items():
+        log.info("merge: reconstruction %s the correction (%s)", label, what)
+        r = run_reconstruct(ps, ImageSource(ps), opts, progress=progress)
+        out["frequency_1_per_A"] = r.freq.tolist()
+        entry = {
+            "magnification": what,
+            "resolution_0.143_A": r.resolution_A,
+            "resolution_0.5_A": resolution_at(r.freq, r.fsc, 0.5),
+            "fsc": r.fsc.tolist(),
+            "n_particles_half": r.info["n_particles_half"],
+        }
+        if ref_vol is not None:
+            f, c = fsc_curve(r.full, ref_vol, r.pixel_size_A)
+            entry["fsc_vs_reference"] = c.tolist()
+            entry["resolution_vs_reference_0.5_A"] = resolution_at(f, c, 0.5)
+            entry["resolution_vs_reference_0.143_A"] = resolution_at(f, c, 0.143)
+        out[label] = entry
+        curves.append((f"{label}, {short}: {r.resolution_A:.2f} A at 0.143", r.freq, r.fsc))
+        log.info(
+            "merge: half-map FSC %s: %.2f A at 0.143, %.2f A at 0.5",
+            label,
+            entry["resolution_0.143_A"],
+            entry["resolution_0.5_A"],
+        )
+    plot_path = Path(plot_path)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_fsc_curves(curves, plot_path, title="merge: half-map FSC before / after the correction")
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def _plot_pixel_sizes(rows: list[dict], path: Path) -> None:
@@ -244,4 +365,4 @@ def _plot_pixel_sizes(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["ParticleDataError", "combine", "merge", "relative_pixel_sizes"]
+__all__ = ["ParticleDataError", "before_after_fsc", "combine", "merge", "relative_pixel_sizes"]
