@@ -139,3 +139,38 @@ def test_refit_from_statistics_matches_and_writes_star(kappa_run, tmp_path):
     assert "cmagMicrographMag" in ps.particles.columns
     r = CliRunner().invoke(app, ["refit", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "nothing" in r.output
+
+
+# ----------------------------------------------------------------------- full-size target
+@pytest.mark.slow
+def test_full_size_kappa(tmp_path):
+    """Issue 4's target: kappa = 0.5 %/um over 0.8-2.5 um, 20,000 particles of box 128 at
+    SNR 0.05 (50 per micrograph, 1 % anisotropy): recovered within 10 % of its value."""
+    cfg = SimulationConfig(seed=41)
+    cfg.optics_groups = [
+        OpticsGroupConfig(
+            pixel_size_A=1.6,
+            aniso=[1.01, 0.99, 30.0],
+            box=128,
+            n_particles=20000,
+            particles_per_micrograph=50,
+        )
+    ]
+    cfg.defocus.min_um, cfg.defocus.max_um = 0.8, 2.5
+    cfg.magnification.kappa_pct_per_um = 0.5
+    cfg.noise.snr = 0.05
+    cfg.phantom.diameter_A = 120.0
+    cfg.phantom.n_atoms = 5000
+    simulate_dataset(cfg, tmp_path / "sim", progress=False)
+    res = cryomag.estimate(
+        tmp_path / "sim" / "particles.star",
+        tmp_path / "sim" / "ref.mrc",
+        tmp_path / "est",
+        fit=("scale", "aniso", "micrograph", "defocus"),
+        progress=False,
+    )
+    d = res.local[1]["defocus"]
+    print("kappa", d["kappa_percent_per_um"], "+-", d["kappa_se_percent_per_um"], d)
+    assert abs(d["kappa_percent_per_um"] - 0.5) < 0.05
+    lo, hi = d["kappa_ci95_percent_per_um"]
+    assert lo < 0.5 < hi

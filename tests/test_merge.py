@@ -217,3 +217,41 @@ def test_merge_fsc_without_estimate_is_skipped(fsc_merge, tmp_path):
         )
     assert "skipped" in rep["fsc"]
     assert not (tmp_path / "n" / "plots").exists()
+
+
+# ----------------------------------------------------------------------- full-size target
+@pytest.mark.slow
+def test_full_size_relative_pixel_size(tmp_path):
+    """Issue 5's target: 1.06 A / box 160 and 0.83 A / box 200, nominal sizes 1 % off,
+    10,000 particles per set at SNR 0.05: relative pixel size within 0.02 %."""
+    for name, seed, apix, box, true_apix in (
+        ("a", 51, 1.06, 160, 1.06 * 1.01),
+        ("b", 52, 0.83, 200, 0.83 * 0.99),
+    ):
+        cfg = SimulationConfig(seed=seed)
+        cfg.optics_groups = [
+            OpticsGroupConfig(
+                name=f"set{name}",
+                pixel_size_A=apix,
+                box=box,
+                true_pixel_size_A=true_apix,
+                n_particles=10000,
+                particles_per_micrograph=100,
+            )
+        ]
+        cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.2
+        cfg.noise.snr = 0.05
+        cfg.phantom.diameter_A, cfg.phantom.n_atoms, cfg.phantom.seed = 110.0, 5000, 7
+        cfg.phantom.ref_pixel_size_A = 0.83
+        simulate_dataset(cfg, tmp_path / name, progress=False)
+    rep = cryomag.workflows.merge.merge(
+        [tmp_path / "a" / "particles.star", tmp_path / "b" / "particles.star"],
+        tmp_path / "m",
+        reference=tmp_path / "b" / "ref.mrc",
+        progress=False,
+    )
+    sizes = {p["optics_group"]: p for p in rep["pixel_sizes"]}
+    ratio = sizes[1]["true_pixel_size_A"] / sizes[2]["true_pixel_size_A"]
+    truth = 1.06 * 1.01 / (0.83 * 0.99)
+    print("relative pixel size", ratio, "truth", truth, "rel error", ratio / truth - 1, sizes)
+    assert abs(ratio / truth - 1) < 2e-4

@@ -34,7 +34,7 @@ def estimate_cmd(
     ] = None,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Gauss-Newton iterations")] = 10,
     tol: Annotated[float, typer.Option("--tol", help="stop when |update of M| < tol")] = 1e-5,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="particles per chunk")] = 64,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="particles per chunk")] = 256,
     j: Annotated[
         int,
         typer.Option(
@@ -91,8 +91,8 @@ def estimate_cmd(
         typer.Option(
             "--memory",
             help="memory per job, split between its processes; a worker needs about "
-            "13 N^3 x 8 B for a reference of box N (map, gradients, finufft grids) + "
-            "chunk-size x box^2 x 110 B + 150 MB (N = box = 128: 0.5 GB; 256: 2.4 GB)",
+            "8 N^3 x 8 B for a reference of box N (map, finufft grid) + chunk-size x box^2 "
+            "x 32 B + 0.4 GB (N = box = 128: 0.6 GB; 256: 1.6 GB)",
             rich_help_panel="Execution",
         ),
     ] = "8GB",

@@ -38,21 +38,21 @@ threads it uses. Dask workers evaluate with their own thread count (1 by default
 synchronous run with ``nthreads=1`` (``--j 1 --threads 1``) reproduces a cluster run to
 rounding, while one with all threads agrees to ~1e-5.
 
-Memory per worker (bytes; particle box B, reference box N, chunk size c, b = 8 bytes per
-complex value at eps >= 1e-5, else 16)::
+Memory per worker (bytes; particle box B, reference box N, chunk size c, window padding p,
+b = 8 bytes per complex value at eps >= 1e-5, else 16)::
 
-    reference   5 N^3 b     the map and its 3 gradient volumes, built once per process
+    reference   2 N^3 b     the map and its gradient volumes (4 N^3 b more only with
+                            ``exact_gradient``), built once per process
               + 4 N^3       the shipped float32 volume (kept by Dask with the task)
-              + 7.8 N^3 b   finufft's 4 upsampled grids (1.25^3) while a chunk is evaluated
-    chunk       c B^2 110   images, spectra and the model over the band (tracemalloc peak of
-                            one chunk: 101-107 bytes per particle and pixel at B = 64..256;
-                            window_pad p > 1 multiplies it by about p^2)
+              + 2 N^3 b     finufft's upsampled grid (1.25^3) while a batch is evaluated
+    chunk       c B^2 32    images and spectra
+              + < 4e6 x 24  one batch of 3D points and values (statistics.MAX_POINTS)
+              + 64 B^2 p^2 150   one block of 2D arithmetic (64 / p^2 particles at p > 1)
     + ~150 MB for Python, NumPy and the worker
 
-e.g. N = B = 128, c = 64, eps 1e-4: 84 + 8 + 131 + 115 + 150 MB ~ 0.5 GB (bench: 482 MB);
-N = B = 256: 671 + 67 + 1049 + 461 + 150 MB ~ 2.4 GB. The driver also holds every chunk's
-result until the pass is reduced: ~250 bytes per particle plus 5 x 8 bytes per band pixel
-per chunk (~3.3 kB per particle at B = 128, c = 64; larger chunks shrink it).
+e.g. N = B = 128, c = 256, p = 1: 34 + 8 + 34 + 134 + 96 + 157 + 150 MB ~ 0.6 GB.
+The driver also holds every chunk's result until the pass is reduced: ~250 bytes per
+particle plus 5 x 8 bytes per band pixel per chunk (~1 kB per particle at B = 128, c = 256).
 """
 
 from __future__ import annotations

@@ -50,6 +50,10 @@ from cryomag.physics.projection import (
     slice_values,
 )
 
+#: Points per 3D evaluation (finufft call) in :func:`chunk_statistics`: ~100 MB of points
+#: and values in single precision.
+MAX_POINTS = 4_000_000
+
 PARTICLE_FIELDS = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg")
 
 
@@ -138,6 +142,7 @@ def model_terms(
     kx: np.ndarray,
     ky: np.ndarray,
     extended: bool = False,
+    slices: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unit-scale prediction P and its derivative with respect to the elements of M.
 
@@ -152,6 +157,10 @@ def model_terms(
         Also return the derivative through the CTF's defocus term (4 more columns): the
         model of a particle whose CTF moves with its own magnification (its defocus was
         measured per micrograph, not for the particle).
+    slices : (value, grad), optional
+        The central-slice values, shape (N, npix), and their gradient, shape (N, npix, 2),
+        as :func:`cryomag.physics.projection.slice_values` returns them at ``geom.mag @ k``;
+        evaluated here when not given.
 
     Returns
     -------
@@ -161,60 +170,71 @@ def model_terms(
         4..7 (``extended``): the same through the defocus term.
     """
     n = len(geom)
+    p, parts = _model_parts(reference, geom, optics, kx, ky, extended, slices)
+    kb = np.stack([kx, ky], axis=-1)
+    # column (a, b) of a part block: d/dM_ab = (d/du_a) k_b
+    dp = (parts[:, :, :, None] * kb[None, :, None, :]).reshape(n, len(kx), -1)
+    return p, dp
+
+
+def _model_parts(reference, geom, optics, kx, ky, extended, slices):
+    """P and its derivatives with respect to the true frequency u = M k, before the k_b factor.
+
+    Returns p, shape (N, npix), and parts, shape (N, npix, 2) (d/du_x, d/du_y of C V) or
+    (N, npix, 4) with ``extended`` (then also the defocus term's d/du_x, d/du_y).
+    """
+    n = len(geom)
     m0 = np.asarray(geom.mag, float)
     m0 = np.broadcast_to(m0, (n, 2, 2)) if m0.ndim == 2 else m0
     if extended:
         ctf, dctf, ddef = ctf_at(geom, optics, kx, ky, gradient="both")
     else:
         ctf, dctf = ctf_at(geom, optics, kx, ky, gradient=True)
+    ampphase = _amp_phase(reference, geom, optics, m0, kx, ky)
+    if slices is None:
+        slices = slice_values(reference, geom.euler_deg, m0, kx, ky, gradient=True)
+    val, gu = slices
+    p = ampphase * ctf * val
+    # d/du of C(u) V(u): the reference term and the Cs term of the CTF
+    parts = ampphase[..., None] * (ctf[..., None] * gu + dctf * val[..., None])
+    if extended:
+        parts = np.concatenate([parts, ampphase[..., None] * (ddef * val[..., None])], axis=-1)
+    return p, parts
+
+
+def _amp_phase(reference, geom, optics, m0, kx, ky) -> np.ndarray:
+    """amp * exp(2 pi i k.t): amplitude factor and shift phase, shape (N, npix)."""
     phase = np.exp(
         2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
     )
     amp = amplitude_factor(m0, reference.pixel_size_A, optics.pixel_size_A)
-    ampphase = amp[:, None] * phase
-    val, gu = slice_values(reference, geom.euler_deg, m0, kx, ky, gradient=True)
-    p = ampphase * ctf * val
-    # d/du of C(u) V(u): the reference term and the Cs term of the CTF
-    du = ampphase[..., None] * (ctf[..., None] * gu + dctf * val[..., None])
-    kb = np.stack([kx, ky], axis=-1)
-    dp = (du[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)
-    if extended:
-        dd = ampphase[..., None] * (ddef * val[..., None])
-        dp2 = (dd[:, :, :, None] * kb[None, :, None, :]).reshape(n, -1, 4)
-        dp = np.concatenate([dp, dp2], axis=-1)
-    return p, dp
+    return amp[:, None] * phase
 
 
-def _model_windowed(
-    reference: MapReference,
-    geom: ParticleGeometry,
-    optics: OpticsParams,
-    band: Band,
-    pad: int,
-    extended: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`model_terms` with the particle box as a real-space window (see chunk_statistics)."""
+def frequency_gradient(values: np.ndarray, box: int, pixel_size_A: float) -> np.ndarray:
+    """d/dk of a spectrum on a full centred rfft grid, as the transform of -2 pi i x q(x).
+
+    ``q`` is the real image of the spectrum (:func:`centered_irfft2`); the result is exact
+    when q lies inside the box (no wrap-around).
+
+    Parameters
+    ----------
+    values : ndarray, complex, shape (N, box, box // 2 + 1)
+
+    Returns
+    -------
+    ndarray, complex, shape (N, box, box // 2 + 1, 2)
+        d/dk_x, d/dk_y (A).
+    """
     from cryomag.physics.fourier import centered_irfft2, centered_rfft2
 
-    n = len(geom)
-    box = band.box
-    big = int(pad * box) + (int(pad * box) % 2)
-    kxb, kyb = rfft_freqs(big, band.pixel_size_A)
-    nyq = 0.5 / band.pixel_size_A
-    sel = np.hypot(kxb, kyb) <= nyq
-    p_s, dp_s = model_terms(reference, geom, optics, kxb[sel], kyb[sel], extended)
-    ncol = dp_s.shape[-1]
-    out_p = np.empty((n, band.npix), complex)
-    out_dp = np.empty((n, band.npix, ncol), complex)
-    lo = big // 2 - box // 2
-    grid = np.zeros((n, big, big // 2 + 1), complex)
-    # the model is a pixel-sum DFT whatever the box: irfft2 on the big grid, cut, rfft2
-    for src, dst in [(p_s, out_p)] + [(dp_s[..., c], out_dp[..., c]) for c in range(ncol)]:
-        grid[:] = 0
-        grid[:, sel] = src
-        img = centered_irfft2(grid, big)[:, lo : lo + box, lo : lo + box]
-        dst[...] = centered_rfft2(img).reshape(n, -1)[:, band.mask.ravel()]
-    return out_p, out_dp
+    q = centered_irfft2(values, box)
+    x = (np.arange(box) - box // 2) * pixel_size_A
+    out = np.empty(values.shape + (2,), complex)
+    out[..., 0] = centered_rfft2(q * x[None, None, :])
+    out[..., 1] = centered_rfft2(q * x[None, :, None])
+    out *= -2j * np.pi
+    return out
 
 
 def chunk_statistics(
@@ -227,8 +247,24 @@ def chunk_statistics(
     rows: np.ndarray,
     window_pad: int = 1,
     extended: bool = False,
+    block: int = 64,
+    exact_gradient: bool = False,
 ) -> ChunkStatistics:
     """Accumulate the statistics of one chunk of particles of one optics group.
+
+    One 3D evaluation per particle and pass: the central slice V(M k) on the full
+    observed-frequency grid of the (padded) box, in as few non-uniform FFTs as memory allows
+    (:data:`MAX_POINTS` points each; the FFT of the upsampled reference, which dominates a
+    call, is paid once per call). Everything else is 2D and runs in blocks of particles:
+
+    - P at the band pixels: the evaluated values (box-periodic model) or the window-aware
+      prediction (``window_pad`` > 1);
+    - the slice's frequency gradient, from the same values as the transform of
+      -2 pi i x q(x), q the slice's real image (d/dk V(M k) = M^T grad V): exact where q
+      lies inside the grid, i.e. for the padded grid, and up to the part of q that wraps
+      around the particle box for the box-periodic model. Measured against the exact 3D
+      gradient (``exact_gradient``; box 64, 1,500 particles): normal equations within
+      0.3 %, M within 0.1 standard error, at half the cost (tests/test_estimate.py).
 
     Parameters
     ----------
@@ -244,19 +280,114 @@ def chunk_statistics(
     rows : ndarray, shape (N,)
         Particle indices in the full set.
     window_pad : int
-        1: box-periodic model (RELION's). >1: window-aware model: predict on a box
-        ``window_pad`` times larger, go to real space, cut out the particle box and transform
-        back, so that signal the CTF moves out of the box is missing from the prediction as
-        it is from the data.
+        1: box-periodic model (RELION's). >1: window-aware prediction: predict on a box
+        ``window_pad`` times larger (every frequency up to the particle's Nyquist), go to real
+        space, cut out the particle box and transform back, so that signal the CTF moves out
+        of the box is missing from the prediction as it is from the data.
+    extended : bool
+        Also accumulate the derivatives through the CTF's defocus term (8 columns).
+    block : int
+        Particles per block of the 2D arithmetic.
+    exact_gradient : bool
+        Evaluate the slice gradient exactly (three more 3D transforms; for tests and
+        comparisons).
     """
+    from cryomag.physics.fourier import centered_irfft2, centered_rfft2
+
     n = len(geom)
-    kx, ky = band.kx, band.ky
-    y = spectra.reshape(n, -1)[:, band.mask.ravel()]
+    box, apix = band.box, band.pixel_size_A
+    pad = max(int(window_pad), 1)
+    big = pad * box
+    kxb, kyb = rfft_freqs(big, apix)
+    sel = np.hypot(kxb, kyb) <= 0.5 / apix
+    kxs, kys = kxb[sel], kyb[sel]
+    m0 = np.asarray(geom.mag, float)
+    m0 = np.broadcast_to(m0, (n, 2, 2)) if m0.ndim == 2 else m0
+    # one 3D transform per batch of particles: at most MAX_POINTS points (bounded memory;
+    # the FFT of the upsampled reference is paid once per batch)
+    per_call = max(1, MAX_POINTS // max(len(kxs), 1))
+    val_sel = (
+        np.concatenate(
+            [
+                slice_values(
+                    reference, geom.euler_deg[i : i + per_call], m0[i : i + per_call], kxs, kys
+                )
+                for i in range(0, n, per_call)
+            ]
+        )
+        if n
+        else np.zeros((0, len(kxs)), complex)
+    )
+    band_idx = np.flatnonzero(band.mask.ravel())
+    minv_t = np.swapaxes(np.linalg.inv(m0), -1, -2)  # grad_u V = M^-T d/dk V(M k)
+    y_all = spectra.reshape(n, -1)[:, band_idx]
     w = 1.0 / noise_power[band.shell]
-    if window_pad > 1:
-        p, dp = _model_windowed(reference, geom, optics, band, window_pad, extended)
-    else:
-        p, dp = model_terms(reference, geom, optics, kx, ky, extended)
+    step = max(int(block) // (pad * pad), 1) if pad > 1 else max(int(block), 1)
+    sel_flat = np.flatnonzero(sel.ravel())
+    c0 = big // 2 - box // 2
+    parts = []
+    for lo in range(0, n, step):
+        sl = slice(lo, min(n, lo + step))
+        sub = geom_subset(geom, sl)
+        nb = sl.stop - sl.start
+        f = np.zeros((nb, big, big // 2 + 1), complex)
+        f[:, sel] = val_sel[sl]
+        if pad == 1:
+            if exact_gradient:
+                slices = slice_values(reference, sub.euler_deg, m0[sl], band.kx, band.ky, True)
+            else:
+                dfdk = frequency_gradient(f, box, apix).reshape(nb, -1, 2)[:, band_idx]
+                gu = np.einsum("nab,npb->npa", minv_t[sl], dfdk)
+                slices = (f.reshape(nb, -1)[:, band_idx], gu)
+            p, dp = model_terms(reference, sub, optics, band.kx, band.ky, extended, slices)
+        else:
+            # window-aware: P and every derivative column predicted on the big grid, cut to
+            # the particle box in real space (the gradient from the big grid is exact: the
+            # slice's image lies well inside it)
+            if exact_gradient:
+                slices = slice_values(reference, sub.euler_deg, m0[sl], kxs, kys, True)
+            else:
+                dfdk = frequency_gradient(f, big, apix).reshape(nb, -1, 2)[:, sel_flat]
+                slices = (val_sel[sl], np.einsum("nab,npb->npa", minv_t[sl], dfdk))
+            p_s, d_s = _model_parts(reference, sub, optics, kxs, kys, extended, slices)
+
+            def window(values, nb=nb):
+                grid = np.zeros((nb, big, big // 2 + 1), complex)
+                grid[:, sel] = values
+                img = centered_irfft2(grid, big)[:, c0 : c0 + box, c0 : c0 + box]
+                return centered_rfft2(img).reshape(nb, -1)[:, band_idx]
+
+            p = window(p_s)
+            dp = np.stack(
+                [window(d_s[..., j] * kb) for j in range(d_s.shape[-1]) for kb in (kxs, kys)],
+                axis=-1,
+            )
+        parts.append(_block_statistics(p, dp, y_all[sl], w, band))
+    per = {f: np.concatenate([q[f] for q in parts]) for f in PARTICLE_FIELDS}
+    summed = {f: sum(q[f] for q in parts) for f in parts[0] if f not in PARTICLE_FIELDS}
+    return ChunkStatistics(rows=np.asarray(rows), **per, **summed)
+
+
+def geom_subset(geom: ParticleGeometry, sl: slice) -> ParticleGeometry:
+    """The particles ``sl`` of a :class:`ParticleGeometry` (group-wide matrices kept)."""
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(geom):
+        v = getattr(geom, f.name)
+        if v is None or (f.name in ("mag", "ctf_mag") and np.ndim(v) == 2):
+            out[f.name] = v
+        else:
+            out[f.name] = np.asarray(v)[sl]
+    return ParticleGeometry(**out)
+
+
+def _block_statistics(
+    p: np.ndarray, dp: np.ndarray, y: np.ndarray, w: np.ndarray, band: Band
+) -> dict[str, np.ndarray]:
+    """Normal-equation blocks of one block of particles (see the module docstring)."""
+    n = len(p)
+    kx, ky = band.kx, band.ky
     wp = w * p
     pp = np.einsum("np,np->n", wp.real, p.real) + np.einsum("np,np->n", wp.imag, p.imag)
     py = np.einsum("np,np->n", wp.real, y.real) + np.einsum("np,np->n", wp.imag, y.imag)
@@ -264,28 +395,24 @@ def chunk_statistics(
     s = np.where(pp > 0, py / np.where(pp > 0, pp, 1), 0.0)
     r = y - s[:, None] * p
     rr = np.einsum("np,p->n", (r * r.conj()).real, w)
-    # G_ab = s dP/dM_ab (index a*2+b); h_a = s dP/du_a (= G_ab k_b / |k|^2 without window)
+    # G_ab = s dP/dM_ab (index a*2+b); h_a = s dP/du_a (= G_ab k_b / |k|^2)
     g = s[:, None, None] * dp
     k2 = kx * kx + ky * ky
     h = np.stack(
         [(g[..., 0] * kx + g[..., 1] * ky) / k2, (g[..., 2] * kx + g[..., 3] * ky) / k2], axis=-1
     )
-
-    wg = w[None, :, None] * g
-    hpg = np.einsum("np,npi->ni", p.real, wg.real) + np.einsum("np,npi->ni", p.imag, wg.imag)
-    hgg = np.einsum("npi,npj->nij", wg.real, g.real) + np.einsum("npi,npj->nij", wg.imag, g.imag)
-    bg = np.einsum("npi,np->ni", wg.real, r.real) + np.einsum("npi,np->ni", wg.imag, r.imag)
+    # Re(conj(a) b) sums as real dot products: complex (n, c, npix) viewed as (n, c, 2 npix)
+    gt = np.ascontiguousarray(np.moveaxis(g, 2, 1)).view(np.float64)
+    wgt = gt * np.repeat(w, 2)[None, None, :]
+    hgg = np.matmul(wgt, np.swapaxes(gt, 1, 2))
+    hpg = np.matmul(wgt, np.ascontiguousarray(p).view(np.float64)[..., None])[..., 0]
+    bg = np.matmul(wgt, np.ascontiguousarray(r).view(np.float64)[..., None])[..., 0]
 
     nsh = band.n_shells + 1
     r2 = (r * r.conj()).real.sum(axis=0)
     y2 = (y * y.conj()).real.sum(axis=0)
     sp = s[:, None] * p
     s2 = (sp * sp.conj()).real.sum(axis=0)
-    shell_rr = np.bincount(band.shell, r2, minlength=nsh)
-    shell_yy = np.bincount(band.shell, y2, minlength=nsh)
-    shell_ss = np.bincount(band.shell, s2, minlength=nsh)
-    shell_n = np.bincount(band.shell, minlength=nsh).astype(float) * n
-
     pa = np.stack(
         [
             (h[..., 0] * h[..., 0].conj()).real.sum(0),
@@ -294,23 +421,22 @@ def chunk_statistics(
         ]
     )
     pb = np.stack([(h[..., 0].conj() * r).real.sum(0), (h[..., 1].conj() * r).real.sum(0)])
-    return ChunkStatistics(
-        rows=np.asarray(rows),
-        npix=np.full(n, band.npix, float),
-        yy=yy,
-        pp=pp,
-        py=py,
-        rr=rr,
-        hpg=hpg,
-        hgg=hgg,
-        bg=bg,
-        shell_rr=shell_rr,
-        shell_yy=shell_yy,
-        shell_ss=shell_ss,
-        shell_n=shell_n,
-        pix_a=pa,
-        pix_b=pb,
-    )
+    return {
+        "npix": np.full(n, band.npix, float),
+        "yy": yy,
+        "pp": pp,
+        "py": py,
+        "rr": rr,
+        "hpg": hpg,
+        "hgg": hgg,
+        "bg": bg,
+        "shell_rr": np.bincount(band.shell, r2, minlength=nsh),
+        "shell_yy": np.bincount(band.shell, y2, minlength=nsh),
+        "shell_ss": np.bincount(band.shell, s2, minlength=nsh),
+        "shell_n": np.bincount(band.shell, minlength=nsh).astype(float) * n,
+        "pix_a": pa,
+        "pix_b": pb,
+    }
 
 
 @dataclass

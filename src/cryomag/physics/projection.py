@@ -62,19 +62,29 @@ class MapReference:
         self.nthreads = int(nthreads)
         self.nyquist = 0.5 / self.pixel_size_A
         self._dtype = np.complex128 if eps < 1e-5 else np.complex64
-        v = vol.astype(self._dtype)
-        # coordinate of voxel index i along each axis (A)
-        c = (np.arange(self.box) - self.box // 2) * self.pixel_size_A
-        # gradient volumes d/dk_x, d/dk_y, d/dk_z (axes x -> last axis, z -> first)
-        gx = v * (-2j * np.pi * c[None, None, :])
-        gy = v * (-2j * np.pi * c[None, :, None])
-        gz = v * (-2j * np.pi * c[:, None, None])
-        self._value = np.ascontiguousarray(v)
-        self._with_grad = np.ascontiguousarray(np.stack([v, gx, gy, gz]).astype(self._dtype))
+        self._value = np.ascontiguousarray(vol.astype(self._dtype))
+        self._grad_stack: np.ndarray | None = None
         # finufft modes are -N/2..N/2-1 in natural order (modeord 0): voxel index i has mode
         # i - N//2 for even N; odd N handled by an explicit roll
         if self.box % 2:
             raise ValueError("reference map box must be even")
+
+    @property
+    def _with_grad(self) -> np.ndarray:
+        """The map and its gradient volumes d/dk_x, d/dk_y, d/dk_z, shape (4, N, N, N).
+
+        Built on first use (only :meth:`evaluate` and :meth:`evaluate_planes` with
+        ``gradient`` need it): the transform of -2 pi i x map(x) per axis.
+        """
+        if self._grad_stack is None:
+            v = self._value
+            # coordinate of voxel index i along each axis (A); x -> last axis, z -> first
+            c = (np.arange(self.box) - self.box // 2) * self.pixel_size_A
+            k = (-2j * np.pi * c).astype(self._dtype)
+            self._grad_stack = np.ascontiguousarray(
+                np.stack([v, v * k[None, None, :], v * k[None, :, None], v * k[:, None, None]])
+            )
+        return self._grad_stack
 
     @classmethod
     def from_mrc(cls, path, eps: float = 1e-6, nthreads: int = 0) -> MapReference:
@@ -135,6 +145,81 @@ class MapReference:
         value = np.where(inside, out[0], 0)
         grad = np.where(inside[:, None], out[1:].T, 0)
         return value, grad
+
+    def evaluate_planes(
+        self,
+        rot: np.ndarray,
+        ux: np.ndarray,
+        uy: np.ndarray,
+        gradient: bool = False,
+    ):
+        """V on central planes, V(A_p^T (u, 0)), and optionally the in-plane gradient.
+
+        Faster than :meth:`evaluate` for slices: the 3D points are formed in the transform's
+        precision without intermediate (n, npix, 3) arrays, and the sphere test uses |u|
+        (rotations keep it).
+
+        Parameters
+        ----------
+        rot : ndarray, shape (N, 3, 3)
+            Rotation matrices A_p (RELION: a map point r projects to (A r)_xy).
+        ux, uy : ndarray, shape (npix,) (shared by all planes) or (N, npix)
+            In-plane frequencies (1/A).
+        gradient : bool
+            Also return dV/du_x, dV/du_y.
+
+        Returns
+        -------
+        value : ndarray, complex, shape (N, npix)
+        grad : ndarray, complex, shape (N, npix, 2), only when ``gradient``
+        """
+        rot = np.asarray(rot, float)
+        n = rot.shape[0]
+        real = np.float64 if self._dtype == np.complex128 else np.float32
+        ux = np.asarray(ux, float)
+        uy = np.asarray(uy, float)
+        npix = ux.shape[-1]
+        inside = ux * ux + uy * uy <= self.nyquist**2
+        all_inside = bool(inside.all())
+        if not all_inside:
+            ux = np.where(inside, ux, 0.0)
+            uy = np.where(inside, uy, 0.0)
+        uxr = np.broadcast_to(ux, (n, npix)).astype(real)
+        uyr = np.broadcast_to(uy, (n, npix)).astype(real)
+        a = (rot * (2 * np.pi * self.pixel_size_A)).astype(real)
+        # map axis j (x, y, z) coordinate of the point: u_x A[0, j] + u_y A[1, j]
+        pts = [uxr * a[:, 0, j, None] + uyr * a[:, 1, j, None] for j in (2, 1, 0)]
+        if n == 0 or npix == 0:
+            empty = np.zeros((n, npix), complex)
+            return (empty, np.zeros((n, npix, 2), complex)) if gradient else empty
+        plan = finufft.Plan(
+            2,
+            (self.box,) * 3,
+            n_trans=4 if gradient else 1,
+            eps=self.eps,
+            isign=-1,
+            dtype="complex128" if self._dtype == np.complex128 else "complex64",
+            nthreads=self.nthreads,
+            upsampfac=1.25 if self.eps >= 1e-9 else 2.0,
+        )
+        plan.setpts(*(p.ravel() for p in pts))
+        out = plan.execute(self._with_grad if gradient else self._value)
+        out = out.reshape((4 if gradient else 1), n, npix)
+        value = out[0]
+        if not all_inside:
+            value = np.where(inside, value, 0)
+        if not gradient:
+            return value
+        # chain rule: dV/du_a = sum_j A[a, j] dV/dk_j (out[1:] = d/dkx, d/dky, d/dkz)
+        r = rot.astype(real)
+        gu = np.empty((n, npix, 2), out.dtype)
+        for i in range(2):
+            gu[..., i] = (
+                out[1] * r[:, i, 0, None] + out[2] * r[:, i, 1, None] + out[3] * r[:, i, 2, None]
+            )
+        if not all_inside:
+            gu = np.where(inside[..., None], gu, 0)
+        return value, gu
 
 
 def direct_fourier(volume: np.ndarray, pixel_size_A: float, k3: np.ndarray) -> np.ndarray:
@@ -285,19 +370,16 @@ def slice_values(
     """
     n = len(euler_deg)
     a = euler_to_matrix(np.asarray(euler_deg, float).reshape(n, 3))
-    m = _per_particle(mag, n)
-    ux = m[:, 0, 0, None] * kx[None] + m[:, 0, 1, None] * ky[None]
-    uy = m[:, 1, 0, None] * kx[None] + m[:, 1, 1, None] * ky[None]
-    # k3 = A^T (ux, uy, 0) = ux * A[0, :] + uy * A[1, :]
-    k3 = ux[..., None] * a[:, None, 0, :] + uy[..., None] * a[:, None, 1, :]
-    flat = k3.reshape(-1, 3)
-    if not gradient:
-        return reference.evaluate(flat).reshape(n, -1)
-    val, g3 = reference.evaluate(flat, gradient=True)
-    g3 = g3.reshape(n, -1, 3)
-    # chain rule: dV/du_a = A[a, :] . grad V
-    gu = np.einsum("npj,naj->npa", g3, a[:, :2, :])
-    return val.reshape(n, -1), gu
+    m = np.asarray(mag, float)
+    kx = np.asarray(kx, float)
+    ky = np.asarray(ky, float)
+    if m.ndim == 2:  # one matrix for every particle: the in-plane points are shared
+        ux = m[0, 0] * kx + m[0, 1] * ky
+        uy = m[1, 0] * kx + m[1, 1] * ky
+    else:
+        ux = m[:, 0, 0, None] * kx[None] + m[:, 0, 1, None] * ky[None]
+        uy = m[:, 1, 0, None] * kx[None] + m[:, 1, 1, None] * ky[None]
+    return reference.evaluate_planes(a, ux, uy, gradient=gradient)
 
 
 def amplitude_factor(mag: np.ndarray, ref_pixel_A: float, pixel_A: float) -> np.ndarray:
