@@ -337,8 +337,7 @@ def chunk_statistics(
                 slices = slice_values(reference, sub.euler_deg, m0[sl], band.kx, band.ky, True)
             else:
                 dfdk = frequency_gradient(f, box, apix).reshape(nb, -1, 2)[:, band_idx]
-                gu = np.einsum("nab,npb->npa", minv_t[sl], dfdk)
-                slices = (f.reshape(nb, -1)[:, band_idx], gu)
+                slices = (f.reshape(nb, -1)[:, band_idx], _apply_2x2(minv_t[sl], dfdk))
             p, dp = model_terms(reference, sub, optics, band.kx, band.ky, extended, slices)
         else:
             # window-aware: P and every derivative column predicted on the big grid, cut to
@@ -348,7 +347,7 @@ def chunk_statistics(
                 slices = slice_values(reference, sub.euler_deg, m0[sl], kxs, kys, True)
             else:
                 dfdk = frequency_gradient(f, big, apix).reshape(nb, -1, 2)[:, sel_flat]
-                slices = (val_sel[sl], np.einsum("nab,npb->npa", minv_t[sl], dfdk))
+                slices = (val_sel[sl], _apply_2x2(minv_t[sl], dfdk))
             p_s, d_s = _model_parts(reference, sub, optics, kxs, kys, extended, slices)
 
             def window(values, nb=nb):
@@ -366,6 +365,14 @@ def chunk_statistics(
     per = {f: np.concatenate([q[f] for q in parts]) for f in PARTICLE_FIELDS}
     summed = {f: sum(q[f] for q in parts) for f in parts[0] if f not in PARTICLE_FIELDS}
     return ChunkStatistics(rows=np.asarray(rows), **per, **summed)
+
+
+def _apply_2x2(mats: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """out[n, p, a] = sum_b mats[n, a, b] vec[n, p, b] for 2x2 matrices, shape (N, npix, 2)."""
+    out = np.empty_like(vec)
+    for a in range(2):
+        out[..., a] = mats[:, a, 0, None] * vec[..., 0] + mats[:, a, 1, None] * vec[..., 1]
+    return out
 
 
 def geom_subset(geom: ParticleGeometry, sl: slice) -> ParticleGeometry:

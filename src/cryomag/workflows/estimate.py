@@ -526,7 +526,14 @@ def run_estimate(
     local_fits = tuple(f for f in opts.fit if f in LOCAL_FITS)
     if local_fits:
         mags = {g: (mag_in[g], lin[g], pass_.mags[g]) for g in stats}
-        local = fit_local(out, stats, mags, local_fits, defocus_A=mean_defocus_A(ps))
+        local = fit_local(
+            out,
+            stats,
+            mags,
+            local_fits,
+            defocus_A=mean_defocus_A(ps),
+            defocus_measured=not true_frame,
+        )
     timings = {
         "statistics_s": t1 - t0,
         "passes": it,

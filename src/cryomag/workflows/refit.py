@@ -73,7 +73,13 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
     for g, st in stats.items():
         if dz[g] is not None and np.all(np.isfinite(dz[g])):
             defocus[st.rows] = dz[g]
-    summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus)
+    measured = True
+    options_file = run / "stats" / "options.json"
+    if options_file.is_file():
+        import json
+
+        measured = json.loads(options_file.read_text()).get("defocus_frame", "measured") != "true"
+    summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus, defocus_measured=measured)
     out.mkdir(parents=True, exist_ok=True)
     from cryomag.io.mrc import rebase_image_names
 
