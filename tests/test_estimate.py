@@ -352,3 +352,16 @@ def test_warm_start_reaches_the_all_particle_fixed_point(simulated):
     full = [h for h in hist if h["particles"] == 800]
     assert len(full) < len(g0.history)
     assert full[-1]["max_step"] < 1e-5
+
+
+def test_cli_warm_start_option(simulated, tmp_path):
+    """--warm-start N: the first iterations use N particles, then all of them."""
+    args = ["estimate", "--particles", str(simulated / "particles.star")]
+    args += ["--ref", str(simulated / "ref.mrc"), "--j", "1", "--no-plots", "-q"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "w"), "--warm-start", "200"])
+    assert r.exit_code == 0, r.output
+    hist = json.loads((tmp_path / "w" / "results.json").read_text())["groups"][0]["history"]
+    assert hist[0]["particles"] == 200 and hist[-1]["particles"] == 800
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "v"), "--warm-start", "-5"])
+    assert r.exit_code == 1
+    assert "warm_start" in r.output

@@ -174,6 +174,23 @@ def estimate_cmd(
             "box that many times larger and cut the particle window",
         ),
     ] = 0,
+    warm_start: Annotated[
+        int,
+        typer.Option(
+            "--warm-start",
+            help="particles per optics group for the first Gauss-Newton iterations (a fixed "
+            "random subset; groups of more than twice this many only); 0 = every pass on "
+            "all particles. The result is the all-particle solution either way",
+        ),
+    ] = 3000,
+    exact_gradient: Annotated[
+        bool,
+        typer.Option(
+            "--exact-gradient",
+            help="the reference's frequency gradient by three more 3D transforms instead of "
+            "from the slice image (about 2x slower; for comparisons)",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Estimate per-particle scales and each optics group's magnification matrix.
@@ -237,6 +254,8 @@ def estimate_cmd(
                 nthreads=(0 if threads is None else threads) if execution.synchronous else 1,
                 defocus_frame=defocus_frame,
                 window_pad=window_pad,
+                warm_start=warm_start,
+                exact_gradient=exact_gradient,
             )
         except KeyboardInterrupt:
             typer.secho(

@@ -120,6 +120,10 @@ class EstimateOptions:
             raise ValueError(
                 f"defocus_frame must be 'measured' or 'true', got {self.defocus_frame!r}"
             )
+        if self.warm_start < 0:
+            raise ValueError(f"warm_start must be >= 0 (0 = off), got {self.warm_start}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         bad = set(self.fit) - set(FITS)
         if bad:
             raise ValueError(f"unknown fit(s) {sorted(bad)}; choose from {', '.join(FITS)}")
