@@ -306,11 +306,16 @@ def chunk_statistics(
     # one 3D transform per batch of particles: at most MAX_POINTS points (bounded memory;
     # the FFT of the upsampled reference is paid once per batch)
     per_call = max(1, MAX_POINTS // max(len(kxs), 1))
+    shared = np.ndim(geom.mag) == 2  # one M for the chunk: in-plane points computed once
     val_sel = (
         np.concatenate(
             [
                 slice_values(
-                    reference, geom.euler_deg[i : i + per_call], m0[i : i + per_call], kxs, kys
+                    reference,
+                    geom.euler_deg[i : i + per_call],
+                    geom.mag if shared else m0[i : i + per_call],
+                    kxs,
+                    kys,
                 )
                 for i in range(0, n, per_call)
             ]
