@@ -365,3 +365,19 @@ def test_cli_warm_start_option(simulated, tmp_path):
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "v"), "--warm-start", "-5"])
     assert r.exit_code == 1
     assert "warm_start" in r.output
+
+
+def test_exact_gradient_by_default_only_for_local_models(simulated, tmp_path):
+    """Local models are single linear steps: their statistics use the exact gradient."""
+    res = cryomag.estimate(
+        simulated / "particles.star",
+        simulated / "ref.mrc",
+        fit=("scale", "aniso", "micrograph"),
+        max_iter=1,
+        progress=False,
+    )
+    assert res.options.exact_gradient is True
+    res = cryomag.estimate(
+        simulated / "particles.star", simulated / "ref.mrc", max_iter=1, progress=False
+    )
+    assert res.options.exact_gradient is False

@@ -184,13 +184,15 @@ def estimate_cmd(
         ),
     ] = 3000,
     exact_gradient: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--exact-gradient",
-            help="the reference's frequency gradient by three more 3D transforms instead of "
-            "from the slice image (about 2x slower; for comparisons)",
+            "--exact-gradient/--image-gradient",
+            help="the reference's frequency gradient by three more 3D transforms, or from the "
+            "slice image (faster; the group fit converges to the same solution); default: "
+            "exact when local models (particle, micrograph, defocus) are fitted",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Estimate per-particle scales and each optics group's magnification matrix.

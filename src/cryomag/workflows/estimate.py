@@ -15,6 +15,7 @@ astigmatism per micrograph by default). The Cs term is not compensated (as in RE
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -94,10 +95,14 @@ class EstimateOptions:
         (typically 2 instead of 3-5).
     warm_tol : float
         Update below which the subset iterations hand over to full passes.
-    exact_gradient : bool
-        Evaluate the reference's frequency gradient with three more 3D transforms instead of
-        from the slice's image (see :func:`cryomag.fit.statistics.chunk_statistics`); for
-        comparisons, about 2x slower.
+    exact_gradient : bool or None
+        How the reference's frequency gradient is evaluated. False: from the slice image
+        (one 3D transform per particle; the group fit iterates to the same fixed point and its
+        standard errors agree with the exact ones within 2 %). True: exactly, with three more
+        3D transforms (about 1.5-2x slower). None (default): exact when local models
+        (particle, micrograph, defocus) are fitted: they are single linear steps from the
+        group solution, and the image-based gradient reads their deviations about 1 % low
+        (measured: per-micrograph slope on the truth 0.981 vs 0.991 exact; box 48, pad 2).
     """
 
     fit: tuple = ("scale", "aniso")
@@ -113,7 +118,7 @@ class EstimateOptions:
     defocus_frame: str = "measured"
     warm_start: int = 3000
     warm_tol: float = 1e-4
-    exact_gradient: bool = False
+    exact_gradient: bool | None = None
 
     def __post_init__(self) -> None:
         if self.defocus_frame not in ("measured", "true"):
@@ -392,6 +397,8 @@ def run_estimate(
     this process, synchronously); the result does not depend on it.
     """
     opts = options or EstimateOptions()
+    if opts.exact_gradient is None:  # resolved here, so results.json records what was used
+        opts = dataclasses.replace(opts, exact_gradient=bool(set(opts.fit) & set(LOCAL_FITS)))
     ps = particles
     ps.validate()
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ single image. Writes OUT/particles.star and OUT/results.json (and plots).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from cryomag.fit.statistics import GroupStatistics
 from cryomag.io.atomic import write_json
 from cryomag.model.particles import ParticleDataError
 from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
+
+log = logging.getLogger("cryomag")
 
 STAT_FIELDS = tuple(GroupStatistics.__dataclass_fields__)
 
@@ -78,7 +81,18 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
     if options_file.is_file():
         import json
 
-        measured = json.loads(options_file.read_text()).get("defocus_frame", "measured") != "true"
+        run_opts = json.loads(options_file.read_text())
+        measured = run_opts.get("defocus_frame", "measured") != "true"
+        exact = run_opts.get("exact_gradient")
+        if exact is None:
+            exact = bool(set(run_opts.get("fit", ())) & set(LOCAL_FITS))
+        if not exact:
+            log.warning(
+                "%s: statistics from the slice-image gradient: local deviations read about "
+                "1 %% low; run estimate with the local fits (or --exact-gradient) for "
+                "unattenuated values",
+                run,
+            )
     summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus, defocus_measured=measured)
     out.mkdir(parents=True, exist_ok=True)
     from cryomag.io.mrc import rebase_image_names
