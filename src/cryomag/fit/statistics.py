@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cryomag.physics.fourier import rfft_freqs
+from cryomag.physics.fourier import rfft_freqs, shift_phase
 from cryomag.physics.projection import (
     MapReference,
     OpticsParams,
@@ -204,11 +204,8 @@ def _model_parts(reference, geom, optics, kx, ky, extended, slices):
 
 def _amp_phase(reference, geom, optics, m0, kx, ky) -> np.ndarray:
     """amp * exp(2 pi i k.t): amplitude factor and shift phase, shape (N, npix)."""
-    phase = np.exp(
-        2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
-    )
     amp = amplitude_factor(m0, reference.pixel_size_A, optics.pixel_size_A)
-    return amp[:, None] * phase
+    return amp[:, None] * shift_phase(kx, ky, geom.origin_A)
 
 
 def frequency_gradient(values: np.ndarray, box: int, pixel_size_A: float) -> np.ndarray:
@@ -252,10 +249,11 @@ def chunk_statistics(
 ) -> ChunkStatistics:
     """Accumulate the statistics of one chunk of particles of one optics group.
 
-    One 3D evaluation per particle and pass: the central slice V(M k) on the full
-    observed-frequency grid of the (padded) box, in as few non-uniform FFTs as memory allows
-    (:data:`MAX_POINTS` points each; the FFT of the upsampled reference, which dominates a
-    call, is paid once per call). Everything else is 2D and runs in blocks of particles:
+    One 3D evaluation per particle and pass (four transforms with ``exact_gradient``): the
+    central slice V(M k) on the full observed-frequency grid of the (padded) box, in as few
+    non-uniform FFTs as memory allows (:data:`MAX_POINTS` points each; the FFT of the
+    upsampled reference, which dominates a call, is paid once per call). Everything else is
+    2D and runs in blocks of particles:
 
     - P at the band pixels: the evaluated values (box-periodic model) or the window-aware
       prediction (``window_pad`` > 1);
@@ -289,8 +287,9 @@ def chunk_statistics(
     block : int
         Particles per block of the 2D arithmetic.
     exact_gradient : bool
-        Evaluate the slice gradient exactly (three more 3D transforms; for tests and
-        comparisons).
+        Evaluate the slice gradient exactly (three more 3D transforms, in the same batched
+        calls); the engine's default when local models are fitted (see
+        :class:`cryomag.workflows.estimate.EstimateOptions`).
     """
     from cryomag.physics.fourier import centered_irfft2, centered_rfft2
 
@@ -303,64 +302,45 @@ def chunk_statistics(
     kxs, kys = kxb[sel], kyb[sel]
     m0 = np.asarray(geom.mag, float)
     m0 = np.broadcast_to(m0, (n, 2, 2)) if m0.ndim == 2 else m0
-    # one 3D transform per batch of particles: at most MAX_POINTS points (bounded memory;
-    # the FFT of the upsampled reference is paid once per batch)
-    per_call = max(1, MAX_POINTS // max(len(kxs), 1))
-    shared = np.ndim(geom.mag) == 2  # one M for the chunk: in-plane points computed once
-    val_sel = (
-        np.concatenate(
-            [
-                slice_values(
-                    reference,
-                    geom.euler_deg[i : i + per_call],
-                    geom.mag if shared else m0[i : i + per_call],
-                    kxs,
-                    kys,
-                )
-                for i in range(0, n, per_call)
-            ]
-        )
-        if n
-        else np.zeros((0, len(kxs)), complex)
-    )
     band_idx = np.flatnonzero(band.mask.ravel())
+    # the 3D evaluation: the exact gradient is needed where the model is formed (the band,
+    # or the padded grid); the image-based one needs the values on the whole (padded) grid
+    at_band = pad == 1 and exact_gradient
+    ekx, eky = (band.kx, band.ky) if at_band else (kxs, kys)
+    val, grad = _slices_batched(reference, geom, m0, ekx, eky, exact_gradient)
     minv_t = np.swapaxes(np.linalg.inv(m0), -1, -2)  # grad_u V = M^-T d/dk V(M k)
     y_all = spectra.reshape(n, -1)[:, band_idx]
     w = 1.0 / noise_power[band.shell]
     step = max(int(block) // (pad * pad), 1) if pad > 1 else max(int(block), 1)
     sel_flat = np.flatnonzero(sel.ravel())
     c0 = big // 2 - box // 2
+
+    def window(values: np.ndarray) -> np.ndarray:
+        """Values on the padded grid's disc -> real space, cut to the box -> band pixels."""
+        grid = np.zeros((len(values), big, big // 2 + 1), complex)
+        grid[:, sel] = values
+        img = centered_irfft2(grid, big)[:, c0 : c0 + box, c0 : c0 + box]
+        return centered_rfft2(img).reshape(len(values), -1)[:, band_idx]
+
     parts = []
     for lo in range(0, n, step):
         sl = slice(lo, min(n, lo + step))
         sub = geom_subset(geom, sl)
-        nb = sl.stop - sl.start
-        f = np.zeros((nb, big, big // 2 + 1), complex)
-        f[:, sel] = val_sel[sl]
+        if exact_gradient:
+            slices = (val[sl], grad[sl])
+        else:
+            # d/dk of V(M k) from the slice image on the (padded) grid, then grad_u V
+            f = np.zeros((len(val[sl]), big, big // 2 + 1), complex)
+            f[:, sel] = val[sl]
+            pix = band_idx if pad == 1 else sel_flat
+            dfdk = frequency_gradient(f, big, apix).reshape(len(f), -1, 2)[:, pix]
+            slices = (f.reshape(len(f), -1)[:, pix], _apply_2x2(minv_t[sl], dfdk))
         if pad == 1:
-            if exact_gradient:
-                slices = slice_values(reference, sub.euler_deg, m0[sl], band.kx, band.ky, True)
-            else:
-                dfdk = frequency_gradient(f, box, apix).reshape(nb, -1, 2)[:, band_idx]
-                slices = (f.reshape(nb, -1)[:, band_idx], _apply_2x2(minv_t[sl], dfdk))
             p, dp = model_terms(reference, sub, optics, band.kx, band.ky, extended, slices)
         else:
             # window-aware: P and every derivative column predicted on the big grid, cut to
-            # the particle box in real space (the gradient from the big grid is exact: the
-            # slice's image lies well inside it)
-            if exact_gradient:
-                slices = slice_values(reference, sub.euler_deg, m0[sl], kxs, kys, True)
-            else:
-                dfdk = frequency_gradient(f, big, apix).reshape(nb, -1, 2)[:, sel_flat]
-                slices = (val_sel[sl], _apply_2x2(minv_t[sl], dfdk))
+            # the particle box in real space
             p_s, d_s = _model_parts(reference, sub, optics, kxs, kys, extended, slices)
-
-            def window(values, nb=nb):
-                grid = np.zeros((nb, big, big // 2 + 1), complex)
-                grid[:, sel] = values
-                img = centered_irfft2(grid, big)[:, c0 : c0 + box, c0 : c0 + box]
-                return centered_rfft2(img).reshape(nb, -1)[:, band_idx]
-
             p = window(p_s)
             dp = np.stack(
                 [window(d_s[..., j] * kb) for j in range(d_s.shape[-1]) for kb in (kxs, kys)],
@@ -370,6 +350,29 @@ def chunk_statistics(
     per = {f: np.concatenate([q[f] for q in parts]) for f in PARTICLE_FIELDS}
     summed = {f: sum(q[f] for q in parts) for f in parts[0] if f not in PARTICLE_FIELDS}
     return ChunkStatistics(rows=np.asarray(rows), **per, **summed)
+
+
+def _slices_batched(reference, geom, m0, kx, ky, gradient: bool):
+    """Central-slice values (and gradients) of every particle, in batches of MAX_POINTS.
+
+    One finufft call per batch: its cost is dominated by the FFT of the upsampled reference,
+    paid once per call, so batches are as large as memory allows. Returns (value, grad or
+    None), shapes (N, npix) and (N, npix, 2).
+    """
+    n = len(geom)
+    ntrans = 4 if gradient else 1
+    per_call = max(1, MAX_POINTS // max(len(kx) * ntrans, 1))
+    shared = np.ndim(geom.mag) == 2  # one M for the chunk: in-plane points computed once
+    vals, grads = [], []
+    for i in range(0, n, per_call):
+        mag = geom.mag if shared else m0[i : i + per_call]
+        got = slice_values(reference, geom.euler_deg[i : i + per_call], mag, kx, ky, gradient)
+        vals.append(got[0] if gradient else got)
+        if gradient:
+            grads.append(got[1])
+    if not vals:
+        return np.zeros((0, len(kx)), complex), np.zeros((0, len(kx), 2), complex)
+    return np.concatenate(vals), (np.concatenate(grads) if gradient else None)
 
 
 def _apply_2x2(mats: np.ndarray, vec: np.ndarray) -> np.ndarray:

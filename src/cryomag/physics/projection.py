@@ -26,6 +26,7 @@ import finufft
 import numpy as np
 
 from cryomag.physics.ctf import ctf_split_frames
+from cryomag.physics.fourier import shift_phase
 from cryomag.physics.geometry import euler_to_matrix
 
 
@@ -94,6 +95,24 @@ class MapReference:
         vol, apix = read_map(path)
         return cls(vol, apix, eps=eps, nthreads=nthreads)
 
+    def _transform(self, pts, gradient: bool) -> np.ndarray:
+        """finufft type 2 of the map (and its gradient volumes) at points (z, y, x) in rad.
+
+        Returns shape (npts,) or, with ``gradient``, (4, npts): V, dV/dkx, dV/dky, dV/dkz.
+        """
+        plan = finufft.Plan(
+            2,
+            (self.box,) * 3,
+            n_trans=4 if gradient else 1,
+            eps=self.eps,
+            isign=-1,
+            dtype="complex128" if self._dtype == np.complex128 else "complex64",
+            nthreads=self.nthreads,
+            upsampfac=1.25 if self.eps >= 1e-9 else 2.0,
+        )
+        plan.setpts(*pts)
+        return plan.execute(self._with_grad if gradient else self._value)
+
     def evaluate(self, k3: np.ndarray, gradient: bool = False):
         """V at frequencies ``k3`` and optionally dV/dk.
 
@@ -126,20 +145,7 @@ class MapReference:
         # wrap into [-pi, pi): points beyond the cube are zeroed anyway
         for p in (pz, py, px):
             np.clip(p, -np.pi, np.pi * (1 - 1e-7), out=p)
-        n_trans = 4 if gradient else 1
-        plan = finufft.Plan(
-            2,
-            (self.box,) * 3,
-            n_trans=n_trans,
-            eps=self.eps,
-            isign=-1,
-            dtype="complex128" if self._dtype == np.complex128 else "complex64",
-            nthreads=self.nthreads,
-            upsampfac=1.25 if self.eps >= 1e-9 else 2.0,
-        )
-        plan.setpts(pz, py, px)
-        out = plan.execute(self._with_grad if gradient else self._value)
-        out = np.asarray(out, dtype=np.complex128)
+        out = np.asarray(self._transform((pz, py, px), gradient), dtype=np.complex128)
         if not gradient:
             return np.where(inside, out, 0)
         value = np.where(inside, out[0], 0)
@@ -192,18 +198,7 @@ class MapReference:
         if n == 0 or npix == 0:
             empty = np.zeros((n, npix), complex)
             return (empty, np.zeros((n, npix, 2), complex)) if gradient else empty
-        plan = finufft.Plan(
-            2,
-            (self.box,) * 3,
-            n_trans=4 if gradient else 1,
-            eps=self.eps,
-            isign=-1,
-            dtype="complex128" if self._dtype == np.complex128 else "complex64",
-            nthreads=self.nthreads,
-            upsampfac=1.25 if self.eps >= 1e-9 else 2.0,
-        )
-        plan.setpts(*(p.ravel() for p in pts))
-        out = plan.execute(self._with_grad if gradient else self._value)
+        out = self._transform([p.ravel() for p in pts], gradient)
         out = out.reshape((4 if gradient else 1), n, npix)
         value = out[0]
         if not all_inside:
@@ -417,9 +412,7 @@ def predict(
     n = len(geom)
     m = _per_particle(geom.mag, n)
     ctf = ctf_at(geom, optics, kx, ky)
-    phase = np.exp(
-        2j * np.pi * (geom.origin_A[:, 0:1] * kx[None] + geom.origin_A[:, 1:2] * ky[None])
-    )
+    phase = shift_phase(kx, ky, geom.origin_A)
     amp = np.asarray(scale, float) * amplitude_factor(
         m, reference.pixel_size_A, optics.pixel_size_A
     )

@@ -433,8 +433,7 @@ def run_estimate(
     phase = {g: "warm" if g in warm_chunks else "full" for g in range(ps.n_groups)}
     history: dict[int, list] = {g: [] for g in range(ps.n_groups)}
     updates: dict[int, MagUpdate] = {}
-    iterations = {g: 0 for g in range(ps.n_groups)}
-    counts = {g: {"warm": 0, "full": 0} for g in range(ps.n_groups)}
+    counts = {g: {"warm": 0, "full": 0} for g in range(ps.n_groups)}  # passes per phase
     converged = {g: not (gidx == g).any() for g in range(ps.n_groups)}
     stats: dict[int, GroupStatistics] = {}
     first_stats: dict[int, GroupStatistics] = {}
@@ -468,18 +467,17 @@ def run_estimate(
             upd = solve_group(st, joint_scale=opts.joint_scale, ctf_moves=true_frame)
             lin[g] = pass_.mags[g].copy()
             pass_.mags[g] = pass_.mags[g] + upd.delta
-            iterations[g] += 1
             step = float(np.abs(upd.delta).max())
             history[g].append(
                 {
-                    "iteration": iterations[g],
+                    "iteration": len(history[g]) + 1,
                     "particles": int(sum(len(c.rows) for c in todo if c.group == g)),
                     "max_step": step,
                     "M": pass_.mags[g].tolist(),
                 }
             )
             log.info(
-                "group %d iteration %d (%s): max |dM| = %.2e", g + 1, iterations[g], kind, step
+                "group %d iteration %d (%s): max |dM| = %.2e", g + 1, len(history[g]), kind, step
             )
             if kind == "warm":
                 if step < max(opts.warm_tol, opts.tol) or counts[g]["warm"] >= opts.max_iter:
@@ -515,7 +513,7 @@ def run_estimate(
                 mag=pass_.mags[g].copy(),
                 mag_error=upd.standard_error if upd else np.zeros((2, 2)),
                 covariance=upd.covariance if upd else np.zeros((4, 4)),
-                iterations=iterations[g],
+                iterations=len(history[g]),
                 band_A=(1 / bands[g].kmin if bands[g].kmin > 0 else np.inf, 1 / bands[g].kmax),
                 chi2=stats[g].chi2_per_pixel(),
                 history=history[g],

@@ -7,6 +7,7 @@ single image. Writes OUT/particles.star and OUT/results.json (and plots).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -76,23 +77,17 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
     for g, st in stats.items():
         if dz[g] is not None and np.all(np.isfinite(dz[g])):
             defocus[st.rows] = dz[g]
-    measured = True
     options_file = run / "stats" / "options.json"
-    if options_file.is_file():
-        import json
-
-        run_opts = json.loads(options_file.read_text())
-        measured = run_opts.get("defocus_frame", "measured") != "true"
-        exact = run_opts.get("exact_gradient")
-        if exact is None:
-            exact = bool(set(run_opts.get("fit", ())) & set(LOCAL_FITS))
-        if not exact:
-            log.warning(
-                "%s: statistics from the slice-image gradient: local deviations read about "
-                "1 %% low; run estimate with the local fits (or --exact-gradient) for "
-                "unattenuated values",
-                run,
-            )
+    run_opts = json.loads(options_file.read_text()) if options_file.is_file() else {}
+    measured = run_opts.get("defocus_frame", "measured") != "true"
+    # runs before the image-based gradient existed carry no key: they used the exact one
+    if run_opts.get("exact_gradient") is False:
+        log.warning(
+            "%s: statistics from the slice-image gradient: local deviations read about "
+            "1 %% low; run estimate with the local fits (or --exact-gradient) for "
+            "unattenuated values",
+            run,
+        )
     summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus, defocus_measured=measured)
     out.mkdir(parents=True, exist_ok=True)
     from cryomag.io.mrc import rebase_image_names
