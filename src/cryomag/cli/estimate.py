@@ -34,7 +34,7 @@ def estimate_cmd(
     ] = None,
     max_iter: Annotated[int, typer.Option("--max-iter", help="Gauss-Newton iterations")] = 10,
     tol: Annotated[float, typer.Option("--tol", help="stop when |update of M| < tol")] = 1e-5,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="particles per chunk")] = 256,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="particles per chunk")] = 1024,
     j: Annotated[
         int,
         typer.Option(
@@ -182,7 +182,7 @@ def estimate_cmd(
             "random subset; groups of more than twice this many only); 0 = every pass on "
             "all particles. The result is the all-particle solution either way",
         ),
-    ] = 3000,
+    ] = 500,
     exact_gradient: Annotated[
         bool | None,
         typer.Option(

@@ -37,14 +37,15 @@ def make_chunks(group_index: np.ndarray, chunk_size: int) -> list[Chunk]:
     group_index : ndarray, shape (N,)
         0-based optics-group row of each particle.
     chunk_size : int
-        Maximum particles per chunk; memory per chunk grows linearly with it.
+        Maximum particles per chunk; memory per chunk grows linearly with it. A group is
+        split into equal chunks (sizes differ by at most one), so that the last one does
+        not leave the other workers idle.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
     chunks: list[Chunk] = []
     for g in np.unique(group_index):
         rows = np.flatnonzero(group_index == g)
-        for start in range(0, len(rows), chunk_size):
-            part = rows[start : start + chunk_size]
+        for part in np.array_split(rows, -(-len(rows) // chunk_size)):
             chunks.append(Chunk(int(g), tuple(int(r) for r in part), len(chunks)))
     return chunks

@@ -42,6 +42,10 @@ from cryomag.execution.executor import (
 
 log = logging.getLogger("cryomag")
 
+#: Modules a LocalCluster's workers import as they start (numpy, scipy, finufft and the
+#: statistics kernel: about a second per worker that would otherwise fall in the first pass).
+WORKER_PRELOAD = ("cryomag.fit.accumulate",)
+
 # ----------------------------------------------------------------------- worker side
 #: Objects built in this (worker) process, by content token, least recently used first.
 _CACHE: OrderedDict[str, Any] = OrderedDict()
@@ -153,6 +157,12 @@ class DaskExecutor(Executor):
         self._cluster = None
         self._owns_client = True
         self._parts: dict[str, Any] = {}
+        self._starter: threading.Thread | None = None
+        #: only a LocalCluster starts in a background thread (batch-system clusters install
+        #: signal handlers, which only the main thread may do)
+        self.background_start = False
+        self._start_error: BaseException | None = None
+        self._start_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -192,14 +202,19 @@ class DaskExecutor(Executor):
                     dashboard_address=None,
                     local_directory=local_directory,
                     silence_logs=logging.ERROR,
+                    # workers import the estimation code while they start, not in their
+                    # first task
+                    preload=list(WORKER_PRELOAD),
                 )
             return Client(cluster), cluster
 
-        return cls(
+        ex = cls(
             start,
             name=f"dask LocalCluster ({n_workers} processes x {threads_per_worker} threads)",
             retries=retries,
         )
+        ex.background_start = True
+        return ex
 
     @classmethod
     def connect(cls, address: str, retries: int = 0) -> DaskExecutor:
@@ -316,9 +331,37 @@ class DaskExecutor(Executor):
         )
 
     # ------------------------------------------------------------------ use
+    def start_in_background(self) -> None:
+        """Start the cluster in a background thread; :attr:`client` waits for it."""
+        with self._start_lock:
+            if not self.background_start or self._client is not None or self._starter:
+                return
+            # import here, in the caller's thread: two threads importing distributed at once
+            # can meet a partially initialised module
+            import distributed  # noqa: F401
+
+            self._starter = threading.Thread(
+                target=self._start_now, name="cryomag-cluster-start", daemon=True
+            )
+            self._starter.start()
+
+    def _start_now(self) -> None:
+        try:
+            self._client, self._cluster = self._start()
+        except BaseException as exc:  # re-raised by the first use of the client
+            self._start_error = exc
+
     @property
     def client(self):
         """The ``distributed.Client`` (starting the cluster on first use)."""
+        starter = self._starter
+        if starter is not None:
+            starter.join()
+            self._starter = None
+            if self._start_error is not None:
+                err, self._start_error = self._start_error, None
+                raise err
+            log.info("executor: %s", self.describe())
         if self._client is None:
             self._client, self._cluster = self._start()
             log.info("executor: %s", self.describe())
@@ -410,6 +453,9 @@ class DaskExecutor(Executor):
 
     def close(self) -> None:
         """Release the shared parts; stop the client and the cluster if this started them."""
+        if self._starter is not None:
+            self._starter.join()
+            self._starter = None
         self._parts.clear()
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None

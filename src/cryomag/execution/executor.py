@@ -89,6 +89,13 @@ class Executor(ABC):
     #: Short label for logs.
     name = "executor"
 
+    def start_in_background(self) -> None:  # noqa: B027 (a hook: no-op by default)
+        """Begin starting the workers without waiting for them (no-op where none start).
+
+        Called at the start of a run, so that a cluster comes up while the driver reads the
+        particle table and the reference.
+        """
+
     @abstractmethod
     def map(
         self,

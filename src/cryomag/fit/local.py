@@ -24,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sstats
+
+# the normal distribution from scipy.special: scipy.stats costs 0.3 s to import
+from scipy.special import ndtr, ndtri
 
 from cryomag.fit.anisomag import per_particle_system
 from cryomag.fit.statistics import GroupStatistics
@@ -167,7 +169,7 @@ class DefocusModel:
 
     def interval_percent_per_um(self, level: float = 0.95) -> tuple[float, float]:
         """Confidence interval of kappa (%/um)."""
-        zq = sstats.norm.ppf(0.5 + level / 2)
+        zq = float(ndtri(0.5 + level / 2))
         return (
             self.kappa_percent_per_um - zq * self.kappa_se_percent_per_um,
             self.kappa_percent_per_um + zq * self.kappa_se_percent_per_um,
@@ -208,7 +210,7 @@ def defocus_fit(
     f = _solve(a, c, chi2)
     se = f.standard_error
     z = f.theta[1] / se[1] if se[1] > 0 else 0.0
-    p = float(2 * sstats.norm.sf(abs(z)))
+    p = float(2 * ndtr(-abs(z)))
     aniso = None
     if anisotropic:
         big = np.zeros((8, 8))
@@ -285,7 +287,7 @@ def defocus_fit_mixed(
     cov = np.linalg.inv(a)
     se = np.sqrt(np.diag(cov))
     z = beta[1] / se[1] if se[1] > 0 else 0.0
-    p = float(2 * sstats.norm.sf(abs(z)))
+    p = float(2 * ndtr(-abs(z)))
     chi2 = stats.chi2_per_pixel()
     gain = float(np.sum(xi * xi / vi) - np.sum((xi - design @ beta) ** 2 / vi)) * chi2 / 2
     model = DefocusModel(

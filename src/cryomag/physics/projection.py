@@ -109,6 +109,7 @@ class MapReference:
             dtype="complex128" if self._dtype == np.complex128 else "complex64",
             nthreads=self.nthreads,
             upsampfac=1.25 if self.eps >= 1e-9 else 2.0,
+            spread_sort=0,  # slice points come in grid order: sorting costs more than it saves
         )
         plan.setpts(*pts)
         return plan.execute(self._with_grad if gradient else self._value)
@@ -190,11 +191,13 @@ class MapReference:
         if not all_inside:
             ux = np.where(inside, ux, 0.0)
             uy = np.where(inside, uy, 0.0)
-        uxr = np.broadcast_to(ux, (n, npix)).astype(real)
-        uyr = np.broadcast_to(uy, (n, npix)).astype(real)
+        # C-ordered (N, npix) points (a cast of the broadcast frequencies would be Fortran
+        # ordered and copied again by ravel)
+        uxr = ux.astype(real) if ux.ndim == 1 else np.ascontiguousarray(ux, dtype=real)
+        uyr = uy.astype(real) if uy.ndim == 1 else np.ascontiguousarray(uy, dtype=real)
         a = (rot * (2 * np.pi * self.pixel_size_A)).astype(real)
         # map axis j (x, y, z) coordinate of the point: u_x A[0, j] + u_y A[1, j]
-        pts = [uxr * a[:, 0, j, None] + uyr * a[:, 1, j, None] for j in (2, 1, 0)]
+        pts = [a[:, 0, j, None] * uxr + a[:, 1, j, None] * uyr for j in (2, 1, 0)]
         if n == 0 or npix == 0:
             empty = np.zeros((n, npix), complex)
             return (empty, np.zeros((n, npix, 2), complex)) if gradient else empty

@@ -23,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cryomag.execution.allocator import keep_block_arrays_on_heap
 from cryomag.execution.chunks import Chunk, make_chunks
 from cryomag.execution.executor import Executor, LocalExecutor, run_executor
+from cryomag.fit.accumulate import chunk_statistics
 from cryomag.fit.anisomag import MagUpdate, solve_group
+from cryomag.fit.relinearise import relinearised_fit
 from cryomag.fit.scale import ScaleResult, fit_scales
-from cryomag.fit.statistics import Band, ChunkStatistics, GroupStatistics, chunk_statistics
+from cryomag.fit.statistics import Band, ChunkStatistics, GroupStatistics
 from cryomag.model.particles import ParticleDataError, ParticleSet
 from cryomag.physics.ctf import transform_astigmatism
 from cryomag.physics.fourier import centered_rfft2
@@ -110,13 +113,13 @@ class EstimateOptions:
     high_res_A: float | None = None
     max_iter: int = 10
     tol: float = 1e-5
-    chunk_size: int = 256
+    chunk_size: int = 1024
     joint_scale: bool = True
-    eps: float = 1e-4
+    eps: float = 1e-3
     nthreads: int = 0
     window_pad: int = 0
     defocus_frame: str = "measured"
-    warm_start: int = 3000
+    warm_start: int = 500
     warm_tol: float = 1e-4
     exact_gradient: bool | None = None
 
@@ -261,11 +264,14 @@ class _Pass:
         self.window_pad = [1] * len(bands)
         self.extended = False
         self.exact_gradient = False
+        self.second_order = [False] * len(bands)
+        self.ctf_moves = False
 
     def spectra(self, rows: np.ndarray) -> np.ndarray:
-        return centered_rfft2(self.images.read(rows).astype(np.float64))
+        return centered_rfft2(self.images.read(rows).astype(np.float32))
 
     def __call__(self, chunk: Chunk) -> list[ChunkStatistics]:
+        keep_block_arrays_on_heap()
         rows = np.asarray(chunk.rows)
         g = chunk.group
         spectra = self.spectra(rows)
@@ -286,15 +292,20 @@ class _Pass:
                     window_pad=self.window_pad[g],
                     extended=self.extended,
                     exact_gradient=self.exact_gradient,
+                    second_order=self.second_order[g],
+                    ctf_moves=self.ctf_moves,
                 )
             )
         return out
 
 
 def _initial_noise(pass_: _Pass, chunks: list[Chunk], g: int) -> np.ndarray:
-    """Radial power of the images themselves (signal + noise): weights for the first pass."""
+    """Radial power of the images themselves (signal + noise): weights for the first pass.
+
+    From the first 256 particles of the group (a radial average: more add nothing).
+    """
     first = next(c for c in chunks if c.group == g)
-    spectra = pass_.spectra(np.asarray(first.rows))
+    spectra = pass_.spectra(np.asarray(first.rows)[:256])
     band = pass_.bands[g]
     p = (np.abs(spectra) ** 2).mean(axis=0)
     nsh = band.n_shells + 1
@@ -319,7 +330,9 @@ def _warm_chunks(gidx: np.ndarray, opts: EstimateOptions) -> dict[int, list[Chun
         if len(rows) > 2 * opts.warm_start:
             keep[np.sort(rng.choice(rows, opts.warm_start, replace=False))] = g
     out: dict[int, list[Chunk]] = {}
-    for c in make_chunks(keep, opts.chunk_size):
+    # two chunks per subset: both workers of a small cluster busy, one 3D transform each
+    size = max(1, min(opts.chunk_size, -(-opts.warm_start // 2)))
+    for c in make_chunks(keep, size):
         if c.group >= 0:
             out.setdefault(c.group, []).append(c)
     return out
@@ -417,6 +430,7 @@ def run_estimate(
     )
     pass_.mags = mag_in.copy()
     pass_.extended = "particle" in opts.fit or true_frame
+    pass_.ctf_moves = true_frame
     pass_.exact_gradient = opts.exact_gradient
     pass_.window_pad = [
         opts.window_pad if opts.window_pad > 0 else auto_window_pad(ps, g, bands[g])
@@ -448,6 +462,9 @@ def run_estimate(
                     warm_chunks[g] if phase[g] == "warm" else [c for c in chunks if c.group == g]
                 )
         it += 1
+        # full passes also accumulate the second-order statistics: Gauss-Newton then
+        # re-linearises from them, and one full pass usually suffices
+        pass_.second_order = [fit_aniso and phase[g] == "full" for g in range(ps.n_groups)]
         particle_passes += sum(len(c) for c in todo)
         results = (executor or LocalExecutor()).map(pass_, todo, f"pass {it}", progress)
         by_group: dict[int, list[ChunkStatistics]] = {}
@@ -464,6 +481,49 @@ def run_estimate(
             if not fit_aniso:
                 converged[g] = True
                 continue
+            n_used = int(sum(len(c.rows) for c in todo if c.group == g))
+            if kind == "full" and st.has_second_order:
+                rel = relinearised_fit(
+                    st,
+                    joint_scale=opts.joint_scale,
+                    tol=opts.tol,
+                    accuracy=0.3 if pass_.window_pad[g] > 1 else 0.0,
+                )
+                lin[g] = pass_.mags[g].copy()
+                for i, (stp, d) in enumerate(zip(rel.steps, rel.path, strict=True)):
+                    history[g].append(
+                        {
+                            "iteration": len(history[g]) + 1,
+                            "particles": n_used,
+                            "max_step": stp,
+                            "M": (lin[g] + d).tolist(),
+                            "relinearised": i > 0,
+                        }
+                    )
+                pass_.mags[g] = lin[g] + rel.delta
+                upd = MagUpdate(rel.delta, rel.covariance, int((st.pp > 0).sum()))
+                step = rel.steps[-1]
+                for h in history[g][-len(rel.steps) :]:
+                    log.info(
+                        "group %d iteration %d (%s): max |dM| = %.2e",
+                        g + 1,
+                        h["iteration"],
+                        "re-linearised from the statistics" if h["relinearised"] else "full",
+                        h["max_step"],
+                    )
+                log.info(
+                    "group %d: remainder of the second-order model %.1e (%s)",
+                    g + 1,
+                    rel.remainder,
+                    "converged" if rel.converged and rel.trusted else "another pass",
+                )
+                updates[g] = upd
+                if rel.converged and rel.trusted:
+                    converged[g] = True
+                elif counts[g]["full"] >= opts.max_iter:
+                    _warn_not_converged(g, opts, step)
+                    converged[g] = True
+                continue
             upd = solve_group(st, joint_scale=opts.joint_scale, ctf_moves=true_frame)
             lin[g] = pass_.mags[g].copy()
             pass_.mags[g] = pass_.mags[g] + upd.delta
@@ -471,9 +531,10 @@ def run_estimate(
             history[g].append(
                 {
                     "iteration": len(history[g]) + 1,
-                    "particles": int(sum(len(c.rows) for c in todo if c.group == g)),
+                    "particles": n_used,
                     "max_step": step,
                     "M": pass_.mags[g].tolist(),
+                    "relinearised": False,
                 }
             )
             log.info(
@@ -487,13 +548,7 @@ def run_estimate(
             if step < opts.tol:
                 converged[g] = True
             elif counts[g]["full"] >= opts.max_iter:
-                log.warning(
-                    "group %d: not converged after %d passes (last |dM| = %.1e > tol %.0e)",
-                    g + 1,
-                    opts.max_iter,
-                    step,
-                    opts.tol,
-                )
+                _warn_not_converged(g, opts, step)
                 converged[g] = True
     t1 = time.perf_counter()
 
@@ -552,6 +607,16 @@ def run_estimate(
     }
     return EstimateResult(
         out, groups, scales, stats, opts, timings, bands, first_stats, local, mean_defocus_A(ps)
+    )
+
+
+def _warn_not_converged(g: int, opts: EstimateOptions, step: float) -> None:
+    log.warning(
+        "group %d: not converged after %d passes (last |dM| = %.1e > tol %.0e)",
+        g + 1,
+        opts.max_iter,
+        step,
+        opts.tol,
     )
 
 
@@ -741,6 +806,24 @@ def estimate(
     >>> res = cryomag.estimate("particles.star", "map.mrc", out="run1")  # doctest: +SKIP
     >>> res.groups[0].mag, res.scales.normalised[:5]  # doctest: +SKIP
     """
+    from cryomag.execution.executor import Executor, ExecutorConfig, make_executor
+
+    owned = make_executor(executor) if isinstance(executor, ExecutorConfig) else None
+    if owned is not None:
+        executor = owned
+    try:
+        if isinstance(executor, Executor):
+            executor.start_in_background()  # workers start while the inputs are read
+        return _estimate(particles, reference, out, half_maps, mask, angpix, passthrough,
+                         write_cs, plots, progress, executor, resume, options)  # fmt: skip
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, write_cs, plots,
+              progress, executor, resume, options):  # fmt: skip
+    """:func:`estimate` once its executor exists."""
     from cryomag.io import ImageSource, read_particles
 
     ps = particles

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.fit.statistics import GroupStatistics
+from cryomag.fit.statistics import SECOND_ORDER_FIELDS, GroupStatistics
 from cryomag.io.atomic import write_json
 from cryomag.model.particles import ParticleDataError
 from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
 
 log = logging.getLogger("cryomag")
 
-STAT_FIELDS = tuple(GroupStatistics.__dataclass_fields__)
+#: Arrays every stored group must have (the second-order ones are optional: runs before
+#: they existed, and the local fits do not use them).
+STAT_FIELDS = tuple(f for f in GroupStatistics.__dataclass_fields__ if f not in SECOND_ORDER_FIELDS)
 
 
 def load_statistics(run: Path, group_numbers: np.ndarray) -> tuple[dict, dict, dict]:
@@ -37,7 +39,9 @@ def load_statistics(run: Path, group_numbers: np.ndarray) -> tuple[dict, dict, d
             missing = [f for f in STAT_FIELDS if f not in z.files]
             if missing:
                 raise ParticleDataError(f"{path}: missing arrays {missing}")
-            stats[g] = GroupStatistics(**{f: z[f] for f in STAT_FIELDS})
+            arrays = {f: z[f] for f in STAT_FIELDS}
+            arrays.update({f: z[f] for f in SECOND_ORDER_FIELDS if f in z.files})
+            stats[g] = GroupStatistics(**arrays)
             mags[g] = (z["mag_in"], z["mag_lin"], z["mag"])
             dz[g] = z["defocus_mean_A"] if "defocus_mean_A" in z.files else None
     if not stats:

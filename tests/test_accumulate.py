@@ -1,0 +1,252 @@
+"""The statistics kernel (cryomag.fit.accumulate) against first principles.
+
+The kernel computes its sums in float32 with the slice's derivatives from the slice image;
+here the same sums are formed in float64 from their definitions, with the derivatives of the
+forward model (:func:`cryomag.physics.projection.predict`) taken by central finite
+differences in M. The second-order statistics are checked the same way and by predicting a
+real pass at a shifted M.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryomag.fit.accumulate import chunk_statistics
+from cryomag.fit.relinearise import relinearised_fit
+from cryomag.fit.statistics import Band, GroupStatistics
+from cryomag.physics.fourier import rfft_freqs
+from cryomag.physics.projection import (
+    MapReference,
+    OpticsParams,
+    ParticleGeometry,
+    predict,
+)
+
+BOX, APIX = 48, 1.6
+
+
+def _blob_map(seed=1, n=BOX, atoms=50, radius=11.0):
+    rng = np.random.default_rng(seed)
+    x = np.arange(n) - n // 2
+    zz, yy, xx = np.meshgrid(x, x, x, indexing="ij")
+    vol = np.zeros((n, n, n))
+    for _ in range(atoms):
+        c = rng.uniform(-radius, radius, 3)
+        vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.1**2))
+    return vol
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(3)
+    ref = MapReference(_blob_map(), APIX, eps=1e-10, nthreads=1)
+    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1)
+    band = Band(BOX, APIX, 1 / 20, 0.9 * 0.5 / APIX)
+    n = 12
+    mag = np.array([[1.012, 0.004], [-0.003, 0.991]])
+    dfu = rng.uniform(6000, 12000, n)
+    geom = ParticleGeometry(
+        euler_deg=rng.uniform(0, 180, (n, 3)),
+        origin_A=rng.normal(0, 2.5, (n, 2)),
+        mag=mag,
+        defocus_u_A=dfu,
+        defocus_v_A=dfu - rng.uniform(0, 600, n),
+        defocus_angle_deg=rng.uniform(0, 180, n),
+        phase_shift_deg=np.zeros(n),
+        bfactor_A2=np.zeros(n),
+        ctf_scale=np.ones(n),
+        ctf_mag=np.array([[1.0, 0.002], [0.0, 1.004]]),
+    )
+    kx, ky = rfft_freqs(BOX, APIX)
+    pred = predict(ref, _at(geom, mag * 1.0005), optics, kx.ravel(), ky.ravel())
+    pred = pred * rng.uniform(0.7, 1.3, n)[:, None]
+    sigma = 0.5 * np.abs(pred).mean()
+    noise = rng.standard_normal(pred.shape) + 1j * rng.standard_normal(pred.shape)
+    spectra = (pred + sigma * noise).reshape(n, BOX, BOX // 2 + 1)
+    power = np.linspace(1.0, 0.4, band.n_shells + 1)
+    return ref, optics, band, geom, spectra, power
+
+
+def _at(geom, mag):
+    return ParticleGeometry(**{**geom.__dict__, "mag": mag})
+
+
+def _unit_model(ref, geom, optics, band, mag):
+    """P at M = mag with the amplitude det(M) held at M0 (the kernel leaves its change to
+    the scale), float64."""
+    p = predict(ref, _at(geom, mag), optics, band.kx, band.ky)
+    return p * np.linalg.det(geom.mag) / np.linalg.det(mag)
+
+
+def _definition(ref, geom, optics, band, spectra, power, h=1e-5):
+    """The statistics from their definitions, derivatives by central differences."""
+    m0 = np.asarray(geom.mag)
+    w = 1.0 / power[band.shell]
+    y = spectra.reshape(len(spectra), -1)[:, np.flatnonzero(band.mask.ravel())]
+    e = np.eye(4).reshape(4, 2, 2)
+    p = _unit_model(ref, geom, optics, band, m0)
+    j = np.stack(
+        [
+            (
+                _unit_model(ref, geom, optics, band, m0 + h * e[i])
+                - _unit_model(ref, geom, optics, band, m0 - h * e[i])
+            )
+            / (2 * h)
+            for i in range(4)
+        ],
+        axis=-1,
+    )
+
+    def dot(a, b):
+        return np.einsum("np,np,p->n", a.real, b.real, w) + np.einsum(
+            "np,np,p->n", a.imag, b.imag, w
+        )
+
+    pp, py = dot(p, p), dot(p, y)
+    s = py / pp
+    r = y - s[:, None] * p
+    return {
+        "pp": pp,
+        "py": py,
+        "yy": dot(y, y),
+        "rr": dot(r, r),
+        "hpg": s[:, None] * np.stack([dot(p, j[..., i]) for i in range(4)], 1),
+        "bg": s[:, None] * np.stack([dot(j[..., i], r) for i in range(4)], 1),
+        "hgg": (s * s)[:, None, None]
+        * np.stack(
+            [np.stack([dot(j[..., a], j[..., b]) for b in range(4)], 1) for a in range(4)], 1
+        ),
+        "jy": np.stack([dot(j[..., i], y) for i in range(4)], 1),
+        "jp": np.stack([dot(p, j[..., i]) for i in range(4)], 1),
+    }
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_kernel_matches_the_definition(setup, exact):
+    """float32 kernel vs float64 definitions: 1e-4 (exact gradient), 2e-3 (slice image)."""
+    ref, optics, band, geom, spectra, power = setup
+    st = chunk_statistics(
+        ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+        exact_gradient=exact, second_order=True,
+    )  # fmt: skip
+    want = _definition(ref, geom, optics, band, spectra, power)
+    tol = 1e-4 if exact else 2e-3
+    for f in ("pp", "py", "yy", "rr"):
+        np.testing.assert_allclose(getattr(st, f), want[f], rtol=1e-5, err_msg=f)
+    for f in ("hpg", "hgg", "jy", "jp"):
+        got, ref_ = getattr(st, f), want[f]
+        assert np.abs(got - ref_).max() <= tol * np.abs(ref_).max(), f
+    # bg is a small difference of large sums: compare on the scale of its parts
+    scale = (
+        np.abs(want["hpg"]).max() * np.abs(want["py"] / want["pp"]).max() + np.abs(want["bg"]).max()
+    )
+    assert np.abs(st.bg - want["bg"]).max() <= tol * scale
+
+
+def test_second_order_statistics_predict_a_pass_at_a_shifted_M(setup):
+    """The second-order sums predict the first-order sums of a real pass at M0 + D with an
+    error that falls as |D|^2 relative to the change (|D|^3 absolute)."""
+    ref, optics, band, geom, spectra, power = setup
+    rows = np.arange(len(geom))
+
+    def stats(g):
+        st = chunk_statistics(ref, spectra, g, optics, band, power, rows, second_order=True)
+        return GroupStatistics.reduce([st])
+
+    s0 = stats(geom)
+    errs = []
+    for size in (1e-3, 2e-3):
+        d4 = np.array([0.7, -0.4, 0.3, -0.9]) * size
+        s1 = stats(_at(geom, geom.mag + d4.reshape(2, 2)))
+        f = np.linalg.det(geom.mag + d4.reshape(2, 2)) / np.linalg.det(geom.mag)
+        pred_py = s0.py + s0.jy @ d4 + 0.5 * np.einsum("i,nij,j->n", d4, s0.kyy, d4)
+        pred_jy = s0.jy + s0.kyy @ d4
+        pred_jp = (
+            s0.jp
+            + (s0.jj + s0.kp) @ d4
+            + 0.5 * np.einsum("nikl,k,l->ni", s0.jk, d4, d4)
+            + np.einsum("nkij,j,k->ni", s0.jk, d4, d4)
+        )
+        rel = [
+            np.abs(pred * f**k - real).max() / np.abs(real - base).max()
+            for pred, real, base, k in (
+                (pred_py, s1.py, s0.py, 1),
+                (pred_jy, s1.jy, s0.jy, 1),
+                (pred_jp, s1.jp, s0.jp, 2),
+            )
+        ]
+        errs.append(rel)
+    # the change of the sums is predicted within a few %: <P, Y> to float32 precision,
+    # <J, Y> to the accuracy of the slice-image Hessian (a floor of ~0.5 %), <J, P> up to its
+    # O(|D|^3) remainder, which halves with |D|
+    errs = np.array(errs)
+    assert errs.max() < 0.05, errs
+    assert errs[0, 2] < 0.7 * errs[1, 2], errs
+
+
+def test_relinearised_fit_reaches_the_fixed_point_of_real_passes(setup):
+    """Gauss-Newton re-linearised from one pass's statistics lands where real passes land."""
+    ref, optics, band, geom, spectra, power = setup
+    rows = np.arange(len(geom))
+    m = np.asarray(geom.mag, float)
+    for _ in range(6):  # real Gauss-Newton passes to convergence
+        st = GroupStatistics.reduce(
+            [
+                chunk_statistics(
+                    ref, spectra, _at(geom, m), optics, band, power, rows, second_order=True
+                )
+            ]  # fmt: skip
+        )
+        fit = relinearised_fit(st, tol=1e-12, max_iter=1)
+        m = m + fit.delta
+        if np.abs(fit.delta).max() < 1e-10:
+            break
+    # one pass from 3e-4 away, then the re-linearised iterations only
+    start = m + np.array([[3e-4, -2e-4], [1e-4, 2e-4]])
+    st = GroupStatistics.reduce(
+        [
+            chunk_statistics(
+                ref, spectra, _at(geom, start), optics, band, power, rows, second_order=True
+            )
+        ]  # fmt: skip
+    )
+    rel = relinearised_fit(st, tol=1e-9)
+    plain = relinearised_fit(st, tol=1e-9, max_iter=1)
+    err_rel = np.abs(start + rel.delta - m).max()
+    err_plain = np.abs(start + plain.delta - m).max()
+    assert rel.converged and len(rel.steps) >= 2
+    assert err_rel < 2e-7, err_rel
+    assert err_rel < 0.1 * err_plain, (err_rel, err_plain)
+
+
+def test_second_order_model_refuses_far_steps(setup):
+    """Far from the optimum the model is not trusted: the ordinary step, not converged."""
+    ref, optics, band, geom, spectra, power = setup
+    st = GroupStatistics.reduce(
+        [
+            chunk_statistics(
+                ref,
+                spectra,
+                _at(geom, np.eye(2) * 1.04),
+                optics,
+                band,
+                power,
+                np.arange(len(geom)),
+                second_order=True,
+            )
+        ]  # fmt: skip
+    )
+    rel = relinearised_fit(st, tol=1e-5)
+    assert not (rel.converged and rel.trusted)
+
+
+def test_statistics_without_second_order_have_empty_fields(setup):
+    ref, optics, band, geom, spectra, power = setup
+    st = GroupStatistics.reduce(
+        [chunk_statistics(ref, spectra, geom, optics, band, power, np.arange(len(geom)))]
+    )
+    assert not st.has_second_order
+    assert st.jk.shape == (len(geom), 0, 4, 4)
+    with pytest.raises(ValueError, match="second-order"):
+        relinearised_fit(st)
