@@ -199,6 +199,7 @@ class _Kernel:
         self.big = big = pad * box
         kxb, kyb = rfft_freqs(big, apix)
         self.disc = np.hypot(kxb, kyb) <= 0.5 / apix
+        self.disc_flat = np.flatnonzero(self.disc.ravel())
         self.kxd, self.kyd = kxb[self.disc], kyb[self.disc]
         self.band_idx = np.flatnonzero(band.mask.ravel())
         # band pixels inside the big grid (row j -> pad j mod big, column i -> pad i)
@@ -337,13 +338,22 @@ class _Kernel:
     def _window(self, values):
         """Values on the padded grid's disc -> real space, cut to the box -> band pixels."""
         nb = len(values)
-        big = self.big
-        grid = np.zeros((nb, big, big // 2 + 1), _C64)
-        grid[:, self.disc] = values
-        img = sfft.irfft2(grid, s=(big, big), axes=(-2, -1), workers=1)
-        idx = np.rint(self.x_box / self.apix).astype(int) % big
-        img = img[:, idx][:, :, idx]
-        return sfft.rfft2(img, axes=(-2, -1), workers=1).reshape(nb, -1)[:, self.band_idx]
+        big, box = self.big, self.box
+        grid = np.zeros((nb, big * (big // 2 + 1)), _C64)
+        grid[:, self.disc_flat] = values
+        img = sfft.irfft2(
+            grid.reshape(nb, big, big // 2 + 1), s=(big, big), axes=(-2, -1), workers=1,
+            overwrite_x=True,
+        )  # fmt: skip
+        # the centred box of an unshifted image: its four corners
+        lo, hi = box - box // 2, box // 2  # x >= 0 and x < 0 parts
+        cut = np.empty((nb, box, box), img.dtype)
+        cut[:, :lo, :lo] = img[:, :lo, :lo]
+        cut[:, :lo, lo:] = img[:, :lo, big - hi :]
+        cut[:, lo:, :lo] = img[:, big - hi :, :lo]
+        cut[:, lo:, lo:] = img[:, big - hi :, big - hi :]
+        spec = sfft.rfft2(cut, axes=(-2, -1), workers=1, overwrite_x=True)
+        return spec.reshape(nb, -1)[:, self.band_idx]
 
     def _box_hessian(self, f_big, q_big=None):
         """d2V/du2 (xx, xy, yy) at the band from the box-grid samples of the slice."""
@@ -362,14 +372,15 @@ class _Kernel:
         pad1 = self.pad == 1
         f_big = q_big = None
         if not self.exact or self.second:
-            f_big = np.zeros((nb, self.big, self.big // 2 + 1), _C64)
-            f_big[:, self.disc] = val
+            f_big = np.zeros((nb, self.big * (self.big // 2 + 1)), _C64)
+            f_big[:, self.disc_flat] = val
+            f_big = f_big.reshape(nb, self.big, self.big // 2 + 1)
         # first derivatives in u on the model grid (band for pad 1, disc otherwise)
         if self.exact:
             du = grad[:, self.band_in_disc] if pad1 else grad
             du = [du[..., 0], du[..., 1]]
         else:
-            pick = self.band_idx if pad1 else np.flatnonzero(self.disc.ravel())
+            pick = self.band_idx if pad1 else self.disc_flat
             q_big = self._image(f_big)
             du = self._derivatives(q_big, 1, pick)
         v_model = val[:, self.band_in_disc] if pad1 else val
@@ -614,12 +625,13 @@ class _Kernel:
             jj = np.einsum("ia,nij,jb->nab", sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
             phase = self._phase(sub, self.kx_b, self.ky_b).conj()
             left_y = y * phase
-            left_p = z[:, 0] * phase
-            jc = np.einsum("nip,ia->nap", z[:, 1:], sel.astype(_F32)) if nc else None
-            jcols = [jc[:, i] * phase for i in range(4)]
             # the windowed columns carry amp; the sums below multiply by amp once more
-            left_p = left_p / _C64(amp)
-            jcols = [j / _C64(amp) for j in jcols]
+            phase_a = phase * _C64(1.0 / amp)
+            left_p = z[:, 0] * phase_a
+            moves = self.ctf_moves and nc == 8
+            jcols = [
+                (z[:, 1 + i] + z[:, 5 + i] if moves else z[:, 1 + i]) * phase_a for i in range(4)
+            ]
         for (a, cc), qi in zip(((0, 0), (0, 1), (1, 1)), qs, strict=True):
             qyv = m3.dot(f(qi) * f(left_y))
             qpv = m3.dot(f(qi) * f(left_p))
