@@ -57,7 +57,7 @@ def chunk_statistics(
     extended: bool = False,
     block: int = 16,
     exact_gradient: bool = False,
-    second_order: bool = False,
+    second_order: bool | int = False,
     ctf_moves: bool | None = None,
 ) -> ChunkStatistics:
     """Accumulate the statistics of one chunk of particles of one optics group.
@@ -88,11 +88,14 @@ def chunk_statistics(
         Particles per block of the 2D arithmetic (divided by window_pad^2 when padded).
     exact_gradient : bool
         The slice gradient from three more 3D transforms instead of the slice image.
-    second_order : bool
+    second_order : bool or int
         Also accumulate the second-order statistics of the group model (see
         :mod:`cryomag.fit.relinearise`): Gauss-Newton can then re-linearise at a new M
-        without another pass. The second derivatives always come from the box-periodic model
-        (they only enter the O(|dM|^2) correction of a step).
+        without another pass. An integer n > 1: the sums through the second derivatives
+        (kyy, kp, jk) only for the particles with row % n == 0, multiplied by n (an unbiased
+        estimate of their group total, which only enters the O(|dM|^2) correction of a
+        step); jp, jy, jj always for every particle. The second derivatives come from the
+        box-periodic model also when ``window_pad`` > 1.
     ctf_moves : bool, optional
         Whether the group model's CTF defocus term moves with M (default: ``ctf_mag is
         None``); decides which columns the second-order statistics describe.
@@ -114,15 +117,19 @@ def chunk_statistics(
                 )
             )  # fmt: skip
         return ChunkStatistics.concatenate(parts, rows)
+    rows = np.asarray(rows)
+    stride = int(second_order) if not isinstance(second_order, bool) else int(second_order)
     kern = _Kernel(reference, geom, optics, band, noise_power, window_pad, extended,
-                   exact_gradient, second_order, ctf_moves)  # fmt: skip
+                   exact_gradient, stride, ctf_moves)  # fmt: skip
     val, grad = kern.slices(geom)
     y_all = np.asarray(spectra).reshape(n, -1)[:, kern.band_idx].astype(_C64)
     step = max(int(block) // (kern.pad * kern.pad), 1)
     parts = []
     for lo in range(0, n, step):
         sl = slice(lo, min(n, lo + step))
-        parts.append(kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl]))
+        parts.append(
+            kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl], rows[sl])
+        )
     return ChunkStatistics.from_blocks(parts, np.asarray(rows))
 
 
@@ -191,7 +198,8 @@ class _Kernel:
         self.band = band
         self.extended = bool(extended)
         self.exact = bool(exact_gradient)
-        self.second = bool(second_order)
+        self.stride = max(int(second_order), 0)
+        self.second = self.stride > 0
         self.ctf_moves = bool(ctf_moves)
         box, apix = band.box, band.pixel_size_A
         self.box, self.apix = box, apix
@@ -242,6 +250,13 @@ class _Kernel:
         # CTF grids: the band (box grid) and, when padded, the big disc
         self.ctf_band = self._ctf_grid(kx, ky)
         self.ctf_disc = self._ctf_grid(self.kxd, self.kyd) if pad > 1 else None
+        # the Cs term's chi derivatives on the band, float32 (second-order sums)
+        g = [self.ctf_band["gcs"][a].astype(_F32) for a in range(2)]
+        self.so_shared = {
+            "g": g,
+            "gg": {(a, c): g[a] * g[c] for a, c in _AC},
+            "hm": {ac: self.ctf_band["hcs"][i].astype(_F32) for i, ac in enumerate(_AC)},
+        }
 
     # ------------------------------------------------------------------ set-up helpers
     def _ctf_grid(self, kx, ky):
@@ -365,7 +380,7 @@ class _Kernel:
             q = self._image(f_big[:, (pad * fy) % big][:, :, pad * np.arange(box // 2 + 1)])
         return self._derivatives(q, 2, self.band_idx)
 
-    def block(self, geom, sl, val, grad, y):
+    def block(self, geom, sl, val, grad, y, rows):
         """Statistics of the particles ``sl`` of ``geom`` (see :class:`ChunkStatistics`)."""
         sub = geom_subset(geom, sl)
         nb = len(val)
@@ -405,7 +420,7 @@ class _Kernel:
         else:
             out = self._stats_windowed(sub, pt, hcols, y)
         if self.second:
-            out.update(self._second_order(sub, f_big, q_big, val, du, adef, out, y))
+            out.update(self._second_order(sub, rows, f_big, q_big, val, du, adef, out, y))
         return out
 
     # ------------------------------------------------------------------ box-periodic sums
@@ -548,117 +563,131 @@ class _Kernel:
         return out
 
     # ------------------------------------------------------------------ second order
-    def _second_order(self, sub, f_big, q_big, val, du, adef, first, y):
-        """Second-order statistics of the group model (see cryomag.fit.relinearise)."""
+    def _second_order(self, sub, rows, f_big, q_big, val, du, adef, first, y):
+        """Second-order statistics of the group model (see :mod:`cryomag.fit.relinearise`).
+
+        jp, jy, jj (first derivatives) for every particle; kyy, kp, jk (through the second
+        derivatives) for the particles with row % stride == 0, multiplied by the stride.
+        """
         amp = self.amp
         f = _F32view
         m3, m4 = self.mono[3], self.mono[4]
         pad1 = self.pad == 1
-        # the box-periodic model's second derivatives at the band (box grid)
-        hk = self._box_hessian(f_big, q_big)
-        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
-        v = val[:, self.band_in_disc]
-        dub = du if pad1 else [d[:, self.band_in_disc] for d in du]
-        ctf_g = self.ctf_band
-        ctf, slope, _ = self._ctf(ctf_g, sub)
-        gm = [slope * ctf_g["gcs"][a].astype(_F32) for a in range(2)]  # slope * dchi/du_a
-        gm_raw = [np.broadcast_to(ctf_g["gcs"][a].astype(_F32), ctf.shape) for a in range(2)]
-        hm = {
-            (0, 0): np.broadcast_to(ctf_g["hcs"][0].astype(_F32), ctf.shape),
-            (0, 1): np.broadcast_to(ctf_g["hcs"][1].astype(_F32), ctf.shape),
-            (1, 1): np.broadcast_to(ctf_g["hcs"][2].astype(_F32), ctf.shape),
-        }
-        if self.ctf_moves:
-            c = 2 * np.pi * self.lam
-            gdb = [
-                (
-                    c * (adef[:, a, 0, None] * ctf_g["dx"] + adef[:, a, 1, None] * ctf_g["dy"])
-                ).astype(_F32)
-                for a in range(2)
-            ]
-            gm_raw = [gm_raw[a] + gdb[a] for a in range(2)]
-            gm = [slope * gm_raw[a] for a in range(2)]
-            hm = {
-                (a, cc): hm[a, cc] + (c * adef[:, a, cc, None]).astype(_F32)
-                for a, cc in ((0, 0), (0, 1), (1, 1))
-            }
-        q = {}
-        for a, cc in ((0, 0), (0, 1), (1, 1)):
-            q[a, cc] = (
-                ctf * hu[a, cc]
-                + gm[a] * dub[cc]
-                + gm[cc] * dub[a]
-                + (slope * hm[a, cc] - ctf * gm_raw[a] * gm_raw[cc]) * v
-            )
-        qs = [q[0, 0], q[0, 1], q[1, 1]]
-        nb = len(v)
+        nb = len(val)
         jp = np.zeros((nb, 4))
         jy = np.zeros((nb, 4))
         jj = np.zeros((nb, 4, 4))
         kyy = np.zeros((nb, 4, 4))
         kp = np.zeros((nb, 4, 4))
         jk = np.zeros((nb, 4, 4, 4))
+        out = {"jp": jp, "jy": jy, "jj": jj, "kyy": kyy, "kp": kp, "jk": jk}
         if pad1:
-            pt, yt, hg = first["_pt"], first["_yt"], first["_hg"]
             raw_p, raw_y, raw_q = first["_raw"]
             for a in range(2):
                 for b in range(2):
                     jp[:, a * 2 + b] = amp * amp * raw_p[a][:, b]
                     jy[:, a * 2 + b] = amp * raw_y[a][:, b]
                 for c2 in range(2):
-                    quad = raw_q[a, c2]
                     for b in range(2):
                         for d in range(2):
-                            jj[:, a * 2 + b, c2 * 2 + d] = amp * amp * quad[:, b + d]
-            left_y, left_p = yt, pt
-            jcols = None
+                            jj[:, a * 2 + b, c2 * 2 + d] = amp * amp * raw_q[a, c2][:, b + d]
         else:
-            g = first["_g"]
-            z = first["_z"]
+            g, z = first["_g"], first["_z"]
             nc = z.shape[1] - 1
             sel = np.zeros((nc, 4))
             sel[:4, :4] = np.eye(4)
-            if self.ctf_moves and nc == 8:
+            moves = self.ctf_moves and nc == 8
+            if moves:
                 sel[4:, :4] = np.eye(4)
-            jp = g[:, 0, 1 : 1 + nc] @ sel
-            jy = g[:, 1 : 1 + nc, -1] @ sel
-            jj = np.einsum("ia,nij,jb->nab", sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
+            jp[:] = g[:, 0, 1 : 1 + nc] @ sel
+            jy[:] = g[:, 1 : 1 + nc, -1] @ sel
+            jj[:] = np.einsum("ia,nij,jb->nab", sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
+        # the curvature sums, on every stride-th particle
+        pick = np.flatnonzero(np.asarray(rows) % self.stride == 0)
+        if not len(pick):
+            return out
+        weight = float(self.stride)
+        sub = geom_subset(sub, pick)
+        hk = self._box_hessian(f_big[pick], None if q_big is None else q_big[pick])
+        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
+        v = val[pick][:, self.band_in_disc]
+        dub = [d[pick] for d in du] if pad1 else [d[pick][:, self.band_in_disc] for d in du]
+        adef = adef[pick]
+        ctf_g = self.ctf_band
+        ctf, slope, _ = self._ctf(ctf_g, sub)
+        so = self.so_shared
+        if self.ctf_moves:
+            c = 2 * np.pi * self.lam
+            g_raw = [
+                so["g"][a]
+                + (
+                    c * (adef[:, a, 0, None] * ctf_g["dx"] + adef[:, a, 1, None] * ctf_g["dy"])
+                ).astype(_F32)
+                for a in range(2)
+            ]
+            gg = {(a, cc): g_raw[a] * g_raw[cc] for a, cc in _AC}
+            hm = {
+                (a, cc): so["hm"][a, cc] + (c * adef[:, a, cc, None]).astype(_F32) for a, cc in _AC
+            }
+        else:
+            g_raw, gg, hm = so["g"], so["gg"], so["hm"]
+        gm = [slope * g_raw[a] for a in range(2)]  # dCTF/du_a through the moving chi
+        qs = [
+            ctf * hu[a, cc]
+            + gm[a] * dub[cc]
+            + gm[cc] * dub[a]
+            + (slope * hm[a, cc] - ctf * gg[a, cc]) * v
+            for a, cc in _AC
+        ]
+        if pad1:
+            left_y, left_p = first["_yt"][pick], first["_pt"][pick]
+            hg = [h[pick] for h in first["_hg"]]
+        else:
             phase = self._phase(sub, self.kx_b, self.ky_b).conj()
-            left_y = y * phase
+            left_y = y[pick] * phase
             # the windowed columns carry amp; the sums below multiply by amp once more
             phase_a = phase * _C64(1.0 / amp)
-            left_p = z[:, 0] * phase_a
-            moves = self.ctf_moves and nc == 8
+            zp = first["_z"][pick]
+            left_p = zp[:, 0] * phase_a
+            moves = self.ctf_moves and zp.shape[1] == 9
             jcols = [
-                (z[:, 1 + i] + z[:, 5 + i] if moves else z[:, 1 + i]) * phase_a for i in range(4)
+                (zp[:, 1 + i] + zp[:, 5 + i] if moves else zp[:, 1 + i]) * phase_a for i in range(4)
             ]
-        for (a, cc), qi in zip(((0, 0), (0, 1), (1, 1)), qs, strict=True):
+        kyy_s = np.zeros((len(pick), 4, 4))
+        kp_s = np.zeros((len(pick), 4, 4))
+        jk_s = np.zeros((len(pick), 4, 4, 4))
+        for (a, cc), qi in zip(_AC, qs, strict=True):
             qyv = m3.dot(f(qi) * f(left_y))
             qpv = m3.dot(f(qi) * f(left_p))
             for b in range(2):
                 for d in range(2):
-                    kyy[:, a * 2 + b, cc * 2 + d] = amp * qyv[:, b + d]
-                    kyy[:, cc * 2 + d, a * 2 + b] = amp * qyv[:, b + d]
-                    kp[:, a * 2 + b, cc * 2 + d] = amp * amp * qpv[:, b + d]
-                    kp[:, cc * 2 + d, a * 2 + b] = amp * amp * qpv[:, b + d]
+                    kyy_s[:, a * 2 + b, cc * 2 + d] = kyy_s[:, cc * 2 + d, a * 2 + b] = qyv[
+                        :, b + d
+                    ]
+                    kp_s[:, a * 2 + b, cc * 2 + d] = kp_s[:, cc * 2 + d, a * 2 + b] = qpv[:, b + d]
             if pad1:
                 for e in range(2):
                     cub = m4.dot(f(hg[e]) * f(qi))
                     for fi in range(2):
                         for b in range(2):
                             for d in range(2):
-                                v3 = amp * amp * cub[:, fi + b + d]
-                                jk[:, e * 2 + fi, a * 2 + b, cc * 2 + d] = v3
-                                jk[:, e * 2 + fi, cc * 2 + d, a * 2 + b] = v3
+                                v3 = cub[:, fi + b + d]
+                                jk_s[:, e * 2 + fi, a * 2 + b, cc * 2 + d] = v3
+                                jk_s[:, e * 2 + fi, cc * 2 + d, a * 2 + b] = v3
             else:
                 for i in range(4):
                     quad = m3.dot(f(jcols[i]) * f(qi))
                     for b in range(2):
                         for d in range(2):
-                            v3 = amp * amp * quad[:, b + d]
-                            jk[:, i, a * 2 + b, cc * 2 + d] = v3
-                            jk[:, i, cc * 2 + d, a * 2 + b] = v3
-        return {"jp": jp, "jy": jy, "jj": jj, "kyy": kyy, "kp": kp, "jk": jk}
+                            jk_s[:, i, a * 2 + b, cc * 2 + d] = quad[:, b + d]
+                            jk_s[:, i, cc * 2 + d, a * 2 + b] = quad[:, b + d]
+        kyy[pick] = weight * amp * kyy_s
+        kp[pick] = weight * amp * amp * kp_s
+        jk[pick] = weight * amp * amp * jk_s
+        return out
+
+
+_AC = ((0, 0), (0, 1), (1, 1))
 
 
 class _Mono:

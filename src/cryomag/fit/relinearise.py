@@ -50,8 +50,10 @@ class RelinearisedFit:
         Last update below ``tol``.
     trusted : bool
         The neglected O(|D|^3) remainder, estimated as |D2|^2 / |D1| (D1 the first step, D2
-        the correction the second-order terms made to it), is below ``tol / 10``; otherwise
-        the caller should make a real pass at M0 + delta.
+        the correction the second-order terms made to it) plus the inaccuracy of the
+        second-order terms (``accuracy`` |D2|), is below ``tol / 2``: the result is then as
+        close to the fixed point as a real pass with an update below ``tol`` would put it.
+        Otherwise the caller should make a real pass at M0 + delta.
     remainder : float
         That estimate.
     path : list of ndarray
@@ -161,7 +163,7 @@ def relinearised_fit(
         steps=steps,
         covariance=cov,
         converged=converged,
-        trusted=converged and remainder < tol / 10,
+        trusted=converged and remainder < tol / 2,
         remainder=remainder,
         path=path,
     )

@@ -13,7 +13,8 @@ residual power of the previous pass) each particle contributes the small normal-
 blocks below; every later fit (global per group, per micrograph, per particle, defocus model)
 uses only these blocks, never the images again. Parameters are ordered
 (Delta00, Delta01, Delta10, Delta11). Sums run over independent Fourier pixels (half plane,
-self-conjugate duplicates dropped) in the band kmin <= |k| <= kmax. Accumulation is float64.
+self-conjugate duplicates dropped) in the band kmin <= |k| <= kmax. They are formed in
+float32 by :mod:`cryomag.fit.accumulate` and stored in float64.
 
 Per particle (arrays of length N):
     npix    number of pixels used
@@ -28,6 +29,17 @@ Per particle (arrays of length N):
 With ``extended`` statistics (local particle fits requested) the blocks have 8 columns: 0..3
 as above, 4..7 the derivatives through the CTF's defocus term (a particle whose CTF moves
 with its own magnification); the group fit uses the first 4.
+
+Second order (full passes of the group fit; size 0 in the second axis otherwise), unit
+scale, for the group model's J_i = dP/dM_i and K_ij = d2P/dM_i dM_j:
+    jp      sum w Re(conj(P) J_i)        shape (N, 4)
+    jy      sum w Re(conj(J_i) Y)        shape (N, 4)
+    jj      sum w Re(conj(J_i) J_j)      shape (N, 4, 4)
+    kyy     sum w Re(conj(K_ij) Y)       shape (N, 4, 4)
+    kp      sum w Re(conj(K_ij) P)       shape (N, 4, 4)
+    jk      sum w Re(conj(J_e) K_ij)     shape (N, 4, 4, 4)
+With them Gauss-Newton re-linearises at a new M without another pass
+(:mod:`cryomag.fit.relinearise`).
 
 Per group and radial shell (for the noise model and plots): sum |r|^2, sum |Y|^2,
 sum |s P|^2, pixel count. Per group and rfft pixel (for the displacement-field plot):
