@@ -126,8 +126,8 @@ class Band:
 
 
 @dataclass
-class ChunkStatistics:
-    """Statistics of one chunk (see module docstring); rows are particle indices ``rows``."""
+class _StatisticsArrays:
+    """The arrays of the statistics (see the module docstring), shared by chunk and group."""
 
     rows: np.ndarray
     npix: np.ndarray
@@ -157,6 +157,11 @@ class ChunkStatistics:
             if getattr(self, f) is None:
                 setattr(self, f, v)
 
+
+@dataclass
+class ChunkStatistics(_StatisticsArrays):
+    """Statistics of one chunk (see module docstring); rows are particle indices ``rows``."""
+
     @classmethod
     def from_blocks(cls, blocks: list[dict], rows: np.ndarray) -> ChunkStatistics:
         """Concatenate per-particle fields of blocks (dicts) and sum the rest."""
@@ -173,39 +178,12 @@ class ChunkStatistics:
 
 
 @dataclass
-class GroupStatistics:
+class GroupStatistics(_StatisticsArrays):
     """Statistics of every particle of one optics group, reduced from its chunks.
 
     Per-particle arrays follow the order of ``rows`` (sorted). Shell and pixel arrays are
     summed over the group in a fixed (row) order, in float64.
     """
-
-    rows: np.ndarray
-    npix: np.ndarray
-    yy: np.ndarray
-    pp: np.ndarray
-    py: np.ndarray
-    rr: np.ndarray
-    hpg: np.ndarray
-    hgg: np.ndarray
-    bg: np.ndarray
-    shell_rr: np.ndarray
-    shell_yy: np.ndarray
-    shell_ss: np.ndarray
-    shell_n: np.ndarray
-    pix_a: np.ndarray
-    pix_b: np.ndarray
-    jp: np.ndarray | None = None
-    jy: np.ndarray | None = None
-    jj: np.ndarray | None = None
-    kyy: np.ndarray | None = None
-    kp: np.ndarray | None = None
-    jk: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        for f, v in empty_second_order(len(self.rows)).items():
-            if getattr(self, f) is None:
-                setattr(self, f, v)
 
     @property
     def has_second_order(self) -> bool:
