@@ -377,6 +377,11 @@ def test_relinearised_full_pass_matches_real_passes(simulated):
     assert g1.history[-1]["max_step"] < 1e-5
     # the stored statistics carry the second-order terms
     assert res[True].stats[0].has_second_order and not res[False].stats[0].has_second_order
+    from cryomag.workflows.estimate import results_dict
+
+    passes = results_dict(res[True])["groups"][0]["passes"]
+    assert passes["subset"] >= 1 and passes["full"] == len(real1)
+    assert passes["relinearised_steps"] >= 1
 
 
 def test_cli_warm_start_option(simulated, tmp_path):

@@ -30,10 +30,13 @@ def rfft_freqs(box: int, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
     return kx, ky
 
 
-def centered_rfft2(images: np.ndarray) -> np.ndarray:
-    """rfft2 of images with the phase origin at the box centre, shape (..., n, n // 2 + 1)."""
+def centered_rfft2(images: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """rfft2 of images with the phase origin at the box centre, shape (..., n, n // 2 + 1).
+
+    ``workers``: FFT threads (default: ``CRYOMAG_FFT_WORKERS``, all cores when unset).
+    """
     shifted = sfft.ifftshift(images, axes=(-2, -1))
-    return sfft.rfft2(shifted, axes=(-2, -1), workers=WORKERS)
+    return sfft.rfft2(shifted, axes=(-2, -1), workers=WORKERS if workers is None else workers)
 
 
 def centered_irfft2(spectra: np.ndarray, box: int) -> np.ndarray:

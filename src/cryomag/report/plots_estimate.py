@@ -14,6 +14,13 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from cryomag.io.atomic import atomic_write  # noqa: E402
 
 
+def _step_kind(h: dict, n_particles: int) -> str:
+    """How a Gauss-Newton iteration of the history was made."""
+    if h.get("relinearised"):
+        return "relinearised"
+    return "subset" if h["particles"] < n_particles else "full"
+
+
 def _save(fig, path: Path, pdf: PdfPages | None) -> Path:
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -98,8 +105,23 @@ def plot_estimate(result, bands, folder: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             steps = [h["max_step"] for h in gr.history]
             if steps:
-                ax.semilogy(range(1, len(steps) + 1), steps, "o-")
+                it = np.arange(1, len(steps) + 1)
+                ax.semilogy(it, steps, "-", color="C0")
+                kinds = [
+                    ("relinearised", "s", "re-linearised (no pass)"),
+                    ("subset", "^", "pass on the warm-start subset"),
+                    ("full", "o", "pass over all particles"),
+                ]
+                for kind, marker, label in kinds:
+                    sel = [
+                        i for i, h in enumerate(gr.history) if _step_kind(h, gr.n_particles) == kind
+                    ]
+                    if sel:
+                        ax.semilogy(it[sel], np.asarray(steps)[sel], marker, color="C0",
+                                    mfc="white" if kind == "relinearised" else "C0",
+                                    label=label)  # fmt: skip
             ax.axhline(result.options.tol, color="grey", ls="--", label="tolerance")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("Gauss-Newton iteration")
             ax.set_ylabel("max |update of M|")
             ax.set_title(f"Convergence, optics group {gr.group}")

@@ -283,11 +283,14 @@ class _Pass:
         self.window_pad = [1] * len(bands)
         self.extended = False
         self.exact_gradient = False
-        self.second_order = [False] * len(bands)
+        self.second_order = [0] * len(bands)
+        self.nthreads = 0
         self.ctf_moves = False
 
     def spectra(self, rows: np.ndarray) -> np.ndarray:
-        return centered_rfft2(self.images.read(rows).astype(np.float32))
+        # as many FFT threads as the 3D transforms use (1 in a Dask worker by default)
+        workers = self.nthreads if self.nthreads > 0 else None
+        return centered_rfft2(self.images.read(rows).astype(np.float32), workers=workers)
 
     def __call__(self, chunk: Chunk) -> list[ChunkStatistics]:
         keep_block_arrays_on_heap()
@@ -451,6 +454,7 @@ def run_estimate(
     pass_.extended = "particle" in opts.fit or true_frame
     pass_.ctf_moves = true_frame
     pass_.exact_gradient = opts.exact_gradient
+    pass_.nthreads = opts.nthreads
     pass_.window_pad = [
         opts.window_pad if opts.window_pad > 0 else auto_window_pad(ps, g, bands[g])
         for g in range(ps.n_groups)
@@ -696,6 +700,21 @@ def results_dict(res: EstimateResult) -> dict:
                 "cryosparc_anisomag": np.asarray(relion_to_cryosparc(gr.mag)).tolist(),
                 "polar": p.as_dict(),
                 "iterations": gr.iterations,
+                # passes over the images (subset and all particles) and Gauss-Newton steps
+                # re-linearised from the stored second-order statistics
+                "passes": {
+                    "subset": sum(
+                        1
+                        for h in gr.history
+                        if not h.get("relinearised") and h["particles"] < gr.n_particles
+                    ),
+                    "full": sum(
+                        1
+                        for h in gr.history
+                        if not h.get("relinearised") and h["particles"] >= gr.n_particles
+                    ),
+                    "relinearised_steps": sum(1 for h in gr.history if h.get("relinearised")),
+                },
                 "band_A": [float(gr.band_A[0]), float(gr.band_A[1])],
                 "chi2_per_pixel": gr.chi2,
                 "mean_raw_scale": res.scales.group_mean.get(gr.group),
