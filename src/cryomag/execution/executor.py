@@ -47,14 +47,14 @@ b = 8 bytes per complex value at eps >= 1e-5, else 16)::
               + 2 N^3 b     finufft's upsampled grid (1.25^3) while a batch is evaluated
     chunk       c B^2 8     images and spectra (single precision)
               + c B^2 p^2 5 the slice values (and with ``exact_gradient`` 3x more)
-              + < 8e6 x 20  one batch of 3D points and values (accumulate.MAX_POINTS)
+              + < 16e6 x 20 one batch of 3D points and values (accumulate.MAX_POINTS)
               + 16 B^2 p^2 100   one block of 2D arithmetic (16 / p^2 particles at p > 1)
     + ~150 MB for Python, NumPy and the worker, + up to 256 MB that the tuned allocator
       keeps (:mod:`cryomag.execution.allocator`)
 
-e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 134 + 84 + 160 + 26 + 150 MB ~ 0.65 GB
+e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 134 + 84 + 133 + 26 + 150 MB ~ 0.6 GB
 plus the allocator's reserve; measured peak RSS of a LocalCluster worker on 20,000 such
-particles: 0.81-0.90 GB at p = 1, 1.08-1.15 GB at p = 2.
+particles: 0.81-0.90 GB at p = 1, 1.2 GB at p = 2.
 The driver also holds every chunk's result until the pass is reduced: ~1.3 kB per particle
 with the second-order statistics, plus 5 x 8 bytes per band pixel per chunk.
 """

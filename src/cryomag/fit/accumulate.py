@@ -38,8 +38,9 @@ from cryomag.physics.projection import (
 
 from .statistics import Band, ChunkStatistics
 
-#: Points per 3D evaluation (finufft call): ~200 MB of points and values in single precision.
-MAX_POINTS = 8_000_000
+#: Points per 3D evaluation (finufft call): ~320 MB of points and values in single precision
+#: (a chunk of 1,024 box-128 particles in one call, in two with the window padding 2).
+MAX_POINTS = 16_000_000
 
 _F32 = np.float32
 _C64 = np.complex64
