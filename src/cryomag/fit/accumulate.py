@@ -403,17 +403,20 @@ class _Kernel:
         grid = self.ctf_band if pad1 else self.ctf_disc
         ctf, slope, adef = self._ctf(grid, sub)
         pt = ctf * v_model
+        # d/du_a of C V: the reference term and the CTF's Cs term (the part that moves with M)
         hcols = [ctf * du[a] + (slope * grid["gcs"][a].astype(_F32)) * v_model for a in range(2)]
-        gd = None
+        hdef = None
         if self.extended or self.ctf_moves:
+            # the defocus term's derivative, 2 pi lambda Adef d (d = ctf_mag k)
             c = 2 * np.pi * self.lam
-            gd = [
-                (c * (adef[:, a, 0, None] * grid["dx"] + adef[:, a, 1, None] * grid["dy"])).astype(
-                    _F32
-                )
+            hdef = [
+                slope
+                * (
+                    c * (adef[:, a, 0, None] * grid["dx"] + adef[:, a, 1, None] * grid["dy"])
+                ).astype(_F32)
+                * v_model
                 for a in range(2)
             ]
-            hdef = [slope * gd[a] * v_model for a in range(2)]
             if self.extended:
                 hcols += hdef
         if pad1:
