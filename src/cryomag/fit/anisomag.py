@@ -99,7 +99,14 @@ def solve_group(
     needs extended statistics).
     """
     h, b = reduced_system(stats, joint_scale=joint_scale, ctf_moves=ctf_moves)
-    hinv = np.linalg.pinv(h, rcond=1e-12)
-    delta = hinv @ b
-    cov = hinv * stats.chi2_per_pixel() / 2.0
-    return MagUpdate(delta.reshape(2, 2), cov, int((stats.pp > 0).sum()))
+    delta = np.linalg.pinv(h, rcond=1e-12) @ b
+    return MagUpdate(delta.reshape(2, 2), covariance(h, stats), int((stats.pp > 0).sum()))
+
+
+def covariance(h: np.ndarray, stats: GroupStatistics) -> np.ndarray:
+    """Covariance of the 4 elements of M from the reduced normal matrix ``h`` (4, 4).
+
+    The weights are 1 / sigma^2 per complex pixel, so the Fisher information is 2 h, scaled
+    by the residual chi2 per pixel (1 when the noise model is exact).
+    """
+    return np.linalg.pinv(h, rcond=1e-12) * stats.chi2_per_pixel() / 2.0

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryomag.fit.anisomag import covariance
 from cryomag.fit.statistics import GroupStatistics
 
 
@@ -145,7 +146,6 @@ def relinearised_fit(
                 # beyond the reach of the second-order model: keep the ordinary step
                 d = first.copy()
                 steps, path = steps[:1], path[:1]
-                converged = False
                 break
         d = d + upd
         steps.append(float(np.abs(upd).max()))
@@ -157,11 +157,10 @@ def relinearised_fit(
     correction = float(np.abs(d - first).max())
     remainder = (correction * correction / size if size > 0 else 0.0) + accuracy * correction
     h, _ = reduced_system_at(st, d, joint_scale)
-    cov = np.linalg.pinv(h, rcond=1e-12) * st.chi2_per_pixel() / 2.0
     return RelinearisedFit(
         delta=d.reshape(2, 2),
         steps=steps,
-        covariance=cov,
+        covariance=covariance(h, st),
         converged=converged,
         trusted=converged and remainder < tol / 2,
         remainder=remainder,

@@ -14,13 +14,6 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from cryomag.io.atomic import atomic_write  # noqa: E402
 
 
-def _step_kind(h: dict, n_particles: int) -> str:
-    """How a Gauss-Newton iteration of the history was made."""
-    if h.get("relinearised"):
-        return "relinearised"
-    return "subset" if h["particles"] < n_particles else "full"
-
-
 def _save(fig, path: Path, pdf: PdfPages | None) -> Path:
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -112,10 +105,9 @@ def plot_estimate(result, bands, folder: Path) -> list[Path]:
                     ("subset", "^", "pass on the warm-start subset"),
                     ("full", "o", "pass over all particles"),
                 ]
+                step_kinds = gr.step_kinds()
                 for kind, marker, label in kinds:
-                    sel = [
-                        i for i, h in enumerate(gr.history) if _step_kind(h, gr.n_particles) == kind
-                    ]
+                    sel = [i for i, k in enumerate(step_kinds) if k == kind]
                     if sel:
                         ax.semilogy(it[sel], np.asarray(steps)[sel], marker, color="C0",
                                     mfc="white" if kind == "relinearised" else "C0",

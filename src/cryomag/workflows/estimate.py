@@ -172,6 +172,17 @@ class GroupResult:
     history: list = field(default_factory=list)
     mag_lin: np.ndarray | None = None
 
+    def step_kinds(self) -> list[str]:
+        """How each Gauss-Newton iteration of :attr:`history` was made: ``"subset"`` (a pass
+        over the warm-start subset), ``"full"`` (a pass over every particle) or
+        ``"relinearised"`` (from the stored second-order statistics, no pass)."""
+        return [
+            "relinearised"
+            if h.get("relinearised")
+            else ("subset" if h["particles"] < self.n_particles else "full")
+            for h in self.history
+        ]
+
 
 @dataclass
 class EstimateResult:
@@ -502,7 +513,7 @@ def run_estimate(
             st = GroupStatistics.reduce(lst)
             first_stats.setdefault(g, st)
             # the first pass weights by the images' own power; later ones by the residuals'
-            weights_from_residuals = g in first_stats and first_stats[g] is not st
+            weights_from_residuals = first_stats[g] is not st
             pass_.noise[g] = st.noise_power()
             kind = phase[g]
             counts[g][kind] += 1
@@ -512,6 +523,8 @@ def run_estimate(
                 converged[g] = True
                 continue
             n_used = int(sum(len(c.rows) for c in todo if c.group == g))
+            lin[g] = pass_.mags[g].copy()
+            rel = None
             if kind == "full" and st.has_second_order:
                 rel = relinearised_fit(
                     st,
@@ -519,66 +532,48 @@ def run_estimate(
                     tol=opts.tol,
                     accuracy=_second_order_accuracy(pass_.window_pad[g], opts.curvature_every),
                 )
-                lin[g] = pass_.mags[g].copy()
-                for i, (stp, d) in enumerate(zip(rel.steps, rel.path, strict=True)):
-                    history[g].append(
-                        {
-                            "iteration": len(history[g]) + 1,
-                            "particles": n_used,
-                            "max_step": stp,
-                            "M": (lin[g] + d).tolist(),
-                            "relinearised": i > 0,
-                        }
-                    )
-                pass_.mags[g] = lin[g] + rel.delta
                 upd = MagUpdate(rel.delta, rel.covariance, int((st.pp > 0).sum()))
-                step = rel.steps[-1]
-                for h in history[g][-len(rel.steps) :]:
-                    log.info(
-                        "group %d iteration %d (%s): max |dM| = %.2e",
-                        g + 1,
-                        h["iteration"],
-                        "re-linearised from the statistics" if h["relinearised"] else "full",
-                        h["max_step"],
-                    )
+                steps, path = rel.steps, rel.path
+                # re-linearisation keeps the pass's weights: its fixed point is the data's
+                # only when they came from residuals (the first pass of a group weights by
+                # the images' power, which moves M by up to a few standard errors)
+                done = rel.converged and rel.trusted and weights_from_residuals
+            else:
+                upd = solve_group(st, joint_scale=opts.joint_scale, ctf_moves=true_frame)
+                steps, path = [float(np.abs(upd.delta).max())], [upd.delta]
+                done = steps[0] < opts.tol
+            pass_.mags[g] = lin[g] + upd.delta
+            for i, (stp, d) in enumerate(zip(steps, path, strict=True)):
+                history[g].append(
+                    {
+                        "iteration": len(history[g]) + 1,
+                        "particles": n_used,
+                        "max_step": stp,
+                        "M": (lin[g] + d).tolist(),
+                        "relinearised": i > 0,
+                    }
+                )
+                log.info(
+                    "group %d iteration %d (%s): max |dM| = %.2e",
+                    g + 1,
+                    len(history[g]),
+                    "re-linearised from the statistics" if i else kind,
+                    stp,
+                )
+            if rel is not None:
                 log.info(
                     "group %d: remainder of the second-order model %.1e (%s)",
                     g + 1,
                     rel.remainder,
-                    "converged" if rel.converged and rel.trusted else "another pass",
+                    "converged" if done else "another pass",
                 )
-                updates[g] = upd
-                # re-linearisation keeps the pass's weights: its fixed point is the data's only
-                # when they came from residuals (the first pass of a group weights by the
-                # images' power, which moves M by up to a few standard errors)
-                if rel.converged and rel.trusted and weights_from_residuals:
-                    converged[g] = True
-                elif counts[g]["full"] >= opts.max_iter:
-                    _warn_not_converged(g, opts, step)
-                    converged[g] = True
-                continue
-            upd = solve_group(st, joint_scale=opts.joint_scale, ctf_moves=true_frame)
-            lin[g] = pass_.mags[g].copy()
-            pass_.mags[g] = pass_.mags[g] + upd.delta
-            step = float(np.abs(upd.delta).max())
-            history[g].append(
-                {
-                    "iteration": len(history[g]) + 1,
-                    "particles": n_used,
-                    "max_step": step,
-                    "M": pass_.mags[g].tolist(),
-                    "relinearised": False,
-                }
-            )
-            log.info(
-                "group %d iteration %d (%s): max |dM| = %.2e", g + 1, len(history[g]), kind, step
-            )
+            step = steps[-1]
             if kind == "warm":
                 if step < max(opts.warm_tol, opts.tol) or counts[g]["warm"] >= opts.max_iter:
                     phase[g] = "full"
                 continue
             updates[g] = upd
-            if step < opts.tol:
+            if done:
                 converged[g] = True
             elif counts[g]["full"] >= opts.max_iter:
                 _warn_not_converged(g, opts, step)
@@ -690,6 +685,7 @@ def results_dict(res: EstimateResult) -> dict:
     groups = []
     for gr in res.groups:
         p = polar(gr.mag)
+        kinds = gr.step_kinds()
         groups.append(
             {
                 "optics_group": gr.group,
@@ -704,17 +700,9 @@ def results_dict(res: EstimateResult) -> dict:
                 # passes over the images (subset and all particles) and Gauss-Newton steps
                 # re-linearised from the stored second-order statistics
                 "passes": {
-                    "subset": sum(
-                        1
-                        for h in gr.history
-                        if not h.get("relinearised") and h["particles"] < gr.n_particles
-                    ),
-                    "full": sum(
-                        1
-                        for h in gr.history
-                        if not h.get("relinearised") and h["particles"] >= gr.n_particles
-                    ),
-                    "relinearised_steps": sum(1 for h in gr.history if h.get("relinearised")),
+                    "subset": kinds.count("subset"),
+                    "full": kinds.count("full"),
+                    "relinearised_steps": kinds.count("relinearised"),
                 },
                 "band_A": [float(gr.band_A[0]), float(gr.band_A[1])],
                 "chi2_per_pixel": gr.chi2,
