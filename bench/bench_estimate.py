@@ -79,7 +79,7 @@ def m_estimate(
 ) -> dict:
     """The whole fit, as the CLI runs it (LocalCluster of ``workers``; 0 = synchronous)."""
     import cryomag
-    from cryomag.execution.executor import ExecutorConfig, make_executor
+    from cryomag.execution import ExecutorConfig, make_executor
     from cryomag.simulate.simulator import load_truth
 
     sys.path.insert(0, str(HERE))
@@ -88,7 +88,7 @@ def m_estimate(
     folder = Path(folder)
     cfg = ExecutorConfig(j=workers if workers else 1, threads=1 if workers else 0)
     t0 = time.perf_counter()
-    with make_executor(cfg) as ex:
+    with make_executor(cfg, ("cryomag.fit.accumulate",)) as ex:
         if workers:
             _ = ex.client  # start the cluster (reported apart: an environment cost, not the fit)
         start = time.perf_counter() - t0

@@ -162,7 +162,7 @@ def _options(chunk_size: int, nthreads: int, window_pad: int):
 
 def m_pass(star: str, ref: str, mode: str, chunk_size: int, window_pad: int = 1) -> dict:
     """One statistics pass: mode sync1 (1 thread), sync (all threads), dask1 or dask2."""
-    from cryomag.execution.executor import LocalExecutor
+    from cryomag.execution import LocalExecutor
     from cryomag.io import ImageSource, read_particles
     from cryomag.workflows.estimate import load_references, run_estimate
 

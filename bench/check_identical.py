@@ -119,7 +119,7 @@ def _sim(folder: Path, seed: int, groups, n: int, kappa=0.3, mic=0.3, true_defoc
 
 def run(work: Path, only: set[str] | None = None) -> dict:
     import cryomag
-    from cryomag.execution.executor import ExecutorConfig
+    from cryomag.execution import ExecutorConfig
     from cryomag.workflows import apply as apply_wf
     from cryomag.workflows import merge as merge_wf
     from cryomag.workflows import reconstruct as recon_wf

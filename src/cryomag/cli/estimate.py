@@ -210,7 +210,7 @@ def estimate_cmd(
     """
     from rich.console import Console
 
-    from cryomag.execution.executor import ExecutorConfig
+    from cryomag.execution import ExecutorConfig
     from cryomag.workflows.estimate import estimate, print_summary
 
     if ref is None and half_maps is None:
@@ -218,7 +218,7 @@ def estimate_cmd(
     with fail_cleanly():
         execution = ExecutorConfig(
             j=j,
-            threads=1 if threads is None else threads,
+            threads=threads,
             scheduler=scheduler,
             cluster=cluster,
             jobs=jobs,
@@ -253,7 +253,7 @@ def estimate_cmd(
                 max_iter=max_iter,
                 tol=tol,
                 chunk_size=chunk_size,
-                nthreads=(0 if threads is None else threads) if execution.synchronous else 1,
+                nthreads=execution.worker_threads,
                 defocus_frame=defocus_frame,
                 window_pad=window_pad,
                 warm_start=warm_start,

@@ -9,10 +9,10 @@ Three ways to get workers, one code path to use them:
 - ``DaskExecutor.jobqueue("slurm" | "pbs", jobs=N, ...)``: workers submitted as batch jobs
   through dask-jobqueue (SLURMCluster / PBSCluster); the jobs run this interpreter.
 
-For every pass, the pass object is split (:class:`cryomag.execution.executor.Payload`) into a
-small pickle and its shared parts (particle table, image source, reference). Each part becomes
-one task of the graph whose key is its content token: a worker fetches it once and builds the
-object once per process (a reference is rebuilt from its real volume), and later passes,
+For every pass, the pass function is split (:class:`cryomag.execution.payload.Payload`) into
+a small pickle and its shared parts (for ``cryomag estimate``: the particle table, the image
+source and the reference). Each part becomes one task of the graph whose key is its content
+token: a worker fetches it once and builds the object once per process, and later passes,
 which refer to the same parts, ship only the small pickle. The parts are tasks rather than
 scattered data so that the scheduler can recompute them when the worker holding them dies.
 Each chunk is then one task taking the chunk descriptor; results are gathered as they finish
@@ -32,52 +32,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cryomag.execution.executor import (
-    Blob,
-    Executor,
-    Payload,
-    ResultCallback,
-    load_blob,
-)
+from cryomag.execution.allocator import keep_block_arrays_on_heap
+from cryomag.execution.base import Executor, ResultCallback
+from cryomag.execution.payload import Blob, Payload, load_blob, on_worker
 
 log = logging.getLogger("cryomag")
-
-#: Modules a LocalCluster's workers import as they start (numpy, scipy, finufft and the
-#: statistics kernel: about a second per worker that would otherwise fall in the first pass).
-WORKER_PRELOAD = ("cryomag.fit.accumulate",)
 
 # ----------------------------------------------------------------------- worker side
 #: Objects built in this (worker) process, by content token, least recently used first.
 _CACHE: OrderedDict[str, Any] = OrderedDict()
 _CACHE_LOCK = threading.RLock()
 _CACHE_MAX = 16
-#: Stacks a worker keeps memory-mapped at once (their resident pages count in its RSS).
-WORKER_MAX_OPEN_STACKS = 8
-
-
-_TUNED = False
-
-
-def tune_malloc() -> None:
-    """Let glibc keep freed blocks below 32 MiB for reuse in this process (once).
-
-    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``; setting it also freezes
-    glibc's mmap threshold at 128 kB, so every large temporary array of a chunk is a fresh
-    mmap whose pages fault in again: 30-50 % more CPU per chunk than in a plain process.
-    Raising the mmap threshold to 32 MiB (glibc's own dynamic maximum) restores the plain
-    process's speed; trimming of the heap top is unchanged.
-    """
-    global _TUNED
-    if _TUNED:
-        return
-    _TUNED = True
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
 
 
 def _worker_threads() -> int:
@@ -97,14 +62,7 @@ def _materialize(token: str, blobs: dict[str, Blob]) -> Any:
             return _CACHE[token]
         blob = blobs[token]
         obj = load_blob(blob, lambda t: _materialize(t, blobs))
-        from cryomag.io.mrc import ImageSource
-        from cryomag.physics.projection import MapReference
-
-        if isinstance(obj, MapReference):
-            obj.nthreads = _worker_threads()
-        elif isinstance(obj, ImageSource):
-            # mapped stacks count in the worker's RSS, which Dask's memory limit watches
-            obj.max_open = min(obj.max_open, WORKER_MAX_OPEN_STACKS)
+        on_worker(obj, _worker_threads())
         _CACHE[token] = obj
         while len(_CACHE) > _CACHE_MAX:
             _CACHE.popitem(last=False)
@@ -117,8 +75,8 @@ def _keep(blob: Blob) -> Blob:
 
 
 def run_chunk(chunk: Any, payload: Blob, *parts: Blob) -> Any:
-    """Task body of one chunk: build (or reuse) the pass object and apply it to ``chunk``."""
-    tune_malloc()
+    """Task body of one chunk: build (or reuse) the pass function and apply it to ``chunk``."""
+    keep_block_arrays_on_heap()
     blobs = {b.token: b for b in parts}
     blobs[payload.token] = payload
     fn = _materialize(payload.token, blobs)
@@ -142,9 +100,8 @@ class DaskExecutor(Executor):
 
     Notes
     -----
-    Use the class methods :meth:`local`, :meth:`connect`, :meth:`jobqueue`, or
-    :meth:`from_client` for a client you made. Close the executor (or use it as a context
-    manager) to stop a cluster it started; a client given to :meth:`from_client` is left open.
+    Use the class methods :meth:`local`, :meth:`connect` or :meth:`jobqueue`. Close the
+    executor (or use it as a context manager) to stop a cluster it started.
     """
 
     def __init__(
@@ -155,7 +112,6 @@ class DaskExecutor(Executor):
         self.retries = int(retries)
         self._client = None
         self._cluster = None
-        self._owns_client = True
         self._parts: dict[str, Any] = {}
         self._starter: threading.Thread | None = None
         #: only a LocalCluster starts in a background thread (batch-system clusters install
@@ -166,14 +122,6 @@ class DaskExecutor(Executor):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_client(cls, client, retries: int = 0) -> DaskExecutor:
-        """Use an existing ``distributed.Client`` (not closed by :meth:`close`)."""
-        ex = cls(lambda: (client, None), name=f"dask client {client.scheduler.address}")
-        ex._owns_client = False
-        ex.retries = int(retries)
-        return ex
-
-    @classmethod
     def local(
         cls,
         n_workers: int,
@@ -181,11 +129,15 @@ class DaskExecutor(Executor):
         memory_limit: str | float | None = "auto",
         local_directory: str | None = None,
         retries: int = 0,
+        preload: Sequence[str] = (),
     ) -> DaskExecutor:
         """A LocalCluster of ``n_workers`` processes of ``threads_per_worker`` threads.
 
-        finufft in each worker uses ``threads_per_worker`` threads. ``memory_limit`` is per
-        worker ("auto": the machine's memory divided by the workers).
+        Shared parts built in a worker learn its ``threads_per_worker``
+        (``__cryomag_on_worker__``). ``memory_limit`` is per worker ("auto": the machine's
+        memory divided by the workers). ``preload``: modules each worker imports as it
+        starts (the numerical kernels: about a second per worker that would otherwise fall
+        in the first pass).
         """
 
         def start():
@@ -202,9 +154,7 @@ class DaskExecutor(Executor):
                     dashboard_address=None,
                     local_directory=local_directory,
                     silence_logs=logging.ERROR,
-                    # workers import the estimation code while they start, not in their
-                    # first task
-                    preload=list(WORKER_PRELOAD),
+                    preload=list(preload),
                 )
             return Client(cluster), cluster
 
@@ -392,7 +342,8 @@ class DaskExecutor(Executor):
         description: str = "particles",
         progress: bool = True,
         on_result: ResultCallback | None = None,
-    ) -> list[Any]:
+        collect: bool = True,
+    ) -> list[Any] | None:
         """Run ``fn`` on every chunk as cluster tasks; results in chunk order (see class)."""
         from distributed import as_completed
 
@@ -400,7 +351,7 @@ class DaskExecutor(Executor):
 
         chunks = list(chunks)
         if not chunks:
-            return []
+            return [] if collect else None
         client = self.client
         payload = Payload(fn)
         tokens, new = payload.parts({k: v[1] for k, v in self._parts.items()})
@@ -432,9 +383,11 @@ class DaskExecutor(Executor):
                     if done[i]:  # pragma: no cover - as_completed yields each future once
                         continue
                     done[i] = True
-                    results[i] = res
+                    if collect:
+                        results[i] = res
                     if on_result is not None:
                         on_result(chunks[i], res)
+                    del res
                     bar.advance(task, len(chunks[i]))
                     fut.release()
         except BaseException:
@@ -449,7 +402,7 @@ class DaskExecutor(Executor):
         missing = [i for i, d in enumerate(done) if not d]
         if missing:  # pragma: no cover - as_completed returns every future
             raise RuntimeError(f"{len(missing)} chunk(s) returned no result")
-        return results
+        return results if collect else None
 
     def close(self) -> None:
         """Release the shared parts; stop the client and the cluster if this started them."""
@@ -459,7 +412,7 @@ class DaskExecutor(Executor):
         self._parts.clear()
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
-        if client is not None and self._owns_client:
+        if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
         if cluster is not None:

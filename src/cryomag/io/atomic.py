@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from cryomag._files import NoFileWritten, atomic_path
 from cryomag.model.particles import ParticleDataError
 
 __all__ = [
@@ -104,19 +104,11 @@ def atomic_write(
     """
     dest = Path(path)
     ensure_not_input(dest, inputs)
-    folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{dest}: output folder {folder} does not exist")
-    tmp = folder / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{dest.suffix}"
     try:
-        yield tmp
-        if not tmp.exists():
-            raise ParticleFileError(f"{dest}: the writer produced no file")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+        with atomic_path(dest) as tmp:
+            yield tmp
+    except NoFileWritten as exc:
+        raise ParticleFileError(str(exc)) from None
 
 
 def _json_default(o):

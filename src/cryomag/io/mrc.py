@@ -12,6 +12,7 @@ wins; a warning is given once per stack when the header disagrees by more than 1
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 from collections import OrderedDict
@@ -38,6 +39,8 @@ __all__ = [
 
 #: Relative pixel-size difference between MRC header and STAR above which a warning is given.
 PIXEL_SIZE_WARN_TOL = 0.01
+#: Stacks an image source keeps memory-mapped at once in a Dask worker.
+WORKER_MAX_OPEN_STACKS = 8
 _HEADER_BYTES = 1024
 
 
@@ -253,6 +256,20 @@ class ImageSource:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
         return state
+
+    # -------------------------------------------------- shipping (cryomag.execution.payload)
+    def __cryomag_token__(self) -> str:
+        """Content digest: the source travels once per worker process (with its table)."""
+        return hashlib.sha1(
+            "\0".join(
+                [self.ps.__cryomag_token__(), str(self.max_open), *map(str, self.search_dirs)]
+            ).encode()
+        ).hexdigest()
+
+    def __cryomag_on_worker__(self, threads: int) -> None:
+        """Keep fewer stacks mapped in a worker: their resident pages count in its memory,
+        which Dask's memory limit watches."""
+        self.max_open = min(self.max_open, WORKER_MAX_OPEN_STACKS)
 
     def close(self) -> None:
         """Close every open stack."""

@@ -19,6 +19,7 @@ Magnification matrices follow RELION: ``k_ref = M @ k_obs`` (see CONVENTIONS.md)
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,14 @@ class ParticleSet:
     def name(self) -> str:
         """A short label for messages: the source file name or ``"<memory>"``."""
         return str(self.source.path) if self.source.path is not None else "<memory>"
+
+    def __cryomag_token__(self) -> str:
+        """Content digest of both tables: the set travels once per worker process."""
+        h = hashlib.sha1(self.name.encode())
+        for df in (self.particles, self.optics):
+            h.update(",".join(map(str, df.columns)).encode())
+            h.update(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes())
+        return h.hexdigest()
 
     def copy(self) -> ParticleSet:
         """Deep copy of both tables (the source information is shared)."""

@@ -20,6 +20,7 @@ particle), det(M_p) keeps the real-space contrast of a magnified image unchanged
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import finufft
@@ -87,13 +88,24 @@ class MapReference:
             )
         return self._grad_stack
 
-    @classmethod
-    def from_mrc(cls, path, eps: float = 1e-6, nthreads: int = 0) -> MapReference:
-        """Load a map from an MRC file (voxel size from its header)."""
-        from cryomag.io import read_map
+    # -------------------------------------------------- shipping (cryomag.execution.payload)
+    def __reduce__(self):
+        """Pickle as the real volume in the evaluation precision (float32 at eps >= 1e-5),
+        not as the complex evaluation buffers: half the bytes, and the rebuilt map evaluates
+        bit for bit as this one."""
+        real = np.float64 if self._dtype == np.complex128 else np.float32
+        vol = np.ascontiguousarray(self._value.real, dtype=real)
+        return (type(self), (vol, self.pixel_size_A, self.eps, self.nthreads))
 
-        vol, apix = read_map(path)
-        return cls(vol, apix, eps=eps, nthreads=nthreads)
+    def __cryomag_token__(self) -> str:
+        """Content digest: the map travels once per worker process."""
+        h = hashlib.sha1(repr((self.box, self.pixel_size_A, self.eps)).encode())
+        h.update(memoryview(np.ascontiguousarray(self._value)).cast("B"))
+        return h.hexdigest()
+
+    def __cryomag_on_worker__(self, threads: int) -> None:
+        """Evaluate with the worker's thread count."""
+        self.nthreads = int(threads)
 
     def _transform(self, pts, gradient: bool) -> np.ndarray:
         """finufft type 2 of the map (and its gradient volumes) at points (z, y, x) in rad.

@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.execution.allocator import keep_block_arrays_on_heap
-from cryomag.execution.chunks import Chunk, make_chunks
-from cryomag.execution.executor import Executor, LocalExecutor, run_executor
+from cryomag.execution import Chunk, Executor, LocalExecutor, make_chunks, run_executor
 from cryomag.fit.accumulate import chunk_statistics
 from cryomag.fit.anisomag import MagUpdate, solve_group
 from cryomag.fit.relinearise import relinearised_fit
@@ -41,6 +39,10 @@ from cryomag.workflows.runlog import run_log
 log = logging.getLogger("cryomag")
 
 FITS = ("scale", "aniso", "particle", "micrograph", "defocus")
+
+#: Modules a LocalCluster's workers import as they start (numpy, scipy, finufft and the
+#: statistics kernel: about a second per worker that would otherwise fall in the first pass).
+WORKER_PRELOAD = ("cryomag.fit.accumulate",)
 
 
 @dataclass
@@ -303,8 +305,11 @@ class _Pass:
         workers = self.nthreads if self.nthreads > 0 else None
         return centered_rfft2(self.images.read(rows).astype(np.float32), workers=workers)
 
+    def checkpoint_info(self) -> dict:
+        """What the checkpoints record about this pass: M of each group."""
+        return {"M": np.asarray(self.mags, float).tolist()}
+
     def __call__(self, chunk: Chunk) -> list[ChunkStatistics]:
-        keep_block_arrays_on_heap()
         rows = np.asarray(chunk.rows)
         g = chunk.group
         spectra = self.spectra(rows)
@@ -854,9 +859,11 @@ def estimate(
     >>> res = cryomag.estimate("particles.star", "map.mrc", out="run1")  # doctest: +SKIP
     >>> res.groups[0].mag, res.scales.normalised[:5]  # doctest: +SKIP
     """
-    from cryomag.execution.executor import Executor, ExecutorConfig, make_executor
+    from cryomag.execution import Executor, ExecutorConfig, make_executor
 
-    owned = make_executor(executor) if isinstance(executor, ExecutorConfig) else None
+    owned = None
+    if isinstance(executor, ExecutorConfig):
+        owned = make_executor(executor, WORKER_PRELOAD)
     if owned is not None:
         executor = owned
     try:
@@ -892,7 +899,8 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
         )
         if fsc_res is not None:
             log.info("half-map FSC = 0.143 at %.2f A", fsc_res)
-        with run_executor(executor, None if out is None else out / ".chunks", resume) as ex:
+        checkpoints = None if out is None else out / ".chunks"
+        with run_executor(executor, checkpoints, resume, preload=WORKER_PRELOAD) as ex:
             log.info("executor: %s", ex.describe())
             res = run_estimate(ps, refs, ImageSource(ps), opts, fsc_res, progress, executor=ex)
             for gr in res.groups:
