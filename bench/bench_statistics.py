@@ -141,14 +141,20 @@ def m_floor(star: str, chunk_size: int) -> dict:
     return {"n": len(ps), "seconds": dt, "pps": len(ps) / dt, "peak_mb": _peak_mb()}
 
 
-def _pads(ps, refs, opts) -> list[int]:
-    """The window padding of each optics group that the engine will use."""
-    from cryomag.workflows import estimate as est
+def _bands(ps, refs, opts):
+    from cryomag.fit.bands import make_bands
 
-    if getattr(opts, "window_pad", 1) > 0 or not hasattr(est, "auto_window_pad"):
-        return [getattr(opts, "window_pad", 1)] * ps.n_groups
-    bands = est.make_bands(ps, refs, opts, None)
-    return [est.auto_window_pad(ps, g, bands[g]) for g in range(ps.n_groups)]
+    return make_bands(ps, min(r.nyquist for r in refs.values()), opts.low_res_A, opts.high_res_A)
+
+
+def _pads(ps, refs, opts) -> dict[int, int]:
+    """The window padding of each optics group (by number) that the engine will use."""
+    from cryomag.fit.bands import auto_window_pad
+
+    if opts.window_pad > 0:
+        return {int(g): opts.window_pad for g in ps.group_numbers()}
+    bands = _bands(ps, refs, opts)
+    return {int(g): auto_window_pad(ps, int(g), bands[int(g)]) for g in ps.group_numbers()}
 
 
 def _options(chunk_size: int, nthreads: int, window_pad: int):
@@ -204,26 +210,29 @@ def m_chunk_memory(star: str, ref: str, chunk_size: int, window_pad: int = 1) ->
     """tracemalloc peak of one chunk of the pass (numpy arrays; the reference excluded)."""
     import tracemalloc
 
-    from cryomag.execution.chunks import make_chunks
+    from cryomag.execution import make_chunks
+    from cryomag.fit.bands import initial_noise
+    from cryomag.fit.passes import GroupPass, PassSpec, StatisticsPass
     from cryomag.io import ImageSource, read_particles
-    from cryomag.workflows.estimate import _initial_noise, _Pass, load_references, make_bands
+    from cryomag.workflows.estimate import load_references
 
     ps = read_particles(star)
     opts = _options(chunk_size, 1, window_pad)
     refs, _ = load_references(ref, eps=opts.eps, nthreads=1)
-    bands = make_bands(ps, refs, opts, None)
-    pass_ = _Pass(ps, refs, bands, ImageSource(ps), ps.mag_matrices())
-    pass_.mags = ps.mag_matrices()
-    if hasattr(pass_, "window_pad"):
-        pass_.window_pad = _pads(ps, refs, opts)
-    chunks = make_chunks(ps.group_index(), chunk_size)
-    pass_.noise = [_initial_noise(pass_, chunks, 0)]
+    bands = _bands(ps, refs, opts)
+    pads = _pads(ps, refs, opts)
+    g = int(ps.group_numbers()[0])
+    chunks = make_chunks(ps.particles["rlnOpticsGroup"].to_numpy(int), chunk_size)
+    probe = StatisticsPass(ps, refs, ImageSource(ps), bands, PassSpec({}, nthreads=1))
+    noise = initial_noise(probe.spectra(np.asarray(chunks[0].rows)[:256]), bands[g])
+    spec = PassSpec({g: GroupPass(ps.mag_matrix(g), ps.mag_matrix(g), noise, pads[g])}, nthreads=1)
+    pass_ = StatisticsPass(ps, refs, ImageSource(ps), bands, spec)
     pass_(chunks[0])  # warm: open the stacks
     tracemalloc.start()
     pass_(chunks[0])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    box = bands[0].box
+    box = bands[g].box
     n_ref = refs[0].box
     return {
         "chunk_peak_mb": peak / 2**20,

@@ -26,14 +26,9 @@ from cryomag.execution.payload import Payload, load_blob
 from cryomag.io import ImageSource, read_particles
 from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulate.simulator import simulate_dataset
-from cryomag.workflows.estimate import (
-    EstimateOptions,
-    _Pass,
-    estimate,
-    load_references,
-    make_bands,
-    run_estimate,
-)
+from cryomag.fit.bands import make_bands
+from cryomag.fit.passes import GroupPass, PassSpec, StatisticsPass
+from cryomag.workflows.estimate import EstimateOptions, estimate, load_references, run_estimate
 
 RTOL = 1e-10
 OPTS = {"fit": ("scale", "aniso"), "max_iter": 2, "tol": 0.0, "chunk_size": 16, "nthreads": 1}
@@ -72,6 +67,11 @@ def inputs(data):
     return ps, refs, opts
 
 
+def _labels(ps):
+    """Each particle's optics group number (the chunks' label)."""
+    return ps.particles["rlnOpticsGroup"].to_numpy(int)
+
+
 def run(inputs, executor=None):
     ps, refs, opts = inputs
     return run_estimate(ps, refs, ImageSource(ps), opts, None, False, executor=executor)
@@ -97,10 +97,16 @@ def assert_same_stats(a, b, rtol: float = RTOL) -> None:
 # ------------------------------------------------------------------------------ shipping
 def test_payload_ships_the_reference_once_and_rebuilds_it(inputs):
     ps, refs, opts = inputs
-    bands = make_bands(ps, refs, opts, None)
-    pass_ = _Pass(ps, refs, bands, ImageSource(ps), ps.mag_matrices())
-    pass_.mags = ps.mag_matrices()
-    pass_.noise = [np.ones(b.n_shells + 1) for b in bands]
+    bands = make_bands(ps, refs[0].nyquist)
+
+    def make_pass(scale=1.0):
+        groups = {
+            g: GroupPass(ps.mag_matrix(g) * scale, ps.mag_matrix(g), np.ones(b.n_shells + 1))
+            for g, b in bands.items()
+        }
+        return StatisticsPass(ps, refs, ImageSource(ps), bands, PassSpec(groups))
+
+    pass_ = make_pass()
     pay = Payload(pass_)
     tokens, new = pay.parts({})
     kinds = {type(load_blob(b, lambda t: None)).__name__ for b in new.values() if not b.deps}
@@ -112,9 +118,8 @@ def test_payload_ships_the_reference_once_and_rebuilds_it(inputs):
     again, new2 = Payload(pass_).parts({t: new[t].deps for t in new})
     assert sorted(again) == sorted(tokens) and new2 == {}
     # same content -> same fingerprint; a new M -> another one
-    assert Payload(pass_).token == pay.token
-    pass_.mags = pass_.mags * 1.001
-    assert Payload(pass_).token != pay.token
+    assert Payload(make_pass()).token == pay.token
+    assert Payload(make_pass(1.001)).token != pay.token
     # the rebuilt reference evaluates exactly as the original
     cache: dict = {}
 
@@ -156,13 +161,13 @@ def test_local_cluster_of_two_processes_equals_the_synchronous_run(inputs, refer
         with DaskExecutor.connect(cluster.scheduler_address) as ex:
             res = run(inputs, _Recording(ex, seen))
             # errors in a chunk reach the caller (with the progress bar on)
-            chunks = make_chunks(inputs[0].group_index(), 40)
+            chunks = make_chunks(_labels(inputs[0]), 40)
             with pytest.raises(ValueError, match="bad chunk 2"):
                 ex.map(_Failing(), chunks, "failing", progress=True)
             assert ex.map(_Rows(), chunks, "rows", progress=True) == [len(c) for c in chunks]
     assert_same_stats(reference, res)
     # every chunk reported once per pass, in whatever order they finished
-    n_chunks = len(make_chunks(inputs[0].group_index(), OPTS["chunk_size"]))
+    n_chunks = len(make_chunks(_labels(inputs[0]), OPTS["chunk_size"]))
     assert len(seen) == OPTS["max_iter"] * n_chunks
 
 
@@ -234,7 +239,7 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_double_count(
     assert int(marker.read_text()) != os.getpid()
     assert_same_stats(reference, res)
     for g, st in res.stats.items():
-        rows = np.flatnonzero(inputs[0].group_index() == g)
+        rows = inputs[0].group_rows(g)
         assert np.array_equal(st.rows, rows)  # each particle exactly once
 
 
@@ -281,7 +286,7 @@ def test_checkpoint_executor_resumes_and_rejects_other_inputs(inputs, reference,
     state = json.loads((folder / "state.json").read_text())
     assert [p["complete"] for p in state["passes"]] == [True, True]
     assert len(state["passes"][1]["M"]) == inputs[0].n_groups
-    n_chunks = len(make_chunks(inputs[0].group_index(), OPTS["chunk_size"]))
+    n_chunks = len(make_chunks(_labels(inputs[0]), OPTS["chunk_size"]))
     assert len(list(folder.glob("pass_*/chunk_*.npz"))) == 2 * n_chunks
     # drop pass 2 as if the run had been killed at its start
     state["passes"][1]["complete"] = False
@@ -378,7 +383,7 @@ def _compare_outputs(out: Path, expected) -> None:
         np.testing.assert_allclose(g["M"], gr.mag, rtol=RTOL, atol=0)
     for gr in expected.groups:
         with np.load(out / "stats" / f"group_{gr.group:03d}.npz") as z:
-            st = expected.stats[gr.group - 1]
+            st = expected.stats[gr.group]
             for name, x in st.as_arrays().items():
                 np.testing.assert_allclose(z[name], x, rtol=RTOL, atol=0, err_msg=name)
     assert not (out / ".chunks").exists()
@@ -418,7 +423,7 @@ def test_killed_run_resumes_with_only_the_unfinished_chunks(data, tmp_path, cli_
     )
     assert done.returncode == 0, done.stderr
     log = (out / "cryomag.log").read_text()
-    n_chunks = len(make_chunks(read_particles(data / "particles.star").group_index(), 4))
+    n_chunks = len(make_chunks(_labels(read_particles(data / "particles.star")), 4))
     for k in range(1, current + 1 if complete else current):
         assert f"pass {k}: all {n_chunks} chunks read" in log
     if stored:

@@ -242,5 +242,5 @@ def test_estimate_on_slurm_matches_the_local_run(slurm, data, tmp_path):
     got = json.loads((out / "results.json").read_text())
     np.testing.assert_allclose(got["groups"][0]["M"], local.groups[0].mag, rtol=1e-10, atol=0)
     with np.load(out / "stats" / "group_001.npz") as z:
-        for name, x in local.stats[0].as_arrays().items():
+        for name, x in local.stats[1].as_arrays().items():
             np.testing.assert_allclose(z[name], x, rtol=1e-10, atol=0, err_msg=name)

@@ -211,7 +211,8 @@ def estimate_cmd(
     from rich.console import Console
 
     from cryomag.execution import ExecutorConfig
-    from cryomag.workflows.estimate import estimate, print_summary
+    from cryomag.report.console import print_estimate_summary
+    from cryomag.workflows.estimate import estimate
 
     if ref is None and half_maps is None:
         raise typer.BadParameter("give --ref or --half-maps")
@@ -267,5 +268,5 @@ def estimate_cmd(
                 err=True,
             )
             raise typer.Exit(130) from None
-        print_summary(res, Console())
+        print_estimate_summary(res, Console())
         typer.echo(f"wrote {out}/particles.star, results.json, stats/, plots/")

@@ -48,7 +48,9 @@ sum Re(conj(h) h^T) (3 unique) and sum Re(conj(h) r) (2), h = s amp C phase dV/d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -157,6 +159,10 @@ class _StatisticsArrays:
             if getattr(self, f) is None:
                 setattr(self, f, v)
 
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """All fields as a dict of arrays (the storage format, :mod:`cryomag.io.stats`)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
 
 @dataclass
 class ChunkStatistics(_StatisticsArrays):
@@ -231,6 +237,101 @@ class GroupStatistics(_StatisticsArrays):
         idx = np.arange(len(pw))
         return np.interp(idx, idx[good], pw[good])
 
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """All fields as a dict of arrays (for saving with numpy.savez)."""
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+#: ``allocate(group, field, shape, dtype) -> array`` for the per-particle arrays of a group.
+Allocator = Callable[[int, str, tuple, Any], np.ndarray]
+
+
+def _allocate_in_memory(group: int, name: str, shape: tuple, dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+class StatisticsReducer:
+    """Reduce a pass's chunk statistics per group as they arrive, in any order.
+
+    Per-particle arrays are written into arrays allocated once per group (``allocate``: in
+    memory by default, or memory-mapped files, so that the driver's memory does not grow with
+    the number of particles); the summed arrays are added in the order of the chunks' first
+    rows, holding back only chunks that finish ahead of an earlier one. The result is the
+    same, bit for bit, as :meth:`GroupStatistics.reduce` of every chunk's statistics.
+
+    Parameters
+    ----------
+    chunks : sequence of Chunk
+        The chunks of the pass (``group``: the optics group number; ``rows``: sorted
+        particle rows); within a group their row ranges must not interleave.
+    allocate : callable, optional
+        ``allocate(group, field, shape, dtype)``.
+    """
+
+    def __init__(self, chunks: Sequence[Any], allocate: Allocator | None = None) -> None:
+        self._allocate = allocate or _allocate_in_memory
+        by_group: dict[int, list] = {}
+        for c in chunks:
+            by_group.setdefault(int(c.group), []).append(c)
+        self._groups: dict[int, dict] = {}
+        for g, lst in by_group.items():
+            lst = sorted(lst, key=lambda c: c.rows[0] if len(c.rows) else -1)
+            rows = np.sort(np.concatenate([np.asarray(c.rows, int) for c in lst]))
+            self._groups[g] = {
+                "rows": rows,
+                "order": [c.index for c in lst],  # chunk indices in first-row order
+                "next": 0,
+                "pending": {},  # chunk index -> summed arrays of its statistics
+                "arrays": None,
+                "second": True,
+                "filled": 0,
+                "sums": None,
+            }
+
+    def add(self, chunk: Any, result: list[ChunkStatistics]) -> None:
+        """Take one chunk's statistics (``on_result`` of an executor's map)."""
+        grp = self._groups[int(chunk.group)]
+        parts = sorted(
+            (st for st in result if len(st.rows)), key=lambda st: int(st.rows[0])
+        )  # the halves of a chunk interleave: their first rows give reduce()'s order
+        for st in parts:
+            self._place(int(chunk.group), grp, st)
+        grp["pending"][chunk.index] = [{f: getattr(st, f) for f in SUMMED_FIELDS} for st in parts]
+        order = grp["order"]
+        while grp["next"] < len(order) and order[grp["next"]] in grp["pending"]:
+            for sums in grp["pending"].pop(order[grp["next"]]):
+                if grp["sums"] is None:
+                    grp["sums"] = {f: np.zeros_like(v, dtype=float) for f, v in sums.items()}
+                for f, v in sums.items():
+                    grp["sums"][f] = grp["sums"][f] + v
+            grp["next"] += 1
+
+    def _place(self, g: int, grp: dict, st: ChunkStatistics) -> None:
+        n = len(grp["rows"])
+        second = st.jk.shape[1:] == (4, 4, 4)
+        if grp["arrays"] is None:
+            names = PARTICLE_FIELDS + (SECOND_ORDER_FIELDS if second else ())
+            grp["arrays"] = {
+                f: self._allocate(g, f, (n,) + getattr(st, f).shape[1:], getattr(st, f).dtype)
+                for f in names
+            }
+        grp["second"] = grp["second"] and second
+        pos = np.searchsorted(grp["rows"], st.rows)
+        for f, arr in grp["arrays"].items():
+            if f in SECOND_ORDER_FIELDS and not second:
+                continue
+            arr[pos] = getattr(st, f)
+        grp["filled"] += len(pos)
+
+    def finish(self) -> dict[int, GroupStatistics]:
+        """The statistics of every group (by optics group number)."""
+        out = {}
+        for g, grp in self._groups.items():
+            if grp["next"] != len(grp["order"]) or grp["filled"] != len(grp["rows"]):
+                raise RuntimeError(
+                    f"optics group {g}: {grp['filled']} of {len(grp['rows'])} particles "
+                    "reduced; a chunk result is missing"
+                )
+            arrays = dict(grp["arrays"])
+            if not grp["second"]:
+                for f in SECOND_ORDER_FIELDS:
+                    arrays.pop(f, None)
+            out[g] = GroupStatistics(rows=grp["rows"], **arrays, **grp["sums"])
+        return out

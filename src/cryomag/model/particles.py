@@ -221,6 +221,115 @@ class ParticleSet:
         for j, col in enumerate(MAGMAT_COLUMNS):
             self.optics[col] = mats[:, j]
 
+    def mag_matrix(self, group: int) -> np.ndarray:
+        """RELION magnification matrix of optics group number ``group``, shape (2, 2)."""
+        return self.mag_matrices()[self.group_row(group)]
+
+    def group_row(self, group: int) -> int:
+        """The 0-based row of optics group number ``group`` in ``optics``."""
+        hit = np.flatnonzero(self.group_numbers() == int(group))
+        if not len(hit):
+            raise ParticleDataError(f"{self.name}: optics group {group} is not in the optics table")
+        return int(hit[0])
+
+    def group_rows(self, group: int) -> np.ndarray:
+        """Particle rows (0-based, sorted) of optics group number ``group``, shape (n,)."""
+        return np.flatnonzero(self.particles["rlnOpticsGroup"].to_numpy(int) == int(group))
+
+    def groups_used(self) -> list[int]:
+        """Optics group numbers that have particles, in the optics table's order."""
+        used = set(self.particles["rlnOpticsGroup"].to_numpy(int).tolist())
+        return [int(g) for g in self.group_numbers() if int(g) in used]
+
+    def optics_params(self, group: int):
+        """The forward model's constants of optics group number ``group``.
+
+        Returns
+        -------
+        cryomag.physics.projection.OpticsParams
+            Pixel size (A), box (px), voltage (kV), Cs (mm), amplitude contrast.
+        """
+        from cryomag.physics.projection import OpticsParams
+
+        o = self.optics.iloc[self.group_row(group)]
+        return OpticsParams(
+            pixel_size_A=float(o["rlnImagePixelSize"]),
+            box=int(o["rlnImageSize"]),
+            voltage_kv=float(o["rlnVoltage"]),
+            cs_mm=float(o["rlnSphericalAberration"]),
+            amplitude_contrast=float(o["rlnAmplitudeContrast"]),
+        )
+
+    def geometry(self, rows: np.ndarray, mag: np.ndarray, ctf_mag: np.ndarray | None = None,
+                 ctf_scale: bool = True):  # fmt: skip
+        """The forward model's per-particle inputs of ``rows``.
+
+        Parameters
+        ----------
+        rows : ndarray of int, shape (n,)
+            Particle rows (0-based).
+        mag : ndarray, shape (2, 2) or (n, 2, 2)
+            Magnification matrix M at which the reference is sampled (k_ref = M k_obs).
+        ctf_mag : ndarray, shape (2, 2) or (n, 2, 2), optional
+            Frame of the CTF's defocus term (None: the CTF moves with ``mag``).
+        ctf_scale : bool
+            Use rlnCtfScalefactor (else 1).
+
+        Returns
+        -------
+        cryomag.physics.projection.ParticleGeometry
+        """
+        from cryomag.physics.projection import ParticleGeometry
+
+        rows = np.asarray(rows)
+        t = self.particles.iloc[rows]
+
+        def col(name):
+            if name in t.columns:
+                return t[name].to_numpy(float)
+            if name in REQUIRED_PARTICLE_COLUMNS:
+                self.column(name)  # raises, naming the column
+            return np.full(len(rows), PARTICLE_DEFAULTS.get(name, 0.0))
+
+        return ParticleGeometry(
+            euler_deg=np.stack([col("rlnAngleRot"), col("rlnAngleTilt"), col("rlnAnglePsi")], 1),
+            origin_A=np.stack([col("rlnOriginXAngst"), col("rlnOriginYAngst")], 1),
+            mag=mag,
+            defocus_u_A=col("rlnDefocusU"),
+            defocus_v_A=col("rlnDefocusV"),
+            defocus_angle_deg=col("rlnDefocusAngle"),
+            phase_shift_deg=col("rlnPhaseShift"),
+            bfactor_A2=col("rlnCtfBfactor"),
+            ctf_scale=col("rlnCtfScalefactor") if ctf_scale else np.ones(len(rows)),
+            ctf_mag=ctf_mag,
+        )
+
+    def reexpress_astigmatism(self, rows: np.ndarray, mats: np.ndarray) -> None:
+        """Re-express the astigmatism of ``rows`` for frequencies transformed by ``mats``.
+
+        Adef <- mats^T Adef mats per particle (rlnDefocusU/V/Angle rewritten in place; see
+        :func:`cryomag.physics.ctf.transform_astigmatism`). With ``mats = inc^-1``, inc the
+        change of M, the CTF stays what it was (RELION's adaptation after --fit_aniso).
+
+        Parameters
+        ----------
+        rows : ndarray of int, shape (n,)
+        mats : ndarray, shape (2, 2) or (n, 2, 2)
+        """
+        from cryomag.physics.ctf import transform_astigmatism
+
+        cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+        du, dv, ang = (self.column(c)[rows] for c in cols)
+        new = transform_astigmatism(du, dv, ang, mats)
+        for c, val in zip(cols, new, strict=True):
+            arr = self.column(c)
+            arr[rows] = val
+            self.particles[c] = arr
+
+    def defocus_mean_A(self) -> np.ndarray:
+        """(rlnDefocusU + rlnDefocusV) / 2 per particle (A), shape (N,)."""
+        return 0.5 * (self.column("rlnDefocusU") + self.column("rlnDefocusV"))
+
     def optics_value(self, column: str) -> np.ndarray:
         """An optics column as floats, shape (G,)."""
         return self.optics[column].to_numpy(float)

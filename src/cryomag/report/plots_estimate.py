@@ -63,18 +63,19 @@ def displacement_images(stats, band, delta: np.ndarray, bins: int = 32):
 
 
 def plot_estimate(result, bands, folder: Path) -> list[Path]:
-    """Write every plot of an estimation into ``folder``; returns the PNG paths."""
+    """Write every plot of an estimation into ``folder``; returns the PNG paths.
+
+    ``bands``: each optics group's Band, by group number.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     ps = result.particles
-    gnum = list(ps.group_numbers())
     pdf_path = folder / "estimate.pdf"
     with atomic_write(pdf_path) as tmp_pdf, PdfPages(tmp_pdf) as pdf:
         for gr in result.groups:
-            g = gnum.index(gr.group)
             # the first pass was linearised at the input M: it shows the whole distortion
-            st = result.first_stats.get(g, result.stats[g])
-            dx0, dy0, fx0, fy0, ext = displacement_images(st, bands[g], gr.mag - gr.mag_in)
+            st = result.first_stats.get(gr.group, result.stats[gr.group])
+            dx0, dy0, fx0, fy0, ext = displacement_images(st, bands[gr.group], gr.mag - gr.mag_in)
             fig, axes = plt.subplots(2, 2, figsize=(8, 7))
             lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
             lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
@@ -123,9 +124,9 @@ def plot_estimate(result, bands, folder: Path) -> list[Path]:
         s = result.scales.normalised
         if np.isfinite(s).any():
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            gidx = ps.group_index()
-            for g, num in enumerate(gnum):
-                sel = (gidx == g) & np.isfinite(s)
+            groups = ps.particles["rlnOpticsGroup"].to_numpy(int)
+            for num in ps.group_numbers():
+                sel = (groups == num) & np.isfinite(s)
                 if sel.any():
                     ax.hist(s[sel], bins=50, histtype="step", label=f"group {num}")
             ax.set_xlabel("per-particle contrast scale (1 = mean particle)")
@@ -134,7 +135,7 @@ def plot_estimate(result, bands, folder: Path) -> list[Path]:
             paths.append(_save(fig, folder / "scale_histogram.png", pdf))
 
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-            dz = 0.5 * (ps.column("rlnDefocusU") + ps.column("rlnDefocusV")) / 1e4
+            dz = ps.defocus_mean_A() / 1e4
             axes[0].plot(dz, s, ".", ms=2, alpha=0.5)
             axes[0].set_xlabel("mean defocus (um)")
             axes[0].set_ylabel("scale")

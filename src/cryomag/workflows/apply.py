@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from cryomag.model.particles import ParticleDataError, ParticleSet
-from cryomag.physics.ctf import transform_astigmatism
 
 MODELS = ("group", "micrograph", "particle", "defocus")
 
@@ -52,17 +51,6 @@ def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
     bad = ~np.all(np.isfinite(m), axis=(1, 2))
     m[bad] = mg[bad]
     return m
-
-
-def _adapt_defocus(ps: ParticleSet, rows: np.ndarray, mats: np.ndarray) -> None:
-    """Re-express astigmatism of ``rows`` for matrices ``mats`` (N, 2, 2): CTF unchanged."""
-    cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-    du, dv, ang = (ps.column(c)[rows] for c in cols)
-    u, v, a = transform_astigmatism(du, dv, ang, mats)
-    for c, val in zip(cols, (u, v, a), strict=True):
-        arr = ps.column(c)
-        arr[rows] = val
-        ps.particles[c] = arr
 
 
 def split_optics_groups(
@@ -105,7 +93,7 @@ def split_optics_groups(
     out.particles["rlnOpticsGroup"] = new_group
     # CTF(M_old k; Adef) = CTF(M_new k; Adef') with Adef' = T^T Adef T, T = M_old M_new^-1
     t = mg @ np.linalg.inv(mean_m[new_group - 1])
-    _adapt_defocus(out, np.arange(len(ps)), t)
+    out.reexpress_astigmatism(np.arange(len(ps)), t)
     return out
 
 
@@ -176,7 +164,7 @@ def resample_particles(
     org = new_origins_A(ps.origin_A(), mats)
     new.particles["rlnOriginXAngst"] = org[:, 0]
     new.particles["rlnOriginYAngst"] = org[:, 1]
-    _adapt_defocus(new, np.arange(len(ps)), mg @ np.linalg.inv(mats))
+    new.reexpress_astigmatism(np.arange(len(ps)), mg @ np.linalg.inv(mats))
     new.optics["rlnImagePixelSize"] = apix_out
     new.optics["rlnImageSize"] = box_out
     # the local matrices referred to the old images

@@ -49,7 +49,6 @@ def forward_model_check(folder: Path, n: int = 4) -> float:
     from cryomag.physics.fourier import centered_rfft2, rfft_freqs
     from cryomag.physics.projection import MapReference, predict
     from cryomag.simulate.simulator import load_truth
-    from cryomag.workflows.estimate import _geometry, _optics
 
     ps = read_particles(folder / "particles.star")
     tp = load_truth(folder)["particles"]
@@ -58,14 +57,14 @@ def forward_model_check(folder: Path, n: int = 4) -> float:
     from cryomag.simulate.simulator import MapSource, render_particles
 
     rows = np.arange(n)
-    o = _optics(ps, 0)
+    o = ps.optics_params(int(ps.group_numbers()[0]))
     mag = np.asarray(tp["M"])[rows]
     # a small defocus keeps the CTF-delocalised signal inside the box, so that the check
     # isolates the physics (projection, shift, CTF, distortion) from the box window
     du = np.full(n, 3000.0)
     dv = np.full(n, 2700.0)
     ang = np.asarray(tp["defocus_angle_true_deg"])[rows]
-    geom = _geometry(ps, rows, mag, mag)
+    geom = ps.geometry(rows, mag, mag)
     geom.defocus_u_A, geom.defocus_v_A, geom.defocus_angle_deg = du, dv, ang
     imgs = render_particles(
         MapSource(vol, apix),

@@ -31,11 +31,6 @@ LOCAL_FITS = ("particle", "micrograph", "defocus")
 MAT = ("00", "01", "10", "11")
 
 
-def mean_defocus_A(ps: ParticleSet) -> np.ndarray:
-    """(DefocusU + DefocusV) / 2 per particle (A), shape (N,)."""
-    return 0.5 * (ps.column("rlnDefocusU") + ps.column("rlnDefocusV"))
-
-
 def true_defocus(
     stats: GroupStatistics,
     m_in: np.ndarray,
@@ -108,10 +103,10 @@ def fit_local(
     ps : ParticleSet
         The output set (columns are added in place).
     stats : dict
-        Group row -> GroupStatistics of the last pass.
+        Optics group number -> GroupStatistics of the last pass.
     mags : dict
-        Group row -> (M_in, M_lin, M_group): the input matrix, the linearisation point of
-        the statistics and the fitted group matrix.
+        Optics group number -> (M_in, M_lin, M_group): the input matrix, the linearisation
+        point of the statistics and the fitted group matrix.
     fits : tuple of str
         Any of ``particle``, ``micrograph``, ``defocus``.
     defocus_A : ndarray, shape (N,), optional
@@ -130,9 +125,8 @@ def fit_local(
         standard errors; model choice).
     """
     n = len(ps)
-    dz_all = mean_defocus_A(ps) if defocus_A is None else np.asarray(defocus_A, float)
+    dz_all = ps.defocus_mean_A() if defocus_A is None else np.asarray(defocus_A, float)
     mics_all = ps.micrographs()
-    gnum = ps.group_numbers()
     new_cols: dict[str, np.ndarray] = {}
 
     def col(name, fill=np.nan):
@@ -204,7 +198,7 @@ def fit_local(
                 "anisotropic_slope_per_um": (aniso * 1e4).tolist(),
             }
         out["model_choice"] = model_choice(st, m_in, m_lin, m_g, mics, dz)
-        summary[int(gnum[g])] = out
+        summary[int(g)] = out
     for name, values in new_cols.items():
         ps.particles[name] = values
     return summary

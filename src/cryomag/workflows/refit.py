@@ -7,46 +7,16 @@ single image. Writes OUT/particles.star and OUT/results.json (and plots).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from cryomag.fit.statistics import SECOND_ORDER_FIELDS, GroupStatistics
+from cryomag.io import stats as store
 from cryomag.io.atomic import write_json
-from cryomag.model.particles import ParticleDataError
-from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
+from cryomag.workflows.local_fits import LOCAL_FITS, fit_local
 
 log = logging.getLogger("cryomag")
-
-#: Arrays every stored group must have (the second-order ones are optional: runs before
-#: they existed, and the local fits do not use them).
-STAT_FIELDS = tuple(f for f in GroupStatistics.__dataclass_fields__ if f not in SECOND_ORDER_FIELDS)
-
-
-def load_statistics(run: Path, group_numbers: np.ndarray) -> tuple[dict, dict, dict]:
-    """GroupStatistics, (M_in, M_lin, M) and input defocus per group row, from RUN/stats."""
-    stats, mags, dz = {}, {}, {}
-    folder = Path(run) / "stats"
-    if not folder.is_dir():
-        raise ParticleDataError(f"{folder}: no stored statistics (run cryomag estimate first)")
-    for g, num in enumerate(group_numbers):
-        path = folder / f"group_{int(num):03d}.npz"
-        if not path.exists():
-            continue
-        with np.load(path) as z:
-            missing = [f for f in STAT_FIELDS if f not in z.files]
-            if missing:
-                raise ParticleDataError(f"{path}: missing arrays {missing}")
-            arrays = {f: z[f] for f in STAT_FIELDS}
-            arrays.update({f: z[f] for f in SECOND_ORDER_FIELDS if f in z.files})
-            stats[g] = GroupStatistics(**arrays)
-            mags[g] = (z["mag_in"], z["mag_lin"], z["mag"])
-            dz[g] = z["defocus_mean_A"] if "defocus_mean_A" in z.files else None
-    if not stats:
-        raise ParticleDataError(f"{folder}: no group_NNN.npz files")
-    return stats, mags, dz
 
 
 def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
@@ -76,13 +46,12 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
     if out.resolve() == run.resolve():
         raise ValueError(f"{out}: refit writes to a new folder, not into the run folder")
     ps = read_star(run / "particles.star")
-    stats, mags, dz = load_statistics(run, ps.group_numbers())
-    defocus = mean_defocus_A(ps)
+    stats, mags, dz = store.load_run(run, ps.group_numbers())
+    defocus = ps.defocus_mean_A()
     for g, st in stats.items():
         if dz[g] is not None and np.all(np.isfinite(dz[g])):
             defocus[st.rows] = dz[g]
-    options_file = run / "stats" / "options.json"
-    run_opts = json.loads(options_file.read_text()) if options_file.is_file() else {}
+    run_opts = store.read_options(run)
     measured = run_opts.get("defocus_frame", "measured") != "true"
     # runs before the image-based gradient existed carry no key: they used the exact one
     if run_opts.get("exact_gradient") is False:

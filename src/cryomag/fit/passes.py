@@ -1,0 +1,161 @@
+"""One pass over the images: the function an executor maps over the chunks.
+
+A :class:`StatisticsPass` holds the particle table, the image source, the reference(s), the
+frequency bands and an immutable :class:`PassSpec` (the current M, noise model and kernel
+settings of every optics group). Applied to a chunk (rows of one optics group) it reads the
+images, transforms them and returns the chunk's sufficient statistics
+(:func:`cryomag.fit.accumulate.chunk_statistics`), one item per half set when half maps are
+used. It is small to pickle: the table, the images and the maps travel once per worker
+(:mod:`cryomag.execution.payload`); a new pass only ships a new specification.
+
+Memory per worker (bytes; particle box B, reference box N, chunk size c, window padding p,
+b = 8 bytes per complex value at eps >= 1e-5, else 16)::
+
+    reference   2 N^3 b     the map and its gradient volumes (4 N^3 b more only with
+                            the exact gradient), built once per process
+              + 4 N^3       the shipped float32 volume (kept by Dask with the task)
+              + 2 N^3 b     finufft's upsampled grid (1.25^3) while a batch is evaluated
+    chunk       c B^2 8     images and spectra (single precision)
+              + c B^2 p^2 5 the slice values (and with the exact gradient 3x more)
+              + < 16e6 x 20 one batch of 3D points and values (accumulate.MAX_POINTS)
+              + 16 B^2 p^2 100   one block of 2D arithmetic (16 / p^2 particles at p > 1)
+
+e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 134 + 84 + 133 + 26 MB ~ 0.45 GB plus the
+worker's own (:mod:`cryomag.execution`); measured peak RSS of a LocalCluster worker on 20,000
+such particles: 0.81-0.90 GB at p = 1, 1.2 GB at p = 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cryomag.fit.accumulate import chunk_statistics
+from cryomag.fit.statistics import Band, ChunkStatistics
+from cryomag.physics.fourier import centered_rfft2
+
+__all__ = ["GroupPass", "PassSpec", "StatisticsPass", "reference_for"]
+
+
+@dataclass(frozen=True)
+class GroupPass:
+    """How one optics group is evaluated in a pass.
+
+    Attributes
+    ----------
+    mag : ndarray, shape (2, 2)
+        Current M (k_ref = M k_obs): the linearisation point of the statistics.
+    ctf_mag : ndarray, shape (2, 2), or None
+        Frame of the CTF's defocus term (the input's M: the CTF held as measured); None: the
+        whole CTF moves with M (defocus in the specimen frame).
+    noise : ndarray, shape (n_shells + 1,)
+        Noise power per shell; the statistics weight by its inverse.
+    window_pad : int
+        1: box-periodic prediction; > 1: window-aware (see
+        :func:`cryomag.fit.accumulate.chunk_statistics`).
+    second_order : int
+        0: no second-order statistics; n >= 1: with them, the curvature sums from every
+        n-th particle.
+    """
+
+    mag: np.ndarray
+    ctf_mag: np.ndarray | None
+    noise: np.ndarray
+    window_pad: int = 1
+    second_order: int = 0
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """Everything a pass computes with besides its inputs (immutable).
+
+    Attributes
+    ----------
+    groups : dict of int to GroupPass
+        By optics group number.
+    extended : bool
+        Also the derivatives through the CTF's defocus term (local models).
+    exact_gradient : bool
+        The reference's gradient from three more 3D transforms (else from the slice image).
+    ctf_moves : bool
+        The group model's CTF moves with M (defocus in the specimen frame).
+    nthreads : int
+        Threads of the image FFTs (0 = all cores; the 3D transforms use the reference's).
+    """
+
+    groups: dict
+    extended: bool = False
+    exact_gradient: bool = False
+    ctf_moves: bool = False
+    nthreads: int = 0
+
+
+def reference_for(refs: dict, half: int):
+    """The reference of half set ``half`` (1, 2; 0 = the full map)."""
+    if 1 in refs and 2 in refs:
+        return refs[half if half in (1, 2) else 1]
+    return refs[0]
+
+
+class StatisticsPass:
+    """The statistics of one chunk at a pass specification (see the module docstring).
+
+    Parameters
+    ----------
+    particles : ParticleSet
+    refs : dict of int to MapReference
+        Key 0: the full map; keys 1 and 2: half maps (half set p is compared with map p).
+    images : ImageSource-like
+        ``read(rows) -> float32 (n, box, box)``.
+    bands : dict of int to Band
+        By optics group number.
+    spec : PassSpec
+    """
+
+    def __init__(self, particles, refs: dict, images, bands: dict[int, Band], spec: PassSpec):
+        self.ps = particles
+        self.refs = refs
+        self.images = images
+        self.bands = bands
+        self.spec = spec
+        self.halves = particles.half_sets()
+
+    def spectra(self, rows: np.ndarray) -> np.ndarray:
+        """Centred rfft2 of the images of ``rows``, complex64, (n, box, box // 2 + 1)."""
+        # as many FFT threads as the 3D transforms use (1 in a Dask worker by default)
+        workers = self.spec.nthreads if self.spec.nthreads > 0 else None
+        return centered_rfft2(self.images.read(rows).astype(np.float32), workers=workers)
+
+    def checkpoint_info(self) -> dict:
+        """What the checkpoints record about this pass: M of each group."""
+        groups = self.spec.groups
+        return {"M": {str(g): np.asarray(p.mag, float).tolist() for g, p in groups.items()}}
+
+    def __call__(self, chunk) -> list[ChunkStatistics]:
+        rows = np.asarray(chunk.rows)
+        g = int(chunk.group)
+        gp: GroupPass = self.spec.groups[g]
+        spectra = self.spectra(rows)
+        out = []
+        halves = self.halves[rows]
+        for half in np.unique(halves) if (1 in self.refs and 2 in self.refs) else [0]:
+            sel = halves == half if half else np.ones(len(rows), bool)
+            geom = self.ps.geometry(rows[sel], gp.mag, gp.ctf_mag)
+            out.append(
+                chunk_statistics(
+                    reference_for(self.refs, int(half)),
+                    spectra[sel],
+                    geom,
+                    self.ps.optics_params(g),
+                    self.bands[g],
+                    gp.noise,
+                    rows[sel],
+                    window_pad=gp.window_pad,
+                    extended=self.spec.extended,
+                    exact_gradient=self.spec.exact_gradient,
+                    second_order=gp.second_order,
+                    ctf_moves=self.spec.ctf_moves,
+                )
+            )
+        return out

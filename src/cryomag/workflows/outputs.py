@@ -1,0 +1,133 @@
+"""What ``cryomag estimate`` writes: particles.star / .cs, results.json, stats/, plots/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cryomag.workflows.estimate import EstimateResult
+
+__all__ = ["results_dict", "save_statistics", "write_outputs"]
+
+
+def results_dict(res: EstimateResult) -> dict:
+    """The JSON-serialisable summary written to results.json."""
+    from cryomag.model.magnification import polar, relion_to_cryosparc
+
+    groups = []
+    for gr in res.groups:
+        p = polar(gr.mag)
+        kinds = gr.step_kinds()
+        groups.append(
+            {
+                "optics_group": gr.group,
+                "n_particles": gr.n_particles,
+                "M_input": gr.mag_in.tolist(),
+                "M": gr.mag.tolist(),
+                "M_standard_error": gr.mag_error.tolist(),
+                "M_covariance": gr.covariance.tolist(),
+                "cryosparc_anisomag": np.asarray(relion_to_cryosparc(gr.mag)).tolist(),
+                "polar": p.as_dict(),
+                "iterations": gr.iterations,
+                # passes over the images (subset and all particles) and Gauss-Newton steps
+                # re-linearised from the stored second-order statistics
+                "passes": {
+                    "subset": kinds.count("subset"),
+                    "full": kinds.count("full"),
+                    "relinearised_steps": kinds.count("relinearised"),
+                },
+                "band_A": [float(gr.band_A[0]), float(gr.band_A[1])],
+                "chi2_per_pixel": gr.chi2,
+                "mean_raw_scale": res.scales.group_mean.get(gr.group),
+                "converged": gr.converged,
+                "history": gr.history,
+                "M_linearisation": None if gr.mag_lin is None else gr.mag_lin.tolist(),
+                **({"local": res.local[gr.group]} if gr.group in res.local else {}),
+            }
+        )
+    s = res.scales.normalised
+    return {
+        "fit": list(res.options.fit),
+        "options": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(res.options).items()
+        },
+        "groups": groups,
+        "scale": {
+            "quantiles": {
+                q: float(np.nanquantile(s, float(q)))
+                for q in ("0.05", "0.25", "0.5", "0.75", "0.95")
+            },
+            "median_standard_error": float(np.nanmedian(res.scales.error)),
+        },
+        "timings": res.timings,
+    }
+
+
+def save_statistics(res, folder: Path, options: dict | None = None) -> None:
+    """Store each group's last statistics in ``folder`` (:mod:`cryomag.io.stats`) for refits.
+
+    ``options``: the run's options as written to results.json (derived from ``res`` if None).
+    """
+    from cryomag.io import stats as store
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for gr in res.groups:
+        st = res.stats[gr.group]
+        dz = res.input_defocus_A
+        store.save_group(
+            store.group_path(folder, gr.group),
+            st,
+            mag=gr.mag,
+            mag_in=gr.mag_in,
+            mag_lin=gr.mag if gr.mag_lin is None else gr.mag_lin,
+            group=gr.group,
+            defocus_mean_A=dz[st.rows] if dz is not None else np.full(len(st.rows), np.nan),
+        )
+    store.write_options(folder, options or results_dict(res)["options"])
+
+
+def write_outputs(
+    res: EstimateResult, out: Path, inputs: list, write_cs: bool = False, plots: bool = True
+) -> dict[str, Path]:
+    """Write the fixed-name outputs of an estimation into ``out``.
+
+    ``particles.star`` (always), ``particles.cs`` (for .cs input or ``write_cs``),
+    ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf``.
+    """
+    from cryomag.io import write_star
+    from cryomag.io.atomic import ensure_not_input, write_json
+    from cryomag.io.mrc import rebase_image_names
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    star = out / "particles.star"
+    ensure_not_input(star, inputs)
+    to_write = res.particles.copy()  # the in-memory result keeps its own image paths
+    rebase_image_names(to_write, out)
+    write_star(to_write, star)
+    written["star"] = star
+    if write_cs or res.particles.source.kind == "cs":
+        from cryomag.io import write_cs as _write_cs
+
+        cs = out / "particles.cs"
+        ensure_not_input(cs, inputs)
+        _write_cs(to_write, cs)
+        written["cs"] = cs
+    summary = results_dict(res)
+    write_json(out / "results.json", summary, inputs)
+    written["results"] = out / "results.json"
+    save_statistics(res, out / "stats", summary["options"])
+    written["stats"] = out / "stats"
+    if plots:
+        from cryomag.report.plots_estimate import plot_estimate
+
+        plot_estimate(res, res.bands, out / "plots")
+        if res.local:
+            from cryomag.report.plots_local import plot_local
+
+            plot_local(res.particles, res.local, out / "plots")
+        written["plots"] = out / "plots"
+    return written
