@@ -23,11 +23,11 @@ from cryomag.execution import ExecutorConfig, LocalExecutor, make_chunks, make_e
 from cryomag.execution.checkpoint import CheckpointExecutor
 from cryomag.execution.dask import DaskExecutor
 from cryomag.execution.payload import Payload, load_blob
+from cryomag.fit.bands import make_bands
+from cryomag.fit.passes import GroupPass, PassSpec, StatisticsPass
 from cryomag.io import ImageSource, read_particles
 from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulate.simulator import simulate_dataset
-from cryomag.fit.bands import make_bands
-from cryomag.fit.passes import GroupPass, PassSpec, StatisticsPass
 from cryomag.workflows.estimate import EstimateOptions, estimate, load_references, run_estimate
 
 RTOL = 1e-10
