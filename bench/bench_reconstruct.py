@@ -59,13 +59,9 @@ class PoolImages:
     """
 
     def __init__(self, ps: ParticleSet, pool: int, snr: float = 0.05, seed: int = 0) -> None:
+        from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
         from cryomag.physics.fourier import centered_irfft2, rfft_freqs
-        from cryomag.physics.projection import (
-            MapReference,
-            OpticsParams,
-            ParticleGeometry,
-            predict,
-        )
+        from cryomag.physics.reference import MapReference
 
         o = ps.optics.iloc[0]
         box, apix = int(o["rlnImageSize"]), float(o["rlnImagePixelSize"])

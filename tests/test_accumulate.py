@@ -2,7 +2,7 @@
 
 The kernel computes its sums in float32 with the slice's derivatives from the slice image;
 here the same sums are formed in float64 from their definitions, with the derivatives of the
-forward model (:func:`cryomag.physics.projection.predict`) taken by central finite
+forward model (:func:`cryomag.physics.forward.predict`) taken by central finite
 differences in M. The second-order statistics are checked the same way and by predicting a
 real pass at a shifted M.
 """
@@ -12,18 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cryomag.fit.accumulate import chunk_statistics
+from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.relinearise import relinearised_fit
 from cryomag.fit.statistics import Band, GroupStatistics
+from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import rfft_freqs
-from cryomag.physics.projection import (
-    MapReference,
-    OpticsParams,
-    ParticleGeometry,
-    predict,
-)
+from cryomag.physics.reference import MapReference
 
 BOX, APIX = 48, 1.6
+SECOND = KernelOptions(second_order=1)
 
 
 def _blob_map(seed=1, n=BOX, atoms=50, radius=11.0):
@@ -128,7 +125,7 @@ def test_kernel_matches_the_definition(setup, exact):
     ref, optics, band, geom, spectra, power = setup
     st = chunk_statistics(
         ref, spectra, geom, optics, band, power, np.arange(len(geom)),
-        exact_gradient=exact, second_order=True,
+        KernelOptions(exact_gradient=exact, second_order=1),
     )  # fmt: skip
     want = _definition(ref, geom, optics, band, spectra, power)
     tol = 1e-4 if exact else 2e-3
@@ -151,7 +148,7 @@ def test_second_order_statistics_predict_a_pass_at_a_shifted_M(setup):
     rows = np.arange(len(geom))
 
     def stats(g):
-        st = chunk_statistics(ref, spectra, g, optics, band, power, rows, second_order=True)
+        st = chunk_statistics(ref, spectra, g, optics, band, power, rows, SECOND)
         return GroupStatistics.reduce([st])
 
     s0 = stats(geom)
@@ -194,7 +191,7 @@ def test_relinearised_fit_reaches_the_fixed_point_of_real_passes(setup):
         st = GroupStatistics.reduce(
             [
                 chunk_statistics(
-                    ref, spectra, _at(geom, m), optics, band, power, rows, second_order=True
+                    ref, spectra, _at(geom, m), optics, band, power, rows, SECOND
                 )
             ]  # fmt: skip
         )
@@ -207,7 +204,7 @@ def test_relinearised_fit_reaches_the_fixed_point_of_real_passes(setup):
     st = GroupStatistics.reduce(
         [
             chunk_statistics(
-                ref, spectra, _at(geom, start), optics, band, power, rows, second_order=True
+                ref, spectra, _at(geom, start), optics, band, power, rows, SECOND
             )
         ]  # fmt: skip
     )
@@ -233,7 +230,7 @@ def test_second_order_model_refuses_far_steps(setup):
                 band,
                 power,
                 np.arange(len(geom)),
-                second_order=True,
+                SECOND,
             )
         ]  # fmt: skip
     )

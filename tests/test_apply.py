@@ -12,8 +12,9 @@ from cryomag.cli.main import app
 from cryomag.io import read_star
 from cryomag.io.cryosparc import load_cs_array
 from cryomag.physics.ctf import ctf_values
+from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import centered_irfft2, rfft_freqs
-from cryomag.physics.projection import MapReference, OpticsParams, ParticleGeometry, predict
+from cryomag.physics.reference import MapReference
 from cryomag.physics.resample import resample_images
 from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulate.simulator import simulate_dataset

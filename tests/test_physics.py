@@ -16,6 +16,7 @@ from cryomag.physics.ctf import (
     electron_wavelength_A,
     transform_astigmatism,
 )
+from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import centered_irfft2, centered_rfft2, rfft_freqs
 from cryomag.physics.geometry import (
     euler_to_matrix,
@@ -23,14 +24,7 @@ from cryomag.physics.geometry import (
     matrix_to_euler,
     rotvec_to_euler,
 )
-from cryomag.physics.projection import (
-    MapReference,
-    OpticsParams,
-    ParticleGeometry,
-    direct_fourier,
-    predict,
-    slice_values,
-)
+from cryomag.physics.reference import MapReference, direct_fourier, slice_values
 
 
 def blob_map(n: int, centres_px, sigma_px: float = 1.2) -> np.ndarray:

@@ -2,7 +2,7 @@
 magnification, mixed pixel sizes, and the command line.
 
 Noise-free data sets are made with the project's forward model
-(:func:`cryomag.physics.projection.predict`, CTF on) from a known map, written as STAR + MRC
+(:func:`cryomag.physics.forward.predict`, CTF on) from a known map, written as STAR + MRC
 stacks and read back through the normal I/O path.
 """
 
@@ -22,15 +22,10 @@ from typer.testing import CliRunner
 from cryomag.io import read_map, write_stack, write_star
 from cryomag.model.particles import ParticleSet
 from cryomag.physics.ctf import transform_astigmatism
+from cryomag.physics.forward import OpticsParams, ParticleGeometry, ctf_at, predict
 from cryomag.physics.fourier import centered_irfft2, rfft_freqs
 from cryomag.physics.geometry import euler_to_matrix
-from cryomag.physics.projection import (
-    MapReference,
-    OpticsParams,
-    ParticleGeometry,
-    ctf_at,
-    predict,
-)
+from cryomag.physics.reference import MapReference
 from cryomag.reconstruct.backproject import Backprojector, half_plane_pixels
 from cryomag.reconstruct.fsc import fsc, resolution_at
 from cryomag.reconstruct.symmetry import SymmetryError, group_order, symmetry_operators

@@ -8,13 +8,18 @@ The quantities are defined in :mod:`cryomag.fit.statistics`; this module compute
   dominates small calls, is paid once per call);
 - everything else is 2D, in single precision, in blocks of particles: the slice's frequency
   gradient (and, for the second-order statistics, its Hessian) as transforms of
-  (-2 pi i x)^n q(x), q the slice's real image; the CTF with one float32 sin and cos per
-  pixel (its defocus term as a 3-column product of the astigmatism with the shared k k^T);
-  the shift phase moved onto the data (Y exp(-2 pi i k.t)), so the model needs no phase;
+  (-2 pi i x)^n q(x), q the slice's real image; the CTF, the shift phase and the box window
+  from :mod:`cryomag.physics.grid` (the forward model's single-precision pieces, tested
+  against :mod:`cryomag.physics.forward`); the box-periodic kernel moves the shift phase onto
+  the data (Y exp(-2 pi i k.t)), so its model needs no phase;
 - every weighted sum over pixels is an elementwise product of two float32 views of complex
   arrays (Re(conj(a) b) = a_re b_re + a_im b_im) reduced by one matrix product with the
   monomials w k^n the sum needs (1, k_b, k_b k_d or k_b k_d k_f: the derivative with respect
   to M_ab is (d/du_a) k_b, so the k factors come out of the pixel sums).
+
+Two kernels share the set-up: :class:`PeriodicKernel` (the box-periodic model, RELION's) and
+:class:`WindowedKernel` (predicted on a padded box, cut to the particle window); one frozen
+:class:`KernelOptions` says what to accumulate.
 
 Sums are accumulated by BLAS in float32 over at most a few thousand pixels and stored in
 float64; against the definitions evaluated in float64 (derivatives by finite differences)
@@ -24,20 +29,19 @@ they agree to 1e-4 relative with the exact gradient and 2e-3 with the slice-imag
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import scipy.fft as sfft
 
-from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
+from cryomag.physics.forward import OpticsParams, ParticleGeometry, amplitude_factor
 from cryomag.physics.fourier import rfft_freqs
-from cryomag.physics.projection import (
-    MapReference,
-    OpticsParams,
-    ParticleGeometry,
-    amplitude_factor,
-    slice_values,
-)
+from cryomag.physics.grid import GridCTF, WindowCut, shift_phase32
+from cryomag.physics.reference import MapReference, slice_values
 
 from .statistics import Band, ChunkStatistics
+
+__all__ = ["KernelOptions", "chunk_statistics", "geom_subset"]
 
 #: Points per 3D evaluation (finufft call): ~320 MB of points and values in single precision
 #: (a chunk of 1,024 box-128 particles in one call, in two with the window padding 2).
@@ -45,6 +49,44 @@ MAX_POINTS = 16_000_000
 
 _F32 = np.float32
 _C64 = np.complex64
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """What :func:`chunk_statistics` accumulates, and how.
+
+    Attributes
+    ----------
+    window_pad : int
+        1: box-periodic model (RELION's). >1: window-aware prediction: predict on a box
+        ``window_pad`` times larger (every frequency up to the particle's Nyquist), go to
+        real space, cut out the particle box and transform back, so that signal the CTF
+        moves out of the box is missing from the prediction as it is from the data.
+    extended : bool
+        Also accumulate the derivatives through the CTF's defocus term (8 columns).
+    exact_gradient : bool
+        The slice gradient from three more 3D transforms instead of the slice image.
+    second_order : int
+        0: none. n >= 1: also accumulate the second-order statistics of the group model (see
+        :mod:`cryomag.fit.relinearise`): Gauss-Newton can then re-linearise at a new M
+        without another pass. For n > 1 the sums through the second derivatives (kyy, kp,
+        jk) only for the particles with row % n == 0, multiplied by n (an unbiased estimate
+        of their group total, which only enters the O(|dM|^2) correction of a step); jp,
+        jy, jj always for every particle. The second derivatives come from the box-periodic
+        model also when ``window_pad`` > 1.
+    ctf_moves : bool or None
+        Whether the group model's CTF defocus term moves with M (None: when the geometry's
+        ``ctf_mag`` is None); decides which columns the second-order statistics describe.
+    block : int
+        Particles per block of the 2D arithmetic (divided by window_pad^2 when padded).
+    """
+
+    window_pad: int = 1
+    extended: bool = False
+    exact_gradient: bool = False
+    second_order: int = 0
+    ctf_moves: bool | None = None
+    block: int = 16
 
 
 def chunk_statistics(
@@ -55,12 +97,7 @@ def chunk_statistics(
     band: Band,
     noise_power: np.ndarray,
     rows: np.ndarray,
-    window_pad: int = 1,
-    extended: bool = False,
-    block: int = 16,
-    exact_gradient: bool = False,
-    second_order: bool | int = False,
-    ctf_moves: bool | None = None,
+    options: KernelOptions | None = None,
 ) -> ChunkStatistics:
     """Accumulate the statistics of one chunk of particles of one optics group.
 
@@ -79,33 +116,13 @@ def chunk_statistics(
         sigma^2 per radial shell (E |noise(k)|^2); weights are 1 / sigma^2.
     rows : ndarray, shape (N,)
         Particle indices in the full set.
-    window_pad : int
-        1: box-periodic model (RELION's). >1: window-aware prediction: predict on a box
-        ``window_pad`` times larger (every frequency up to the particle's Nyquist), go to
-        real space, cut out the particle box and transform back, so that signal the CTF
-        moves out of the box is missing from the prediction as it is from the data.
-    extended : bool
-        Also accumulate the derivatives through the CTF's defocus term (8 columns).
-    block : int
-        Particles per block of the 2D arithmetic (divided by window_pad^2 when padded).
-    exact_gradient : bool
-        The slice gradient from three more 3D transforms instead of the slice image.
-    second_order : bool or int
-        Also accumulate the second-order statistics of the group model (see
-        :mod:`cryomag.fit.relinearise`): Gauss-Newton can then re-linearise at a new M
-        without another pass. An integer n > 1: the sums through the second derivatives
-        (kyy, kp, jk) only for the particles with row % n == 0, multiplied by n (an unbiased
-        estimate of their group total, which only enters the O(|dM|^2) correction of a
-        step); jp, jy, jj always for every particle. The second derivatives come from the
-        box-periodic model also when ``window_pad`` > 1.
-    ctf_moves : bool, optional
-        Whether the group model's CTF defocus term moves with M (default: ``ctf_mag is
-        None``); decides which columns the second-order statistics describe.
+    options : KernelOptions, optional
     """
+    opts = options or KernelOptions()
     n = len(geom)
     mag = np.asarray(geom.mag, float)
-    if ctf_moves is None:
-        ctf_moves = geom.ctf_mag is None
+    if opts.ctf_moves is None:
+        opts = replace(opts, ctf_moves=geom.ctf_mag is None)
     if mag.ndim == 3 or (geom.ctf_mag is not None and np.ndim(geom.ctf_mag) == 3):
         # per-particle matrices: blocks of one particle (never on the engine's hot path)
         parts = []
@@ -117,17 +134,16 @@ def chunk_statistics(
             parts.append(
                 chunk_statistics(
                     reference, spectra[i : i + 1], sub, optics, band, noise_power,
-                    np.asarray(rows)[i : i + 1], window_pad, extended, 1, exact_gradient,
-                    second_order, ctf_moves,
+                    np.asarray(rows)[i : i + 1], replace(opts, block=1),
                 )
             )  # fmt: skip
         return ChunkStatistics.concatenate(parts, rows)
     rows = np.asarray(rows)
-    kern = _Kernel(reference, geom, optics, band, noise_power, window_pad, extended,
-                   exact_gradient, int(second_order), ctf_moves)  # fmt: skip
+    kernel = PeriodicKernel if max(int(opts.window_pad), 1) == 1 else WindowedKernel
+    kern = kernel(reference, geom, optics, band, noise_power, opts)
     val, grad = kern.slices(geom)
     y_all = np.asarray(spectra).reshape(n, -1)[:, kern.band_idx].astype(_C64)
-    step = max(int(block) // (kern.pad * kern.pad), 1)
+    step = max(int(opts.block) // (kern.pad * kern.pad), 1)
     parts = []
     for lo in range(0, n, step):
         sl = slice(lo, min(n, lo + step))
@@ -179,20 +195,24 @@ def _x_uncentred(box: int, pixel_size_A: float) -> np.ndarray:
 
 
 class _Kernel:
-    """Shared per-chunk set-up (grids, CTF constants, monomials) and the per-block work."""
+    """Shared per-chunk set-up (grids, CTF constants, monomials) and the per-block work.
 
-    def __init__(self, reference, geom, optics, band, noise_power, window_pad, extended,
-                 exact_gradient, second_order, ctf_moves):  # fmt: skip
+    Subclasses say where the model lives (the band of the box grid, or the disc of a padded
+    grid) and how its sums are formed; the columns of the model and its derivatives are
+    built once, here.
+    """
+
+    def __init__(self, reference, geom, optics, band, noise_power, opts: KernelOptions):
         self.ref = reference
         self.band = band
-        self.extended = bool(extended)
-        self.exact = bool(exact_gradient)
-        self.stride = max(int(second_order), 0)
+        self.extended = bool(opts.extended)
+        self.exact = bool(opts.exact_gradient)
+        self.stride = max(int(opts.second_order), 0)
         self.second = self.stride > 0
-        self.ctf_moves = bool(ctf_moves)
+        self.ctf_moves = bool(opts.ctf_moves)
         box, apix = band.box, band.pixel_size_A
         self.box, self.apix = box, apix
-        self.pad = pad = max(int(window_pad), 1)
+        self.pad = pad = max(int(opts.window_pad), 1)
         self.big = big = pad * box
         kxb, kyb = rfft_freqs(big, apix)
         self.disc = np.hypot(kxb, kyb) <= 0.5 / apix
@@ -230,69 +250,39 @@ class _Kernel:
         self.w2 = np.repeat(w, 2).astype(_F32)
         self.shell = band.shell
         self.nsh = band.n_shells + 1
-        lam = float(electron_wavelength_A(optics.voltage_kv))
-        self.lam = lam
-        self.cs_a = optics.cs_mm * 1e7
-        q0 = float(optics.amplitude_contrast)
-        self.alpha = float(np.arctan2(q0, np.sqrt(1 - q0 * q0)))
         self.k2_f32 = (kx * kx + ky * ky).astype(_F32)
-        self.x_box = _x_uncentred(box, apix)
         self._xcache: dict[int, list[np.ndarray]] = {}
         # CTF grids: the band (box grid) and, when padded, the big disc
-        self.ctf_band = self._ctf_grid(kx, ky)
-        self.ctf_disc = self._ctf_grid(self.kxd, self.kyd) if pad > 1 else None
+        optics_args = (optics.voltage_kv, optics.cs_mm, optics.amplitude_contrast)
+        self.ctf_band = GridCTF(kx, ky, self.m0, self.cm, *optics_args)
+        self.lam = self.ctf_band.lam
         # the Cs term's chi derivatives on the band, float32 (second-order sums)
-        g = [self.ctf_band["gcs"][a].astype(_F32) for a in range(2)]
+        g = [self.ctf_band.gcs[a].astype(_F32) for a in range(2)]
         self.so_shared = {
             "g": g,
             "gg": {(a, c): g[a] * g[c] for a, c in _AC},
-            "hm": {ac: self.ctf_band["hcs"][i].astype(_F32) for i, ac in enumerate(_AC)},
-        }
-
-    # ------------------------------------------------------------------ set-up helpers
-    def _ctf_grid(self, kx, ky):
-        """Shared (per group) parts of the CTF on a set of observed frequencies."""
-        m = self.m0
-        ux = m[0, 0] * kx + m[0, 1] * ky
-        uy = m[1, 0] * kx + m[1, 1] * ky
-        cm = m if self.cm is None else self.cm
-        dx = cm[0, 0] * kx + cm[0, 1] * ky
-        dy = cm[1, 0] * kx + cm[1, 1] * ky
-        u2 = ux * ux + uy * uy
-        c3 = -2 * np.pi * self.cs_a * self.lam**3  # d chi_cs / du = c3 |u|^2 u
-        return {
-            "dq": np.stack([dx * dx, 2 * dx * dy, dy * dy]),  # k^T A k = a00, a01, a11 rows
-            "cs": -0.5 * np.pi * self.cs_a * self.lam**3 * u2 * u2,
-            "d2": dx * dx + dy * dy,
-            "dx": dx,
-            "dy": dy,
-            "gcs": np.stack([c3 * u2 * ux, c3 * u2 * uy]),  # (2, npix)
-            # d2 chi_cs / du_a du_c = c3 (|u|^2 delta_ac + 2 u_a u_c): xx, xy, yy
-            "hcs": np.stack([c3 * (u2 + 2 * ux * ux), c3 * 2 * ux * uy, c3 * (u2 + 2 * uy * uy)]),
+            "hm": {ac: self.ctf_band.hcs[i].astype(_F32) for i, ac in enumerate(_AC)},
         }
 
     def slices(self, geom):
         """3D evaluation of the chunk on the disc of the (padded) grid."""
         return _slices_batched(self.ref, geom, self.kxd, self.kyd, self.exact)
 
+    # ------------------------------------------------------------------ the model's grid
+    #: The CTF on the model's pixels (set by the subclass).
+    model_ctf: GridCTF
+    #: Flat rfft indices of the model's pixels on the (padded) grid.
+    model_pick: np.ndarray
+
+    def _model_values(self, val: np.ndarray) -> np.ndarray:
+        """The slice values (on the disc) at the model's pixels."""
+        raise NotImplementedError
+
+    def _on_band(self, arr: np.ndarray) -> np.ndarray:
+        """Model-grid values at the band pixels."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ per-block pieces
-    def _ctf(self, grid, sub):
-        """CTF and dCTF/dchi on ``grid`` for the block ``sub``, and its astigmatism.
-
-        Returns ctf, slope (float32, (b, npix)), adef (b, 2, 2) (A).
-        """
-        adef = defocus_matrix(sub.defocus_u_A, sub.defocus_v_A, sub.defocus_angle_deg)
-        coef = np.stack([adef[:, 0, 0], adef[:, 0, 1], adef[:, 1, 1]], 1) * (np.pi * self.lam)
-        chi = coef @ grid["dq"] + grid["cs"][None]
-        chi += (np.deg2rad(np.asarray(sub.phase_shift_deg, float)) + self.alpha)[:, None]
-        chi = chi.astype(_F32)
-        env = np.asarray(sub.ctf_scale, float)[:, None]
-        b = np.asarray(sub.bfactor_A2, float)
-        if np.any(b != 0):
-            env = env * np.exp(-0.25 * b[:, None] * grid["d2"][None])
-        env = env.astype(_F32)
-        return env * np.sin(chi), env * np.cos(chi), adef
-
     def _coords(self, n: int) -> list[np.ndarray]:
         """x' = M^-T x on an unshifted n x n image (A), float32: d/du_a of V(u) at u = M k
         is the transform of -2 pi i x'_a q(x), since V(M k) = sum_x q(x) exp(-2 pi i k.x)."""
@@ -328,43 +318,6 @@ class _Kernel:
         n = f_grid.shape[-2]
         return sfft.irfft2(f_grid, s=(n, n), axes=(-2, -1), workers=1)
 
-    def _chi_defocus_grad(self, adef, grid) -> list[np.ndarray]:
-        """d chi_defocus / du_a = 2 pi lambda (Adef d)_a, d = ctf_mag k: float32 (b, npix)."""
-        c = 2 * np.pi * self.lam
-        return [
-            (c * (adef[:, a, 0, None] * grid["dx"] + adef[:, a, 1, None] * grid["dy"])).astype(_F32)
-            for a in range(2)
-        ]
-
-    def _phase(self, sub, kx, ky):
-        """exp(2 pi i k.t) per particle, complex64 (b, npix) (RELION's origin sign)."""
-        o = np.asarray(sub.origin_A, float).reshape(-1, 2)
-        arg = ((2 * np.pi * o) @ np.stack([kx, ky])).astype(_F32)
-        out = np.empty(arg.shape, _C64)
-        out.real = np.cos(arg)
-        out.imag = np.sin(arg)
-        return out
-
-    def _window(self, values):
-        """Values on the padded grid's disc -> real space, cut to the box -> band pixels."""
-        nb = len(values)
-        big, box = self.big, self.box
-        grid = np.zeros((nb, big * (big // 2 + 1)), _C64)
-        grid[:, self.disc_flat] = values
-        img = sfft.irfft2(
-            grid.reshape(nb, big, big // 2 + 1), s=(big, big), axes=(-2, -1), workers=1,
-            overwrite_x=True,
-        )  # fmt: skip
-        # the centred box of an unshifted image: its four corners
-        lo, hi = box - box // 2, box // 2  # x >= 0 and x < 0 parts
-        cut = np.empty((nb, box, box), img.dtype)
-        cut[:, :lo, :lo] = img[:, :lo, :lo]
-        cut[:, :lo, lo:] = img[:, :lo, big - hi :]
-        cut[:, lo:, :lo] = img[:, big - hi :, :lo]
-        cut[:, lo:, lo:] = img[:, big - hi :, big - hi :]
-        spec = sfft.rfft2(cut, axes=(-2, -1), workers=1, overwrite_x=True)
-        return spec.reshape(nb, -1)[:, self.band_idx]
-
     def _box_hessian(self, f_big, q_big=None):
         """d2V/du2 (xx, xy, yy) at the band from the box-grid samples of the slice."""
         if self.pad == 1:
@@ -377,7 +330,6 @@ class _Kernel:
         """Statistics of the particles ``sl`` of ``geom`` (see :class:`ChunkStatistics`)."""
         sub = geom_subset(geom, sl)
         nb = len(val)
-        pad1 = self.pad == 1
         f_big = q_big = None
         if not self.exact or self.second:
             f_big = np.zeros((nb, self.big * (self.big // 2 + 1)), _C64)
@@ -385,31 +337,27 @@ class _Kernel:
             f_big = f_big.reshape(nb, self.big, self.big // 2 + 1)
         # first derivatives in u on the model grid (band for pad 1, disc otherwise)
         if self.exact:
-            du = grad[:, self.band_in_disc] if pad1 else grad
+            du = self._model_values(grad)
             du = [du[..., 0], du[..., 1]]
         else:
-            pick = self.band_idx if pad1 else self.disc_flat
             q_big = self._image(f_big)
-            du = self._derivatives(q_big, 1, pick)
-        v_model = val[:, self.band_in_disc] if pad1 else val
-        grid = self.ctf_band if pad1 else self.ctf_disc
-        ctf, slope, adef = self._ctf(grid, sub)
+            du = self._derivatives(q_big, 1, self.model_pick)
+        v_model = self._model_values(val)
+        grid = self.model_ctf
+        ctf, slope, adef = grid.of(sub)
         pt = ctf * v_model
         # d/du_a of C V: the reference term and the CTF's Cs term (the part that moves with M)
-        hcols = [ctf * du[a] + (slope * grid["gcs"][a].astype(_F32)) * v_model for a in range(2)]
+        hcols = [ctf * du[a] + (slope * grid.gcs[a].astype(_F32)) * v_model for a in range(2)]
         hdef = None
         if self.extended or self.ctf_moves:
             # the defocus term's derivative
-            hdef = [slope * g * v_model for g in self._chi_defocus_grad(adef, grid)]
+            hdef = [slope * g * v_model for g in grid.chi_defocus_grad(adef)]
             if self.extended:
                 hcols += hdef
-        if pad1:
-            out = self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None)
-        else:
-            out = self._stats_windowed(sub, pt, hcols, y)
+        out = self._first_order(sub, pt, hcols, y, hdef)
         if self.second:
-            ctf_band = (ctf, slope) if pad1 else None  # pad 1: the model grid is the band
-            out.update(self._second_order(sub, rows, f_big, q_big, val, du, adef, ctf_band, out, y))
+            out.update(self._second_order(sub, rows, f_big, q_big, val, du, adef, (ctf, slope),
+                                          out, y))  # fmt: skip
         return out
 
     def _shells(self, p_rr, p_yy, ss, n: int) -> dict[str, np.ndarray]:
@@ -422,10 +370,97 @@ class _Kernel:
             "shell_n": np.bincount(shell, minlength=nsh).astype(float) * n,
         }
 
-    # ------------------------------------------------------------------ box-periodic sums
+    # ------------------------------------------------------------------ second order
+    def _second_order(self, sub, rows, f_big, q_big, val, du, adef, model_ctf, first, y):
+        """Second-order statistics of the group model (see :mod:`cryomag.fit.relinearise`).
+
+        jp, jy, jj (first derivatives) for every particle; kyy, kp, jk (through the second
+        derivatives) for the particles with row % stride == 0, multiplied by the stride.
+        """
+        amp = self.amp
+        f = _F32view
+        m3 = self.mono[3]
+        nb = len(val)
+        jp = np.zeros((nb, 4))
+        jy = np.zeros((nb, 4))
+        jj = np.zeros((nb, 4, 4))
+        kyy = np.zeros((nb, 4, 4))
+        kp = np.zeros((nb, 4, 4))
+        jk = np.zeros((nb, 4, 4, 4))
+        out = {"jp": jp, "jy": jy, "jj": jj, "kyy": kyy, "kp": kp, "jk": jk}
+        self._first_derivative_sums(first, jp, jy, jj)
+        # the curvature sums, on every stride-th particle
+        pick = np.flatnonzero(np.asarray(rows) % self.stride == 0)
+        if not len(pick):
+            return out
+        weight = float(self.stride)
+        sub = geom_subset(sub, pick)
+        hk = self._box_hessian(f_big[pick], None if q_big is None else q_big[pick])
+        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
+        v = val[pick][:, self.band_in_disc]
+        dub = [self._on_band(d[pick]) for d in du]
+        adef = adef[pick]
+        ctf, slope = self._band_ctf(sub, pick, model_ctf)
+        so = self.so_shared
+        if self.ctf_moves:
+            c = 2 * np.pi * self.lam
+            gdef = self.ctf_band.chi_defocus_grad(adef)
+            g_raw = [so["g"][a] + gdef[a] for a in range(2)]
+            gg = {(a, cc): g_raw[a] * g_raw[cc] for a, cc in _AC}
+            hm = {
+                (a, cc): so["hm"][a, cc] + (c * adef[:, a, cc, None]).astype(_F32) for a, cc in _AC
+            }
+        else:
+            g_raw, gg, hm = so["g"], so["gg"], so["hm"]
+        gm = [slope * g_raw[a] for a in range(2)]  # dCTF/du_a through the moving chi
+        qs = [
+            ctf * hu[a, cc]
+            + gm[a] * dub[cc]
+            + gm[cc] * dub[a]
+            + (slope * hm[a, cc] - ctf * gg[a, cc]) * v
+            for a, cc in _AC
+        ]
+        left_y, left_p, jsrc = self._curvature_left(sub, pick, first, y)
+        kyy_s = np.zeros((len(pick), 4, 4))
+        kp_s = np.zeros((len(pick), 4, 4))
+        jk_s = np.zeros((len(pick), 4, 4, 4))
+        for (a, cc), qi in zip(_AC, qs, strict=True):
+            qyv = m3.dot(f(qi) * f(left_y))
+            qpv = m3.dot(f(qi) * f(left_p))
+            for b in range(2):
+                for d in range(2):
+                    kyy_s[:, a * 2 + b, cc * 2 + d] = kyy_s[:, cc * 2 + d, a * 2 + b] = qyv[
+                        :, b + d
+                    ]
+                    kp_s[:, a * 2 + b, cc * 2 + d] = kp_s[:, cc * 2 + d, a * 2 + b] = qpv[:, b + d]
+            self._jk_sums(qi, jsrc, jk_s, a, cc)
+        kyy[pick] = weight * amp * kyy_s
+        kp[pick] = weight * amp * amp * kp_s
+        jk[pick] = weight * amp * amp * jk_s
+        return out
+
+
+class PeriodicKernel(_Kernel):
+    """The box-periodic model (RELION's): predicted on the particle's own grid, at the band
+    pixels only; the shift phase is moved onto the data."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_ctf = self.ctf_band
+        self.model_pick = self.band_idx
+
+    def _model_values(self, val):
+        return val[:, self.band_in_disc]
+
+    def _on_band(self, arr):
+        return arr
+
+    def _first_order(self, sub, pt, hcols, y, hdef):
+        return self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None)
+
     def _stats_periodic(self, sub, pt, hcols, y, hdef):
         amp = self.amp
-        phase = self._phase(sub, self.kx_b, self.ky_b)
+        phase = shift_phase32(sub.origin_A, self.kx_b, self.ky_b)
         yt = y * phase.conj()
         f = _F32view
         m1, m2, m3 = self.mono[1].col(0), self.mono[2], self.mono[3]
@@ -497,10 +532,63 @@ class _Kernel:
         )
         return out
 
-    # ------------------------------------------------------------------ window-aware sums
+    # ------------------------------------------------------------------ second order
+    def _first_derivative_sums(self, first, jp, jy, jj):
+        amp = self.amp
+        raw_p, raw_y, raw_q = first["_raw"]
+        for a in range(2):
+            for b in range(2):
+                jp[:, a * 2 + b] = amp * amp * raw_p[a][:, b]
+                jy[:, a * 2 + b] = amp * raw_y[a][:, b]
+            for c2 in range(2):
+                for b in range(2):
+                    for d in range(2):
+                        jj[:, a * 2 + b, c2 * 2 + d] = amp * amp * raw_q[a, c2][:, b + d]
+
+    def _band_ctf(self, sub, pick, model_ctf):
+        return model_ctf[0][pick], model_ctf[1][pick]  # the model grid is the band
+
+    def _curvature_left(self, sub, pick, first, y):
+        left_y, left_p = first["_yt"][pick], first["_pt"][pick]
+        hg = [h[pick] for h in first["_hg"]]
+        return left_y, left_p, hg
+
+    def _jk_sums(self, qi, hg, jk_s, a, cc):
+        f = _F32view
+        m4 = self.mono[4]
+        for e in range(2):
+            cub = m4.dot(f(hg[e]) * f(qi))
+            for fi in range(2):
+                for b in range(2):
+                    for d in range(2):
+                        v3 = cub[:, fi + b + d]
+                        jk_s[:, e * 2 + fi, a * 2 + b, cc * 2 + d] = v3
+                        jk_s[:, e * 2 + fi, cc * 2 + d, a * 2 + b] = v3
+
+
+class WindowedKernel(_Kernel):
+    """The window-aware model: predicted on the disc of a grid ``window_pad`` times larger,
+    then cut to the particle box (:class:`cryomag.physics.grid.WindowCut`)."""
+
+    def __init__(self, reference, geom, optics, band, noise_power, opts):
+        super().__init__(reference, geom, optics, band, noise_power, opts)
+        self.model_ctf = GridCTF(self.kxd, self.kyd, self.m0, self.cm, optics.voltage_kv,
+                                 optics.cs_mm, optics.amplitude_contrast)  # fmt: skip
+        self.model_pick = self.disc_flat
+        self._window = WindowCut(self.box, self.pad, self.disc_flat, self.band_idx)
+
+    def _model_values(self, val):
+        return val
+
+    def _on_band(self, arr):
+        return arr[:, self.band_in_disc]
+
+    def _first_order(self, sub, pt, hcols, y, hdef):
+        return self._stats_windowed(sub, pt, hcols, y)
+
     def _stats_windowed(self, sub, pt, hcols, y):
         amp = self.amp
-        phase = self._phase(sub, self.kxd, self.kyd) * _C64(amp)
+        phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(amp)
         kx, ky = self.kxd.astype(_F32), self.kyd.astype(_F32)
         cols = [self._window(phase * pt)]
         for h in hcols:
@@ -548,124 +636,47 @@ class _Kernel:
         return out
 
     # ------------------------------------------------------------------ second order
-    def _second_order(self, sub, rows, f_big, q_big, val, du, adef, ctf_band, first, y):
-        """Second-order statistics of the group model (see :mod:`cryomag.fit.relinearise`).
+    def _moves(self, first) -> bool:
+        return self.ctf_moves and first["_z"].shape[1] - 1 == 8  # the group column: ref + def
 
-        jp, jy, jj (first derivatives) for every particle; kyy, kp, jk (through the second
-        derivatives) for the particles with row % stride == 0, multiplied by the stride.
-        """
+    def _first_derivative_sums(self, first, jp, jy, jj):
+        g, z = first["_g"], first["_z"]
+        nc = z.shape[1] - 1
+        sel = np.zeros((nc, 4))
+        sel[:4, :4] = np.eye(4)
+        if self._moves(first):
+            sel[4:, :4] = np.eye(4)
+        jp[:] = g[:, 0, 1 : 1 + nc] @ sel
+        jy[:] = g[:, 1 : 1 + nc, -1] @ sel
+        jj[:] = np.einsum("ia,nij,jb->nab", sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
+
+    def _band_ctf(self, sub, pick, model_ctf):
+        ctf, slope, _ = self.ctf_band.of(sub)
+        return ctf, slope
+
+    def _curvature_left(self, sub, pick, first, y):
         amp = self.amp
-        f = _F32view
-        m3, m4 = self.mono[3], self.mono[4]
-        pad1 = self.pad == 1
-        nb = len(val)
-        jp = np.zeros((nb, 4))
-        jy = np.zeros((nb, 4))
-        jj = np.zeros((nb, 4, 4))
-        kyy = np.zeros((nb, 4, 4))
-        kp = np.zeros((nb, 4, 4))
-        jk = np.zeros((nb, 4, 4, 4))
-        out = {"jp": jp, "jy": jy, "jj": jj, "kyy": kyy, "kp": kp, "jk": jk}
-        if pad1:
-            raw_p, raw_y, raw_q = first["_raw"]
-            for a in range(2):
-                for b in range(2):
-                    jp[:, a * 2 + b] = amp * amp * raw_p[a][:, b]
-                    jy[:, a * 2 + b] = amp * raw_y[a][:, b]
-                for c2 in range(2):
-                    for b in range(2):
-                        for d in range(2):
-                            jj[:, a * 2 + b, c2 * 2 + d] = amp * amp * raw_q[a, c2][:, b + d]
-        else:
-            g, z = first["_g"], first["_z"]
-            nc = z.shape[1] - 1
-            sel = np.zeros((nc, 4))
-            sel[:4, :4] = np.eye(4)
-            moves = self.ctf_moves and nc == 8  # the group column is ref + defocus
-            if moves:
-                sel[4:, :4] = np.eye(4)
-            jp[:] = g[:, 0, 1 : 1 + nc] @ sel
-            jy[:] = g[:, 1 : 1 + nc, -1] @ sel
-            jj[:] = np.einsum("ia,nij,jb->nab", sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
-        # the curvature sums, on every stride-th particle
-        pick = np.flatnonzero(np.asarray(rows) % self.stride == 0)
-        if not len(pick):
-            return out
-        weight = float(self.stride)
-        sub = geom_subset(sub, pick)
-        hk = self._box_hessian(f_big[pick], None if q_big is None else q_big[pick])
-        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
-        v = val[pick][:, self.band_in_disc]
-        dub = [d[pick] for d in du] if pad1 else [d[pick][:, self.band_in_disc] for d in du]
-        adef = adef[pick]
-        if ctf_band is not None:
-            ctf, slope = ctf_band[0][pick], ctf_band[1][pick]
-        else:
-            ctf, slope, _ = self._ctf(self.ctf_band, sub)
-        so = self.so_shared
-        if self.ctf_moves:
-            c = 2 * np.pi * self.lam
-            gdef = self._chi_defocus_grad(adef, self.ctf_band)
-            g_raw = [so["g"][a] + gdef[a] for a in range(2)]
-            gg = {(a, cc): g_raw[a] * g_raw[cc] for a, cc in _AC}
-            hm = {
-                (a, cc): so["hm"][a, cc] + (c * adef[:, a, cc, None]).astype(_F32) for a, cc in _AC
-            }
-        else:
-            g_raw, gg, hm = so["g"], so["gg"], so["hm"]
-        gm = [slope * g_raw[a] for a in range(2)]  # dCTF/du_a through the moving chi
-        qs = [
-            ctf * hu[a, cc]
-            + gm[a] * dub[cc]
-            + gm[cc] * dub[a]
-            + (slope * hm[a, cc] - ctf * gg[a, cc]) * v
-            for a, cc in _AC
+        moves = self._moves(first)
+        phase = shift_phase32(sub.origin_A, self.kx_b, self.ky_b).conj()
+        left_y = y[pick] * phase
+        # the windowed columns carry amp; the sums below multiply by amp once more
+        phase_a = phase * _C64(1.0 / amp)
+        zp = first["_z"][pick]
+        left_p = zp[:, 0] * phase_a
+        jcols = [
+            (zp[:, 1 + i] + zp[:, 5 + i] if moves else zp[:, 1 + i]) * phase_a for i in range(4)
         ]
-        if pad1:
-            left_y, left_p = first["_yt"][pick], first["_pt"][pick]
-            hg = [h[pick] for h in first["_hg"]]
-        else:
-            phase = self._phase(sub, self.kx_b, self.ky_b).conj()
-            left_y = y[pick] * phase
-            # the windowed columns carry amp; the sums below multiply by amp once more
-            phase_a = phase * _C64(1.0 / amp)
-            zp = first["_z"][pick]
-            left_p = zp[:, 0] * phase_a
-            jcols = [
-                (zp[:, 1 + i] + zp[:, 5 + i] if moves else zp[:, 1 + i]) * phase_a for i in range(4)
-            ]
-        kyy_s = np.zeros((len(pick), 4, 4))
-        kp_s = np.zeros((len(pick), 4, 4))
-        jk_s = np.zeros((len(pick), 4, 4, 4))
-        for (a, cc), qi in zip(_AC, qs, strict=True):
-            qyv = m3.dot(f(qi) * f(left_y))
-            qpv = m3.dot(f(qi) * f(left_p))
+        return left_y, left_p, jcols
+
+    def _jk_sums(self, qi, jcols, jk_s, a, cc):
+        f = _F32view
+        m3 = self.mono[3]
+        for i in range(4):
+            quad = m3.dot(f(jcols[i]) * f(qi))
             for b in range(2):
                 for d in range(2):
-                    kyy_s[:, a * 2 + b, cc * 2 + d] = kyy_s[:, cc * 2 + d, a * 2 + b] = qyv[
-                        :, b + d
-                    ]
-                    kp_s[:, a * 2 + b, cc * 2 + d] = kp_s[:, cc * 2 + d, a * 2 + b] = qpv[:, b + d]
-            if pad1:
-                for e in range(2):
-                    cub = m4.dot(f(hg[e]) * f(qi))
-                    for fi in range(2):
-                        for b in range(2):
-                            for d in range(2):
-                                v3 = cub[:, fi + b + d]
-                                jk_s[:, e * 2 + fi, a * 2 + b, cc * 2 + d] = v3
-                                jk_s[:, e * 2 + fi, cc * 2 + d, a * 2 + b] = v3
-            else:
-                for i in range(4):
-                    quad = m3.dot(f(jcols[i]) * f(qi))
-                    for b in range(2):
-                        for d in range(2):
-                            jk_s[:, i, a * 2 + b, cc * 2 + d] = quad[:, b + d]
-                            jk_s[:, i, cc * 2 + d, a * 2 + b] = quad[:, b + d]
-        kyy[pick] = weight * amp * kyy_s
-        kp[pick] = weight * amp * amp * kp_s
-        jk[pick] = weight * amp * amp * jk_s
-        return out
+                    jk_s[:, i, a * 2 + b, cc * 2 + d] = quad[:, b + d]
+                    jk_s[:, i, cc * 2 + d, a * 2 + b] = quad[:, b + d]
 
 
 _AC = ((0, 0), (0, 1), (1, 1))

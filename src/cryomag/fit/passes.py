@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryomag.fit.accumulate import chunk_statistics
+from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.statistics import Band, ChunkStatistics
 from cryomag.physics.fourier import centered_rfft2
 
@@ -137,6 +137,13 @@ class StatisticsPass:
         g = int(chunk.group)
         gp: GroupPass = self.spec.groups[g]
         spectra = self.spectra(rows)
+        options = KernelOptions(
+            window_pad=gp.window_pad,
+            extended=self.spec.extended,
+            exact_gradient=self.spec.exact_gradient,
+            second_order=gp.second_order,
+            ctf_moves=self.spec.ctf_moves,
+        )
         out = []
         halves = self.halves[rows]
         for half in np.unique(halves) if (1 in self.refs and 2 in self.refs) else [0]:
@@ -151,11 +158,7 @@ class StatisticsPass:
                     self.bands[g],
                     gp.noise,
                     rows[sel],
-                    window_pad=gp.window_pad,
-                    extended=self.spec.extended,
-                    exact_gradient=self.spec.exact_gradient,
-                    second_order=gp.second_order,
-                    ctf_moves=self.spec.ctf_moves,
+                    options,
                 )
             )
         return out

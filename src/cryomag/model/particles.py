@@ -246,10 +246,10 @@ class ParticleSet:
 
         Returns
         -------
-        cryomag.physics.projection.OpticsParams
+        cryomag.physics.forward.OpticsParams
             Pixel size (A), box (px), voltage (kV), Cs (mm), amplitude contrast.
         """
-        from cryomag.physics.projection import OpticsParams
+        from cryomag.physics.forward import OpticsParams
 
         o = self.optics.iloc[self.group_row(group)]
         return OpticsParams(
@@ -277,9 +277,9 @@ class ParticleSet:
 
         Returns
         -------
-        cryomag.physics.projection.ParticleGeometry
+        cryomag.physics.forward.ParticleGeometry
         """
-        from cryomag.physics.projection import ParticleGeometry
+        from cryomag.physics.forward import ParticleGeometry
 
         rows = np.asarray(rows)
         t = self.particles.iloc[rows]

@@ -1,7 +1,7 @@
 """Direct Fourier inversion from given poses: the exact adjoint of the forward model, and its
 regularised least-squares inverse.
 
-Forward model (:mod:`cryomag.physics.projection`, CONVENTIONS.md section 1): for particle p
+Forward model (:mod:`cryomag.physics.forward`, CONVENTIONS.md section 1): for particle p
 and observed frequency k (1/A, the group's declared pixel size a_g),
 
     Y_p(k) = a_p C_p(M_p k) V(q_p(k)) exp(+2 pi i k . t_p),   q_p(k) = A_p^T (M_p k, 0),
@@ -58,7 +58,7 @@ worse): both place slices at A^T (M k, 0). Differences: RELION interpolates onto
 grid (trilinear) and corrects the weights iteratively instead of solving the least-squares
 problem; it applies no Wiener term unless given --fsc; and its map scale differs (by ~3 %
 and by det M): cryomag's maps are in the units of the forward model (projecting them with
-:func:`cryomag.physics.projection.predict` reproduces the images).
+:func:`cryomag.physics.forward.predict` reproduces the images).
 """
 
 from __future__ import annotations

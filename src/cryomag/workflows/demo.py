@@ -43,11 +43,12 @@ def forward_model_check(folder: Path, n: int = 4) -> float:
 
     Renders ``n`` particles of the demo set (their poses, shifts and magnification; defocus
     0.3 um) without noise and compares their spectra with
-    :func:`cryomag.physics.projection.predict` on the same map, over 0.05-0.8 Nyquist.
+    :func:`cryomag.physics.forward.predict` on the same map, over 0.05-0.8 Nyquist.
     """
     from cryomag.io import read_map, read_particles
+    from cryomag.physics.forward import predict
     from cryomag.physics.fourier import centered_rfft2, rfft_freqs
-    from cryomag.physics.projection import MapReference, predict
+    from cryomag.physics.reference import MapReference
     from cryomag.simulate.simulator import load_truth
 
     ps = read_particles(folder / "particles.star")

@@ -37,7 +37,7 @@ from cryomag.fit.passes import PassSpec, StatisticsPass
 from cryomag.fit.scale import ScaleResult, fit_scales
 from cryomag.fit.statistics import GroupStatistics, StatisticsReducer
 from cryomag.model.particles import ParticleDataError, ParticleSet
-from cryomag.physics.projection import MapReference
+from cryomag.physics.reference import MapReference
 from cryomag.workflows.local_fits import LOCAL_FITS, fit_local
 from cryomag.workflows.runlog import run_log
 

@@ -282,7 +282,7 @@ def before_after_fsc(
         resolutions at 0.143 and 0.5 (and, with a map file, the FSC against the reference).
     """
     from cryomag.io import ImageSource, read_map
-    from cryomag.physics.projection import MapReference
+    from cryomag.physics.reference import MapReference
     from cryomag.reconstruct.fsc import fsc as fsc_curve
     from cryomag.reconstruct.fsc import resolution_at
     from cryomag.report.html import plot_fsc_curves

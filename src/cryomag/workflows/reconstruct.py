@@ -17,7 +17,7 @@ What each particle contributes (see :mod:`cryomag.reconstruct.backproject` for t
 - its CTF is RELION's, times rlnCtfScalefactor (the per-particle contrast scale written by
   ``cryomag estimate``); ``scale=False`` uses 1;
 - its amplitude is det(M) (a_out / a_g)^2, so that the map is in the units of the forward
-  model of :mod:`cryomag.physics.projection` (a map reconstructed at the reference pixel size
+  model of :mod:`cryomag.physics.forward` (a map reconstructed at the reference pixel size
   reproduces the reference's values);
 - mixed optics groups (pixel sizes, boxes) all land on one output grid: frequencies are in
   1/A, so only |k| below each group's own Nyquist and |q| below the output Nyquist are used.
@@ -37,9 +37,9 @@ import numpy as np
 
 from cryomag.io.atomic import write_json
 from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet
+from cryomag.physics.forward import OpticsParams, ParticleGeometry, ctf_at
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.geometry import euler_to_matrix
-from cryomag.physics.projection import OpticsParams, ParticleGeometry, ctf_at
 from cryomag.reconstruct.backproject import Backprojector, half_plane_pixels, wiener_lambda
 from cryomag.reconstruct.fsc import fsc, resolution_at
 from cryomag.reconstruct.symmetry import symmetry_operators

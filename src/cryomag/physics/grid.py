@@ -1,0 +1,195 @@
+"""The forward model's pieces on a fixed set of frequencies, in single precision.
+
+The statistics kernels (:mod:`cryomag.fit.accumulate`) evaluate the forward model of
+:mod:`cryomag.physics.forward` for thousands of particles that share one optics group, one M
+and one frequency grid. Everything that depends only on the group is computed once here, in
+double precision; what depends on the particle is evaluated in float32 with one sin and cos per
+pixel. Each piece is tested against the double-precision reference
+(tests/test_physics.py: :func:`cryomag.physics.ctf.ctf_split_frames`,
+:func:`cryomag.physics.fourier.shift_phase`, and a direct pad -> inverse FFT -> cut -> FFT).
+
+- :class:`GridCTF`: RELION's CTF with the defocus term in the frame of ``ctf_mag`` and the Cs
+  term at the true frequency u = M k, and its derivatives with respect to u;
+- :func:`shift_phase32`: RELION's origin shift exp(+2 pi i k . t);
+- :class:`WindowCut`: a spectrum predicted on a box ``pad`` times larger -> real space -> the
+  particle box cut out -> back to the particle's band pixels (the box window).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft as sfft
+
+from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
+
+__all__ = ["GridCTF", "WindowCut", "shift_phase32"]
+
+_F32 = np.float32
+_C64 = np.complex64
+
+
+class GridCTF:
+    """RELION's CTF of one optics group's particles on fixed observed frequencies.
+
+    chi = pi lambda d^T Adef d - (pi/2) Cs lambda^3 |u|^4 + phase shift, with d = ctf_mag k
+    (the frame of the measured defocus) and u = mag k (the true frequency); the CTF is
+    env sin(chi + alpha) = env (sqrt(1 - Q0^2) sin chi + Q0 cos chi), alpha = atan(Q0 /
+    sqrt(1 - Q0^2)), env = scale exp(-B |d|^2 / 4).
+
+    Parameters
+    ----------
+    kx, ky : ndarray, shape (npix,)
+        Observed frequencies (1/A).
+    mag : ndarray, shape (2, 2)
+        M (k_ref = M k_obs): the frame of the Cs term.
+    ctf_mag : ndarray, shape (2, 2), or None
+        The frame of the defocus term (None: ``mag``).
+    voltage_kv, cs_mm, amplitude_contrast : float
+        The group's optics.
+
+    Attributes
+    ----------
+    dx, dy : ndarray, shape (npix,)
+        d = ctf_mag k (1/A).
+    dq : ndarray, shape (3, npix)
+        d_x^2, 2 d_x d_y, d_y^2: d^T Adef d = (a00, a01, a11) . dq.
+    cs : ndarray, shape (npix,)
+        The Cs term of chi (rad).
+    d2 : ndarray, shape (npix,)
+        |d|^2 (B-factor envelope).
+    gcs : ndarray, shape (2, npix)
+        d chi_Cs / du_a (A).
+    hcs : ndarray, shape (3, npix)
+        d2 chi_Cs / du_a du_c for (xx, xy, yy) (A^2).
+    lam : float
+        Electron wavelength (A).
+    """
+
+    def __init__(self, kx, ky, mag, ctf_mag, voltage_kv: float, cs_mm: float,
+                 amplitude_contrast: float) -> None:  # fmt: skip
+        m = np.asarray(mag, float)
+        self.lam = lam = float(electron_wavelength_A(voltage_kv))
+        cs_a = cs_mm * 1e7
+        q0 = float(amplitude_contrast)
+        self.alpha = float(np.arctan2(q0, np.sqrt(1 - q0 * q0)))
+        ux = m[0, 0] * kx + m[0, 1] * ky
+        uy = m[1, 0] * kx + m[1, 1] * ky
+        cm = m if ctf_mag is None else np.asarray(ctf_mag, float)
+        dx = cm[0, 0] * kx + cm[0, 1] * ky
+        dy = cm[1, 0] * kx + cm[1, 1] * ky
+        u2 = ux * ux + uy * uy
+        c3 = -2 * np.pi * cs_a * lam**3  # d chi_cs / du = c3 |u|^2 u
+        self.dq = np.stack([dx * dx, 2 * dx * dy, dy * dy])
+        self.cs = -0.5 * np.pi * cs_a * lam**3 * u2 * u2
+        self.d2 = dx * dx + dy * dy
+        self.dx, self.dy = dx, dy
+        self.gcs = np.stack([c3 * u2 * ux, c3 * u2 * uy])
+        self.hcs = np.stack(
+            [c3 * (u2 + 2 * ux * ux), c3 * 2 * ux * uy, c3 * (u2 + 2 * uy * uy)]
+        )
+
+    def __call__(self, defocus_u_A, defocus_v_A, angle_deg, phase_shift_deg, bfactor_A2,
+                 scale):  # fmt: skip
+        """The CTF of particles (each argument shape (b,)).
+
+        Returns
+        -------
+        ctf : ndarray, float32, shape (b, npix)
+        slope : ndarray, float32, shape (b, npix)
+            dCTF / dchi.
+        adef : ndarray, shape (b, 2, 2)
+            The astigmatism matrices (A).
+        """
+        adef = defocus_matrix(defocus_u_A, defocus_v_A, angle_deg)
+        coef = np.stack([adef[:, 0, 0], adef[:, 0, 1], adef[:, 1, 1]], 1) * (np.pi * self.lam)
+        chi = coef @ self.dq + self.cs[None]
+        chi += (np.deg2rad(np.asarray(phase_shift_deg, float)) + self.alpha)[:, None]
+        chi = chi.astype(_F32)
+        env = np.asarray(scale, float)[:, None]
+        b = np.asarray(bfactor_A2, float)
+        if np.any(b != 0):
+            env = env * np.exp(-0.25 * b[:, None] * self.d2[None])
+        env = env.astype(_F32)
+        return env * np.sin(chi), env * np.cos(chi), adef
+
+    def of(self, geom):
+        """:meth:`__call__` with the CTF columns of a ParticleGeometry."""
+        return self(geom.defocus_u_A, geom.defocus_v_A, geom.defocus_angle_deg,
+                    geom.phase_shift_deg, geom.bfactor_A2, geom.ctf_scale)  # fmt: skip
+
+    def chi_defocus_grad(self, adef: np.ndarray) -> list[np.ndarray]:
+        """d chi_defocus / du_a = 2 pi lambda (Adef d)_a, float32 (b, npix) for a = x, y.
+
+        (The derivative with respect to d; it equals that with respect to u when the defocus
+        term moves with M, ctf_mag = mag.)
+        """
+        c = 2 * np.pi * self.lam
+        return [
+            (c * (adef[:, a, 0, None] * self.dx + adef[:, a, 1, None] * self.dy)).astype(_F32)
+            for a in range(2)
+        ]
+
+
+def shift_phase32(origin_A: np.ndarray, kx: np.ndarray, ky: np.ndarray) -> np.ndarray:
+    """exp(+2 pi i k . t) per particle (RELION's origin sign), complex64 (b, npix).
+
+    Parameters
+    ----------
+    origin_A : ndarray, shape (b, 2)
+        rlnOriginXAngst, rlnOriginYAngst (A).
+    kx, ky : ndarray, shape (npix,)
+        Observed frequencies (1/A).
+    """
+    o = np.asarray(origin_A, float).reshape(-1, 2)
+    arg = ((2 * np.pi * o) @ np.stack([kx, ky])).astype(_F32)
+    out = np.empty(arg.shape, _C64)
+    out.real = np.cos(arg)
+    out.imag = np.sin(arg)
+    return out
+
+
+class WindowCut:
+    """Spectra on the disc of a padded grid -> the particle box's band pixels.
+
+    A model predicted on a grid ``pad`` times larger than the particle box (every frequency
+    up to the particle's Nyquist, the disc) is taken to real space, the centred box is cut
+    out, and the cut is transformed back and sampled at the band pixels: the signal the CTF
+    moves out of the box is then missing from the prediction as it is from the data.
+
+    Parameters
+    ----------
+    box : int
+        Particle box (px).
+    pad : int
+        Padding factor (the padded grid is ``pad * box``).
+    disc_flat : ndarray of int
+        Flat rfft indices of the disc pixels on the padded grid.
+    band_idx : ndarray of int
+        Flat rfft indices of the band pixels on the particle grid.
+    """
+
+    def __init__(self, box: int, pad: int, disc_flat: np.ndarray, band_idx: np.ndarray):
+        self.box = int(box)
+        self.big = int(pad) * int(box)
+        self.disc_flat = disc_flat
+        self.band_idx = band_idx
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (b, n_disc) complex64 -> (b, n_band) complex64."""
+        nb = len(values)
+        big, box = self.big, self.box
+        grid = np.zeros((nb, big * (big // 2 + 1)), _C64)
+        grid[:, self.disc_flat] = values
+        img = sfft.irfft2(
+            grid.reshape(nb, big, big // 2 + 1), s=(big, big), axes=(-2, -1), workers=1,
+            overwrite_x=True,
+        )  # fmt: skip
+        # the centred box of an unshifted image: its four corners
+        lo, hi = box - box // 2, box // 2  # x >= 0 and x < 0 parts
+        cut = np.empty((nb, box, box), img.dtype)
+        cut[:, :lo, :lo] = img[:, :lo, :lo]
+        cut[:, :lo, lo:] = img[:, :lo, big - hi :]
+        cut[:, lo:, :lo] = img[:, big - hi :, :lo]
+        cut[:, lo:, lo:] = img[:, big - hi :, big - hi :]
+        spec = sfft.rfft2(cut, axes=(-2, -1), workers=1, overwrite_x=True)
+        return spec.reshape(nb, -1)[:, self.band_idx]

@@ -1,0 +1,92 @@
+"""The single-precision pieces of the forward model (physics/grid.py) against the reference.
+
+The kernels evaluate the forward model with these pieces; each must agree with the double-
+precision reference implementation to single precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.fft as sfft
+
+from cryomag.physics.ctf import ctf_split_frames
+from cryomag.physics.fourier import rfft_freqs, shift_phase
+from cryomag.physics.grid import GridCTF, WindowCut, shift_phase32
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("moves", [True, False])
+def test_grid_ctf_matches_the_reference_ctf(moves):
+    box, apix = 64, 1.3
+    kx, ky = (a.ravel() for a in rfft_freqs(box, apix))
+    mag = np.array([[1.02, 0.01], [-0.005, 0.985]])
+    ctf_mag = None if moves else np.array([[1.0, 0.003], [0.0, 0.997]])
+    n = 5
+    du = RNG.uniform(8000, 25000, n)
+    dv = du - RNG.uniform(0, 800, n)
+    ang = RNG.uniform(-90, 90, n)
+    phase = RNG.uniform(0, 90, n)
+    bfac = RNG.uniform(-20, 60, n)
+    scale = RNG.uniform(0.5, 2, n)
+    grid = GridCTF(kx, ky, mag, ctf_mag, 300.0, 2.7, 0.07)
+    ctf, slope, adef = grid(du, dv, ang, phase, bfac, scale)
+    cm = mag if ctf_mag is None else ctf_mag
+    d = (cm @ np.stack([kx, ky]))[None]
+    u = (mag @ np.stack([kx, ky]))[None]
+    want, grad_cs, grad_def = ctf_split_frames(
+        np.repeat(d[:, 0], n, 0), np.repeat(d[:, 1], n, 0), np.repeat(u[:, 0], n, 0),
+        np.repeat(u[:, 1], n, 0), du, dv, ang, 300.0, 2.7, 0.07, phase, bfac, scale,
+        gradient="both",
+    )  # fmt: skip
+    assert ctf.dtype == np.float32
+    np.testing.assert_allclose(ctf, want, atol=2e-5 * np.abs(want).max())
+    # dCTF/du through the Cs term, and through the defocus term, from the float32 pieces
+    for a in range(2):
+        np.testing.assert_allclose(
+            slope * grid.gcs[a], grad_cs[..., a], atol=2e-4 * np.abs(grad_cs[..., a]).max()
+        )
+        got = slope * grid.chi_defocus_grad(adef)[a]
+        np.testing.assert_allclose(got, grad_def[..., a], atol=2e-4 * np.abs(grad_def).max())
+    # the Cs term's second derivatives by finite differences of its first
+    h = 1e-6
+    for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 1))):
+        m2 = mag.copy()
+        m2[c] = mag[c] * (1 + h)  # u_c -> u_c (1 + h): row c of M scaled
+        g2 = GridCTF(kx, ky, m2, ctf_mag if ctf_mag is not None else mag, 300.0, 2.7, 0.07)
+        ok = np.abs(u[0, c]) > 0.05
+        num = (g2.gcs[a][ok] - grid.gcs[a][ok]) / (h * u[0, c][ok])
+        np.testing.assert_allclose(num, grid.hcs[i][ok], rtol=1e-4, atol=1e-3)
+
+
+def test_shift_phase32_matches_the_reference_phase():
+    kx, ky = (a.ravel() for a in rfft_freqs(48, 1.6))
+    origin = RNG.uniform(-12, 12, (6, 2))
+    got = shift_phase32(origin, kx, ky)
+    assert got.dtype == np.complex64
+    np.testing.assert_allclose(got, shift_phase(kx, ky, origin), atol=3e-6)
+
+
+def test_window_cut_equals_pad_crop_transform():
+    """values on the padded grid's disc -> real space -> centred box -> band pixels."""
+    box, pad, apix = 32, 2, 1.5
+    big = pad * box
+    kxb, kyb = rfft_freqs(big, apix)
+    disc = np.hypot(kxb, kyb) <= 0.5 / apix
+    disc_flat = np.flatnonzero(disc.ravel())
+    kx, ky = rfft_freqs(box, apix)
+    band = (np.hypot(kx, ky) > 0.01) & (np.hypot(kx, ky) < 0.3)
+    band_idx = np.flatnonzero(band.ravel())
+    vals = (RNG.normal(size=(3, disc_flat.size)) + 1j * RNG.normal(size=(3, disc_flat.size)))
+    vals = vals.astype(np.complex64)
+    got = WindowCut(box, pad, disc_flat, band_idx)(vals)
+    # reference: the centred padded image, its central box, transformed with the phase
+    # origin at the box centre
+    spec = np.zeros((3, big * (big // 2 + 1)), complex)
+    spec[:, disc_flat] = vals
+    img = sfft.fftshift(sfft.irfft2(spec.reshape(3, big, -1), s=(big, big)), axes=(-2, -1))
+    lo = big // 2 - box // 2
+    cut = img[:, lo : lo + box, lo : lo + box]
+    want = sfft.rfft2(sfft.ifftshift(cut, axes=(-2, -1))).reshape(3, -1)[:, band_idx]
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
