@@ -37,7 +37,7 @@ import numpy as np
 
 from cryomag.io.atomic import write_json
 from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet
-from cryomag.physics.forward import OpticsParams, ParticleGeometry, ctf_at
+from cryomag.physics.forward import ctf_at
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.geometry import euler_to_matrix
 from cryomag.reconstruct.backproject import Backprojector, half_plane_pixels, wiener_lambda
@@ -290,14 +290,8 @@ def run_reconstruct(
     gidx = ps.group_index()
     halves = _half_index(ps)
     geom_m, ctf_m = _particle_mags(ps, opts.mag if mag is None else mag)
-    euler = ps.euler_deg()
-    rot = euler_to_matrix(euler)
+    rot = euler_to_matrix(ps.euler_deg())
     origin = ps.origin_A()
-    du, dv = ps.column("rlnDefocusU"), ps.column("rlnDefocusV")
-    dang = ps.column("rlnDefocusAngle")
-    phase = ps.column("rlnPhaseShift")
-    bfac = ps.column("rlnCtfBfactor")
-    ctf_scale = ps.column("rlnCtfScalefactor") if opts.scale else np.ones(len(ps))
     bp = Backprojector(
         box,
         a_out,
@@ -323,18 +317,10 @@ def run_reconstruct(
     t_read = t_prep = 0.0
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("backprojecting", total=len(ps))
-        for g in range(ps.n_groups):
-            o = ps.optics.iloc[g]
-            a_g = float(o["rlnImagePixelSize"])
-            box_g = int(o["rlnImageSize"])
-            mask, kx, ky = half_plane_pixels(box_g, a_g)
-            optics = OpticsParams(
-                pixel_size_A=a_g,
-                box=box_g,
-                voltage_kv=float(o["rlnVoltage"]),
-                cs_mm=float(o["rlnSphericalAberration"]),
-                amplitude_contrast=float(o["rlnAmplitudeContrast"]),
-            )
+        for g, number in enumerate(ps.group_numbers()):
+            optics = ps.optics_params(number)
+            a_g = optics.pixel_size_A
+            mask, kx, ky = half_plane_pixels(optics.box, a_g)
             # images are read in small batches (bounded float64 temporaries of the CTF); the
             # Backprojector gathers their points into large finufft calls
             per_read = int(np.clip(READ_POINTS // max(1, kx.size), 1, 4096))
@@ -347,18 +333,7 @@ def run_reconstruct(
                     t2 = time.perf_counter()
                     spectra = centered_rfft2(images)[:, mask]
                     del images
-                    geom = ParticleGeometry(
-                        euler_deg=euler[rows],
-                        origin_A=origin[rows],
-                        mag=geom_m[rows],
-                        defocus_u_A=du[rows],
-                        defocus_v_A=dv[rows],
-                        defocus_angle_deg=dang[rows],
-                        phase_shift_deg=phase[rows],
-                        bfactor_A2=bfac[rows],
-                        ctf_scale=ctf_scale[rows],
-                        ctf_mag=ctf_m[rows],
-                    )
+                    geom = ps.geometry(rows, geom_m[rows], ctf_m[rows], ctf_scale=opts.scale)
                     ctf = ctf_at(geom, optics, kx, ky)
                     amp = np.linalg.det(geom_m[rows]) * (a_out / a_g) ** 2
                     bp.insert(h, spectra, kx, ky, ctf, amp, rot[rows], geom_m[rows], origin[rows])
@@ -442,12 +417,12 @@ def run_reconstruct(
         "options": {k: v for k, v in asdict(opts).items()},
         "groups": [
             {
-                "optics_group": int(ps.group_numbers()[g]),
-                "pixel_size_A": float(ps.optics_value("rlnImagePixelSize")[g]),
-                "box": int(ps.optics_value("rlnImageSize")[g]),
-                "n_particles": int((gidx == g).sum()),
+                "optics_group": int(num),
+                "pixel_size_A": ps.optics_params(num).pixel_size_A,
+                "box": ps.optics_params(num).box,
+                "n_particles": len(ps.group_rows(num)),
             }
-            for g in range(ps.n_groups)
+            for num in ps.group_numbers()
         ],
     }
     return ReconstructResult(
