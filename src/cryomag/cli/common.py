@@ -7,6 +7,9 @@ from collections.abc import Iterator
 
 import typer
 
+#: Exit status of a command whose fit failed its quality checks (outputs written, flagged).
+EXIT_FIT_FAILED = 3
+
 
 @contextlib.contextmanager
 def fail_cleanly() -> Iterator[None]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import fail_cleanly
+from cryomag.cli.common import EXIT_FIT_FAILED, fail_cleanly
 
 
 def register(app: typer.Typer) -> None:
@@ -207,6 +207,11 @@ def estimate_cmd(
     --queue cpu --account proj --walltime 04:00:00). The results do not depend on where they
     are computed. While running, each finished chunk is stored in OUT/.chunks (removed at the
     end): after Ctrl-C, a killed job or a lost node, rerun the same command with --resume.
+
+    Exit status: 0 success; 1 bad input or options (nothing written); 3 a fit failed its
+    quality checks (not converged, the reference does not explain the particles, M not
+    determined): the outputs are written, the failed group's M and scales are not applied,
+    and results.json says why (verdict, problems); 130 interrupted.
     """
     from rich.console import Console
 
@@ -270,3 +275,5 @@ def estimate_cmd(
             raise typer.Exit(130) from None
         print_estimate_summary(res, Console())
         typer.echo(f"wrote {out}/particles.star, results.json, stats/, plots/")
+        if res.verdict == "failed":
+            raise typer.Exit(EXIT_FIT_FAILED)

@@ -25,11 +25,14 @@ class MagUpdate:
     covariance : ndarray, shape (4, 4)
         Covariance of (delta00, delta01, delta10, delta11).
     n_particles : int
+    normal_matrix : ndarray, shape (4, 4), optional
+        The reduced normal matrix the step was solved with (for the fit's quality checks).
     """
 
     delta: np.ndarray
     covariance: np.ndarray
     n_particles: int
+    normal_matrix: np.ndarray | None = None
 
     @property
     def standard_error(self) -> np.ndarray:
@@ -100,7 +103,8 @@ def solve_group(
     """
     h, b = reduced_system(stats, joint_scale=joint_scale, ctf_moves=ctf_moves)
     delta = np.linalg.pinv(h, rcond=1e-12) @ b
-    return MagUpdate(delta.reshape(2, 2), covariance(h, stats), int((stats.pp > 0).sum()))
+    n = int((stats.pp > 0).sum())
+    return MagUpdate(delta.reshape(2, 2), covariance(h, stats), n, h)
 
 
 def covariance(h: np.ndarray, stats: GroupStatistics) -> np.ndarray:

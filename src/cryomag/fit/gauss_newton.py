@@ -20,6 +20,7 @@ import numpy as np
 
 from cryomag.fit.anisomag import MagUpdate, solve_group
 from cryomag.fit.passes import GroupPass, PassSpec
+from cryomag.fit.quality import FitQuality, assess_group
 from cryomag.fit.relinearise import relinearised_fit
 from cryomag.fit.statistics import Band, GroupStatistics
 
@@ -90,6 +91,9 @@ class GroupResult:
         The M the last pass was linearised at (the statistics' point).
     converged : bool
         The last update was below the tolerance (False: stopped at max_iter).
+    quality : FitQuality, optional
+        The verdict on the fit (:mod:`cryomag.fit.quality`). A failed fit has NaN standard
+        errors; its M is reported but not applied to the particles.
     """
 
     group: int
@@ -104,6 +108,12 @@ class GroupResult:
     history: list = field(default_factory=list)
     mag_lin: np.ndarray | None = None
     converged: bool = True
+    quality: FitQuality | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The fit failed its quality checks: do not use M or its errors."""
+        return self.quality is not None and self.quality.failed
 
     def step_kinds(self) -> list[str]:
         """How each Gauss-Newton iteration of :attr:`history` was made: ``"subset"`` (a pass
@@ -209,7 +219,7 @@ class GroupFit:
                 tol=s.tol,
                 accuracy=second_order_accuracy(self.window_pad, s.curvature_every),
             )
-            upd = MagUpdate(rel.delta, rel.covariance, int((st.pp > 0).sum()))
+            upd = MagUpdate(rel.delta, rel.covariance, int((st.pp > 0).sum()), rel.normal_matrix)
             steps, path = rel.steps, rel.path
             # re-linearisation keeps the pass's weights: its fixed point is the data's only
             # when they came from residuals (the first pass of a group weights by the
@@ -265,21 +275,36 @@ class GroupFit:
 
     # ---------------------------------------------------------------- the result
     def result(self, band: Band) -> GroupResult:
-        """The group's result (after :func:`iterate`)."""
+        """The group's result (after :func:`iterate`), with its quality verdict."""
         upd = self.update
+        err = upd.standard_error if upd else np.zeros((2, 2))
+        cov = upd.covariance if upd else np.zeros((4, 4))
+        quality = assess_group(
+            self.stats,
+            self.mag,
+            cov if upd else None,
+            upd.normal_matrix if upd else None,
+            self.converged,
+            len(self.history),
+            fit_aniso=self.settings.fit_aniso,
+        )
+        if quality.failed and upd is not None:  # no standard error from a failed fit
+            err = np.full((2, 2), np.nan)
+            cov = np.full((4, 4), np.nan)
         return GroupResult(
             group=self.group,
             n_particles=self.n_particles,
             mag_in=self.mag_in,
             mag=self.mag.copy(),
-            mag_error=upd.standard_error if upd else np.zeros((2, 2)),
-            covariance=upd.covariance if upd else np.zeros((4, 4)),
+            mag_error=err,
+            covariance=cov,
             iterations=len(self.history),
             band_A=(1 / band.kmin if band.kmin > 0 else np.inf, 1 / band.kmax),
             chi2=self.stats.chi2_per_pixel(),
             history=self.history,
             mag_lin=self.mag_lin,
             converged=self.converged,
+            quality=quality,
         )
 
 

@@ -59,6 +59,8 @@ class RelinearisedFit:
         That estimate.
     path : list of ndarray
         The increment after each iteration, shape (2, 2) each.
+    normal_matrix : ndarray, shape (4, 4)
+        The reduced normal matrix at the solution.
     """
 
     delta: np.ndarray
@@ -68,6 +70,7 @@ class RelinearisedFit:
     trusted: bool
     remainder: float
     path: list
+    normal_matrix: np.ndarray | None = None
 
 
 def _terms(st: GroupStatistics, d: np.ndarray, joint_scale: bool):
@@ -165,4 +168,5 @@ def relinearised_fit(
         trusted=converged and remainder < tol / 2,
         remainder=remainder,
         path=path,
+        normal_matrix=h,
     )

@@ -27,6 +27,7 @@ def print_estimate_summary(res, console) -> None:
         "angle",
         "pixel size change",
         "iter",
+        "verdict",
     ):
         table.add_column(col, justify="right")
     for gr in res.groups:
@@ -41,8 +42,17 @@ def print_estimate_summary(res, console) -> None:
             f"{p.angle_deg:.1f}",
             f"{100 * p.pixel_size_change:+.3f} %",
             str(gr.iterations),
+            _verdict_text(gr.quality.verdict if gr.quality is not None else "ok"),
         )
     console.print(table)
+    for problem in res.problems:
+        style = "red" if res.verdict == "failed" else "yellow"
+        console.print(f"[{style}]{problem}[/]")
+    if res.verdict == "failed":
+        console.print(
+            "[bold red]A fit failed its quality checks: its M and scales were not applied to "
+            "the particles and are not to be used (results.json: verdict, problems).[/]"
+        )
     s = res.scales.normalised
     if np.isfinite(s).any():
         q = np.nanquantile(s, [0.05, 0.25, 0.5, 0.75, 0.95])
@@ -52,3 +62,9 @@ def print_estimate_summary(res, console) -> None:
             + " / ".join(f"{v:.2f}" for v in q)
             + f", median standard error {np.nanmedian(res.scales.error):.3f}"
         )
+
+
+def _verdict_text(verdict: str) -> str:
+    return {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]"}.get(
+        verdict, "[bold red]FAILED[/]"
+    )

@@ -34,6 +34,7 @@ from cryomag.fit.gauss_newton import (
     warm_subsets,
 )
 from cryomag.fit.passes import PassSpec, StatisticsPass
+from cryomag.fit.quality import overall
 from cryomag.fit.scale import ScaleResult, fit_scales
 from cryomag.fit.statistics import GroupStatistics, StatisticsReducer
 from cryomag.model.particles import ParticleDataError, ParticleSet
@@ -204,6 +205,22 @@ class EstimateResult:
     local: dict = field(default_factory=dict)
     input_defocus_A: np.ndarray | None = None
 
+    @property
+    def verdict(self) -> str:
+        """The worst verdict of the groups' fits: ``"ok"``, ``"warning"`` or ``"failed"``
+        (:mod:`cryomag.fit.quality`)."""
+        return overall(gr.quality for gr in self.groups if gr.quality is not None)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every finding of the quality checks, one sentence each, naming its group."""
+        return [
+            f"optics group {gr.group}: {p}"
+            for gr in self.groups
+            if gr.quality is not None
+            for p in gr.quality.problems
+        ]
+
 
 def load_references(
     reference, half_maps=None, mask=None, eps: float = 1e-6, nthreads: int = 0
@@ -321,16 +338,22 @@ def run_estimate(
     t1 = time.perf_counter()
 
     stats = {g: f.stats for g, f in fits.items()}
-    scales = fit_scales(stats, len(ps))
     results = [fits[g].result(bands[g]) for g in groups]
+    for r in results:
+        for problem in r.quality.problems:
+            (log.error if r.failed else log.warning)("optics group %d: %s", r.group, problem)
+    # a failed fit is reported, never applied: its particles keep their M, CTF and weights
+    good = {r.group for r in results if not r.failed}
+    scales = fit_scales({g: st for g, st in stats.items() if g in good}, len(ps))
     out = ps.copy()
     if settings.fit_aniso:
         mats = ps.mag_matrices()
-        for g, f in fits.items():
-            mats[ps.group_row(g)] = f.mag
+        for g in good:
+            mats[ps.group_row(g)] = fits[g].mag
         out.set_mag_matrices(mats)
         if not settings.ctf_moves:  # keep each particle's CTF (defocus measured at M_in)
-            for g, f in fits.items():
+            for g in good:
+                f = fits[g]
                 inc = f.mag @ np.linalg.inv(f.mag_in)
                 out.reexpress_astigmatism(rows[g], np.linalg.inv(inc))
     if "scale" in opts.fit:
@@ -343,10 +366,10 @@ def run_estimate(
     local = {}
     local_fits = tuple(f for f in opts.fit if f in LOCAL_FITS)
     if local_fits:
-        mags = {g: (f.mag_in, f.mag_lin, f.mag) for g, f in fits.items()}
+        mags = {g: (f.mag_in, f.mag_lin, f.mag) for g, f in fits.items() if g in good}
         local = fit_local(
             out,
-            stats,
+            {g: st for g, st in stats.items() if g in good},
             mags,
             local_fits,
             defocus_A=ps.defocus_mean_A(),

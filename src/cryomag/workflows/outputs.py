@@ -10,7 +10,21 @@ import numpy as np
 if TYPE_CHECKING:
     from cryomag.workflows.estimate import EstimateResult
 
-__all__ = ["results_dict", "save_statistics", "write_outputs"]
+__all__ = ["finite_or_none", "results_dict", "save_statistics", "write_outputs"]
+
+
+def finite_or_none(obj):
+    """``obj`` (nested dicts, lists, numbers, arrays) with NaN and infinities as None, so
+    that the JSON is valid (``null``) and no reader takes them for numbers."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_or_none(obj.tolist())
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def results_dict(res: EstimateResult) -> dict:
@@ -43,13 +57,17 @@ def results_dict(res: EstimateResult) -> dict:
                 "chi2_per_pixel": gr.chi2,
                 "mean_raw_scale": res.scales.group_mean.get(gr.group),
                 "converged": gr.converged,
+                "quality": gr.quality.as_dict() if gr.quality is not None else None,
                 "history": gr.history,
                 "M_linearisation": None if gr.mag_lin is None else gr.mag_lin.tolist(),
                 **({"local": res.local[gr.group]} if gr.group in res.local else {}),
             }
         )
     s = res.scales.normalised
+    has_scales = bool(np.isfinite(s).any())
     return {
+        "verdict": res.verdict,
+        "problems": res.problems,
         "fit": list(res.options.fit),
         "options": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(res.options).items()
@@ -57,10 +75,12 @@ def results_dict(res: EstimateResult) -> dict:
         "groups": groups,
         "scale": {
             "quantiles": {
-                q: float(np.nanquantile(s, float(q)))
+                q: float(np.nanquantile(s, float(q))) if has_scales else None
                 for q in ("0.05", "0.25", "0.5", "0.75", "0.95")
             },
-            "median_standard_error": float(np.nanmedian(res.scales.error)),
+            "median_standard_error": (
+                float(np.nanmedian(res.scales.error)) if has_scales else None
+            ),
         },
         "timings": res.timings,
     }
@@ -116,7 +136,7 @@ def write_outputs(
         ensure_not_input(cs, inputs)
         _write_cs(to_write, cs)
         written["cs"] = cs
-    summary = results_dict(res)
+    summary = finite_or_none(results_dict(res))
     write_json(out / "results.json", summary, inputs)
     written["results"] = out / "results.json"
     save_statistics(res, out / "stats", summary["options"])
