@@ -247,3 +247,90 @@ def test_statistics_without_second_order_have_empty_fields(setup):
     assert st.jk.shape == (len(geom), 0, 4, 4)
     with pytest.raises(ValueError, match="second-order"):
         relinearised_fit(st)
+
+
+# ---------------------------------------------------------------- defocus columns (issue 12)
+def _with_defocus(geom, delta):
+    """``geom`` with each particle's defocus matrix Adef + delta (A, (2, 2))."""
+    from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
+
+    a = defocus_matrix(geom.defocus_u_A, geom.defocus_v_A, geom.defocus_angle_deg) + delta
+    u, v, ang = defocus_from_matrix(a)
+    return ParticleGeometry(
+        **{**geom.__dict__, "defocus_u_A": u, "defocus_v_A": v, "defocus_angle_deg": ang}
+    )
+
+
+def _windowed(ref, geom, optics, band, pad):
+    """The window-aware prediction by its definition: predicted on the disc of the padded
+    grid, the centred box cut out in real space, transformed back (float64)."""
+    import scipy.fft as sfft
+
+    big = pad * BOX
+    kxb, kyb = rfft_freqs(big, APIX)
+    disc = np.hypot(kxb, kyb) <= 0.5 / APIX
+    vals = predict(ref, geom, optics, kxb[disc], kyb[disc])
+    spec = np.zeros((len(geom), big, big // 2 + 1), complex)
+    spec[:, disc] = vals
+    img = sfft.fftshift(sfft.irfft2(spec, s=(big, big)), axes=(-2, -1))
+    lo = big // 2 - BOX // 2
+    cut = img[:, lo : lo + BOX, lo : lo + BOX]
+    out = sfft.rfft2(sfft.ifftshift(cut, axes=(-2, -1))).reshape(len(geom), -1)
+    return out[:, np.flatnonzero(band.mask.ravel())]
+
+
+def _model(ref, geom, optics, band, mag, delta, pad):
+    g = _with_defocus(_at(geom, mag), delta)
+    p = predict(ref, g, optics, band.kx, band.ky) if pad == 1 else _windowed(
+        ref, g, optics, band, pad
+    )
+    return p * np.linalg.det(geom.mag) / np.linalg.det(mag)  # amplitude held (the scale's)
+
+
+@pytest.mark.parametrize("pad", [1, 2])
+def test_defocus_columns_match_the_definition(setup, pad):
+    """The 3 defocus columns (d/d a00, a01, a11 of the defocus matrix in the CTF's frame)
+    and their cross terms with M, kernel vs float64 central differences, both kernels."""
+    ref, optics, band, geom, spectra, power = setup
+    geom = _at(geom, np.asarray(geom.mag))
+    st = chunk_statistics(
+        ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+        KernelOptions(window_pad=pad, exact_gradient=True, defocus=True),
+    )  # fmt: skip
+    assert st.hgg.shape[1:] == (7, 7)
+    m0 = np.asarray(geom.mag)
+    z = np.zeros((2, 2))
+    w = 1.0 / power[band.shell]
+    y = spectra.reshape(len(spectra), -1)[:, np.flatnonzero(band.mask.ravel())]
+    p = _model(ref, geom, optics, band, m0, z, pad)
+    hm, ha = 1e-5, 0.5  # steps in M and in A (A)
+    e = np.eye(4).reshape(4, 2, 2)
+    ea = [np.array(a, float) for a in ([[1, 0], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [0, 1]])]
+    cols = [
+        (_model(ref, geom, optics, band, m0 + hm * e[i], z, pad)
+         - _model(ref, geom, optics, band, m0 - hm * e[i], z, pad)) / (2 * hm)
+        for i in range(4)
+    ] + [
+        (_model(ref, geom, optics, band, m0, ha * ea[i], pad)
+         - _model(ref, geom, optics, band, m0, -ha * ea[i], pad)) / (2 * ha)
+        for i in range(3)
+    ]  # fmt: skip
+    j = np.stack(cols, -1)
+
+    def dot(a, b):
+        return np.einsum("np,np,p->n", a.real, b.real, w) + np.einsum(
+            "np,np,p->n", a.imag, b.imag, w
+        )
+
+    s = dot(p, y) / dot(p, p)
+    r = y - s[:, None] * p
+    want_hpg = s[:, None] * np.stack([dot(p, j[..., i]) for i in range(7)], 1)
+    want_bg = s[:, None] * np.stack([dot(j[..., i], r) for i in range(7)], 1)
+    want_hgg = (s * s)[:, None, None] * np.stack(
+        [np.stack([dot(j[..., a], j[..., b]) for b in range(7)], 1) for a in range(7)], 1
+    )
+    for got, want in ((st.hpg, want_hpg), (st.bg, want_bg), (st.hgg, want_hgg)):
+        d = slice(4, 7)  # every block that involves a defocus column
+        for block in ((Ellipsis, d),) if got.ndim == 2 else ((Ellipsis, d, slice(None)),):
+            g_, w_ = got[block], want[block]
+            assert np.abs(g_ - w_).max() <= 2e-3 * np.abs(w_).max(), (pad, got.ndim)

@@ -79,6 +79,12 @@ class KernelOptions:
         ``ctf_mag`` is None); decides which columns the second-order statistics describe.
     block : int
         Particles per block of the 2D arithmetic (divided by window_pad^2 when padded).
+    defocus : bool
+        Also accumulate the derivatives with respect to each particle's defocus matrix
+        Adef = (a00, a01, a11) (A) in the frame of the CTF's defocus term (d = ctf_mag k,
+        chi_defocus = pi lambda d^T Adef d): 3 more columns after the others (see
+        :mod:`cryomag.fit.statistics` for the layout). An isotropic defocus change dz is
+        the combination (1, 0, 1).
     """
 
     window_pad: int = 1
@@ -87,6 +93,7 @@ class KernelOptions:
     second_order: int = 0
     ctf_moves: bool | None = None
     block: int = 16
+    defocus: bool = False
 
 
 def chunk_statistics(
@@ -206,6 +213,7 @@ class _Kernel:
         self.ref = reference
         self.band = band
         self.extended = bool(opts.extended)
+        self.defocus = bool(opts.defocus)
         self.exact = bool(opts.exact_gradient)
         self.stride = max(int(opts.second_order), 0)
         self.second = self.stride > 0
@@ -354,7 +362,12 @@ class _Kernel:
             hdef = [slope * g * v_model for g in grid.chi_defocus_grad(adef)]
             if self.extended:
                 hcols += hdef
-        out = self._first_order(sub, pt, hcols, y, hdef)
+        dcols = []
+        if self.defocus:
+            # d/da_i of C V through chi_defocus = pi lambda (a00, a01, a11) . dq
+            c = np.pi * self.lam
+            dcols = [slope * (c * grid.dq[i]).astype(_F32) * v_model for i in range(3)]
+        out = self._first_order(sub, pt, hcols, y, hdef, dcols)
         if self.second:
             out.update(self._second_order(sub, rows, f_big, q_big, val, du, adef, (ctf, slope),
                                           out, y))  # fmt: skip
@@ -455,10 +468,10 @@ class PeriodicKernel(_Kernel):
     def _on_band(self, arr):
         return arr
 
-    def _first_order(self, sub, pt, hcols, y, hdef):
-        return self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None)
+    def _first_order(self, sub, pt, hcols, y, hdef, dcols):
+        return self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None, dcols)
 
-    def _stats_periodic(self, sub, pt, hcols, y, hdef):
+    def _stats_periodic(self, sub, pt, hcols, y, hdef, dcols=()):
         amp = self.amp
         phase = shift_phase32(sub.origin_A, self.kx_b, self.ky_b)
         yt = y * phase.conj()
@@ -472,9 +485,10 @@ class PeriodicKernel(_Kernel):
         p_rr = f(r) * f(r)
         nc = len(hcols)
         ncol = 4 * (nc // 2)
-        hpg = np.zeros((len(pt), ncol))
-        bg = np.zeros((len(pt), ncol))
-        hgg = np.zeros((len(pt), ncol, ncol))
+        nd = len(dcols)
+        hpg = np.zeros((len(pt), ncol + nd))
+        bg = np.zeros((len(pt), ncol + nd))
+        hgg = np.zeros((len(pt), ncol + nd, ncol + nd))
         pix_b = np.zeros((2, len(self.kx_b)))
         pix_a = np.zeros((3, len(self.kx_b)))
         sa32, sa2 = sa.astype(_F32), (sa * sa).astype(_F32)
@@ -503,6 +517,19 @@ class PeriodicKernel(_Kernel):
                         v = sa * sa * quad[:, b + d]
                         hgg[:, col(ci, b), col(cj, d)] = v
                         hgg[:, col(cj, d), col(ci, b)] = v
+        # the plain (one-parameter) columns: the defocus matrix
+        for j, dc in enumerate(dcols):
+            cj = ncol + j
+            lin_p = (f(pt) * f(dc)) @ m1
+            hpg[:, cj] = sa * amp * lin_p
+            bg[:, cj] = sa * ((f(dc) * f(yt)) @ m1 - sa * lin_p)
+            for ci, h in enumerate(hcols):
+                cross = m2.dot(f(h) * f(dc))
+                for b in range(2):
+                    hgg[:, col(ci, b), cj] = hgg[:, cj, col(ci, b)] = sa * sa * cross[:, b]
+            for jj, dc2 in enumerate(dcols[j:], start=j):
+                v = sa * sa * ((f(dc) * f(dc2)) @ m1)
+                hgg[:, cj, ncol + jj] = hgg[:, ncol + jj, cj] = v
         out = {
             "npix": np.full(len(pt), float(self.band.npix)),
             "yy": yy.astype(float),
@@ -583,10 +610,10 @@ class WindowedKernel(_Kernel):
     def _on_band(self, arr):
         return arr[:, self.band_in_disc]
 
-    def _first_order(self, sub, pt, hcols, y, hdef):
-        return self._stats_windowed(sub, pt, hcols, y)
+    def _first_order(self, sub, pt, hcols, y, hdef, dcols):
+        return self._stats_windowed(sub, pt, hcols, y, dcols)
 
-    def _stats_windowed(self, sub, pt, hcols, y):
+    def _stats_windowed(self, sub, pt, hcols, y, dcols=()):
         amp = self.amp
         phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(amp)
         kx, ky = self.kxd.astype(_F32), self.kyd.astype(_F32)
@@ -594,7 +621,8 @@ class WindowedKernel(_Kernel):
         for h in hcols:
             hp = phase * h
             cols += [self._window(hp * kx), self._window(hp * ky)]
-        z = np.stack(cols, 1)  # (b, 1 + nc, npix): P, then dP/dM columns
+        cols += [self._window(phase * dc) for dc in dcols]
+        z = np.stack(cols, 1)  # (b, 1 + nc, npix): P, then dP/dM columns, then defocus
         f = _F32view
         zf = f(z)
         lhs = zf * self.w2
@@ -633,11 +661,12 @@ class WindowedKernel(_Kernel):
         }
         out["_g"] = g
         out["_z"] = z
+        out["_nk"] = 2 * len(hcols)  # the columns of M (k-expanded)
         return out
 
     # ------------------------------------------------------------------ second order
     def _moves(self, first) -> bool:
-        return self.ctf_moves and first["_z"].shape[1] - 1 == 8  # the group column: ref + def
+        return self.ctf_moves and first["_nk"] == 8  # the group column: ref + def
 
     def _first_derivative_sums(self, first, jp, jy, jj):
         g, z = first["_g"], first["_z"]

@@ -96,12 +96,35 @@ class DefocusConfig:
     astig_mean_A : float
         DefocusU - DefocusV per micrograph, uniform in [0, 2 astig_mean_A]; the astigmatism
         angle is uniform in [-90, 90) degrees.
+    ice_tilt_A : float
+        Height difference across a micrograph from a tilted ice layer (A over the micrograph
+        width, random direction per micrograph): added to the particles' heights as a plane
+        in their coordinates (a patch CTF model can follow it, one value per micrograph
+        cannot).
+    written : str
+        What the STAR file's defocus is, as real CTF estimation gives it (always apparent,
+        i.e. measured on the distorted images, unless ``output.true_defocus``):
+        ``"particle"``: each particle's own apparent defocus (exact, the default);
+        ``"micrograph"``: one value per micrograph (the mean apparent defocus and astigmatism
+        of its particles, as CTFFIND or Patch CTF on the whole micrograph) plus the
+        estimation error; ``"patch"``: a plane over the micrograph fitted to its particles'
+        apparent defocus (a smooth patch model) plus the estimation error.
+    estimation_error_A : float
+        Standard deviation of the error of the written mean defocus per micrograph (A), for
+        ``written`` = micrograph or patch.
+    astig_error_A : float
+        Standard deviation of the error of each component of the written astigmatism
+        (the traceless part of the defocus matrix, A) per micrograph.
     """
 
     min_um: float = 0.8
     max_um: float = 2.5
     particle_std_A: float = 200.0
     astig_mean_A: float = 300.0
+    ice_tilt_A: float = 0.0
+    written: str = "particle"
+    estimation_error_A: float = 0.0
+    astig_error_A: float = 0.0
 
 
 @dataclass
@@ -366,8 +389,13 @@ class SimulationConfig:
             raise ConfigError(
                 f"defocus.min_um/max_um: need 0 <= min_um <= max_um, got {d.min_um}, {d.max_um}"
             )
-        for k in ("particle_std_A", "astig_mean_A"):
+        for k in ("particle_std_A", "astig_mean_A", "ice_tilt_A", "estimation_error_A",
+                  "astig_error_A"):  # fmt: skip
             _nonneg(getattr(d, k), f"defocus.{k}")
+        if d.written not in ("particle", "micrograph", "patch"):
+            raise ConfigError(
+                f"defocus.written: must be 'particle', 'micrograph' or 'patch', got {d.written!r}"
+            )
         m = self.magnification
         for k in (
             "mic_iso_std_pct",

@@ -556,6 +556,8 @@ _STREAMS = (
     "halves",
     "coords",
     "pilot",
+    "defocus_error",
+    "ice_tilt",
 )
 
 
@@ -630,7 +632,15 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
     m_group = np.array([group_matrix(g) for g in cfg.optics_groups])
 
     # --- particles
+    mic_px = cfg.output.micrograph_size_px
+    boxes = np.array([g.box for g in cfg.optics_groups])[gidx]
+    coords = r["coords"].uniform(boxes[:, None] / 2, mic_px - boxes[:, None] / 2, (n, 2))
+    coords = np.round(coords, 1)
     dz_part = dz_mic[mic] + r["defocus"].normal(0, dcfg.particle_std_A, n)
+    if dcfg.ice_tilt_A > 0:  # a tilted ice layer: a height plane over each micrograph
+        tilt_dir = r["ice_tilt"].uniform(0, 2 * np.pi, n_mic_total)
+        unit = np.stack([np.cos(tilt_dir), np.sin(tilt_dir)], 1)[mic]
+        dz_part = dz_part + dcfg.ice_tilt_A * np.sum((coords / mic_px - 0.5) * unit, axis=1)
     du = dz_part + 0.5 * astig[mic]
     dv = dz_part - 0.5 * astig[mic]
     ang = astig_angle[mic]
@@ -658,10 +668,6 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
         halves = np.arange(n) % 2 + 1
     else:
         halves = r["halves"].integers(1, 3, n)
-    mic_px = cfg.output.micrograph_size_px
-    boxes = np.array([g.box for g in cfg.optics_groups])[gidx]
-    coords = r["coords"].uniform(boxes[:, None] / 2, mic_px - boxes[:, None] / 2, (n, 2))
-    coords = np.round(coords, 1)
 
     # --- written defocus: apparent astigmatism of the per-micrograph mean magnification
     m_def_mic = 1 + kappa * (dz_mic - dz_ref)
@@ -677,10 +683,38 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
     app_u = own_mean + half_astig[mic]
     app_v = own_mean - half_astig[mic]
     app_ang = mang[mic]
+    # what CTF estimation writes: per particle (exact), per micrograph or a patch plane,
+    # with a per-micrograph estimation error of the mean defocus and the astigmatism
+    est_err = np.zeros(n_mic_total)
+    if dcfg.written != "particle":
+        est_err = r["defocus_error"].normal(0, dcfg.estimation_error_A, n_mic_total)
+        astig_err = r["defocus_error"].normal(0, dcfg.astig_error_A, (n_mic_total, 2))
+        err_mat = np.zeros((n_mic_total, 2, 2))
+        err_mat[:, 0, 0] = est_err + astig_err[:, 0]
+        err_mat[:, 1, 1] = est_err - astig_err[:, 0]
+        err_mat[:, 0, 1] = err_mat[:, 1, 0] = astig_err[:, 1]
+        if dcfg.written == "micrograph":
+            est_u, est_v, est_ang = defocus_from_matrix(mean_obs + err_mat)
+            est_u, est_v, est_ang = est_u[mic], est_v[mic], est_ang[mic]
+        else:  # patch: a plane in the coordinates fitted to the particles' apparent defocus
+            plane = np.empty(n)
+            for i in range(n_mic_total):
+                sel = np.flatnonzero(mic == i)
+                design = np.column_stack([np.ones(len(sel)), coords[sel] / mic_px - 0.5])
+                if len(sel) < 3:
+                    design = design[:, :1]
+                coef = np.linalg.lstsq(design, own_mean[sel], rcond=None)[0]
+                plane[sel] = design @ coef
+            mu, mv, ma = defocus_from_matrix(mean_obs + err_mat)
+            est_u = plane + est_err[mic] + 0.5 * (mu - mv)[mic]
+            est_v = plane + est_err[mic] - 0.5 * (mu - mv)[mic]
+            est_ang = ma[mic]
+    else:
+        est_u, est_v, est_ang = app_u, app_v, app_ang
     if cfg.output.true_defocus:
         w_u, w_v, w_a = du, dv, ang
     else:
-        w_u, w_v, w_a = app_u, app_v, app_ang
+        w_u, w_v, w_a = est_u, est_v, est_ang
 
     # true-frame centre of each particle (x_obs = -t)
     centres = -np.einsum("bij,bj->bi", np.swapaxes(np.linalg.inv(mats), -1, -2), origin)
@@ -698,6 +732,7 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
         "defocus_u_apparent_A": app_u,
         "defocus_v_apparent_A": app_v,
         "defocus_angle_apparent_deg": app_ang,
+        "defocus_mean_apparent_A": own_mean,
         "defocus_u_written_A": w_u,
         "defocus_v_written_A": w_v,
         "defocus_angle_written_deg": w_a,
@@ -724,6 +759,7 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
         "group_index": np.array([row["group_index"] for row in mic_rows], int),
         "n_particles": np.array([row["n_particles"] for row in mic_rows], int),
         "defocus_A": dz_mic,
+        "defocus_written_error_A": est_err,
         "astig_A": astig,
         "astig_angle_deg": astig_angle,
         "ice_thickness_A": ice,
@@ -1173,10 +1209,21 @@ def _truth_dict(cfg, params, ref_info, groups_out, timing, n) -> dict[str, Any]:
         ),
         "written_defocus": "true (specimen frame)"
         if cfg.output.true_defocus
-        else (
-            "apparent: per-micrograph astigmatism of Mbar^T Adef Mbar, "
-            "Mbar = m_def(dz_mic) M_mic M_group; each particle's own transformed mean defocus"
-        ),
+        else {
+            "particle": (
+                "apparent: per-micrograph astigmatism of Mbar^T Adef Mbar, "
+                "Mbar = m_def(dz_mic) M_mic M_group; each particle's own transformed mean "
+                "defocus"
+            ),
+            "micrograph": (
+                "apparent, per micrograph: the mean of its particles' Mbar^T Adef Mbar plus "
+                "the estimation error (micrographs.defocus_written_error_A)"
+            ),
+            "patch": (
+                "apparent, a plane per micrograph fitted to its particles' apparent mean "
+                "defocus over their coordinates, plus the estimation error"
+            ),
+        }[cfg.defocus.written],
         "written_magmat": "M_group" if cfg.output.write_true_group_mag else "identity",
         "antialias_start": cfg.render.antialias_start,
         "antialias_filter": (
