@@ -26,7 +26,14 @@ def estimate_cmd(
     mask: Annotated[
         Path | None, typer.Option("--mask", help="mask multiplied into the map(s)")
     ] = None,
-    fit: Annotated[str, typer.Option("--fit", help="comma-separated: scale,aniso")] = "scale,aniso",
+    fit: Annotated[
+        str,
+        typer.Option(
+            "--fit",
+            help="comma-separated: scale, aniso (per-group M), particle, micrograph, defocus "
+            "(local magnification models)",
+        ),
+    ] = "scale,aniso",
     low_res: Annotated[float, typer.Option("--low-res", help="low-frequency cut (A)")] = 20.0,
     high_res: Annotated[
         float | None,
@@ -193,6 +200,33 @@ def estimate_cmd(
             show_default=False,
         ),
     ] = None,
+    defocus: Annotated[
+        str,
+        typer.Option(
+            "--defocus",
+            help="refine the mean defocus jointly with M: fixed | group | micrograph | "
+            "particle (micrograph mean + per-particle heights, shrunk); auto = particle when "
+            "local models (particle, micrograph, defocus) are fitted, else fixed",
+            rich_help_panel="Defocus",
+        ),
+    ] = "auto",
+    astigmatism: Annotated[
+        str,
+        typer.Option(
+            "--astigmatism",
+            help="refine the astigmatism: fixed | group | micrograph | particle; auto = "
+            "micrograph with local models, else fixed",
+            rich_help_panel="Defocus",
+        ),
+    ] = "auto",
+    defocus_tol: Annotated[
+        float,
+        typer.Option(
+            "--defocus-tol",
+            help="with the defocus refined, iterate until its step is below this (A)",
+            rich_help_panel="Defocus",
+        ),
+    ] = 1.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Estimate per-particle scales and each optics group's magnification matrix.
@@ -264,6 +298,9 @@ def estimate_cmd(
                 window_pad=window_pad,
                 warm_start=warm_start,
                 exact_gradient=exact_gradient,
+                defocus=defocus,
+                astigmatism=astigmatism,
+                defocus_tol_A=defocus_tol,
             )
         except KeyboardInterrupt:
             typer.secho(

@@ -21,6 +21,17 @@ def refit_cmd(
     ] = "particle,micrograph,defocus",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="default RUN/refit")] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots")] = False,
+    defocus: Annotated[
+        str | None,
+        typer.Option(
+            "--defocus",
+            help="defocus level (default: the run's); another level needs a new pass and "
+            "is refused",
+        ),
+    ] = None,
+    astigmatism: Annotated[
+        str | None, typer.Option("--astigmatism", help="astigmatism level (default: the run's)")
+    ] = None,
 ) -> None:
     """Refit per-particle, per-micrograph and defocus-dependent magnification from RUN/stats.
 
@@ -34,6 +45,7 @@ def refit_cmd(
 
     with fail_cleanly():
         summary = refit(
-            run, tuple(f.strip() for f in fit.split(",") if f.strip()), out, plots=not no_plots
-        )
+            run, tuple(f.strip() for f in fit.split(",") if f.strip()), out,
+            plots=not no_plots, defocus=defocus, astigmatism=astigmatism,
+        )  # fmt: skip
         print_local_summary(summary, Console())

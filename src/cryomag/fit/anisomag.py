@@ -76,11 +76,11 @@ def per_particle_system(
     """
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)
-    if stats.hgg.shape[-1] == 8 and ctf_moves:
+    if stats.layout["mag_ctf"] is not None and ctf_moves:
         proj = np.vstack([np.eye(4), np.eye(4)])  # (8, 4)
-        hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg, proj)
-        hpg = stats.hpg @ proj
-        bg = stats.bg @ proj
+        hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg[:, :8, :8], proj)
+        hpg = stats.hpg[:, :8] @ proj
+        bg = stats.bg[:, :8] @ proj
     else:
         hgg, hpg, bg = stats.hgg[:, :4, :4], stats.hpg[:, :4], stats.bg[:, :4]
     h = hgg.copy()

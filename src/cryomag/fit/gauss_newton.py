@@ -12,6 +12,7 @@ where the passes run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cryomag.fit.anisomag import MagUpdate, solve_group
+from cryomag.fit.defocus import DefocusLevels, JointSolution, solve_joint
 from cryomag.fit.passes import GroupPass, PassSpec
 from cryomag.fit.quality import FitQuality, assess_group
 from cryomag.fit.relinearise import relinearised_fit
@@ -52,6 +54,13 @@ class GaussNewtonSettings:
         from them.
     curvature_every : int
         The curvature sums from every n-th particle.
+    levels : DefocusLevels
+        Which parts of the defocus are refined jointly with M, at which level
+        (:mod:`cryomag.fit.defocus`); full passes then solve M and the defocus together
+        (no re-linearisation: the second-order statistics describe M alone).
+    defocus_tol_A : float
+        With the defocus refined, also done only when its step is below this (A): the
+        largest group or micrograph change and the rms change of the particles' deviations.
     """
 
     fit_aniso: bool = True
@@ -62,6 +71,13 @@ class GaussNewtonSettings:
     warm_tol: float = 1e-4
     relinearise: bool = True
     curvature_every: int = 4
+    levels: DefocusLevels = field(default_factory=DefocusLevels)
+    defocus_tol_A: float = 1.0
+
+    @property
+    def fits_anything(self) -> bool:
+        """Whether passes iterate (M or the defocus are fitted)."""
+        return self.fit_aniso or self.levels.active
 
 
 @dataclass
@@ -94,6 +110,14 @@ class GroupResult:
     quality : FitQuality, optional
         The verdict on the fit (:mod:`cryomag.fit.quality`). A failed fit has NaN standard
         errors; its M is reported but not applied to the particles.
+    defocus : ndarray, shape (n, 3), optional
+        With the defocus refined: each particle's refined (DefocusU, DefocusV, angle) in the
+        frame of the CTF's defocus term (the input's M), in the order of ``rows``.
+    defocus_solution : JointSolution, optional
+        The last joint step (micrograph and particle parameters with covariances, the
+        prior T, the correlation of M with the defocus).
+    rows : ndarray, optional
+        The group's particle rows.
     """
 
     group: int
@@ -109,6 +133,9 @@ class GroupResult:
     mag_lin: np.ndarray | None = None
     converged: bool = True
     quality: FitQuality | None = None
+    defocus: np.ndarray | None = None
+    defocus_solution: JointSolution | None = None
+    rows: np.ndarray | None = None
 
     @property
     def failed(self) -> bool:
@@ -155,10 +182,18 @@ class GroupFit:
     settings : GaussNewtonSettings
     warm : bool
         Start with passes over the warm-start subset.
+    rows : ndarray, shape (n,), optional
+        The group's particle rows (needed when the defocus is refined).
+    micrographs : ndarray, shape (n,), optional
+        Each particle's micrograph (the defocus levels).
+    defocus : ndarray, shape (n, 3), optional
+        The input's (DefocusU, DefocusV, angle) of each particle (A, A, degrees).
     """
 
     def __init__(self, group: int, n_particles: int, mag_in: np.ndarray, noise: np.ndarray,
-                 window_pad: int, settings: GaussNewtonSettings, warm: bool = False):  # fmt: skip
+                 window_pad: int, settings: GaussNewtonSettings, warm: bool = False,
+                 rows: np.ndarray | None = None, micrographs: np.ndarray | None = None,
+                 defocus: np.ndarray | None = None):  # fmt: skip
         self.group = int(group)
         self.n_particles = int(n_particles)
         self.mag_in = np.asarray(mag_in, float).copy()
@@ -175,6 +210,13 @@ class GroupFit:
         self.first_stats: GroupStatistics | None = None  # the first pass (at the input M)
         self.done = n_particles == 0
         self.converged = True
+        self.rows = None if rows is None else np.asarray(rows)
+        self.micrographs = micrographs
+        self.defocus = None if defocus is None else np.asarray(defocus, float).copy()
+        self.deviation = None  # the particles' deviations from their micrograph
+        self.defocus_solution: JointSolution | None = None
+        if settings.levels.active and (self.rows is None or self.defocus is None):
+            raise ValueError("refining the defocus needs the group's rows and defocus")
 
     # ---------------------------------------------------------------- the next pass
     def group_pass(self) -> GroupPass:
@@ -182,15 +224,18 @@ class GroupFit:
         s = self.settings
         second = (
             max(int(s.curvature_every), 1)
-            if s.fit_aniso and s.relinearise and self.phase == "full"
+            if s.fit_aniso and s.relinearise and self.phase == "full" and not s.levels.active
             else 0
         )
+        refine = s.levels.active and self.phase == "full"
         return GroupPass(
             mag=self.mag.copy(),
             ctf_mag=None if s.ctf_moves else self.mag_in.copy(),
             noise=self.noise,
             window_pad=self.window_pad,
             second_order=second,
+            rows=self.rows if refine else None,
+            defocus=self.defocus.copy() if refine else None,
         )
 
     # ---------------------------------------------------------------- one step
@@ -207,12 +252,17 @@ class GroupFit:
         self.counts[kind] += 1
         if kind == "full":
             self.stats = st
-        if not s.fit_aniso:
+        if not s.fits_anything:
             self.done = True
             return
         self.mag_lin = self.mag.copy()
         rel = None
-        if kind == "full" and st.has_second_order:
+        dz_step = None
+        if kind == "full" and s.levels.active:
+            upd, dz_step = self._joint_step(st)
+            steps, path = [float(np.abs(upd.delta).max())], [upd.delta]
+            done = steps[0] < s.tol and dz_step < s.defocus_tol_A and weights_from_residuals
+        elif kind == "full" and st.has_second_order:
             rel = relinearised_fit(
                 st,
                 joint_scale=s.joint_scale,
@@ -231,21 +281,23 @@ class GroupFit:
             done = steps[0] < s.tol
         self.mag = self.mag_lin + upd.delta
         for i, (stp, d) in enumerate(zip(steps, path, strict=True)):
-            self.history.append(
-                {
-                    "iteration": len(self.history) + 1,
-                    "particles": int(n_used),
-                    "max_step": stp,
-                    "M": (self.mag_lin + d).tolist(),
-                    "relinearised": i > 0,
-                }
-            )
+            entry = {
+                "iteration": len(self.history) + 1,
+                "particles": int(n_used),
+                "max_step": stp,
+                "M": (self.mag_lin + d).tolist(),
+                "relinearised": i > 0,
+            }
+            if dz_step is not None:
+                entry["defocus_step_A"] = dz_step
+            self.history.append(entry)
             log.info(
-                "group %d iteration %d (%s): max |dM| = %.2e",
+                "group %d iteration %d (%s): max |dM| = %.2e%s",
                 self.group,
                 len(self.history),
                 "re-linearised from the statistics" if i else kind,
                 stp,
+                "" if dz_step is None else f", defocus step {dz_step:.2f} A",
             )
         if rel is not None:
             log.info(
@@ -273,6 +325,38 @@ class GroupFit:
             self.done = True
             self.converged = False
 
+    def _joint_step(self, st: GroupStatistics) -> tuple[MagUpdate, float]:
+        """One joint step of M and the defocus (:func:`cryomag.fit.defocus.solve_joint`);
+        updates the particles' defocus. Returns M's update and the defocus step (A)."""
+        from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
+
+        s = self.settings
+        sol = solve_joint(
+            st,
+            self.micrographs,
+            s.levels,
+            fit_mag=s.fit_aniso,
+            ctf_moves=s.ctf_moves,
+            deviation=self.deviation,
+        )
+        old_dev = self.deviation
+        adef = defocus_matrix(self.defocus[:, 0], self.defocus[:, 1], self.defocus[:, 2])
+        da = sol.delta_a
+        adef[:, 0, 0] += da[:, 0]
+        adef[:, 0, 1] += da[:, 1]
+        adef[:, 1, 0] += da[:, 1]
+        adef[:, 1, 1] += da[:, 2]
+        self.defocus = np.stack(defocus_from_matrix(adef), axis=1)
+        self.deviation = sol.particle
+        self.defocus_solution = sol
+        parts = [np.abs(sol.group).max(initial=0.0), np.abs(sol.micrograph).max(initial=0.0)]
+        if sol.particle.shape[1]:
+            prev = np.zeros_like(sol.particle) if old_dev is None else old_dev
+            parts.append(float(np.sqrt(np.mean((sol.particle - prev) ** 2))))
+        n_sig = int((st.pp > 0).sum())
+        upd = MagUpdate(sol.delta_mag, sol.mag_covariance, n_sig, sol.normal_matrix)
+        return upd, float(max(parts))
+
     # ---------------------------------------------------------------- the result
     def result(self, band: Band) -> GroupResult:
         """The group's result (after :func:`iterate`), with its quality verdict."""
@@ -282,13 +366,15 @@ class GroupFit:
         quality = assess_group(
             self.stats,
             self.mag,
-            cov if upd else None,
+            cov if upd and self.settings.fit_aniso else None,
             upd.normal_matrix if upd else None,
             self.converged,
             len(self.history),
             fit_aniso=self.settings.fit_aniso,
         )
-        if quality.failed and upd is not None:  # no standard error from a failed fit
+        if not self.settings.fit_aniso:  # M held: no error of its own
+            err, cov = np.zeros((2, 2)), np.zeros((4, 4))
+        elif quality.failed and upd is not None:  # no standard error from a failed fit
             err = np.full((2, 2), np.nan)
             cov = np.full((4, 4), np.nan)
         return GroupResult(
@@ -305,6 +391,9 @@ class GroupFit:
             mag_lin=self.mag_lin,
             converged=self.converged,
             quality=quality,
+            defocus=self.defocus,
+            defocus_solution=self.defocus_solution,
+            rows=self.rows,
         )
 
 
@@ -356,11 +445,7 @@ def iterate(
         it += 1
         groups = {g: f.group_pass() for g, f in fits.items() if not f.done}
         particle_passes += sum(len(c) for c in todo)
-        stats = run_pass(
-            PassSpec(groups, spec.extended, spec.exact_gradient, spec.ctf_moves, spec.nthreads),
-            todo,
-            f"pass {it}",
-        )
+        stats = run_pass(dataclasses.replace(spec, groups=groups), todo, f"pass {it}")
         for g, st in stats.items():
             n_used = int(sum(len(c.rows) for c in todo if c.group == g))
             fits[g].step(st, n_used)

@@ -62,9 +62,9 @@ def _cross(stats: GroupStatistics) -> np.ndarray:
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)
     proj = np.vstack([np.eye(4), np.eye(4)])
-    h8 = stats.hgg
+    h8 = stats.hgg[:, :8, :8]
     hx = np.einsum("ia,nij->naj", proj, h8[:, :, :4])
-    hpg8 = stats.hpg @ proj
+    hpg8 = stats.hpg[:, :8] @ proj
     hx = hx - hpg8[:, :, None] * stats.hpg[:, None, :4] / pp[:, None, None]
     hx[~ok] = 0
     return hx
@@ -103,7 +103,7 @@ def unit_fits(
     gain : ndarray, shape (U,)
         Reduction of sum w |r|^2 of each unit's fit.
     """
-    ctf_moves = ctf_moves and stats.hgg.shape[-1] == 8
+    ctf_moves = ctf_moves and stats.layout["mag_ctf"] is not None
     h, bp = _gradients(stats, m_lin, m_group, ctf_moves)
     chi2 = stats.chi2_per_pixel()
     units, inv = np.unique(labels, return_inverse=True)
@@ -241,6 +241,7 @@ def defocus_fit_mixed(
     m_group: np.ndarray,
     dz_A: np.ndarray,
     micrographs: np.ndarray,
+    unit_fitter=None,
 ) -> DefocusModel:
     """Defocus model with a random magnification offset per micrograph (meta-regression).
 
@@ -251,10 +252,17 @@ def defocus_fit_mixed(
     u_i ~ N(0, tau^2); tau^2 is estimated by restricted maximum likelihood and kappa by
     weighted least squares with weights 1 / (v_i + tau^2). With fewer than 4 micrographs the
     particle-level fit :func:`defocus_fit` is returned.
+
+    ``unit_fitter(labels, isotropic) -> (units, x, cov, gain)``: how each micrograph's
+    magnification is fitted (default :func:`unit_fits`; with the defocus refined, the fit
+    that refits each micrograph's defocus with it).
     """
     from scipy.optimize import minimize_scalar
 
-    units, x, var, _ = unit_fits(stats, m_lin, m_group, micrographs, isotropic=True)
+    if unit_fitter is None:
+        units, x, var, _ = unit_fits(stats, m_lin, m_group, micrographs, isotropic=True)
+    else:
+        units, x, var, _ = unit_fitter(micrographs, True)
     ok = np.isfinite(x[:, 0]) & np.isfinite(var[:, 0, 0])
     if ok.sum() < 4:
         return defocus_fit(stats, m_lin, m_group, dz_A)

@@ -57,6 +57,12 @@ class GroupPass:
     second_order : int
         0: no second-order statistics; n >= 1: with them, the curvature sums from every
         n-th particle.
+    rows : ndarray, shape (n,), optional
+        The group's particle rows (sorted), when ``defocus`` is given.
+    defocus : ndarray, shape (n, 3), optional
+        Each particle's current defocus (DefocusU, DefocusV in A, angle in degrees, in the
+        frame of the CTF's defocus term), overriding the table's (the defocus refined in
+        earlier passes).
     """
 
     mag: np.ndarray
@@ -64,6 +70,8 @@ class GroupPass:
     noise: np.ndarray
     window_pad: int = 1
     second_order: int = 0
+    rows: np.ndarray | None = None
+    defocus: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,9 @@ class PassSpec:
         The group model's CTF moves with M (defocus in the specimen frame).
     nthreads : int
         Threads of the image FFTs (0 = all cores; the 3D transforms use the reference's).
+    defocus : bool
+        Also the derivatives with respect to each particle's defocus matrix (the defocus
+        refined, :mod:`cryomag.fit.defocus`).
     """
 
     groups: dict
@@ -89,6 +100,7 @@ class PassSpec:
     exact_gradient: bool = False
     ctf_moves: bool = False
     nthreads: int = 0
+    defocus: bool = False
 
 
 def reference_for(refs: dict, half: int):
@@ -143,12 +155,18 @@ class StatisticsPass:
             exact_gradient=self.spec.exact_gradient,
             second_order=gp.second_order,
             ctf_moves=self.spec.ctf_moves,
+            defocus=self.spec.defocus,
         )
         out = []
         halves = self.halves[rows]
         for half in np.unique(halves) if (1 in self.refs and 2 in self.refs) else [0]:
             sel = halves == half if half else np.ones(len(rows), bool)
             geom = self.ps.geometry(rows[sel], gp.mag, gp.ctf_mag)
+            if gp.defocus is not None:
+                pos = np.searchsorted(gp.rows, rows[sel])
+                geom.defocus_u_A = gp.defocus[pos, 0]
+                geom.defocus_v_A = gp.defocus[pos, 1]
+                geom.defocus_angle_deg = gp.defocus[pos, 2]
             out.append(
                 chunk_statistics(
                     reference_for(self.refs, int(half)),

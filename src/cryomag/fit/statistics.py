@@ -28,7 +28,10 @@ Per particle (arrays of length N):
 
 With ``extended`` statistics (local particle fits requested) the blocks have 8 columns: 0..3
 as above, 4..7 the derivatives through the CTF's defocus term (a particle whose CTF moves
-with its own magnification); the group fit uses the first 4.
+with its own magnification); the group fit uses the first 4. With defocus statistics (the
+defocus refined, :mod:`cryomag.fit.defocus`) 3 more columns follow: the derivatives with
+respect to the particle's defocus matrix (a00, a01, a11) in the frame of the CTF's defocus
+term (7 or 11 columns in all; :func:`column_layout`).
 
 Second order (full passes of the group fit; size 0 in the second axis otherwise), unit
 scale, for the group model's J_i = dP/dM_i and K_ij = d2P/dM_i dM_j:
@@ -63,6 +66,25 @@ SECOND_ORDER_FIELDS = ("jp", "jy", "jj", "kyy", "kp", "jk")
 _SECOND_ORDER_SHAPES = {"jp": (4,), "jy": (4,), "jj": (4, 4), "kyy": (4, 4), "kp": (4, 4),
                         "jk": (4, 4, 4)}  # fmt: skip
 SUMMED_FIELDS = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b")
+
+
+def column_layout(ncol: int) -> dict[str, slice | None]:
+    """Which columns of hpg, hgg and bg hold what, for statistics with ``ncol`` columns.
+
+    Returns
+    -------
+    dict
+        ``"mag"``: the 4 elements of M (always 0:4); ``"mag_ctf"``: their derivative through
+        the CTF's defocus term (4:8) or None; ``"defocus"``: the defocus matrix (a00, a01,
+        a11) (the last 3) or None.
+    """
+    if ncol not in (4, 7, 8, 11):
+        raise ValueError(f"statistics with {ncol} columns: expected 4, 7, 8 or 11")
+    return {
+        "mag": slice(0, 4),
+        "mag_ctf": slice(4, 8) if ncol >= 8 else None,
+        "defocus": slice(ncol - 3, ncol) if ncol in (7, 11) else None,
+    }
 
 
 def empty_second_order(n: int) -> dict[str, np.ndarray]:
@@ -158,6 +180,11 @@ class _StatisticsArrays:
         for f, v in empty_second_order(n).items():
             if getattr(self, f) is None:
                 setattr(self, f, v)
+
+    @property
+    def layout(self) -> dict[str, slice | None]:
+        """The column layout of hpg, hgg, bg (:func:`column_layout`)."""
+        return column_layout(self.hgg.shape[-1])
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         """All fields as a dict of arrays (the storage format, :mod:`cryomag.io.stats`)."""

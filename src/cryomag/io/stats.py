@@ -7,8 +7,10 @@ without reading an image. Layout of ``OUT/stats``:
 ``group_NNN.npz`` (NNN = optics group number)
     every array of :class:`~cryomag.fit.statistics.GroupStatistics` under its field name,
     plus ``mag`` (the fitted M, (2, 2)), ``mag_in`` (the input's M), ``mag_lin`` (the M the
-    statistics were linearised at), ``group`` (the number) and ``defocus_mean_A`` (the mean
-    defocus of each particle as the input's CTF gives it, A, shape (N,)).
+    statistics were linearised at), ``group`` (the number), ``defocus_mean_A`` (the mean
+    defocus of each particle as the run's CTF gives it -- the refined one when the defocus was
+    refined --, A, shape (N,)) and, with the defocus refined, ``defocus_deviation`` (N, k) and
+    ``defocus_prior`` (k, k) (:class:`cryomag.fit.defocus.JointSolution`).
 ``options.json``
     the options of the run (as in results.json).
 
@@ -41,8 +43,11 @@ __all__ = [
     "write_options",
 ]
 
-#: Arrays stored beside the statistics in group_NNN.npz.
-EXTRA_FIELDS = ("mag", "mag_in", "mag_lin", "group", "defocus_mean_A")
+#: Arrays stored beside the statistics in group_NNN.npz (the last two only when the defocus
+#: was refined: the particles' deviations from their micrograph and their prior covariance).
+EXTRA_FIELDS = (
+    "mag", "mag_in", "mag_lin", "group", "defocus_mean_A", "defocus_deviation", "defocus_prior",
+)
 
 
 def group_path(folder: str | os.PathLike, group: int) -> Path:
@@ -131,8 +136,9 @@ def load_run(run: str | os.PathLike, group_numbers) -> tuple[dict, dict, dict]:
     -------
     stats : dict of int to GroupStatistics
     mags : dict of int to (M_in, M_lin, M)
-    defocus : dict of int to ndarray or None
-        Mean input defocus per particle (A), as stored.
+    defocus : dict of int to dict
+        ``"mean_A"``: mean defocus per particle (A) or None; with the defocus refined also
+        ``"deviation"`` and ``"prior"``.
     """
     folder = Path(run) / "stats"
     if not folder.is_dir():
@@ -147,7 +153,11 @@ def load_run(run: str | os.PathLike, group_numbers) -> tuple[dict, dict, dict]:
             raise ParticleFileError(f"{path}: the matrices mag, mag_in, mag_lin are missing")
         stats[int(num)] = st
         mags[int(num)] = (ex["mag_in"], ex["mag_lin"], ex["mag"])
-        dz[int(num)] = ex.get("defocus_mean_A")
+        dz[int(num)] = {
+            "mean_A": ex.get("defocus_mean_A"),
+            "deviation": ex.get("defocus_deviation"),
+            "prior": ex.get("defocus_prior"),
+        }
     if not stats:
         raise ParticleFileError(f"{folder}: no group_NNN.npz files for the run's optics groups")
     return stats, mags, dz

@@ -26,6 +26,7 @@ import numpy as np
 
 from cryomag.execution import Executor, LocalExecutor, make_chunks, run_executor
 from cryomag.fit.bands import auto_window_pad, initial_noise, make_bands
+from cryomag.fit.defocus import LEVELS, DefocusLevels
 from cryomag.fit.gauss_newton import (
     GaussNewtonSettings,
     GroupFit,
@@ -140,6 +141,19 @@ class EstimateOptions:
         particle. Measured on 20,000 particles (bench/bench_estimate.py's data): n = 4 moved
         M by at most 2.5e-7 (0.015 standard errors; 2 % of the correction) and saved ~10 %
         of the fit's time.
+    defocus : str
+        Level at which the mean defocus is refined jointly with M (:mod:`cryomag.fit.defocus`):
+        ``"fixed"``, ``"group"``, ``"micrograph"`` or ``"particle"`` (a micrograph mean plus
+        per-particle deviations -- the particles' heights in the ice -- shrunk toward it
+        with their spread estimated from the data). ``"auto"`` (default): ``"particle"``
+        when local magnification models are fitted (they must not read CTF-estimation error
+        or particle heights as magnification), else ``"fixed"`` (the group fit as RELION's
+        CtfRefine --fit_aniso).
+    astigmatism : str
+        Level of the astigmatism (fixed, group, micrograph, particle); ``"auto"``:
+        ``"micrograph"`` with local models, else ``"fixed"``.
+    defocus_tol_A : float
+        With the defocus refined, passes continue until its step is below this (A).
     """
 
     fit: tuple = ("scale", "aniso")
@@ -158,6 +172,9 @@ class EstimateOptions:
     exact_gradient: bool | None = None
     relinearise: bool = True
     curvature_every: int = 4
+    defocus: str = "auto"
+    astigmatism: str = "auto"
+    defocus_tol_A: float = 1.0
 
     def __post_init__(self) -> None:
         if self.defocus_frame not in ("measured", "true"):
@@ -171,6 +188,23 @@ class EstimateOptions:
         bad = set(self.fit) - set(FITS)
         if bad:
             raise ValueError(f"unknown fit(s) {sorted(bad)}; choose from {', '.join(FITS)}")
+        for name in ("defocus", "astigmatism"):
+            v = getattr(self, name)
+            if v != "auto" and v not in LEVELS:
+                raise ValueError(
+                    f"{name} must be auto or one of {', '.join(LEVELS)}, got {v!r}"
+                )
+        if not self.defocus_tol_A > 0:
+            raise ValueError(f"defocus_tol_A must be > 0, got {self.defocus_tol_A}")
+
+    def defocus_levels(self) -> DefocusLevels:
+        """The defocus levels with ``"auto"`` resolved (see the attributes)."""
+        local = bool(set(self.fit) & set(LOCAL_FITS))
+        dz = self.defocus if self.defocus != "auto" else ("particle" if local else "fixed")
+        ast = self.astigmatism
+        if ast == "auto":
+            ast = "micrograph" if local else "fixed"
+        return DefocusLevels(defocus=dz, astigmatism=ast)
 
     def gauss_newton(self) -> GaussNewtonSettings:
         """The settings of the Gauss-Newton iteration."""
@@ -183,6 +217,8 @@ class EstimateOptions:
             warm_tol=self.warm_tol,
             relinearise=self.relinearise,
             curvature_every=self.curvature_every,
+            levels=self.defocus_levels(),
+            defocus_tol_A=self.defocus_tol_A,
         )
 
 
@@ -284,6 +320,8 @@ def run_estimate(
     opts = options or EstimateOptions()
     if opts.exact_gradient is None:  # resolved here, so results.json records what was used
         opts = dataclasses.replace(opts, exact_gradient=bool(set(opts.fit) & set(LOCAL_FITS)))
+    levels = opts.defocus_levels()  # "auto" resolved, so results.json records what was used
+    opts = dataclasses.replace(opts, defocus=levels.defocus, astigmatism=levels.astigmatism)
     ps = particles
     ps.validate()
     t0 = time.perf_counter()
@@ -300,10 +338,15 @@ def run_estimate(
         exact_gradient=opts.exact_gradient,
         ctf_moves=settings.ctf_moves,
         nthreads=opts.nthreads,
+        defocus=levels.active,
     )
     images = StatisticsPass(ps, refs, image_source, bands, spec)  # for the first noise model
     full = make_chunks(labels, opts.chunk_size)
     warm = warm_subsets(rows, opts.warm_start) if settings.fit_aniso else {}
+    mics_all = ps.micrographs()
+    dz_in = np.stack(
+        [ps.column("rlnDefocusU"), ps.column("rlnDefocusV"), ps.column("rlnDefocusAngle")], 1
+    )
     warm_labels = np.full(len(ps), -1)
     for g, sub in warm.items():
         warm_labels[sub] = g
@@ -321,7 +364,10 @@ def run_estimate(
         first = np.asarray(chunks[g]["full"][0].rows)[:256]
         noise = initial_noise(images.spectra(first), bands[g])
         mag_in = ps.mag_matrix(g)
-        fits[g] = GroupFit(g, len(rows[g]), mag_in, noise, pad, settings, warm=g in warm)
+        fits[g] = GroupFit(
+            g, len(rows[g]), mag_in, noise, pad, settings, warm=g in warm, rows=rows[g],
+            micrographs=mics_all[rows[g]], defocus=dz_in[rows[g]],
+        )  # fmt: skip
 
     ex = executor or LocalExecutor()
     n_passes = 0
@@ -346,6 +392,24 @@ def run_estimate(
     good = {r.group for r in results if not r.failed}
     scales = fit_scales({g: st for g, st in stats.items() if g in good}, len(ps))
     out = ps.copy()
+    refined = levels.active and bool(good)
+    if refined:
+        # the input's CTF kept beside the refined one; the refined defocus is in the frame
+        # of the input's CTF (d = M_in k), re-expressed below for the fitted M
+        for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
+            out.particles[f"cmag{col[3:]}Input"] = ps.column(col)
+        dz_se = np.full(len(ps), np.nan)
+        for g in good:
+            f = fits[g]
+            for j, col in enumerate(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")):
+                arr = out.column(col)
+                arr[rows[g]] = f.defocus[:, j]
+                out.particles[col] = arr
+            if f.defocus_solution is not None:
+                dz_se[rows[g]] = f.defocus_solution.defocus_se
+        out.particles["cmagDefocusChange"] = out.defocus_mean_A() - ps.defocus_mean_A()
+        out.particles["cmagDefocusError"] = dz_se
+    refined_dz = out.defocus_mean_A()  # in the input's CTF frame (M_in)
     if settings.fit_aniso:
         mats = ps.mag_matrices()
         for g in good:
@@ -367,13 +431,20 @@ def run_estimate(
     local_fits = tuple(f for f in opts.fit if f in LOCAL_FITS)
     if local_fits:
         mags = {g: (f.mag_in, f.mag_lin, f.mag) for g, f in fits.items() if g in good}
+        joint = None
+        if levels.active:
+            joint = {}
+            for g in good:
+                sol = fits[g].defocus_solution
+                joint[g] = (levels, sol.particle, sol.prior)
         local = fit_local(
             out,
             {g: st for g, st in stats.items() if g in good},
             mags,
             local_fits,
-            defocus_A=ps.defocus_mean_A(),
+            defocus_A=refined_dz,
             defocus_measured=not settings.ctf_moves,
+            joint=joint,
         )
     timings = {
         "statistics_s": t1 - t0,
@@ -384,7 +455,7 @@ def run_estimate(
     }
     first_stats = {g: f.first_stats for g, f in fits.items()}
     return EstimateResult(
-        out, results, scales, stats, opts, timings, bands, first_stats, local, ps.defocus_mean_A()
+        out, results, scales, stats, opts, timings, bands, first_stats, local, refined_dz
     )
 
 

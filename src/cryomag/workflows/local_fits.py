@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryomag.fit.defocus import unit_mag_fits
 from cryomag.fit.hierarchy import shrink
 from cryomag.fit.local import defocus_fit, defocus_fit_mixed, model_choice, unit_fits
 from cryomag.fit.statistics import GroupStatistics
@@ -39,6 +40,7 @@ def true_defocus(
     dz_measured_A: np.ndarray,
     micrographs: np.ndarray,
     iterations: int = 4,
+    unit_fitter=None,
 ):
     """Specimen-frame defocus of each particle and the defocus model fitted against it.
 
@@ -58,16 +60,30 @@ def true_defocus(
     g2 = float(np.linalg.det(np.asarray(m_group, float) @ np.linalg.inv(np.asarray(m_in, float))))
     dz_meas = np.asarray(dz_measured_A, float)
     dz = dz_meas / g2
-    dm = defocus_fit_mixed(stats, m_lin, m_group, dz, micrographs)
+    dm = defocus_fit_mixed(stats, m_lin, m_group, dz, micrographs, unit_fitter)
     for _ in range(iterations):
         rel = 1 + dm.delta0 + dm.kappa_per_A * (dz - dm.dz_ref_A)
         dz = dz_meas / (g2 * rel * rel)
-        dm = defocus_fit_mixed(stats, m_lin, m_group, dz, micrographs)
+        dm = defocus_fit_mixed(stats, m_lin, m_group, dz, micrographs, unit_fitter)
     return dz, dm
 
 
-def _shrunk_iso(stats, m_lin, m_g, labels, ctf_moves=False):
-    units, theta, var, _ = unit_fits(stats, m_lin, m_g, labels, True, ctf_moves)
+def _fitter(stats, m_lin, m_g, mics, joint, unit):
+    """``fit(labels, isotropic) -> (units, theta, cov, gain)``: the plain per-unit fit, or,
+    with the defocus refined (``joint`` = (levels, deviation, prior)), the one that refits
+    the unit's defocus with its magnification (:func:`cryomag.fit.defocus.unit_mag_fits`)."""
+    if joint is None:
+        # a particle's defocus was measured for its micrograph: its CTF moves with it
+        moves = unit == "particle"
+        return lambda labels, iso: unit_fits(stats, m_lin, m_g, labels, iso, moves)
+    levels, deviation, prior = joint
+    return lambda labels, iso: unit_mag_fits(
+        stats, m_lin, m_g, labels, mics, levels, iso, unit, deviation=deviation, prior=prior
+    )
+
+
+def _shrunk_iso(fit, labels):
+    units, theta, var, _ = fit(labels, True)
     ok = np.isfinite(theta[:, 0])
     res = shrink(theta[ok, 0], var[ok, 0, 0])
     post = np.full(len(units), 0.0)
@@ -76,8 +92,8 @@ def _shrunk_iso(stats, m_lin, m_g, labels, ctf_moves=False):
     return units, theta[:, 0], np.sqrt(var[:, 0, 0]), post, res
 
 
-def _shrunk_aniso(stats, m_lin, m_g, labels, ctf_moves=False):
-    units, theta, cov, _ = unit_fits(stats, m_lin, m_g, labels, False, ctf_moves)
+def _shrunk_aniso(fit, labels):
+    units, theta, cov, _ = fit(labels, False)
     ok = np.all(np.isfinite(theta), axis=1)
     out = np.tile(np.zeros(4), (len(units), 1))
     res = None
@@ -95,6 +111,7 @@ def fit_local(
     fits: tuple,
     defocus_A: np.ndarray | None = None,
     defocus_measured: bool = True,
+    joint: dict | None = None,
 ) -> dict:
     """Run the local fits of every group and write their columns into ``ps.particles``.
 
@@ -116,6 +133,13 @@ def fit_local(
         defocus model is then fitted against the true defocus, dz = dz_measured / m^2 with m
         the particle's isotropic magnification relative to M_in as the model predicts it
         (:func:`true_defocus`). False: the defocus is already in the specimen frame.
+    joint : dict, optional
+        Optics group number -> (DefocusLevels, deviation (N, k_p), prior T (k_p, k_p)) where
+        the defocus was refined with M (the particles' deviations from their micrograph and
+        their prior, :class:`cryomag.fit.defocus.JointSolution`): every local model then
+        refits the defocus at its level with the magnification
+        (:func:`cryomag.fit.defocus.unit_mag_fits`); ``defocus_A`` should be the refined
+        defocus.
 
     Returns
     -------
@@ -141,13 +165,15 @@ def fit_local(
         mics = mics_all[rows]
         dz = dz_all[rows]
         out: dict = {}
+        joint_g = (joint or {}).get(g)
+        fit_p = _fitter(st, m_lin, m_g, mics, joint_g, "particle")
+        fit_m = _fitter(st, m_lin, m_g, mics, joint_g, "micrograph")
         if "particle" in fits:
-            # a particle's defocus was measured for its micrograph: its CTF moves with it
-            _, raw, se, post, res = _shrunk_iso(st, m_lin, m_g, rows, ctf_moves=True)
+            _, raw, se, post, res = _shrunk_iso(fit_p, rows)
             col("cmagParticleMag")[rows] = 1 + post
             col("cmagParticleMagRaw")[rows] = 1 + raw
             col("cmagParticleMagError")[rows] = se
-            _, post4, res4 = _shrunk_aniso(st, m_lin, m_g, rows, ctf_moves=True)
+            _, post4, res4 = _shrunk_aniso(fit_p, rows)
             mp = m_g.ravel()[None] + post4
             for j, c in enumerate(MAT):
                 col(f"cmagParticleMagMat{c}")[rows] = mp[:, j]
@@ -159,13 +185,13 @@ def fit_local(
                 "anisotropic_scatter": res4.scatter.tolist() if res4 is not None else None,
             }
         if "micrograph" in fits:
-            units, raw, se, post, res = _shrunk_iso(st, m_lin, m_g, mics)
+            units, raw, se, post, res = _shrunk_iso(fit_m, mics)
             lookup = {u: i for i, u in enumerate(units)}
             idx = np.array([lookup[m] for m in mics])
             col("cmagMicrographMag")[rows] = 1 + post[idx]
             col("cmagMicrographMagRaw")[rows] = 1 + raw[idx]
             col("cmagMicrographMagError")[rows] = se[idx]
-            _, post4, res4 = _shrunk_aniso(st, m_lin, m_g, mics)
+            _, post4, res4 = _shrunk_aniso(fit_m, mics)
             mm = m_g.ravel()[None] + post4
             for j, c in enumerate(MAT):
                 col(f"cmagMicrographMagMat{c}")[rows] = mm[idx, j]
@@ -178,9 +204,9 @@ def fit_local(
             }
         if "defocus" in fits:
             if defocus_measured:
-                dz, dm = true_defocus(st, m_in, m_lin, m_g, dz, mics)
+                dz, dm = true_defocus(st, m_in, m_lin, m_g, dz, mics, unit_fitter=fit_m)
             else:
-                dm = defocus_fit_mixed(st, m_lin, m_g, dz, mics)
+                dm = defocus_fit_mixed(st, m_lin, m_g, dz, mics, fit_m)
             aniso = defocus_fit(st, m_lin, m_g, dz, anisotropic=True).anisotropic
             col("cmagDefocusMag")[rows] = dm.magnification(dz)
             lo, hi = dm.interval_percent_per_um(0.95)

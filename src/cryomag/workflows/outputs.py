@@ -61,6 +61,7 @@ def results_dict(res: EstimateResult) -> dict:
                 "history": gr.history,
                 "M_linearisation": None if gr.mag_lin is None else gr.mag_lin.tolist(),
                 **({"local": res.local[gr.group]} if gr.group in res.local else {}),
+                **({"defocus": defocus_summary(res, gr)} if gr.defocus_solution else {}),
             }
         )
     s = res.scales.normalised
@@ -86,6 +87,78 @@ def results_dict(res: EstimateResult) -> dict:
     }
 
 
+DEFOCUS_FRAME = {
+    "measured": (
+        "apparent (measured-frame) defocus, as CTF estimation reports it: rlnDefocusU/V/Angle "
+        "are for the CTF at rlnMagMat k (RELION's convention); refined in the frame of the "
+        "input's CTF and re-expressed for the fitted M so that each particle's CTF is the "
+        "refined one"
+    ),
+    "true": "specimen-frame defocus: the CTF moves with M (CTF(M k)), written unchanged in frame",
+}
+
+
+def defocus_summary(res: EstimateResult, gr) -> dict:
+    """The refined defocus of one group for results.json (levels, frame, per micrograph and
+    per particle changes with standard errors, the spread of the particles' heights, the
+    correlation of M with the defocus)."""
+    sol = gr.defocus_solution
+    ps = res.particles
+    rows = gr.rows
+    mics = ps.micrographs()[rows]
+    change = ps.column("cmagDefocusChange")[rows]
+    se = ps.column("cmagDefocusError")[rows]
+    units, inv = np.unique(mics, return_inverse=True)
+    cnt = np.bincount(inv, minlength=len(units))
+    mean_change = np.bincount(inv, change, minlength=len(units)) / np.maximum(cnt, 1)
+    out = {
+        "levels": {"defocus": res.options.defocus, "astigmatism": res.options.astigmatism},
+        "frame": DEFOCUS_FRAME[res.options.defocus_frame],
+        "units": "A (defocus positive = underfocus)",
+        "correlation_M_isotropic_with_defocus": sol.corr_mag_defocus,
+        "particles": {
+            "rms_change_A": float(np.sqrt(np.nanmean(change**2))),
+            "median_standard_error_A": float(np.nanmedian(se)),
+        },
+    }
+    if sol.group.size:
+        out["group"] = {
+            "parameters": _names(res, "group"),
+            "last_step": sol.group.tolist(),
+            "standard_error": np.sqrt(np.diag(sol.group_cov)).tolist(),
+        }
+    if sol.micrograph.shape[1]:
+        mse = np.sqrt(np.einsum("uii->ui", sol.micrograph_cov))
+        out["micrographs"] = {
+            "n": int(len(units)),
+            "parameters": _names(res, "micrograph"),
+            "rms_mean_defocus_change_A": float(np.sqrt(np.mean(mean_change**2))),
+            "median_standard_error": np.nanmedian(mse, axis=0).tolist(),
+            "values": {
+                str(u): {
+                    "mean_defocus_change_A": float(mean_change[i]),
+                    "standard_error": mse[i].tolist(),
+                }
+                for i, u in enumerate(units)
+            },
+        }
+    if sol.particle.shape[1]:
+        out["particle_deviations"] = {
+            "parameters": _names(res, "particle"),
+            "spread_A": np.sqrt(np.clip(np.diag(sol.prior), 0, None)).tolist(),
+            "spread_se_A": sol.prior_se.tolist(),
+            "meaning": "standard deviation of the particles' deviations from their "
+            "micrograph (the heights in the ice for the defocus), empirical Bayes",
+        }
+    return out
+
+
+def _names(res, level: str) -> list[str]:
+    from cryomag.fit.defocus import DefocusLevels
+
+    return DefocusLevels(res.options.defocus, res.options.astigmatism).names(level)
+
+
 def save_statistics(res, folder: Path, options: dict | None = None) -> None:
     """Store each group's last statistics in ``folder`` (:mod:`cryomag.io.stats`) for refits.
 
@@ -97,6 +170,12 @@ def save_statistics(res, folder: Path, options: dict | None = None) -> None:
     for gr in res.groups:
         st = res.stats[gr.group]
         dz = res.input_defocus_A
+        extra = {}
+        if gr.defocus_solution is not None:  # the refined defocus's state, for refit
+            extra = {
+                "defocus_deviation": gr.defocus_solution.particle,
+                "defocus_prior": gr.defocus_solution.prior,
+            }
         store.save_group(
             store.group_path(folder, gr.group),
             st,
@@ -105,6 +184,7 @@ def save_statistics(res, folder: Path, options: dict | None = None) -> None:
             mag_lin=gr.mag if gr.mag_lin is None else gr.mag_lin,
             group=gr.group,
             defocus_mean_A=dz[st.rows] if dz is not None else np.full(len(st.rows), np.nan),
+            **extra,
         )
     store.write_options(folder, options or results_dict(res)["options"])
 
@@ -149,5 +229,9 @@ def write_outputs(
             from cryomag.report.plots_local import plot_local
 
             plot_local(res.particles, res.local, out / "plots")
+        if any(gr.defocus_solution is not None for gr in res.groups):
+            from cryomag.report.plots_defocus import plot_defocus
+
+            plot_defocus(res, out / "plots")
         written["plots"] = out / "plots"
     return written

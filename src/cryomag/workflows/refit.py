@@ -19,8 +19,15 @@ from cryomag.workflows.local_fits import LOCAL_FITS, fit_local
 log = logging.getLogger("cryomag")
 
 
-def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
+def refit(run, fits: tuple, out=None, plots: bool = True, defocus: str | None = None,
+          astigmatism: str | None = None) -> dict:  # fmt: skip
     """Refit the local models of a run (Python API of ``cryomag refit``).
+
+    The local models are single linear steps from the run's last pass, so they refit exactly
+    from its statistics. Where the run refined the defocus, each model refits the defocus at
+    its level with the magnification, as estimate does. Refining the defocus where the run
+    held it, or at other levels, changes the state the statistics were linearised at: that
+    needs a new pass, and is refused with a message saying so.
 
     Parameters
     ----------
@@ -30,6 +37,8 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
         Subset of ``particle``, ``micrograph``, ``defocus``.
     out : path, optional
         Output folder (default RUN/refit); never the run folder itself.
+    defocus, astigmatism : str, optional
+        The defocus levels; default (None) the run's. Anything else is refused (a new pass).
 
     Returns
     -------
@@ -47,11 +56,16 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
         raise ValueError(f"{out}: refit writes to a new folder, not into the run folder")
     ps = read_star(run / "particles.star")
     stats, mags, dz = store.load_run(run, ps.group_numbers())
-    defocus = ps.defocus_mean_A()
-    for g, st in stats.items():
-        if dz[g] is not None and np.all(np.isfinite(dz[g])):
-            defocus[st.rows] = dz[g]
     run_opts = store.read_options(run)
+    levels = _run_levels(run, run_opts, stats, dz, defocus, astigmatism)
+    mean_dz = ps.defocus_mean_A()
+    for g, st in stats.items():
+        stored = dz[g]["mean_A"]
+        if stored is not None and np.all(np.isfinite(stored)):
+            mean_dz[st.rows] = stored
+    joint = None
+    if levels.active:
+        joint = {g: (levels, dz[g]["deviation"], dz[g]["prior"]) for g in stats}
     measured = run_opts.get("defocus_frame", "measured") != "true"
     # runs before the image-based gradient existed carry no key: they used the exact one
     if run_opts.get("exact_gradient") is False:
@@ -61,7 +75,9 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
             "unattenuated values",
             run,
         )
-    summary = fit_local(ps, stats, mags, tuple(fits), defocus_A=defocus, defocus_measured=measured)
+    summary = fit_local(
+        ps, stats, mags, tuple(fits), defocus_A=mean_dz, defocus_measured=measured, joint=joint
+    )
     out.mkdir(parents=True, exist_ok=True)
     from cryomag.io.mrc import rebase_image_names
 
@@ -73,3 +89,32 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
 
         plot_local(ps, summary, out / "plots")
     return summary
+
+
+def _run_levels(run, run_opts, stats, dz, defocus, astigmatism):
+    """The defocus levels of a run, checked against a refit's request (see :func:`refit`)."""
+    from cryomag.fit.defocus import DefocusLevels
+
+    stored = DefocusLevels(
+        run_opts.get("defocus", "fixed") if run_opts.get("defocus") != "auto" else "fixed",
+        run_opts.get("astigmatism", "fixed")
+        if run_opts.get("astigmatism") != "auto"
+        else "fixed",
+    )
+    want = DefocusLevels(defocus or stored.defocus, astigmatism or stored.astigmatism)
+    if want != stored:
+        raise ValueError(
+            f"{run}: the run refined the defocus at levels defocus={stored.defocus}, "
+            f"astigmatism={stored.astigmatism}; refitting at defocus={want.defocus}, "
+            f"astigmatism={want.astigmatism} needs a new pass over the images (its statistics "
+            "are linearised at the run's defocus): run cryomag estimate with --defocus "
+            f"{want.defocus} --astigmatism {want.astigmatism}"
+        )
+    if stored.active:
+        for g, st in stats.items():
+            if st.layout["defocus"] is None or dz[g]["deviation"] is None:
+                raise ValueError(
+                    f"{run}: stats/group_{g:03d}.npz has no defocus statistics although the "
+                    "run says the defocus was refined: rerun cryomag estimate"
+                )
+    return stored

@@ -1,0 +1,489 @@
+"""Defocus and astigmatism refined jointly with magnification, from the statistics.
+
+Why. The input's defocus comes from CTF estimation: one value (or a smooth patch model) per
+micrograph, measured on the distorted images, wrong by tens of A, while every particle sits
+at its own height in the ice. Magnification and defocus are coupled (an isotropic scale and
+the defocus both move the CTF rings; anisotropy and astigmatism are the same ellipse), so a
+defocus error held fixed is read as magnification. Fitted jointly, the defocus costs the
+magnification a few percent of its precision and is itself pinned to a few A.
+
+Parameters. Each particle's defocus matrix Adef (A) in the frame of the CTF's defocus term
+(d = M_in k, chi_defocus = pi lambda d^T Adef d) changes by dA = (a00, a01, a11), the sum of
+two parts, each fitted at a level the user chooses (RELION's --fit_mode):
+
+- ``defocus``: the isotropic part, dA = dz I (basis (1, 0, 1); dz the mean defocus, A);
+- ``astigmatism``: the traceless part (basis (1, 0, -1) and (0, 1, 0)).
+
+Levels: ``"fixed"`` (not fitted), ``"group"`` (one value per optics group), ``"micrograph"``
+(one per micrograph) or ``"particle"`` (per particle, hierarchically: a micrograph mean plus
+per-particle deviations with a Gaussian prior N(0, T) whose covariance T, the spread of the
+particles' heights in the ice, is estimated from the data by empirical Bayes (EM)). With the
+group's M (4 elements) and each particle's contrast scale (profiled out) every parameter comes
+from one sparse linear system of the statistics' 7- or 11-column blocks
+(:func:`cryomag.fit.statistics.column_layout`), solved by eliminating the particles, then
+the micrographs, then solving the group: each level's covariance includes the uncertainty of
+the others (Schur complements). Gauss-Newton repeats it at the updated state in each pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cryomag.fit.statistics import GroupStatistics
+
+__all__ = [
+    "LEVELS",
+    "DefocusLevels",
+    "JointSolution",
+    "joint_system",
+    "solve_joint",
+]
+
+LEVELS = ("fixed", "group", "micrograph", "particle")
+
+#: The parts of the defocus matrix change (a00, a01, a11): columns of the basis.
+PART_BASIS = {
+    "defocus": np.array([[1.0], [0.0], [1.0]]),
+    "astigmatism": np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
+}
+
+
+@dataclass(frozen=True)
+class DefocusLevels:
+    """At which level each part of the defocus is fitted (see the module docstring).
+
+    Attributes
+    ----------
+    defocus : str
+        The mean defocus: fixed, group, micrograph or particle.
+    astigmatism : str
+        The astigmatism: fixed, group, micrograph or particle.
+    """
+
+    defocus: str = "fixed"
+    astigmatism: str = "fixed"
+
+    def __post_init__(self) -> None:
+        for name in ("defocus", "astigmatism"):
+            v = getattr(self, name)
+            if v not in LEVELS:
+                raise ValueError(f"{name} level must be one of {', '.join(LEVELS)}, got {v!r}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any part is fitted."""
+        return self.defocus != "fixed" or self.astigmatism != "fixed"
+
+    def basis(self, level: str) -> np.ndarray:
+        """Columns (in a00, a01, a11) of the parameters at ``level``, shape (3, k).
+
+        A part fitted per particle also has its micrograph mean (the centre of the prior).
+        """
+        want = {"micrograph": ("micrograph", "particle")}.get(level, (level,))
+        cols = [PART_BASIS[p] for p in ("defocus", "astigmatism") if getattr(self, p) in want]
+        return np.hstack(cols) if cols else np.zeros((3, 0))
+
+    def names(self, level: str) -> list[str]:
+        """Names of the parameters at ``level`` (for results.json)."""
+        want = {"micrograph": ("micrograph", "particle")}.get(level, (level,))
+        out = []
+        if self.defocus in want:
+            out.append("defocus_A")
+        if self.astigmatism in want:
+            out += ["astig_plus_A", "astig_cross_A"]
+        return out
+
+
+def joint_system(stats: GroupStatistics, ctf_moves: bool = False):
+    """Each particle's reduced system in (M (4), dA (3)), the scale profiled out.
+
+    Returns
+    -------
+    h : ndarray, shape (N, 7, 7)
+    b : ndarray, shape (N, 7)
+        Linearised at the pass's state; a particle without signal has zeros.
+    """
+    lay = stats.layout
+    if lay["defocus"] is None:
+        raise ValueError(
+            "these statistics have no defocus columns: the pass was made without defocus "
+            "refinement (run cryomag estimate with the defocus refined)"
+        )
+    ncol = stats.hgg.shape[-1]
+    proj = np.zeros((ncol, 7))
+    proj[0:4, 0:4] = np.eye(4)
+    if ctf_moves and lay["mag_ctf"] is not None:
+        proj[4:8, 0:4] = np.eye(4)  # the CTF's defocus term moves with M
+    proj[lay["defocus"], 4:7] = np.eye(3)
+    ok = stats.pp > 0
+    pp = np.where(ok, stats.pp, 1.0)
+    hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg, proj)
+    hpg = stats.hpg @ proj
+    b = stats.bg @ proj
+    h = hgg - hpg[:, :, None] * hpg[:, None, :] / pp[:, None, None]
+    h[~ok] = 0
+    b[~ok] = 0
+    return h, b
+
+
+@dataclass
+class JointSolution:
+    """One Gauss-Newton step of M and the defocus of one optics group.
+
+    Attributes
+    ----------
+    delta_mag : ndarray, shape (2, 2)
+        Change of M (zeros when M is held).
+    mag_covariance : ndarray, shape (4, 4)
+        Covariance of M's elements (NaN when held).
+    group : ndarray, shape (k_g,)
+        Change of the group-level defocus parameters; ``group_cov`` (k_g, k_g).
+    micrographs : ndarray
+        Distinct micrograph labels, shape (U,).
+    micrograph : ndarray, shape (U, k_m)
+        Change of each micrograph's parameters; ``micrograph_cov`` (U, k_m, k_m).
+    particle : ndarray, shape (N, k_p)
+        Each particle's deviation from its micrograph after the step (the prior's variable,
+        shrunk); ``particle_cov`` (N, k_p, k_p) its posterior covariance given the rest.
+    prior : ndarray, shape (k_p, k_p)
+        T, the covariance of the particles' deviations (EB estimate, A^2).
+    prior_se : ndarray, shape (k_p,)
+        Standard errors of the standard deviations sqrt(diag(T)) (A).
+    delta_a : ndarray, shape (N, 3)
+        Each particle's change of (a00, a01, a11) (A).
+    defocus_se : ndarray, shape (N,)
+        Standard error of each particle's mean defocus after the step (A).
+    corr_mag_defocus : float
+        Correlation of the isotropic part of M with the group's mean defocus, or (when the
+        defocus is fitted per micrograph) the median over micrographs of the correlation of
+        M's isotropic part with the micrograph's defocus, both from the joint covariance.
+    """
+
+    delta_mag: np.ndarray
+    mag_covariance: np.ndarray
+    group: np.ndarray
+    group_cov: np.ndarray
+    micrographs: np.ndarray
+    micrograph: np.ndarray
+    micrograph_cov: np.ndarray
+    particle: np.ndarray
+    particle_cov: np.ndarray
+    prior: np.ndarray
+    prior_se: np.ndarray
+    delta_a: np.ndarray
+    defocus_se: np.ndarray
+    corr_mag_defocus: float = float("nan")
+    em_iterations: int = 0
+    normal_matrix: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _solve_sym(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^-1 b for a batch of small symmetric systems (pseudo-inverse where singular)."""
+    return np.linalg.pinv(a, rcond=1e-12, hermitian=True) @ b
+
+
+def solve_joint(
+    stats: GroupStatistics,
+    micrographs: np.ndarray,
+    levels: DefocusLevels,
+    fit_mag: bool = True,
+    ctf_moves: bool = False,
+    deviation: np.ndarray | None = None,
+    mag_shift: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
+    em_iterations: int = 100,
+    em_tol: float = 1e-4,
+) -> JointSolution:
+    """The joint Gauss-Newton step of M and the defocus parts (see the module docstring).
+
+    Parameters
+    ----------
+    stats : GroupStatistics
+        A pass with defocus columns, at the current M and defocus.
+    micrographs : ndarray, shape (N,)
+        Micrograph label of each particle of ``stats.rows``.
+    levels : DefocusLevels
+    fit_mag : bool
+        Also step M (else M is held at the pass's value).
+    ctf_moves : bool
+        The CTF's defocus term moves with M (defocus given in the specimen frame).
+    deviation : ndarray, shape (N, k_p), optional
+        Each particle's current deviation from its micrograph (the prior acts on the
+        deviation after the step, i.e. on deviation + step); default zeros.
+    mag_shift : ndarray, shape (2, 2), optional
+        M already moved by this since the pass (the step is then from there).
+    prior : ndarray, shape (k_p, k_p), optional
+        Hold T at this value instead of estimating it.
+    em_iterations, em_tol : int, float
+        The EM iterations for T (relative change of its diagonal below ``em_tol``).
+    """
+    h, b = joint_system(stats, ctf_moves)
+    n = len(stats.rows)
+    if mag_shift is not None:
+        b = b - h[:, :, :4] @ np.asarray(mag_shift, float).reshape(4)
+    chi2 = stats.chi2_per_pixel()
+    c2 = chi2 / 2.0
+    bg_, bm_, bp_ = (levels.basis(x) for x in ("group", "micrograph", "particle"))
+    kg, km, kp = bg_.shape[1], bm_.shape[1], bp_.shape[1]
+    nmag = 4 if fit_mag else 0
+    # map (theta = (M, group), phi = micrograph, psi = particle) -> (M, dA) columns
+    dim = nmag + kg + km + kp
+    jmap = np.zeros((7, dim))
+    if fit_mag:
+        jmap[:4, :4] = np.eye(4)
+    jmap[4:, nmag : nmag + kg] = bg_
+    jmap[4:, nmag + kg : nmag + kg + km] = bm_
+    jmap[4:, nmag + kg + km :] = bp_
+    hh = np.einsum("ia,nij,jb->nab", jmap, h, jmap)
+    bb = b @ jmap
+    t_, m_, p_ = slice(0, nmag + kg), slice(nmag + kg, nmag + kg + km), slice(nmag + kg + km, dim)
+    units, inv = np.unique(np.asarray(micrographs), return_inverse=True)
+    nu = len(units)
+    dev = np.zeros((n, kp)) if deviation is None else np.asarray(deviation, float).reshape(n, kp)
+    fixed_prior = prior is not None
+    tmat = np.asarray(prior, float).reshape(kp, kp) if fixed_prior else np.eye(kp) * 1e6
+    it = 0
+    for _ in range(em_iterations if kp and not fixed_prior else 1):
+        it += 1
+        sol = _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2)
+        if not kp or fixed_prior:
+            break
+        # EM for T: the mean of the posterior second moments of the deviations
+        post = sol["psi"]
+        t_new = (post[:, :, None] * post[:, None, :] + c2 * sol["s_inv"]).mean(0)
+        t_new = 0.5 * (t_new + t_new.T)
+        change = np.abs(np.diag(t_new) - np.diag(tmat)) / np.maximum(np.diag(t_new), 1e-12)
+        tmat = t_new
+        if np.all(change < em_tol):
+            sol = _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2)
+            break
+    theta, cov_t = sol["theta"], sol["cov_theta"]
+    phi, cov_m = sol["phi"], sol["cov_phi"]
+    psi = sol["psi"]
+    delta_mag = theta[:4].reshape(2, 2) if fit_mag else np.zeros((2, 2))
+    mag_cov = cov_t[:4, :4] if fit_mag else np.full((4, 4), np.nan)
+    group = theta[nmag:]
+    delta_a = (
+        (bg_ @ group)[None, :]
+        + (bm_ @ phi.T).T[inv]
+        + (psi - dev) @ bp_.T  # the step of the deviation
+    ) if (kg + km + kp) else np.zeros((n, 3))  # fmt: skip
+    # standard error of each particle's mean defocus g.dA, g = (1, 0, 1) / 2: dA = B_g theta
+    # + B_m phi + B_p psi, and psi's posterior mean moves with phi (by -S^-1 H_psi,phi), so
+    # the particle carries (g.B_m - g.B_p S^-1 H_psi,phi) of phi's uncertainty and its own
+    # posterior variance (theta's, pooled over the group, is neglected)
+    mean_row = np.array([0.5, 0.0, 0.5])
+    var = np.zeros(n)
+    if kg:
+        g = mean_row @ bg_
+        var += g @ cov_t[nmag:, nmag:] @ g
+    if km:
+        gm = np.broadcast_to(mean_row @ bm_, (n, km))
+        if kp:
+            gm = gm - np.einsum("i,nij,njk->nk", mean_row @ bp_, sol["s_inv"], hh[:, p_, m_])
+        var += np.einsum("ni,nij,nj->n", gm, cov_m[inv], gm)
+    if kp:
+        g = mean_row @ bp_
+        var += np.einsum("i,nij,j->n", g, c2 * sol["s_inv"], g)
+    corr = float("nan")
+    if fit_mag:
+        v = np.eye(2).reshape(4) / 2.0  # the isotropic part of M
+        if kg and levels.defocus == "group":
+            cov = cov_t
+            i_dz = nmag + 0
+            corr = float(
+                (v @ cov[:4, i_dz]) / np.sqrt((v @ cov[:4, :4] @ v) * cov[i_dz, i_dz])
+            )
+        elif km and levels.defocus in ("micrograph", "particle"):
+            corr = float(np.nanmedian(sol["corr_mag_mic"]))
+    prior_se = np.zeros(kp)
+    if kp:
+        # Fisher information of the variances (each parameter on its own), then the delta
+        # method for the standard deviations; v_p = the data's variance of each deviation
+        s_data = np.linalg.pinv(hh[:, p_, p_], rcond=1e-12, hermitian=True)
+        vv = c2 * np.einsum("nii->ni", s_data)
+        dd = np.diag(tmat)[None, :]
+        se_var = np.sqrt(2.0 / np.sum(1.0 / (dd + vv) ** 2, axis=0))
+        sd = np.sqrt(np.diag(tmat))
+        prior_se = np.where(sd > 0, se_var / (2 * np.where(sd > 0, sd, 1)), np.sqrt(se_var))
+    return JointSolution(
+        delta_mag=delta_mag,
+        mag_covariance=mag_cov,
+        group=group,
+        group_cov=cov_t[nmag:, nmag:],
+        micrographs=units,
+        micrograph=phi,
+        micrograph_cov=cov_m,
+        particle=psi,
+        particle_cov=c2 * sol["s_inv"],
+        prior=tmat,
+        prior_se=prior_se,
+        delta_a=delta_a,
+        defocus_se=np.sqrt(np.clip(var, 0, None)),
+        corr_mag_defocus=corr,
+        em_iterations=it,
+        # M's marginal information (the group defocus parameters profiled out)
+        normal_matrix=(
+            np.linalg.pinv(c2 ** -1 * cov_t[:4, :4], rcond=1e-12, hermitian=True)
+            if fit_mag
+            else None
+        ),
+    )
+
+
+def _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2) -> dict:
+    """Solve the block system by eliminating particles, then micrographs (see module)."""
+    n = len(hh)
+    kp = p_.stop - p_.start
+    nt, nm = t_.stop - t_.start, m_.stop - m_.start
+    r_ = slice(0, nt + nm)  # the rest: theta and phi
+    h_rest = hh[:, r_, r_].copy()
+    b_rest = bb[:, r_].copy()
+    s_inv = np.zeros((n, kp, kp))
+    if kp:
+        lam = c2 * np.linalg.pinv(tmat, hermitian=True)  # prior precision in H's units
+        s = hh[:, p_, p_] + lam[None]
+        s_inv = np.linalg.pinv(s, rcond=1e-12, hermitian=True)
+        b_psi = bb[:, p_] - dev @ lam  # prior centred at 0 for the deviation after the step
+        h_rp = hh[:, r_, p_]
+        h_rest -= h_rp @ s_inv @ np.swapaxes(h_rp, 1, 2)
+        b_rest -= np.einsum("nij,nj->ni", h_rp @ s_inv, b_psi)
+    # micrographs
+    t_loc, m_loc = slice(0, nt), slice(nt, nt + nm)
+    h_tt = h_rest[:, t_loc, t_loc].sum(0)
+    b_t = b_rest[:, t_loc].sum(0)
+    hm_mm = np.zeros((nu, nm, nm))
+    hm_tm = np.zeros((nu, nt, nm))
+    bm = np.zeros((nu, nm))
+    np.add.at(hm_mm, inv, h_rest[:, m_loc, m_loc])
+    np.add.at(hm_tm, inv, h_rest[:, t_loc, m_loc])
+    np.add.at(bm, inv, b_rest[:, m_loc])
+    k_m = np.linalg.pinv(hm_mm, rcond=1e-12, hermitian=True) if nm else np.zeros((nu, 0, 0))
+    if nm:
+        h_tt = h_tt - np.einsum("uim,umk,ujk->ij", hm_tm, k_m, hm_tm)
+        b_t = b_t - np.einsum("uim,umk,uk->i", hm_tm, k_m, bm)
+    h_t_inv = np.linalg.pinv(h_tt, rcond=1e-12, hermitian=True) if nt else np.zeros((0, 0))
+    theta = h_t_inv @ b_t if nt else np.zeros(0)
+    cov_theta = c2 * h_t_inv
+    phi = np.zeros((nu, nm))
+    cov_phi = np.zeros((nu, nm, nm))
+    corr_mag_mic = np.full(nu, np.nan)
+    if nm:
+        rhs = bm - np.einsum("uim,i->um", hm_tm, theta)
+        phi = np.einsum("umk,uk->um", k_m, rhs)
+        km_ht = np.einsum("umk,uik->umi", k_m, hm_tm)  # K_m H_mt
+        cov_phi = c2 * (k_m + np.einsum("umi,ij,unj->umn", km_ht, h_t_inv, km_ht))
+        if nt >= 4:
+            # covariance of (M's isotropic part, the micrograph's first parameter)
+            v = np.zeros(nt)
+            v[:4] = np.eye(2).reshape(4) / 2.0
+            cross = -c2 * np.einsum("umi,ij,j->um", km_ht, h_t_inv, v)  # cov(phi, v.theta)
+            var_v = c2 * v @ h_t_inv @ v
+            with np.errstate(invalid="ignore", divide="ignore"):
+                corr_mag_mic = cross[:, 0] / np.sqrt(var_v * cov_phi[:, 0, 0])
+    psi = np.zeros((n, kp))
+    if kp:
+        rest = np.concatenate([np.broadcast_to(theta, (n, nt)), phi[inv]], axis=1)
+        b_psi = bb[:, p_] - dev @ (c2 * np.linalg.pinv(tmat, hermitian=True))
+        rhs = b_psi - np.einsum("nji,nj->ni", hh[:, r_, p_], rest)
+        psi = dev + np.einsum("nij,nj->ni", s_inv, rhs)
+    return {
+        "theta": theta,
+        "cov_theta": cov_theta,
+        "h_theta": h_tt,
+        "phi": phi,
+        "cov_phi": cov_phi,
+        "psi": psi,
+        "s_inv": s_inv,
+        "corr_mag_mic": corr_mag_mic,
+    }
+
+
+def unit_mag_fits(
+    stats: GroupStatistics,
+    m_lin: np.ndarray,
+    m_group: np.ndarray,
+    labels: np.ndarray,
+    micrographs: np.ndarray,
+    levels: DefocusLevels,
+    isotropic: bool = True,
+    unit: str = "micrograph",
+    deviation: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
+    defocus_shift: np.ndarray | None = None,
+    ctf_moves: bool = False,
+):
+    """One magnification increment per unit, the defocus refitted jointly with it.
+
+    The drop-in for :func:`cryomag.fit.local.unit_fits` when the defocus is refined: each
+    unit's magnification (isotropic, M_u = (1 + delta) M_g, or the full matrix) is fitted
+    together with the defocus parameters at the unit's level and below (per micrograph: the
+    micrograph's parts and its particles' deviations under their prior; per particle: the
+    particle's deviation under its prior), so that a defocus error is not read as
+    magnification, and each unit's variance includes the cost of not knowing its defocus.
+
+    Parameters
+    ----------
+    stats : GroupStatistics
+        The last pass (with defocus columns), linearised at ``m_lin`` and the pass's defocus.
+    m_lin, m_group : ndarray, shape (2, 2)
+        The pass's M and the fitted group M (the increment is from ``m_group``).
+    labels : ndarray, shape (N,)
+        Unit of each particle (micrograph names, or the particle rows).
+    micrographs : ndarray, shape (N,)
+        Micrograph of each particle.
+    levels : DefocusLevels
+    isotropic : bool
+    unit : str
+        ``"micrograph"`` or ``"particle"``: which defocus parameters the unit carries.
+    deviation, prior : ndarray, optional
+        The particles' current deviations from their micrograph and their prior covariance
+        T (from the group's :func:`solve_joint`).
+    defocus_shift : ndarray, shape (N, 3), optional
+        Defocus change since the pass (the last step), subtracted from the gradient.
+
+    Returns
+    -------
+    units, theta, cov, gain
+        As :func:`cryomag.fit.local.unit_fits`.
+    """
+    h, b = joint_system(stats, ctf_moves)
+    n = len(stats.rows)
+    shift = np.zeros((n, 7))
+    shift[:, :4] = (np.asarray(m_group, float) - np.asarray(m_lin, float)).reshape(4)
+    if defocus_shift is not None:
+        shift[:, 4:] = defocus_shift
+    b = b - np.einsum("nij,nj->ni", h, shift)
+    chi2 = stats.chi2_per_pixel()
+    c2 = chi2 / 2.0
+    bm_, bp_ = levels.basis("micrograph"), levels.basis("particle")
+    kp = bp_.shape[1]
+    mag_cols = np.asarray(m_group, float).reshape(4, 1) if isotropic else np.eye(4)
+    d = mag_cols.shape[1]
+    cols = [mag_cols]
+    if unit == "micrograph":
+        cols.append(bm_)
+    jm = np.zeros((7, sum(c.shape[1] for c in cols) + kp))
+    jm[:4, :d] = mag_cols
+    nm = jm.shape[1] - kp
+    if unit == "micrograph" and bm_.shape[1]:
+        jm[4:, d:nm] = bm_
+    jm[4:, nm:] = bp_
+    hh = np.einsum("ia,nij,jb->nab", jm, h, jm)
+    bb = b @ jm
+    units, inv = np.unique(np.asarray(labels), return_inverse=True)
+    dev = np.zeros((n, kp)) if deviation is None else np.asarray(deviation, float).reshape(n, kp)
+    tmat = np.eye(kp) * 1e6 if prior is None else np.asarray(prior, float).reshape(kp, kp)
+    sol = _eliminate(hh, bb, inv, len(units), slice(0, 0), slice(0, nm), slice(nm, nm + kp),
+                     tmat, dev, c2)  # fmt: skip
+    theta = sol["phi"][:, :d]
+    # each unit alone (the group held): its own information, no Schur term of theta
+    cov = sol["cov_phi"][:, :d, :d]
+    ok = np.all(np.isfinite(cov), axis=(1, 2)) & (np.einsum("uii->u", cov) > 0)
+    theta = np.where(ok[:, None], theta, np.nan)
+    cov = np.where(ok[:, None, None], cov, np.nan)
+    gain = np.zeros(len(units))
+    return units, theta, cov, gain
