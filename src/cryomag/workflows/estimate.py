@@ -239,6 +239,7 @@ def load_references(
     ``reference`` may be a path, a MapReference or None when two half maps are given.
     """
     from cryomag.io import read_map
+    from cryomag.io.mrc import check_map_values
     from cryomag.reconstruct.fsc import fsc, resolution_at
 
     mask_vol = None
@@ -255,6 +256,7 @@ def load_references(
                     f"{mask}: mask shape {mask_vol.shape} differs from map {src} {vol.shape}"
                 )
             vol = vol * mask_vol
+        check_map_values(vol, f"{src}" + (f" masked by {mask}" if mask is not None else ""))
         return MapReference(vol, apix, eps=eps, nthreads=nthreads), vol
 
     refs: dict[int, MapReference] = {}
@@ -873,6 +875,7 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
               progress, executor, resume, options):  # fmt: skip
     """:func:`estimate` once its executor exists."""
     from cryomag.io import ImageSource, read_particles
+    from cryomag.io.outdir import output_folder
 
     ps = particles
     inputs = []
@@ -883,7 +886,8 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
         if x is not None and not isinstance(x, MapReference):
             inputs.append(Path(x))
     opts = EstimateOptions(**options)
-    with run_log(out) as out:
+    with output_folder(out, "estimate", inputs=[*inputs, passthrough], particles=ps,
+                       resume=resume) as out, run_log(out) as out:  # fmt: skip
         log.info(
             "estimate: %d particles from %s, %d optics group(s)", len(ps), ps.name, ps.n_groups
         )

@@ -7,14 +7,13 @@ single image. Writes OUT/particles.star and OUT/results.json (and plots).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from cryomag.fit.statistics import SECOND_ORDER_FIELDS, GroupStatistics
-from cryomag.io.atomic import write_json
+from cryomag.io.atomic import read_json, write_json
 from cryomag.model.particles import ParticleDataError
 from cryomag.workflows.local_fits import LOCAL_FITS, fit_local, mean_defocus_A
 
@@ -82,7 +81,7 @@ def refit(run, fits: tuple, out=None, plots: bool = True) -> dict:
         if dz[g] is not None and np.all(np.isfinite(dz[g])):
             defocus[st.rows] = dz[g]
     options_file = run / "stats" / "options.json"
-    run_opts = json.loads(options_file.read_text()) if options_file.is_file() else {}
+    run_opts = read_json(options_file, "estimate options") if options_file.is_file() else {}
     measured = run_opts.get("defocus_frame", "measured") != "true"
     # runs before the image-based gradient existed carry no key: they used the exact one
     if run_opts.get("exact_gradient") is False:
