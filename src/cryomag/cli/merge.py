@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import fail_cleanly
+from cryomag.cli.common import AllowNegativeCs, MaxDefocus, fail_cleanly, input_limits
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +40,8 @@ def merge_cmd(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Merge particle sets recorded at different pixel sizes and find their relative scale.
 
@@ -56,7 +58,7 @@ def merge_cmd(
 
     from cryomag.workflows.merge import merge
 
-    with fail_cleanly():
+    with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
         rep = merge(
             inputs,
             out,
