@@ -139,7 +139,9 @@ def test_valid_template_reads(tmp_path):
         ("rlnCtfBfactor", "nan", "not a finite number"),
         ("rlnCtfBfactor", "-1e6", "-500 to 500"),
         ("rlnCtfScalefactor", "nan", "not a finite number"),
-        ("rlnCtfScalefactor", "0", "non-zero"),
+        ("rlnCtfScalefactor", "0", r"1e-6 <= \|value\|"),
+        ("rlnCtfScalefactor", "1e-30", r"1e-6 <= \|value\|"),
+        ("rlnPhaseShift", "1e300", "-360 to 360"),
         ("rlnCtfScalefactor", "1e30", r"\|value\| <= 100"),
         ("rlnAngleRot", "nan", "not a finite number"),
         ("rlnAngleTilt", "-inf", "not a finite number"),
@@ -434,6 +436,9 @@ def test_read_map_refuses_nan_zero_and_constant(tmp_path):
     bad[1, 2, 3] = np.nan
     with pytest.raises(ParticleFileError, match=r"nan\.mrc: the map has 1 non-finite voxel"):
         read_map(_map(tmp_path / "nan.mrc", bad))
+    bad[1, 2, 3] = 3e37  # garbage bytes read as float32
+    with pytest.raises(ParticleFileError, match=r"huge\.mrc: the map has a voxel of absurd"):
+        read_map(_map(tmp_path / "huge.mrc", bad))
     with pytest.raises(ParticleFileError, match=r"zero\.mrc: every voxel is 0"):
         read_map(_map(tmp_path / "zero.mrc", np.zeros((8, 8, 8))))
     with pytest.raises(ParticleFileError, match="the map is constant"):

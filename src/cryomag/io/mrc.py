@@ -562,7 +562,7 @@ def write_stack(
 
 
 def check_map_values(volume: np.ndarray, label: str, kind: str = "map") -> None:
-    """Refuse a map that cannot be a reference: non-finite values, all zero or constant.
+    """Refuse a map that cannot be a reference: non-finite or absurd values, all zero, constant.
 
     Parameters
     ----------
@@ -590,9 +590,16 @@ def check_map_values(volume: np.ndarray, label: str, kind: str = "map") -> None:
         idx = np.unravel_index(int(np.flatnonzero(~finite.ravel())[0]), v.shape)
         raise ParticleFileError(
             f"{label}: the {noun} has {int((~finite).sum())} non-finite voxel(s) (first "
-            f"{v[idx]!r} at [z, y, x] = {[int(i) for i in idx]}); expected finite values"
+            f"{float(v[idx])!r} at [z, y, x] = {[int(i) for i in idx]}); expected finite values"
         )
     hi, lo = float(v.max()), float(v.min())
+    if max(hi, -lo) > MAX_PIXEL_ABS:
+        big = np.unravel_index(int(np.argmax(np.abs(v))), v.shape)
+        raise ParticleFileError(
+            f"{label}: the {noun} has a voxel of absurd magnitude ({float(v[big])!r} at "
+            f"[z, y, x] = {[int(i) for i in big]}); expected |value| <= {MAX_PIXEL_ABS:g} "
+            "(a corrupt file?)"
+        )
     if hi == 0.0 and lo == 0.0:
         expected = {
             "any": "a map with density (or a mask with some voxels > 0)",

@@ -67,8 +67,10 @@ class DataWarning(UserWarning):
 
 
 def warn(message: str, stacklevel: int = 3) -> None:
-    """Report ``message`` both as a logging warning (cryomag.log) and a Python warning."""
-    log.warning(message)
+    """Report ``message`` as a Python warning (the terminal) and, while a run log is open
+    (OUT/cryomag.log), as a logging warning; never twice on the terminal."""
+    if log.hasHandlers():  # not logging's last-resort handler: that would print it again
+        log.warning(message)
     warnings.warn(message, DataWarning, stacklevel=stacklevel)
 
 
@@ -157,8 +159,8 @@ class Rule:
         The only accepted values.
     hint : str
         Appended to the message of a value out of range.
-    nonzero : bool
-        0 is refused.
+    abs_min : float or None
+        Values of smaller magnitude (0 included) are refused.
     """
 
     expected: str
@@ -169,7 +171,7 @@ class Rule:
     integer: bool = False
     values: tuple | None = None
     hint: str = ""
-    nonzero: bool = False
+    abs_min: float | None = None
 
     def out_of_range(self, v: np.ndarray) -> np.ndarray:
         """Mask of finite values outside the rule, shape of ``v``."""
@@ -182,8 +184,8 @@ class Rule:
             bad |= v != np.round(v)
         if self.values is not None:
             bad |= ~np.isin(v, self.values)
-        if self.nonzero:
-            bad |= v == 0
+        if self.abs_min is not None:
+            bad |= np.abs(v) < self.abs_min
         return bad
 
 
@@ -199,16 +201,17 @@ PARTICLE_RULES: dict[str, Rule] = {
     "rlnDefocusU": Rule("defocus U in A"),  # range from the limits (rules_for)
     "rlnDefocusV": Rule("defocus V in A"),
     "rlnDefocusAngle": Rule("astigmatism angle in degrees, a finite number"),
-    "rlnPhaseShift": Rule("phase shift in degrees, a finite number"),
+    "rlnPhaseShift": Rule("phase shift in degrees, -360 to 360", lo=-360, hi=360),
     "rlnCtfBfactor": Rule("CTF B-factor in A^2, -500 to 500", lo=-500, hi=500),
     # a contrast weight should be > 0, but cryomag estimate itself writes the fitted scale of
     # a particle that anti-correlates with the reference (< 0): accepted with a warning
-    # (warn_suspicious), so that runs stay readable; 0 and |s| > 100 are refused
+    # (warn_suspicious), so that runs stay readable; 0, |s| < 1e-6 (the prediction underflows
+    # single precision) and |s| > 100 are refused
     "rlnCtfScalefactor": Rule(
-        "CTF scale factor (a contrast weight), non-zero, |value| <= 100",
+        "CTF scale factor (a contrast weight), 1e-6 <= |value| <= 100",
         lo=-100,
         hi=100,
-        nonzero=True,
+        abs_min=1e-6,
     ),
     "rlnAngleRot": Rule("Euler angle rot in degrees, a finite number"),
     "rlnAngleTilt": Rule("Euler angle tilt in degrees, a finite number"),

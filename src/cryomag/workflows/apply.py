@@ -92,8 +92,8 @@ def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
     """The magnification matrix of each particle under ``model``, shape (N, 2, 2).
 
     A particle without a local value (NaN: no fit for it) gets its group's matrix; a local
-    matrix that is not a magnification (det <= 0, or sqrt(det) outside 0.1-10) is an error
-    naming the row.
+    matrix that is not a magnification (inf, det <= 0, sqrt(det) outside 0.1-10, more than
+    1.5x anisotropic) is an error naming the row.
     """
     from cryomag.model.validation import check_magnification
 
@@ -107,7 +107,7 @@ def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
         if "cmagDefocusMag" not in t.columns:
             raise ParticleDataError(f"{ps.name}: no cmagDefocusMag column (fit defocus first)")
         d = pd.to_numeric(t["cmagDefocusMag"], errors="coerce").to_numpy(float)
-        d = np.where(np.isfinite(d), d, 1.0)
+        d = np.where(np.isnan(d), 1.0, d)  # NaN: no local fit; inf is refused below
         m = mg * d[:, None, None]
         check_magnification(m, ps.name, "particle", columns="column cmagDefocusMag (x rlnMagMat)")
         return m
@@ -117,7 +117,7 @@ def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
     if missing:
         raise ParticleDataError(f"{ps.name}: no column {missing[0]} (fit {model} first)")
     m = t[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float, copy=True).reshape(-1, 2, 2)
-    bad = ~np.all(np.isfinite(m), axis=(1, 2))
+    bad = np.isnan(m).any(axis=(1, 2))  # no local fit for the particle: its group's matrix
     m[bad] = mg[bad]
     check_magnification(m, ps.name, "particle", columns=f"columns {prefix}00..11")
     return m
