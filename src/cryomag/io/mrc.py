@@ -38,6 +38,7 @@ __all__ = [
     "parse_image_names",
     "read_map",
     "resolve_image_path",
+    "resolve_image_paths",
     "stack_shape",
     "write_stack",
 ]
@@ -143,34 +144,49 @@ def image_path_candidates(name: str | os.PathLike, search_dirs: Iterable[Path]) 
     return found
 
 
-def resolve_image_path(
-    name: str | os.PathLike, search_dirs: Iterable[Path], warn_ambiguous: bool = False
-) -> Path | None:
+def resolve_image_path(name: str | os.PathLike, search_dirs: Iterable[Path]) -> Path | None:
     """Find a stack file: absolute as is, else the first of ``search_dirs / name`` that exists.
 
-    With ``warn_ambiguous``, a warning (log and :class:`DataWarning`) names both files when
-    another folder of ``search_dirs`` holds a different file of the same name. Returns
-    ``None`` when no candidate exists.
+    Returns ``None`` when no candidate exists.
     """
     p = Path(name)
     if p.is_absolute():
         return p if p.is_file() else None
-    if not warn_ambiguous:
-        for d in search_dirs:
-            cand = Path(d) / p
-            if cand.is_file():
-                return cand
-        return None
-    found = image_path_candidates(p, search_dirs)
-    if len(found) > 1:
-        others = ", ".join(str(f) for f in found[1:])
+    for d in search_dirs:
+        cand = Path(d) / p
+        if cand.is_file():
+            return cand
+    return None
+
+
+def resolve_image_paths(
+    names: Iterable[str], search_dirs: Sequence[Path], where: str = ""
+) -> dict[str, Path]:
+    """Resolve stack names (as :func:`resolve_image_path`); warn about ambiguous ones.
+
+    A name that exists in two of ``search_dirs`` as different files resolves to the first;
+    one warning (log and :class:`~cryomag.model.validation.DataWarning`) names both files of
+    the first such name and how many names are ambiguous. Names not found are left out.
+    """
+    found: dict[str, Path] = {}
+    ambiguous: list[tuple[str, list[Path]]] = []
+    for name in names:
+        cands = image_path_candidates(name, search_dirs)
+        if cands:
+            found[name] = cands[0]
+        if len(cands) > 1:
+            ambiguous.append((name, cands))
+    if ambiguous:
+        name, cands = ambiguous[0]
+        more = f" ({len(ambiguous) - 1} more stack name(s) alike)" if len(ambiguous) > 1 else ""
         warn(
-            f"image stack {name}: using {found[0]}, but {others} also exists (a different "
-            "file); relative image names resolve from the working directory (the RELION "
-            "project folder) first, then beside the particle file",
+            f"{where + ': ' if where else ''}image stack {name}: using {cands[0]}, but "
+            f"{', '.join(str(c) for c in cands[1:])} also exists (a different file){more}; "
+            "relative image names resolve from the working directory (the RELION project "
+            "folder) first, then beside the particle file",
             stacklevel=4,
         )
-    return found[0] if found else None
+    return found
 
 
 def _read_header(path: Path):
@@ -360,10 +376,9 @@ class ImageSource:
         self._checked: set[Path] = set()
         # resolve every stack now (in this process, so that a warning about a name found in
         # two folders reaches the user, not a worker); missing ones raise when read
-        for name in pd.unique(self._files):
-            p = resolve_image_path(name, self.search_dirs, warn_ambiguous=True)
-            if p is not None:
-                self._resolved[name] = p
+        self._resolved.update(
+            resolve_image_paths(pd.unique(self._files), self.search_dirs, ps.name)
+        )
 
     # -------------------------------------------------------------------- basics
     def __len__(self) -> int:
@@ -725,8 +740,14 @@ def rebase_image_names(
     dirs = image_search_dirs(ps.source.path, ps.source.kind)
     dest = None if dest_folder is None else Path(dest_folder).resolve()
     mapping: dict[str, str] = {}
-    for name in pd.unique(files):
-        found = resolve_image_path(name, dirs, warn_ambiguous=warn_ambiguous)
+    uniq = pd.unique(files)
+    resolved = (
+        resolve_image_paths(uniq, dirs, ps.name)
+        if warn_ambiguous
+        else {n: p for n in uniq if (p := resolve_image_path(n, dirs)) is not None}
+    )
+    for name in uniq:
+        found = resolved.get(name)
         if found is None:
             mapping[name] = name
             continue
