@@ -133,6 +133,12 @@ def run(work: Path, only: set[str] | None = None) -> dict:
         "default": {},
         "pad1_warm": {"window_pad": 1, "warm_start": 60},
         "local": {"fit": ("scale", "aniso", "particle", "micrograph", "defocus")},
+        # the local models with the defocus held (the behaviour before it was refined)
+        "local_held": {
+            "fit": ("scale", "aniso", "particle", "micrograph", "defocus"),
+            "defocus": "fixed",
+            "astigmatism": "fixed",
+        },
         "true_frame": {"defocus_frame": "true", "window_pad": 1},
         "exact_norelin": {"exact_gradient": True, "relinearise": False, "window_pad": 2},
         "fixed_scale": {"joint_scale": False, "fit": ("scale", "aniso"), "curvature_every": 1},

@@ -133,7 +133,10 @@ def test_write_stack_refuses_input(tmp_path):
         write_stack(tmp_path / "s.mrcs", np.zeros((1, 16, 16)), 1.0, inputs=[tmp_path / "s.mrcs"])
 
 
-def test_resolution_star_folder_then_cwd(tmp_path, monkeypatch):
+def test_resolution_cwd_then_star_folder(tmp_path, monkeypatch):
+    """As RELION: a relative name resolves from the working directory (the project folder)
+    first, then beside the STAR file; a name found in both warns, naming both files.
+    (Until issue 15 the STAR folder won silently.)"""
     (tmp_path / "proj").mkdir()
     (tmp_path / "work").mkdir()
     imgs = _stack(tmp_path / "work" / "s.mrcs", n=2)
@@ -142,11 +145,19 @@ def test_resolution_star_folder_then_cwd(tmp_path, monkeypatch):
         ImageSource(ps).read([0])
     monkeypatch.chdir(tmp_path / "work")
     np.testing.assert_array_equal(ImageSource(ps).read([1, 0]), imgs[[1, 0]])
-    # the STAR folder wins over the working directory
+    # the working directory wins over the STAR folder, with a warning naming both
     other = _stack(tmp_path / "proj" / "s.mrcs", n=2, seed=5)
-    np.testing.assert_array_equal(ImageSource(ps).read([0]), other[[0]])
+    with pytest.warns(UserWarning, match=r"using .*work/s\.mrcs, but .*proj/s\.mrcs also exists"):
+        src = ImageSource(ps)
+    np.testing.assert_array_equal(src.read([0]), imgs[[0]])
+    # without the working directory's copy, the STAR folder's is used (no warning)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(ImageSource(ps).read([0]), other[[0]])
     # explicit search folders come first
-    src = ImageSource(ps, search_dirs=[tmp_path / "work"])
+    with pytest.warns(UserWarning, match="also exists"):
+        src = ImageSource(ps, search_dirs=[tmp_path / "work"])
     np.testing.assert_array_equal(src.read([0]), imgs[[0]])
 
 
@@ -232,15 +243,16 @@ def test_read_map_real():
 
 
 def test_read_map_errors(tmp_path):
+    # (maps with density: an all-zero map is refused since issue 15, test_validation.py)
     with mrcfile.new(tmp_path / "box.mrc") as m:
-        m.set_data(np.zeros((10, 12, 12), np.float32))
+        m.set_data(np.ones((10, 12, 12), np.float32))
         m.voxel_size = 1.0
     with pytest.raises(
         ParticleFileError, match=r"12 x 12 x 10 voxels; non-cubic maps are unsupported"
     ):
         read_map(tmp_path / "box.mrc")
     with mrcfile.new(tmp_path / "nopix.mrc") as m:
-        m.set_data(np.zeros((8, 8, 8), np.float32))
+        m.set_data(np.arange(512, dtype=np.float32).reshape(8, 8, 8))
     with pytest.raises(ParticleFileError, match="no voxel size"):
         read_map(tmp_path / "nopix.mrc")
     assert read_map(tmp_path / "nopix.mrc", pixel_size_A=2.0)[1] == 2.0

@@ -434,7 +434,7 @@ def test_legacy_without_pixel_size(tmp_path):
         "_rlnVoltage\n_rlnSphericalAberration\n_rlnAmplitudeContrast\n_rlnImageSize\n"
         "1@a.mrcs 1 1 0 300 2.7 0.1 64\n"
     )
-    with pytest.raises(ParticleFileError, match="pass angpix"):
+    with pytest.raises(ParticleFileError, match="--angpix"):
         read_star(f)
     assert read_star(f, angpix=2.0).optics["rlnImagePixelSize"].iloc[0] == 2.0
 

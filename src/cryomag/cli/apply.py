@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import fail_cleanly
+from cryomag.cli.common import AllowNegativeCs, MaxDefocus, fail_cleanly, input_limits
 
 
 def register(app: typer.Typer) -> None:
@@ -34,11 +34,22 @@ def apply_cmd(
     apix: Annotated[float | None, typer.Option("--apix", help="output pixel size (A)")] = None,
     box: Annotated[int | None, typer.Option("--box", help="output box (px)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Apply a fitted magnification model: split optics groups, per-particle .cs, or resample."""
-    from cryomag.workflows.apply import apply
+    from cryomag.workflows.apply import apply, check_apply_options
 
-    with fail_cleanly():
+    with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
+        check_apply_options(
+            resample=resample,
+            split=split,
+            n_bins=bins,
+            model=model,
+            pixel_size_A=apix,
+            box=box,
+            cli=True,
+        )
         written = apply(
             run,
             out,

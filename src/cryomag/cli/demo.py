@@ -35,6 +35,8 @@ def demo_cmd(
             err=True,
         )
         raise typer.Exit(1)
-    with fail_cleanly():
+    from cryomag.io.outdir import output_folder
+
+    with fail_cleanly(), output_folder(out, "demo"):
         typer.echo(f"cryomag demo: writing into {out.resolve()}")
         run_demo(out, n_particles, box, seed, progress=not quiet)

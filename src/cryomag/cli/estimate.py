@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import EXIT_FIT_FAILED, fail_cleanly
+from cryomag.cli.common import (
+    EXIT_FIT_FAILED,
+    AllowNegativeCs,
+    MaxDefocus,
+    fail_cleanly,
+    input_limits,
+    positive,
+    require,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -228,6 +237,8 @@ def estimate_cmd(
         ),
     ] = 1.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Estimate per-particle scales and each optics group's magnification matrix.
 
@@ -256,6 +267,10 @@ def estimate_cmd(
     if ref is None and half_maps is None:
         raise typer.BadParameter("give --ref or --half-maps")
     with fail_cleanly():
+        _check_options(
+            particles, out, ref, half_maps, mask, passthrough, max_iter, tol, low_res,
+            high_res, chunk_size, j, threads, window_pad, warm_start, defocus_frame,
+        )  # fmt: skip
         execution = ExecutorConfig(
             j=j,
             threads=threads,
@@ -274,34 +289,35 @@ def estimate_cmd(
             interface=interface,
         )
         try:
-            res = estimate(
-                particles,
-                ref,
-                out,
-                half_maps=half_maps,
-                mask=mask,
-                angpix=angpix,
-                passthrough=passthrough,
-                write_cs=cs,
-                plots=not no_plots,
-                progress=not quiet,
-                executor=execution,
-                resume=resume,
-                fit=tuple(f.strip() for f in fit.split(",") if f.strip()),
-                low_res_A=low_res,
-                high_res_A=high_res,
-                max_iter=max_iter,
-                tol=tol,
-                chunk_size=chunk_size,
-                nthreads=execution.worker_threads,
-                defocus_frame=defocus_frame,
-                window_pad=window_pad,
-                warm_start=warm_start,
-                exact_gradient=exact_gradient,
-                defocus=defocus,
-                astigmatism=astigmatism,
-                defocus_tol_A=defocus_tol,
-            )
+            with input_limits(allow_negative_cs, max_defocus):
+                res = estimate(
+                    particles,
+                    ref,
+                    out,
+                    half_maps=half_maps,
+                    mask=mask,
+                    angpix=angpix,
+                    passthrough=passthrough,
+                    write_cs=cs,
+                    plots=not no_plots,
+                    progress=not quiet,
+                    executor=execution,
+                    resume=resume,
+                    fit=tuple(f.strip() for f in fit.split(",") if f.strip()),
+                    low_res_A=low_res,
+                    high_res_A=high_res,
+                    max_iter=max_iter,
+                    tol=tol,
+                    chunk_size=chunk_size,
+                    nthreads=execution.worker_threads,
+                    defocus_frame=defocus_frame,
+                    window_pad=window_pad,
+                    warm_start=warm_start,
+                    exact_gradient=exact_gradient,
+                    defocus=defocus,
+                    astigmatism=astigmatism,
+                    defocus_tol_A=defocus_tol,
+                )
         except KeyboardInterrupt:
             typer.secho(
                 f"interrupted: finished chunks are kept in {out}/.chunks; rerun the same "
@@ -314,3 +330,34 @@ def estimate_cmd(
         typer.echo(f"wrote {out}/particles.star, results.json, stats/, plots/")
         if res.verdict == "failed":
             raise typer.Exit(EXIT_FIT_FAILED)
+
+
+def _check_options(
+    particles, out, ref, half_maps, mask, passthrough, max_iter, tol, low_res, high_res,
+    chunk_size, j, threads, window_pad, warm_start, defocus_frame,
+) -> None:  # fmt: skip
+    """Refuse nonsense options and an --out that is an input folder, before any work."""
+    from cryomag.io.mrc import check_half_maps
+    from cryomag.io.outdir import check_out_not_input
+
+    require(max_iter >= 1, "--max-iter", max_iter, "an integer >= 1")
+    require(math.isfinite(tol) and tol >= 0, "--tol", tol, "a number >= 0")
+    require(positive(low_res), "--low-res", low_res, "a resolution in A > 0")
+    require(positive(high_res), "--high-res", high_res, "a resolution in A > 0")
+    if high_res is not None:
+        require(high_res < low_res, "--high-res", high_res, f"a resolution finer than --low-res "
+                f"({low_res:g} A)")  # fmt: skip
+    require(chunk_size >= 1, "--chunk-size", chunk_size, "an integer >= 1")
+    require(j >= 0, "--j", j, "an integer >= 0 (0 = one worker per core)")
+    require(threads is None or threads >= 0, "--threads", threads, "an integer >= 0")
+    require(window_pad >= 0, "--window-pad", window_pad, "an integer >= 0 (0 = automatic)")
+    require(warm_start >= 0, "--warm-start", warm_start, "an integer >= 0 (0 = off)")
+    require(defocus_frame in ("measured", "true"), "--defocus-frame", defocus_frame,
+            "'measured' or 'true'")  # fmt: skip
+    maps = [m for m in (ref, mask, *(half_maps or ())) if m is not None]
+    for m in [particles, *maps, passthrough]:
+        if m is not None and not m.exists():
+            raise FileNotFoundError(f"{m}: file not found")
+    if half_maps:
+        check_half_maps(*half_maps)
+    check_out_not_input(out, [particles, passthrough, *maps])

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
+from cryomag.cli.common import AllowNegativeCs, MaxDefocus
 from cryomag.io import atomic_write, ensure_not_input, read_particles
 from cryomag.model.magnification import motioncor2_mag, polar, true_pixel_size
 from cryomag.model.particles import ParticleDataError, ParticleSet
@@ -292,6 +293,10 @@ def inspect_particles(path: str | Path, out: str | Path | None = None) -> dict[s
         When the file cannot be read or written to; the message names the file.
     """
     path = Path(path)
+    if out is not None:
+        from cryomag.io.outdir import check_out_not_input
+
+        check_out_not_input(out, [path])
     ps = _read(path)
     s, defocus_um, mic, mic_key = _scale_arrays(ps)
     result: dict[str, Any] = {
@@ -519,12 +524,17 @@ def inspect_command(
             help="Folder for scale_histogram.png, scale_vs_defocus.png and inspect.json.",
         ),
     ] = None,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Show optics groups, magnification (RELION, cryoSPARC, polar, MotionCor2) and scale."""
+    from cryomag.cli.common import input_limits
+
     try:
-        result = inspect_particles(path, out)
-    except (ParticleDataError, OSError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        with input_limits(allow_negative_cs, max_defocus):
+            result = inspect_particles(path, out)
+    except (ParticleDataError, OSError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)  # one line, never wrapped
         raise typer.Exit(code=1) from None
     render(result)
 

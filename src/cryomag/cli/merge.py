@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import fail_cleanly
+from cryomag.cli.common import (
+    EXIT_FIT_FAILED,
+    AllowNegativeCs,
+    MaxDefocus,
+    fail_cleanly,
+    input_limits,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +46,8 @@ def merge_cmd(
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Merge particle sets recorded at different pixel sizes and find their relative scale.
 
@@ -56,7 +64,7 @@ def merge_cmd(
 
     from cryomag.workflows.merge import merge
 
-    with fail_cleanly():
+    with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
         rep = merge(
             inputs,
             out,
@@ -91,6 +99,8 @@ def merge_cmd(
                 )
             console.print(t)
             console.print(rep["absolute_scale"])
+            for problem in rep.get("problems", []):
+                console.print(f"[red]{problem}[/]")
         f = rep.get("fsc", {})
         if "skipped" in f:
             console.print(f"[yellow]{f['skipped']}[/]")
@@ -102,3 +112,9 @@ def merge_cmd(
                 f"M (0.5: {b['resolution_0.5_A']:.2f} -> {a['resolution_0.5_A']:.2f} A); "
                 f"{Path(out) / f['plot']}"
             )
+        if rep.get("verdict") == "failed":
+            console.print(
+                "[bold red]A fit failed its quality checks: its M was not applied "
+                "(merge.json: verdict, problems).[/]"
+            )
+            raise typer.Exit(EXIT_FIT_FAILED)

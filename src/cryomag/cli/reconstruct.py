@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import fail_cleanly
+from cryomag.cli.common import (
+    AllowNegativeCs,
+    MaxDefocus,
+    fail_cleanly,
+    input_limits,
+    positive,
+    require,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -66,6 +73,8 @@ def reconstruct_cmd(
         Path | None, typer.Option("--passthrough", help="cryoSPARC passthrough .cs")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Reconstruct by direct Fourier inversion with the given poses (no search).
 
@@ -80,7 +89,11 @@ def reconstruct_cmd(
     from cryomag.workflows.reconstruct import reconstruct
 
     command = shlex.join(["cryomag", *sys.argv[1:]]) if sys.argv else None
-    with fail_cleanly():
+    with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
+        require(j >= 0, "--j", j, "an integer >= 0 (0 = all cores)")
+        require(positive(eps) and eps < 1, "--eps", eps, "a NUFFT accuracy > 0 and < 1")
+        require(max_iter >= 0, "--max-iter", max_iter, "an integer >= 0")
+        require(positive(apix), "--apix", apix, "a voxel size in A > 0")
         res = reconstruct(
             particles,
             out,

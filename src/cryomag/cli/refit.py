@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import fail_cleanly
+from cryomag.cli.common import AllowNegativeCs, MaxDefocus, fail_cleanly, input_limits
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,8 @@ def refit_cmd(
     astigmatism: Annotated[
         str | None, typer.Option("--astigmatism", help="astigmatism level (default: the run's)")
     ] = None,
+    allow_negative_cs: AllowNegativeCs = False,
+    max_defocus: MaxDefocus = 20.0,
 ) -> None:
     """Refit per-particle, per-micrograph and defocus-dependent magnification from RUN/stats.
 
@@ -40,12 +42,22 @@ def refit_cmd(
     """
     from rich.console import Console
 
-    from cryomag.workflows.local_fits import print_local_summary
+    from cryomag.io.outdir import output_folder
+    from cryomag.workflows.local_fits import LOCAL_FITS, print_local_summary
     from cryomag.workflows.refit import refit
 
-    with fail_cleanly():
-        summary = refit(
-            run, tuple(f.strip() for f in fit.split(",") if f.strip()), out,
-            plots=not no_plots, defocus=defocus, astigmatism=astigmatism,
-        )  # fmt: skip
+    with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
+        fits = tuple(f.strip() for f in fit.split(",") if f.strip())
+        bad = sorted(set(fits) - set(LOCAL_FITS))
+        if bad or not fits:
+            raise ValueError(f"--fit {fit!r}: choose from {', '.join(LOCAL_FITS)}")
+        if not run.is_dir():
+            raise FileNotFoundError(f"{run}: run folder not found (expected a cryomag estimate "
+                                    "output folder)")  # fmt: skip
+        target = out if out is not None else run / "refit"
+        inputs = [run / "particles.star", run / "stats"]
+        with output_folder(target, "refit", inputs=inputs):
+            summary = refit(
+                run, fits, target, plots=not no_plots, defocus=defocus, astigmatism=astigmatism
+            )
         print_local_summary(summary, Console())

@@ -145,7 +145,6 @@ def simulate_command(
 
     from cryomag.simulate.simulator import simulate_dataset, summarize
 
-    console = Console(stderr=True, soft_wrap=True)
     try:
         cfg = build_config(
             config,
@@ -166,24 +165,31 @@ def simulate_command(
             workers,
         )
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     if map_path is not None and not map_path.is_file():
-        console.print(f"[red]error:[/red] --map {map_path}: file not found")
+        typer.secho(f"error: --map {map_path}: file not found", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     if out.exists() and not out.is_dir():
-        console.print(f"[red]error:[/red] --out {out}: exists and is not a folder")
+        typer.secho(
+            f"error: --out {out}: exists and is not a folder", fg=typer.colors.RED, err=True
+        )
         raise typer.Exit(2)
     if out.is_dir() and any(out.iterdir()) and not force:
-        console.print(
-            f"[red]error:[/red] --out {out}: folder is not empty (use --force to write into it)"
+        typer.secho(
+            f"error: --out {out}: folder is not empty (use --force to write into it)",
+            fg=typer.colors.RED,
+            err=True,
         )
         raise typer.Exit(2)
     protect = [p for p in (config, map_path) if p is not None]
     try:
-        _, truth = simulate_dataset(cfg, out, progress=not quiet, protect=protect)
+        from cryomag.io.outdir import output_folder
+
+        with output_folder(out, "simulate", inputs=protect):
+            _, truth = simulate_dataset(cfg, out, progress=not quiet, protect=protect)
     except (ConfigError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     if not quiet:
         table = Table(title=f"cryomag simulate -> {out}")

@@ -415,6 +415,7 @@ def unit_mag_fits(
     prior: np.ndarray | None = None,
     defocus_shift: np.ndarray | None = None,
     ctf_moves: bool = False,
+    defocus_out: dict | None = None,
 ):
     """One magnification increment per unit, the defocus refitted jointly with it.
 
@@ -444,6 +445,9 @@ def unit_mag_fits(
         T (from the group's :func:`solve_joint`).
     defocus_shift : ndarray, shape (N, 3), optional
         Defocus change since the pass (the last step), subtracted from the gradient.
+    defocus_out : dict, optional
+        Receives ``"delta_a"`` (N, 3): each particle's defocus change (a00, a01, a11, A) in
+        this joint fit, from the pass's state, and ``"deviation"`` (N, k_p).
 
     Returns
     -------
@@ -479,6 +483,13 @@ def unit_mag_fits(
     tmat = np.eye(kp) * 1e6 if prior is None else np.asarray(prior, float).reshape(kp, kp)
     sol = _eliminate(hh, bb, inv, len(units), slice(0, 0), slice(0, nm), slice(nm, nm + kp),
                      tmat, dev, c2)  # fmt: skip
+    if defocus_out is not None:
+        psi_step = sol["psi"] - dev
+        delta_a = psi_step @ bp_.T if kp else np.zeros((n, 3))
+        if unit == "micrograph" and bm_.shape[1]:
+            delta_a = delta_a + (bm_ @ sol["phi"][:, d:].T).T[inv]
+        defocus_out["delta_a"] = delta_a
+        defocus_out["deviation"] = sol["psi"]
     theta = sol["phi"][:, :d]
     # each unit alone (the group held): its own information, no Schur term of theta
     cov = sol["cov_phi"][:, :d, :d]

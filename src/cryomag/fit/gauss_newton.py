@@ -44,7 +44,8 @@ class GaussNewtonSettings:
     ctf_moves : bool
         The CTF's defocus term moves with M (defocus in the specimen frame).
     tol : float
-        Done when every element of the update is below this.
+        Done when every element of the update is below this. 0: run exactly ``max_iter``
+        passes (no convergence criterion, so no convergence failure either).
     max_iter : int
         Passes per phase at most.
     warm_tol : float
@@ -315,6 +316,10 @@ class GroupFit:
         if done:
             self.done = True
         elif self.counts["full"] >= s.max_iter:
+            self.done = True
+            if s.tol <= 0:  # a fixed number of passes was asked for, not convergence
+                log.info("group %d: the requested %d passes (tol 0) done", self.group, s.max_iter)
+                return
             log.warning(
                 "group %d: not converged after %d passes (last |dM| = %.1e > tol %.0e)",
                 self.group,
@@ -322,7 +327,6 @@ class GroupFit:
                 step,
                 s.tol,
             )
-            self.done = True
             self.converged = False
 
     def _joint_step(self, st: GroupStatistics) -> tuple[MagUpdate, float]:

@@ -57,8 +57,11 @@ def read_particles(
     path: str | os.PathLike,
     angpix: float | None = None,
     passthrough: str | os.PathLike | None = None,
+    *,
+    allow_negative_cs: bool | None = None,
+    max_defocus_um: float | None = None,
 ) -> ParticleSet:
-    """Read particles from a RELION ``.star`` or cryoSPARC ``.cs`` file.
+    """Read particles from a RELION ``.star`` or cryoSPARC ``.cs`` file, validated.
 
     Parameters
     ----------
@@ -68,22 +71,31 @@ def read_particles(
         Pixel size in A for RELION 3.0 STAR files (see :func:`read_star`). Not used for .cs.
     passthrough : path, optional
         cryoSPARC passthrough file joined on uid (see :func:`read_cs`). Not used for STAR.
+    allow_negative_cs : bool, optional
+        Accept a negative spherical aberration (a Cs corrector); default: refused.
+    max_defocus_um : float, optional
+        Largest accepted |defocus| in um (default 20).
 
     Returns
     -------
     ParticleSet
+        Every column an engine uses checked by :mod:`cryomag.model.validation`.
     """
     path = Path(path)
     kind = _kind(path)
+    limits = {"allow_negative_cs": allow_negative_cs, "max_defocus_um": max_defocus_um}
     if kind == "star":
         if passthrough is not None:
-            raise ParticleFileError(f"{path}: a passthrough file applies to .cs input only")
-        return read_star(path, angpix=angpix)
+            raise ParticleFileError(
+                f"{path}: a passthrough file (--passthrough) applies to .cs input only"
+            )
+        return read_star(path, angpix=angpix, **limits)
     if angpix is not None:
         raise ParticleFileError(
-            f"{path}: angpix applies to RELION 3.0 STAR files only (.cs files carry blob/psize_A)"
+            f"{path}: --angpix applies to RELION 3.0 STAR files only (.cs files carry "
+            "blob/psize_A)"
         )
-    return read_cs(path, passthrough=passthrough)
+    return read_cs(path, passthrough=passthrough, **limits)
 
 
 def write_particles(ps: ParticleSet, path: str | os.PathLike) -> None:

@@ -21,6 +21,8 @@ __all__ = [
     "ParticleFileNotFoundError",
     "atomic_write",
     "ensure_not_input",
+    "read_json",
+    "write_json",
 ]
 
 
@@ -132,3 +134,36 @@ def write_json(
     with atomic_write(path, inputs) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2, default=_json_default))
     return Path(path)
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON file written by cryomag") -> dict:
+    """Read a JSON object; a missing, unreadable or garbage file raises naming it.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    what : str
+        What it should be, for the message (e.g. "the results.json of cryomag estimate").
+
+    Raises
+    ------
+    ParticleFileNotFoundError
+        Missing file.
+    ParticleFileError
+        Unreadable, not JSON, or not a JSON object.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParticleFileNotFoundError(f"{path}: file not found (expected {what})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ParticleFileError(f"{path}: not valid JSON ({err}); expected {what}") from err
+    if not isinstance(data, dict):
+        raise ParticleFileError(
+            f"{path}: holds a JSON {type(data).__name__}, expected {what} (a JSON object)"
+        )
+    return data

@@ -64,6 +64,15 @@ from scipy.spatial.transform import Rotation
 from cryomag.io.atomic import ParticleFileError, ParticleFileNotFoundError, atomic_write
 from cryomag.io.mrc import parse_image_names
 from cryomag.model.particles import ParticleSet, SourceInfo
+from cryomag.model.validation import (
+    CS_OPTICS_FIELDS,
+    Rule,
+    check_column,
+    check_magnification,
+    resolve_limits,
+    rules_for,
+    warn_suspicious,
+)
 from cryomag.physics.geometry import euler_to_rotvec, rotvec_to_euler
 
 __all__ = ["read_cs", "write_cs", "load_cs_array"]
@@ -194,7 +203,13 @@ def _to_float64(values: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- reading
-def read_cs(path: str | os.PathLike, passthrough: str | os.PathLike | None = None) -> ParticleSet:
+def read_cs(
+    path: str | os.PathLike,
+    passthrough: str | os.PathLike | None = None,
+    *,
+    allow_negative_cs: bool | None = None,
+    max_defocus_um: float | None = None,
+) -> ParticleSet:
     """Read a cryoSPARC particle ``.cs`` file (optionally joined with its passthrough).
 
     Parameters
@@ -203,6 +218,10 @@ def read_cs(path: str | os.PathLike, passthrough: str | os.PathLike | None = Non
         Primary ``.cs`` file.
     passthrough : path, optional
         Passthrough ``.cs`` file of the same job; joined on ``uid``, primary fields win.
+    allow_negative_cs : bool, optional
+        Accept a negative ``ctf/cs_mm`` (a Cs corrector); default: refused.
+    max_defocus_um : float, optional
+        Largest accepted |defocus| in um (default 20).
 
     Returns
     -------
@@ -216,9 +235,16 @@ def read_cs(path: str | os.PathLike, passthrough: str | os.PathLike | None = Non
         Missing file.
     ParticleFileError
         Unreadable file, missing required fields, non-square blobs, passthrough without some
-        uids, or values that fail :meth:`ParticleSet.validate`.
+        uids, or values that fail :meth:`ParticleSet.validate` (the message names the row and
+        the cryoSPARC field).
+
+    Warns
+    -----
+    DataWarning
+        When particles repeat an image (same stack and index).
     """
     path = Path(path)
+    limits = resolve_limits(allow_negative_cs, max_defocus_um)
     arr = load_cs_array(path)
     pt_path = None
     if passthrough is not None:
@@ -246,6 +272,48 @@ def read_cs(path: str | os.PathLike, passthrough: str | os.PathLike | None = Non
             "unsupported"
         )
     f64 = lambda name: _to_float64(arr[name])  # noqa: E731
+    # optics values are per particle in a .cs file: check them with the particle's row
+    _, orules = rules_for(limits)
+    for fname, col in CS_OPTICS_FIELDS.items():
+        check_column(f64(fname), col, orules[col], str(path), "particle", field=fname)
+    check_column(
+        shape[:, 0], "rlnImageSize", orules["rlnImageSize"], str(path), "particle", "blob/shape"
+    )
+    if "ctf/anisomag" in names:
+        aniso_all = _to_float64(arr["ctf/anisomag"]).reshape(n, -1)
+        if aniso_all.shape[1] != 4:
+            raise ParticleFileError(
+                f"{path}: ctf/anisomag has {aniso_all.shape[1]} values per particle, expected 4"
+            )
+        with np.errstate(invalid="ignore"):
+            fine = np.isfinite(aniso_all).all(axis=1)
+        if not fine.all():
+            r = int(np.flatnonzero(~fine)[0])
+            raise ParticleFileError(
+                f"{path}: particle row {r + 1}, field ctf/anisomag: value "
+                f"{aniso_all[r].tolist()} is not finite (expected 4 finite numbers)"
+            )
+        check_magnification(
+            np.eye(2) + aniso_all.reshape(n, 2, 2), str(path), "particle",
+            columns="field ctf/anisomag (as I + anisomag)",
+        )  # fmt: skip
+    for fname, what in (("blob/idx", "0-based image index"), ("ctf/exp_group_id", "group id")):
+        if fname in names and np.asarray(arr[fname]).dtype.kind == "f":
+            check_column(
+                arr[fname], fname, Rule(f"{what}, an integer >= 0", lo=0, integer=True),
+                str(path), "particle",
+            )  # fmt: skip
+    for fname in ("alignments3D/pose", "alignments3D/shift"):
+        if fname in names:
+            vals = np.asarray(arr[fname], np.float64).reshape(n, -1)
+            with np.errstate(invalid="ignore"):
+                fine = np.isfinite(vals).all(axis=1)
+            if not fine.all():
+                r = int(np.flatnonzero(~fine)[0])
+                raise ParticleFileError(
+                    f"{path}: particle row {r + 1}, field {fname}: value {vals[r].tolist()} is "
+                    "not finite (expected finite numbers)"
+                )
     psize = f64("blob/psize_A")
     exp = (
         np.asarray(arr["ctf/exp_group_id"], dtype=np.int64)
@@ -368,8 +436,9 @@ def read_cs(path: str | os.PathLike, passthrough: str | os.PathLike | None = Non
     if cols["cmagUid"] is None:
         del cols["cmagUid"]
     particles = pd.DataFrame(cols)
-    ps = ParticleSet(particles, optics, source)
+    ps = ParticleSet(particles, optics, source, limits)
     ps.validate()
+    warn_suspicious(ps)
     return ps
 
 

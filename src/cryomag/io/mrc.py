@@ -27,12 +27,19 @@ import pandas as pd
 
 from cryomag.io.atomic import ParticleFileError, ParticleFileNotFoundError, atomic_write
 from cryomag.model.particles import ParticleSet
+from cryomag.model.validation import warn
 
 __all__ = [
+    "MAX_PIXEL_ABS",
     "ImageSource",
+    "check_half_maps",
+    "check_map_values",
+    "image_search_dirs",
+    "map_header",
     "parse_image_names",
     "read_map",
     "resolve_image_path",
+    "resolve_image_paths",
     "stack_shape",
     "write_stack",
 ]
@@ -87,6 +94,59 @@ def parse_image_names(
     return numbers.astype(np.int64), files
 
 
+def image_search_dirs(
+    source: str | os.PathLike | None, kind: str = "star", extra: Iterable = ()
+) -> list[Path]:
+    """Folders searched, in order, for a relative stack name of a particle file.
+
+    Parameters
+    ----------
+    source : path or None
+        The particle file (None for a set built in memory).
+    kind : str
+        ``"star"``, ``"cs"`` or ``"memory"``.
+    extra : iterable of path
+        Folders searched first (explicit search folders).
+
+    Returns
+    -------
+    list of Path
+        ``extra``, then for a STAR file as RELION resolves names: the working directory (the
+        RELION project folder), the STAR file's folder, its parent and grandparent (a
+        ``Refine3D/job012/run_data.star`` lies two levels below the project); for a .cs
+        file its folder, its parent (usually the cryoSPARC project folder) and the working
+        directory; otherwise the working directory. Duplicates removed.
+    """
+    dirs = [Path(d) for d in extra]
+    cwd = Path.cwd()
+    folder = Path(source).resolve().parent if source is not None else None
+    if folder is None:
+        dirs.append(cwd)
+    elif kind == "cs":
+        dirs += [folder, folder.parent, cwd]
+    else:
+        dirs += [cwd, folder, folder.parent, folder.parent.parent]
+    return list(dict.fromkeys(dirs))
+
+
+def image_path_candidates(name: str | os.PathLike, search_dirs: Iterable[Path]) -> list[Path]:
+    """Every existing file ``search_dirs / name`` in search order, distinct files only."""
+    p = Path(name)
+    if p.is_absolute():
+        return [p] if p.is_file() else []
+    found: list[Path] = []
+    for d in search_dirs:
+        cand = Path(d) / p
+        if cand.is_file():
+            same = False
+            for f in found:
+                with contextlib.suppress(OSError):
+                    same = same or os.path.samefile(f, cand)
+            if not same:
+                found.append(cand)
+    return found
+
+
 def resolve_image_path(name: str | os.PathLike, search_dirs: Iterable[Path]) -> Path | None:
     """Find a stack file: absolute as is, else the first of ``search_dirs / name`` that exists.
 
@@ -100,6 +160,36 @@ def resolve_image_path(name: str | os.PathLike, search_dirs: Iterable[Path]) -> 
         if cand.is_file():
             return cand
     return None
+
+
+def resolve_image_paths(
+    names: Iterable[str], search_dirs: Sequence[Path], where: str = ""
+) -> dict[str, Path]:
+    """Resolve stack names (as :func:`resolve_image_path`); warn about ambiguous ones.
+
+    A name that exists in two of ``search_dirs`` as different files resolves to the first;
+    one warning (log and :class:`~cryomag.model.validation.DataWarning`) names both files of
+    the first such name and how many names are ambiguous. Names not found are left out.
+    """
+    found: dict[str, Path] = {}
+    ambiguous: list[tuple[str, list[Path]]] = []
+    for name in names:
+        cands = image_path_candidates(name, search_dirs)
+        if cands:
+            found[name] = cands[0]
+        if len(cands) > 1:
+            ambiguous.append((name, cands))
+    if ambiguous:
+        name, cands = ambiguous[0]
+        more = f" ({len(ambiguous) - 1} more stack name(s) alike)" if len(ambiguous) > 1 else ""
+        warn(
+            f"{where + ': ' if where else ''}image stack {name}: using {cands[0]}, but "
+            f"{', '.join(str(c) for c in cands[1:])} also exists (a different file){more}; "
+            "relative image names resolve from the working directory (the RELION project "
+            "folder) first, then beside the particle file",
+            stacklevel=4,
+        )
+    return found
 
 
 def _read_header(path: Path):
@@ -118,23 +208,53 @@ def _read_header(path: Path):
     return header
 
 
+#: MRC modes of real-valued data (complex modes 3 and 4 are not images or maps).
+_REAL_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+
+
 def _check_size(path: Path, header) -> tuple[int, int, int, np.dtype]:
-    """(nz, ny, nx, dtype) from ``header``; raise if the file is shorter than the header says."""
+    """(nz, ny, nx, dtype) from ``header``; raise unless the file has exactly that many bytes.
+
+    A file shorter than its header promises is truncated; a longer one (or a shorter one whose
+    size fits another mode) has a header whose mode disagrees with the data: reading it would
+    give wrong values, so both are refused, naming the mode and the expected and actual size.
+    """
     nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    mode = int(header.mode)
     try:
         dtype = mrcfile.utils.data_dtype_from_header(header)
     except ValueError as err:
-        raise ParticleFileError(f"{path}: unsupported MRC mode {int(header.mode)} ({err})") from err
+        raise ParticleFileError(f"{path}: unsupported MRC mode {mode} ({err})") from err
+    if mode not in _REAL_MODES:
+        raise ParticleFileError(
+            f"{path}: MRC mode {mode} ({dtype}) is not real-valued image data (expected mode "
+            f"{', '.join(f'{m} ({t})' for m, t in _REAL_MODES.items())})"
+        )
     if min(nx, ny, nz) < 1:
         raise ParticleFileError(f"{path}: MRC header gives size {nx} x {ny} x {nz}")
-    expected = _HEADER_BYTES + int(header.nsymbt) + nx * ny * nz * dtype.itemsize
+    extended = int(header.nsymbt)
+    n_values = nx * ny * nz
+    expected = _HEADER_BYTES + extended + n_values * dtype.itemsize
     actual = path.stat().st_size
-    if actual < expected:
+    if actual == expected:
+        return nz, ny, nx, dtype
+    data_bytes = actual - _HEADER_BYTES - extended
+    fits = [
+        f"mode {m} ({t})"
+        for m, t in _REAL_MODES.items()
+        if m != mode and data_bytes == n_values * np.dtype(t).itemsize
+    ]
+    fit_hint = f"; the size fits {' or '.join(fits)}" if fits else ""
+    if actual < expected and not fits:
         raise ParticleFileError(
             f"{path}: truncated MRC file: header promises {nz} section(s) of {nx} x {ny} "
-            f"({expected} bytes in all), the file has {actual} bytes"
+            f"in mode {mode} ({dtype}) ({expected} bytes in all), the file has {actual} bytes"
         )
-    return nz, ny, nx, dtype
+    raise ParticleFileError(
+        f"{path}: MRC header mode {mode} ({dtype}, {dtype.itemsize} bytes per value) and size "
+        f"{nx} x {ny} x {nz} need {expected} bytes, the file has {actual} bytes: the header "
+        f"disagrees with the data{fit_hint} (expected a file of exactly {expected} bytes)"
+    )
 
 
 def stack_shape(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -175,6 +295,33 @@ def _open_mmap(path: Path):
     return m
 
 
+#: Largest |pixel value| accepted in an image (beyond it the transforms overflow float32).
+MAX_PIXEL_ABS = 1e20
+
+
+def _check_pixels(block: np.ndarray, path: Path, index0: np.ndarray) -> None:
+    """Refuse NaN, inf or absurdly large pixels; ``block`` (n, ny, nx) holds images ``index0``.
+
+    The message names the stack and the 1-based image number in it (min and max of the block
+    first: they propagate NaN, so valid data costs two reductions).
+    """
+    if block.size == 0:
+        return
+    hi, lo = float(block.max()), float(block.min())
+    if np.isfinite(hi) and np.isfinite(lo) and max(hi, -lo) <= MAX_PIXEL_ABS:
+        return
+    flat = block.reshape(len(block), -1)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(flat) | (np.abs(flat) > MAX_PIXEL_ABS)
+    i = int(np.flatnonzero(bad.any(axis=1))[0])
+    v = float(flat[i][bad[i]][0])
+    what = "a non-finite pixel" if not np.isfinite(v) else "a pixel of absurd magnitude"
+    raise ParticleFileError(
+        f"{path}: image {int(index0[i]) + 1} has {what} ({v!r}) (expected finite pixel "
+        f"values, |value| <= {MAX_PIXEL_ABS:g})"
+    )
+
+
 # --------------------------------------------------------------------------- ImageSource
 class ImageSource:
     """Lazy, memory-mapped access to the particle images of a :class:`ParticleSet`.
@@ -184,11 +331,13 @@ class ImageSource:
     ps : ParticleSet
         Needs ``rlnImageName``; box and pixel size come from the optics table.
     search_dirs : sequence of path, optional
-        Folders searched first for relative stack names. Then, by source: a STAR file's folder,
-        the working directory, and the STAR folder's parent and grandparent (a RELION project
-        folder for ``Refine3D/job012/run_data.star``); a .cs file's folder, its parent
+        Folders searched first for relative stack names. Then, by source
+        (:func:`image_search_dirs`): for a STAR file, as RELION does, the working directory
+        (the RELION project folder) first, then the STAR file's folder, its parent and
+        grandparent (``Refine3D/job012/run_data.star``); a .cs file's folder, its parent
         (usually the cryoSPARC project folder) and the working directory; for in-memory sets
-        the working directory.
+        the working directory. When a name exists in two of these folders as different
+        files, the first is used and a warning names both.
     max_open : int
         Most stacks kept open (memory-mapped) at once; least recently used are closed.
 
@@ -222,21 +371,17 @@ class ImageSource:
         self._group = ps.particles["rlnOpticsGroup"].to_numpy(int)
         self._box = ps.optics["rlnImageSize"].to_numpy(float).astype(int)[gidx]
         self._apix = ps.optics["rlnImagePixelSize"].to_numpy(float)[gidx]
-        dirs = [Path(d) for d in (search_dirs or [])]
-        src = ps.source.path
-        folder = Path(src).resolve().parent if src is not None else None
-        if folder is not None:
-            dirs.append(folder)
-            if ps.source.kind == "cs":
-                dirs.append(folder.parent)
-        dirs.append(Path.cwd())
-        if folder is not None and ps.source.kind == "star":
-            # RELION job outputs sit two levels below the project folder (Class3D/job012/)
-            dirs += [folder.parent, folder.parent.parent]
-        self.search_dirs = list(dict.fromkeys(dirs))
+        self.search_dirs = image_search_dirs(
+            ps.source.path, ps.source.kind, extra=search_dirs or ()
+        )
         self._resolved: dict[str, Path] = {}
         self._open: OrderedDict[Path, object] = OrderedDict()
         self._checked: set[Path] = set()
+        # resolve every stack now (in this process, so that a warning about a name found in
+        # two folders reaches the user, not a worker); missing ones raise when read
+        self._resolved.update(
+            resolve_image_paths(pd.unique(self._files), self.search_dirs, ps.name)
+        )
 
     # -------------------------------------------------------------------- basics
     def __len__(self) -> int:
@@ -404,7 +549,8 @@ class ImageSource:
                     f"{int(j[over[0]]) + 1}"
                 )
             srt = np.argsort(j, kind="stable")
-            out[pos[srt]] = data[j[srt]]
+            block = out[pos[srt]] = data[j[srt]]
+            _check_pixels(out[pos[srt]] if block.dtype != np.float32 else block, path, j[srt])
         return out
 
     def read_one(self, row: int) -> np.ndarray:
@@ -437,8 +583,8 @@ def write_stack(
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f"images must have shape (n, box, box), got {arr.shape}")
-    if not pixel_size_A > 0:
-        raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A}")
+    if not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
+        raise ValueError(f"{path}: pixel size must be > 0 A, got {pixel_size_A}")
     with atomic_write(path, inputs=inputs) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(np.ascontiguousarray(arr))
@@ -447,10 +593,62 @@ def write_stack(
             m.update_header_stats()
 
 
+def check_map_values(volume: np.ndarray, label: str, kind: str = "map") -> None:
+    """Refuse a map that cannot be a reference: non-finite or absurd values, all zero, constant.
+
+    Parameters
+    ----------
+    volume : ndarray
+        The map (any shape).
+    label : str
+        What it is, first in the message (the file, "X masked by Y").
+    kind : str
+        ``"map"``: refuse NaN/inf, all zero and constant maps. ``"mask"``: refuse NaN/inf and
+        an empty (all zero) mask; a constant non-zero mask is accepted. ``"any"``: NaN/inf
+        and all zero (what no map and no mask may be).
+
+    Raises
+    ------
+    ParticleFileError
+    """
+    v = np.asarray(volume)
+    if kind not in ("any", "map", "mask"):
+        raise ValueError(f"kind must be 'any', 'map' or 'mask', got {kind!r}")
+    noun = "map" if kind == "any" else kind
+    if v.size == 0:
+        raise ParticleFileError(f"{label}: the {noun} has no voxels")
+    finite = np.isfinite(v)
+    if not finite.all():
+        idx = np.unravel_index(int(np.flatnonzero(~finite.ravel())[0]), v.shape)
+        raise ParticleFileError(
+            f"{label}: the {noun} has {int((~finite).sum())} non-finite voxel(s) (first "
+            f"{float(v[idx])!r} at [z, y, x] = {[int(i) for i in idx]}); expected finite values"
+        )
+    hi, lo = float(v.max()), float(v.min())
+    if max(hi, -lo) > MAX_PIXEL_ABS:
+        big = np.unravel_index(int(np.argmax(np.abs(v))), v.shape)
+        raise ParticleFileError(
+            f"{label}: the {noun} has a voxel of absurd magnitude ({float(v[big])!r} at "
+            f"[z, y, x] = {[int(i) for i in big]}); expected |value| <= {MAX_PIXEL_ABS:g} "
+            "(a corrupt file?)"
+        )
+    if hi == 0.0 and lo == 0.0:
+        expected = {
+            "any": "a map with density (or a mask with some voxels > 0)",
+            "map": "a map with density",
+            "mask": "a mask with some voxels > 0",
+        }[kind]
+        raise ParticleFileError(f"{label}: every voxel is 0; expected {expected}")
+    if kind == "map" and hi == lo:
+        raise ParticleFileError(
+            f"{label}: the map is constant (every voxel {hi:g}); expected a map with density"
+        )
+
+
 def read_map(
-    path: str | os.PathLike, pixel_size_A: float | None = None
+    path: str | os.PathLike, pixel_size_A: float | None = None, *, kind: str = "any"
 ) -> tuple[np.ndarray, float]:
-    """Read a 3D map.
+    """Read a 3D map (or mask), refusing non-finite or empty data.
 
     Parameters
     ----------
@@ -458,6 +656,10 @@ def read_map(
         MRC map.
     pixel_size_A : float, optional
         Overrides the header voxel size.
+    kind : str
+        ``"any"`` (default): refuse NaN/inf and an all-zero volume (a map or a mask);
+        ``"map"``: also a constant map; ``"mask"``: as ``"any"`` (a constant mask of ones is
+        valid). See :func:`check_map_values`.
 
     Returns
     -------
@@ -471,9 +673,12 @@ def read_map(
     ParticleFileNotFoundError
         Missing file.
     ParticleFileError
-        Truncated file, not 3D, non-cubic map, no pixel size in the header (and no override),
-        or anisotropic voxels.
+        Truncated file or one whose header mode disagrees with its size, not 3D, non-cubic
+        map, NaN / inf voxels, all zero (or constant with ``kind="map"``), no pixel size in
+        the header (and no override), or anisotropic voxels. The message names the file.
     """
+    if kind not in ("any", "map", "mask"):
+        raise ValueError(f"kind must be 'any', 'map' or 'mask', got {kind!r}")
     path = Path(path)
     header = _read_header(path)
     nz, ny, nx, _ = _check_size(path, header)
@@ -493,10 +698,16 @@ def read_map(
             f"{path}: map is {nx} x {ny} x {nz} voxels; non-cubic maps are unsupported "
             "(expected n x n x n)"
         )
+    check_map_values(vol, str(path), kind)
     if pixel_size_A is not None:
+        if not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
+            raise ValueError(f"{path}: pixel size must be > 0 A, got {pixel_size_A}")
         return vol, float(pixel_size_A)
-    if voxel[0] <= 0:
-        raise ParticleFileError(f"{path}: header has no voxel size; pass pixel_size_A")
+    if not (np.isfinite(voxel[0]) and voxel[0] > 0):
+        raise ParticleFileError(
+            f"{path}: the MRC header has no voxel size ({voxel[0]:g} A); set it in the header "
+            "(e.g. relion_image_handler --i IN --o OUT --angpix A, or mrcfile's voxel_size)"
+        )
     if max(abs(v / voxel[0] - 1.0) for v in voxel) > 1e-3:
         raise ParticleFileError(
             f"{path}: anisotropic voxel size {voxel} A; expected equal x, y, z sizes"
@@ -504,26 +715,56 @@ def read_map(
     return vol, voxel[0]
 
 
-def rebase_image_names(ps: ParticleSet, dest_folder: str | os.PathLike | None) -> None:
+def map_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], float]:
+    """(nz, ny, nx) and the x voxel size (A) of an MRC map, from its header (no data read)."""
+    path = Path(path)
+    header = _read_header(path)
+    nz, ny, nx, _ = _check_size(path, header)
+    mx = int(header.mx)
+    vs = float(str(np.float32(float(header.cella.x) / mx))) if mx > 0 else 0.0
+    return (nz, ny, nx), vs
+
+
+def check_half_maps(path1: str | os.PathLike, path2: str | os.PathLike) -> None:
+    """Two half maps must have the same box and voxel size; the message names both files."""
+    (s1, v1), (s2, v2) = map_header(path1), map_header(path2)
+    if s1 != s2:
+        raise ParticleFileError(
+            f"half maps differ in size: {path1} is {' x '.join(map(str, s1[::-1]))} voxels, "
+            f"{path2} is {' x '.join(map(str, s2[::-1]))} (expected two maps of one box)"
+        )
+    if v1 > 0 and v2 > 0 and abs(v1 / v2 - 1) > 1e-3:
+        raise ParticleFileError(
+            f"half maps differ in voxel size: {path1} has {v1:g} A, {path2} has {v2:g} A "
+            "(expected the same voxel size)"
+        )
+
+
+def rebase_image_names(
+    ps: ParticleSet, dest_folder: str | os.PathLike | None, warn_ambiguous: bool = False
+) -> None:
     """Rewrite ``rlnImageName`` so that the stacks resolve from a STAR written to ``dest_folder``.
 
     Each stack is resolved as :class:`ImageSource` would for the set's source file; names
     are then written relative to ``dest_folder`` (absolute when no relative path exists, or
     when ``dest_folder`` is None). Stacks that cannot be found are left as they are
-    (metadata-only sets stay valid).
+    (metadata-only sets stay valid). ``warn_ambiguous``: warn when a name exists in two
+    search folders as different files (see :func:`resolve_image_path`).
     """
     if "rlnImageName" not in ps.particles.columns:
         return
     numbers, files = parse_image_names(ps.particles["rlnImageName"], ps.name)
-    dirs: list[Path] = []
-    if ps.source.path is not None:
-        folder = Path(ps.source.path).resolve().parent
-        dirs += [folder, folder.parent] if ps.source.kind == "cs" else [folder]
-    dirs.append(Path.cwd())
+    dirs = image_search_dirs(ps.source.path, ps.source.kind)
     dest = None if dest_folder is None else Path(dest_folder).resolve()
     mapping: dict[str, str] = {}
-    for name in pd.unique(files):
-        found = resolve_image_path(name, dirs)
+    uniq = pd.unique(files)
+    resolved = (
+        resolve_image_paths(uniq, dirs, ps.name)
+        if warn_ambiguous
+        else {n: p for n in uniq if (p := resolve_image_path(n, dirs)) is not None}
+    )
+    for name in uniq:
+        found = resolved.get(name)
         if found is None:
             mapping[name] = name
             continue

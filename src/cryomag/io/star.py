@@ -38,6 +38,14 @@ import pyarrow.csv as pcsv
 
 from cryomag.io.atomic import ParticleFileError, ParticleFileNotFoundError, atomic_write
 from cryomag.model.particles import ParticleSet, SourceInfo
+from cryomag.model.validation import (
+    Rule,
+    ValidationLimits,
+    check_column,
+    resolve_limits,
+    rules_for,
+    warn_suspicious,
+)
 
 __all__ = ["read_star", "write_star", "read_star_blocks", "DEFAULT_STAR_VERSION"]
 
@@ -76,28 +84,81 @@ def _is_string_label(label: str) -> bool:
     return label in _STRING_LABELS or label.endswith(_STRING_SUFFIXES)
 
 
+def check_angpix(angpix: float | None) -> None:
+    """Refuse a pixel-size override that is not a finite number > 0 (``--angpix``)."""
+    if angpix is None:
+        return
+    try:
+        ok = np.isfinite(float(angpix)) and float(angpix) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--angpix (angpix=) must be a pixel size in A > 0, got {angpix!r}")
+
+
 # --------------------------------------------------------------------------------- parsing
+def _count_values(line: bytes) -> int:
+    """Whitespace-separated values of one STAR row (double-quoted strings count as one)."""
+    if b'"' not in line and b"'" not in line:
+        return len(line.split())
+    try:
+        return len(shlex.split(line.decode(errors="replace"), posix=True))
+    except ValueError:
+        return -1
+
+
+def _bad_row(data: bytes, start: int, end: int, n_labels: int) -> tuple[int, int] | None:
+    """(1-based data row, number of values) of the first row without ``n_labels`` values."""
+    r = 0
+    for ln in data[start:end].split(b"\n"):
+        if not ln.strip():
+            continue
+        r += 1
+        n_tok = _count_values(ln)
+        if n_tok != n_labels:
+            return r, n_tok
+    return None
+
+
+def _row_error(path: Path, block: str, labels: list[str], row: int, n_tok: int):
+    return ParticleFileError(
+        f"{path}: block data_{block}, row {row}: has {n_tok} values, expected "
+        f"{len(labels)} (one per label: {', '.join(labels[:3])}, ...)"
+    )
+
+
 def _parse_loop_rows(
     path: Path, block: str, data: bytes, start: int, end: int, labels: list[str]
 ) -> pd.DataFrame:
-    """Parse the rows of one loop (bytes ``data[start:end]``) into a DataFrame."""
+    """Parse the rows of one loop (bytes ``data[start:end]``) into a DataFrame.
+
+    Every row must have one value per label: a row with too many or too few values (the
+    first row included) raises :class:`ParticleFileError` naming the block, the 1-based row
+    and the counts.
+    """
     str_cols = {lab: str for lab in labels if _is_string_label(lab)}
     na_values = {lab: _NUMERIC_NA for lab in labels if lab not in str_cols}
     try:
-        df = pd.read_csv(
-            io.BytesIO(data[start:end]),
-            sep=r"\s+",
-            header=None,
-            names=labels,
-            dtype=str_cols,
-            keep_default_na=False,
-            na_values=na_values,
-            quotechar='"',
-            engine="c",
-            skip_blank_lines=True,
-            index_col=False,
-        )
-    except (pd.errors.ParserError, ValueError) as err:
+        with warnings.catch_warnings():
+            # pandas only warns (and drops the extra values) when the FIRST row is too long
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(
+                io.BytesIO(data[start:end]),
+                sep=r"\s+",
+                header=None,
+                names=labels,
+                dtype=str_cols,
+                keep_default_na=False,
+                na_values=na_values,
+                quotechar='"',
+                engine="c",
+                skip_blank_lines=True,
+                index_col=False,
+            )
+    except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError) as err:
+        bad = _bad_row(data, start, end, len(labels))
+        if bad is not None:
+            raise _row_error(path, block, labels, *bad) from err
         raise ParticleFileError(
             f"{path}: block data_{block}: cannot parse the rows ({err}); expected "
             f"{len(labels)} whitespace-separated values per row"
@@ -110,15 +171,9 @@ def _parse_loop_rows(
     if suspicious.any():
         lines = [ln for ln in data[start:end].split(b"\n") if ln.strip()]
         for r in np.flatnonzero(suspicious):
-            try:
-                n_tok = len(shlex.split(lines[r].decode(errors="replace"), posix=True))
-            except ValueError:
-                n_tok = -1
+            n_tok = _count_values(lines[r])
             if n_tok != len(labels):
-                raise ParticleFileError(
-                    f"{path}: block data_{block}, row {r + 1}: has {n_tok} values, expected "
-                    f"{len(labels)} (one per label: {', '.join(labels[:3])}, ...)"
-                )
+                raise _row_error(path, block, labels, int(r) + 1, n_tok)
     return df
 
 
@@ -188,6 +243,7 @@ def read_star_blocks(
     labels: list[str] = []
     pairs: dict[str, object] = {}
     in_loop = False
+    rows_ended_at_comment = False  # the last loop's rows were cut by a '#' line
 
     def close_block() -> None:
         if name is None:
@@ -216,12 +272,19 @@ def read_star_blocks(
             if name in blocks:
                 raise ParticleFileError(f"{path}: data block data_{name} appears twice")
             labels, pairs, in_loop = [], {}, False
+            rows_ended_at_comment = False
         elif name is None:
-            where = f"after the rows of data_{list(blocks)[-1]}" if blocks else "before data_"
-            raise ParticleFileError(
-                f"{path}: unexpected line {line[:60]!r} {where} (comment lines inside a "
-                "loop's rows are not allowed)"
-            )
+            if blocks:
+                where = f"after the rows of data_{list(blocks)[-1]}"
+                hint = (
+                    " (comment lines inside a loop's rows are not allowed)"
+                    if rows_ended_at_comment
+                    else " (expected 'data_NAME' to start the next block)"
+                )
+            else:
+                where = "before the first data_ block"
+                hint = " (expected a STAR file: '# version', 'data_NAME', 'loop_', '_rlnLabel')"
+            raise ParticleFileError(f"{path}: unexpected line {line[:60]!r} {where}{hint}")
         elif line == b"loop_":
             in_loop = True
         elif line.startswith(b"_"):
@@ -235,6 +298,7 @@ def read_star_blocks(
             # loop rows: up to the next line starting with 'data_' or '#'
             ends = [i for i in (_find_line_start(data, t, pos, n) for t in (b"data_", b"#"))]
             end = min([i for i in ends if i >= 0], default=n)
+            rows_ended_at_comment = end < n and ends[1] == end
             dup = sorted({lab for lab in labels if labels.count(lab) > 1})
             if dup:
                 raise ParticleFileError(f"{path}: block data_{name}: duplicate labels {dup}")
@@ -279,25 +343,37 @@ def _check_square(path: Path, optics: pd.DataFrame) -> None:
             optics["rlnImageSize"] = optics["rlnImageSizeX"]
 
 
-def _fill_missing_poses(particles: pd.DataFrame, source: SourceInfo) -> None:
-    """Fill absent angles (all three) and origins with 0 and record it in ``source``."""
+def _fill_missing_poses(path: Path, particles: pd.DataFrame, source: SourceInfo) -> None:
+    """Fill absent angles (all three) and origins (both) with 0 and record it in ``source``.
+
+    One origin without the other is a damaged table, not a file without poses: refused (the
+    missing angle of an incomplete set is refused by the validation).
+    """
     angles = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
     if not any(a in particles.columns for a in angles):
         for a in angles:
             particles[a] = 0.0
             source.filled_columns.append(a)
         source.has_poses = False
-    for o in ("rlnOriginXAngst", "rlnOriginYAngst"):
+    origins = ("rlnOriginXAngst", "rlnOriginYAngst")
+    present = [o for o in origins if o in particles.columns]
+    if len(present) == 1:
+        absent = next(o for o in origins if o not in present)
+        raise ParticleFileError(
+            f"{path}: particle table has {present[0]} but no {absent} (expected both origins "
+            "in A, or neither)"
+        )
+    for o in origins:
         if o not in particles.columns:
             particles[o] = 0.0
             source.filled_columns.append(o)
 
 
 def _legacy_to_optics(
-    path: Path, particles: pd.DataFrame, angpix: float | None
+    path: Path, particles: pd.DataFrame, angpix: float | None, limits: ValidationLimits
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build an optics table for a RELION 3.0 particle table (no optics block)."""
-    from cryomag.io.mrc import parse_image_names, resolve_image_path, stack_shape
+    from cryomag.io.mrc import image_search_dirs, parse_image_names, resolve_image_path, stack_shape
 
     particles = particles.copy()
     for col, what in (
@@ -320,6 +396,16 @@ def _legacy_to_optics(
                 f"{path}: particle row {r + 1}, column {k}: value {particles[k].iloc[r]!r} is "
                 "not a finite number"
             )
+    # the optics values are per particle here: check them with the particle's row
+    _, orules = rules_for(limits)
+    extra = {
+        "rlnMagnification": Rule("magnification, > 0", lo=0, lo_open=True),
+        "rlnDetectorPixelSize": Rule("detector pixel size in um, > 0", lo=0, lo_open=True),
+    }
+    for k in keys:
+        rule = orules.get(k) or extra.get(k)
+        if rule is not None:
+            check_column(particles[k], k, rule, str(path), "particle")
     key_df = particles[keys].apply(pd.to_numeric)
     codes, uniques = pd.factorize(pd.MultiIndex.from_frame(key_df), sort=False)
     group = codes.astype(int) + 1
@@ -341,7 +427,8 @@ def _legacy_to_optics(
     else:
         raise ParticleFileError(
             f"{path}: RELION 3.0 particle table without rlnMagnification and "
-            "rlnDetectorPixelSize: cannot tell the pixel size (pass angpix)"
+            "rlnDetectorPixelSize: cannot tell the pixel size (give it with --angpix; "
+            "angpix= in Python)"
         )
     optics["rlnImagePixelSize"] = apix
     if "rlnImageSize" not in keys:
@@ -352,12 +439,13 @@ def _legacy_to_optics(
             )
         sizes = []
         _, files = parse_image_names(particles["rlnImageName"].iloc[first_rows], path)
+        dirs = image_search_dirs(path, "star")
         for r, f in zip(first_rows, files, strict=True):
-            stack = resolve_image_path(f, [path.parent, Path.cwd()])
+            stack = resolve_image_path(f, dirs)
             if stack is None:
                 raise ParticleFileError(
                     f"{path}: particle row {r + 1}: rlnImageSize is missing and its stack {f} "
-                    f"was not found (looked in {path.parent} and {Path.cwd()}); cannot tell "
+                    f"was not found (looked in {', '.join(str(d) for d in dirs)}); cannot tell "
                     "the box size"
                 )
             _, ny, nx = stack_shape(stack)
@@ -395,7 +483,13 @@ def _legacy_to_optics(
     return particles, optics
 
 
-def read_star(path: str | os.PathLike, angpix: float | None = None) -> ParticleSet:
+def read_star(
+    path: str | os.PathLike,
+    angpix: float | None = None,
+    *,
+    allow_negative_cs: bool | None = None,
+    max_defocus_um: float | None = None,
+) -> ParticleSet:
     """Read a RELION particle STAR file.
 
     Parameters
@@ -405,6 +499,11 @@ def read_star(path: str | os.PathLike, angpix: float | None = None) -> ParticleS
     angpix : float, optional
         Pixel size in A/px for RELION 3.0 files; wins over rlnDetectorPixelSize * 1e4 /
         rlnMagnification. Ignored (with no effect) for files that have an optics table.
+    allow_negative_cs : bool, optional
+        Accept a negative rlnSphericalAberration (a Cs corrector); default: refused, or as
+        set by :func:`cryomag.model.validation.validation_limits`.
+    max_defocus_um : float, optional
+        Largest accepted |defocus| in um (default 20, or as set by ``validation_limits``).
 
     Returns
     -------
@@ -430,12 +529,21 @@ def read_star(path: str | os.PathLike, angpix: float | None = None) -> ParticleS
     ParticleFileNotFoundError
         Missing file.
     ParticleDataError
-        (or its subclass :class:`ParticleFileError`) for: no particle block, missing required
-        columns, non-numeric / NaN / inf values in required columns, particles referring to an
-        undefined optics group, non-square boxes. The message names the file, the row or column
-        and what was expected.
+        (or its subclass :class:`ParticleFileError`) for: no particle block, rows with the
+        wrong number of values, missing required columns, any value that breaks the rules of
+        :mod:`cryomag.model.validation` (non-numeric, NaN or inf in any column an engine uses,
+        optional ones included; non-physical optics or defocus), particles referring to an
+        undefined optics group, non-square boxes. The message names the file, the row, the
+        column and what was expected.
+
+    Warns
+    -----
+    DataWarning
+        When particles repeat an image (same stack and index).
     """
     path = Path(path)
+    limits = resolve_limits(allow_negative_cs, max_defocus_um)
+    check_angpix(angpix)
     version, blocks, nonloop = read_star_blocks(path)
     if "particles" in blocks:
         pname = "particles"
@@ -462,7 +570,7 @@ def read_star(path: str | os.PathLike, angpix: float | None = None) -> ParticleS
         order = list(blocks)
     else:
         source.legacy = True
-        particles, optics = _legacy_to_optics(path, particles, angpix)
+        particles, optics = _legacy_to_optics(path, particles, angpix, limits)
         order = ["optics", "particles"] + [n for n in blocks if n != pname]
     source.block_order = order
     source.extra_blocks = {n: b for n, b in blocks.items() if n not in ("optics", pname)}
@@ -470,9 +578,12 @@ def read_star(path: str | os.PathLike, angpix: float | None = None) -> ParticleS
     if len(particles) == 0:
         raise ParticleFileError(f"{path}: block data_{pname} has no particles")
     _check_square(path, optics)
-    _fill_missing_poses(particles, source)
-    ps = ParticleSet(particles.reset_index(drop=True), optics.reset_index(drop=True), source)
+    _fill_missing_poses(path, particles, source)
+    ps = ParticleSet(
+        particles.reset_index(drop=True), optics.reset_index(drop=True), source, limits
+    )
     ps.validate()
+    warn_suspicious(ps)
     return ps
 
 

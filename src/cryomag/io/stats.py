@@ -23,7 +23,6 @@ field names (:class:`StatisticsCodec`).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.io.atomic import ParticleFileError, atomic_write, write_json
+from cryomag.io.atomic import ParticleFileError, atomic_write, read_json, write_json
 
 __all__ = [
     "StatisticsCodec",
@@ -120,13 +119,7 @@ def read_options(run: str | os.PathLike) -> dict:
     path = Path(run) / "stats" / "options.json"
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ParticleFileError(f"{path}: unreadable options ({exc})") from None
-    if not isinstance(data, dict):
-        raise ParticleFileError(f"{path}: expected a JSON object of options")
-    return data
+    return read_json(path, "the options of a cryomag estimate run")
 
 
 def load_run(run: str | os.PathLike, group_numbers) -> tuple[dict, dict, dict]:

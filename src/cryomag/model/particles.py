@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cryomag.model.validation import ValidationLimits
 
 MAGMAT_COLUMNS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 
@@ -61,6 +64,12 @@ PARTICLE_DEFAULTS = {
 
 class ParticleDataError(ValueError):
     """Bad or missing particle metadata; the message names the file, row/column and expectation."""
+
+
+def _current_limits() -> ValidationLimits:
+    from cryomag.model.validation import current_limits
+
+    return current_limits()
 
 
 @dataclass
@@ -122,11 +131,15 @@ class ParticleSet:
         One row per optics group, RELION column names.
     source : SourceInfo
         Provenance, used by the writers to keep untouched content.
+    limits : ValidationLimits
+        The relaxable limits of :meth:`validate` (negative Cs, largest defocus); default: the
+        limits in force when the set is made (:func:`cryomag.model.validation.validation_limits`).
     """
 
     particles: pd.DataFrame
     optics: pd.DataFrame
     source: SourceInfo = field(default_factory=SourceInfo)
+    limits: ValidationLimits = field(default_factory=_current_limits)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -147,44 +160,18 @@ class ParticleSet:
 
     def copy(self) -> ParticleSet:
         """Deep copy of both tables (the source information is shared)."""
-        return ParticleSet(self.particles.copy(), self.optics.copy(), self.source)
+        return ParticleSet(self.particles.copy(), self.optics.copy(), self.source, self.limits)
 
     def validate(self) -> None:
-        """Check required columns and values; raise :class:`ParticleDataError` naming them."""
-        for col, what in REQUIRED_OPTICS_COLUMNS.items():
-            if col not in self.optics.columns:
-                raise ParticleDataError(
-                    f"{self.name}: optics table has no column {col} (expected {what})"
-                )
-        for col, what in REQUIRED_PARTICLE_COLUMNS.items():
-            if col not in self.particles.columns:
-                raise ParticleDataError(
-                    f"{self.name}: particle table has no column {col} (expected {what})"
-                )
-        for table, cols, label in (
-            (self.particles, REQUIRED_PARTICLE_COLUMNS, "particle"),
-            (self.optics, REQUIRED_OPTICS_COLUMNS, "optics"),
-        ):
-            for col in cols:
-                values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float)
-                bad = ~np.isfinite(values)
-                if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
-                    raise ParticleDataError(
-                        f"{self.name}: {label} row {row + 1}, column {col}: value "
-                        f"{table[col].iloc[row]!r} is not a finite number (expected {cols[col]})"
-                    )
-        groups = set(self.optics["rlnOpticsGroup"].astype(int))
-        used = set(self.particles["rlnOpticsGroup"].astype(int))
-        missing = used - groups
-        if missing:
-            raise ParticleDataError(
-                f"{self.name}: particles refer to optics group(s) {sorted(missing)} that the "
-                f"optics table does not define (it has {sorted(groups)})"
-            )
-        apix = self.optics["rlnImagePixelSize"].to_numpy(float)
-        if (apix <= 0).any():
-            raise ParticleDataError(f"{self.name}: rlnImagePixelSize must be > 0, got {apix}")
+        """Check that every column an engine uses is present, finite and physical.
+
+        The rules are those of :mod:`cryomag.model.validation` (under ``self.limits``); the
+        first violation raises :class:`ParticleDataError` naming the file, the row (1-based),
+        the column, the value and what was expected.
+        """
+        from cryomag.model.validation import validate_particle_set
+
+        validate_particle_set(self)
 
     # ------------------------------------------------------------ per group
     @property
@@ -379,4 +366,6 @@ class ParticleSet:
         """A new set with the chosen particles (optics table copied whole)."""
         idx = np.asarray(mask_or_index)
         sub = self.particles.iloc[np.flatnonzero(idx) if idx.dtype == bool else idx]
-        return ParticleSet(sub.reset_index(drop=True), self.optics.copy(), self.source)
+        return ParticleSet(
+            sub.reset_index(drop=True), self.optics.copy(), self.source, self.limits
+        )

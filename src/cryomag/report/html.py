@@ -142,16 +142,29 @@ def load_reconstruction(folder: str | Path) -> dict:
     ValueError
         When fsc.json lacks the FSC curve.
     """
+    from cryomag.io.atomic import read_json
+
     folder = Path(folder)
     path = folder / "fsc.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{folder}: no fsc.json (expected the output folder of cryomag reconstruct)"
         )
-    data = json.loads(path.read_text())
+    data = read_json(path, "the fsc.json of cryomag reconstruct")
     for key in ("frequency_1_per_A", "fsc"):
         if key not in data:
             raise ValueError(f"{path}: no {key!r} (expected cryomag reconstruct's fsc.json)")
+    try:
+        f = np.asarray(data["frequency_1_per_A"], dtype=float)
+        c = np.asarray(data["fsc"], dtype=float)
+        r = float(data.get("resolution_A", 1.0))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the FSC curve is not numbers ({err})") from err
+    if f.ndim != 1 or f.shape != c.shape or not (np.isfinite(f).all() and np.isfinite(r)):
+        raise ValueError(
+            f"{path}: frequency_1_per_A and fsc must be lists of numbers of one length, and "
+            "resolution_A a finite number"
+        )
     data["folder"] = str(folder)
     if not data.get("command"):
         cmds = _log_commands(folder / "cryomag.log")
@@ -391,16 +404,27 @@ def build_report(
     FileNotFoundError
         Missing run folder or a reconstruction folder without fsc.json.
     """
-    from cryomag import __version__
-    from cryomag.io.atomic import atomic_write
+    from cryomag.io.atomic import read_json
+    from cryomag.io.outdir import check_output_path, output_folder, written_by_run
 
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
     out_path = Path(out) if out is not None else run / "report.html"
+    # never write over a file the report reads (RUN/results.json, a plot, a log...)
+    check_output_path(out_path, [run, before, after])
+    with output_folder(run, "report", clean=False, record="append", option="run folder"):
+        return _build_report(run, before, after, out_path, title, read_json, written_by_run)
+
+
+def _build_report(run, before, after, out_path, title, read_json, written_by_run) -> ReportResult:
+    """:func:`build_report` once the run folder is locked."""
+    from cryomag import __version__
+    from cryomag.io.atomic import atomic_write
+
     results = None
     if (run / "results.json").is_file():
-        results = json.loads((run / "results.json").read_text())
+        results = read_json(run / "results.json", "the results.json of cryomag estimate")
     recs: list[tuple[str, dict]] = []
     given = {Path(p).resolve() for p in (before, after) if p is not None}
     if (run / "fsc.json").is_file() and run.resolve() not in given:
@@ -430,13 +454,27 @@ def build_report(
         )
     body.append(_section_inputs(run, results, recs))
     if results is not None:
-        body.append(_section_groups(results))
+        try:
+            body.append(_section_groups(results))
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError) as err:
+            raise ValueError(
+                f"{run / 'results.json'}: unexpected content ({type(err).__name__}: {err}); "
+                "expected the results.json of cryomag estimate"
+            ) from err
     if res_html:
         body.append(res_html)
     pngs = sorted((run / "plots").glob("*.png")) if (run / "plots").is_dir() else []
     if (run / "fsc.png").is_file():
         pngs.append(run / "fsc.png")
+    # only what the run itself wrote (its manifest), never a plot left by an earlier run
+    stale = [p for p in pngs if not written_by_run(run, p)]
+    pngs = [p for p in pngs if p not in stale]
     body.append("<h2>Plots</h2>")
+    if stale:
+        body.append(
+            f'<p class="muted">{len(stale)} older plot(s) in this folder, not written by this '
+            "run, are not shown.</p>"
+        )
     if pngs:
         for p in pngs:
             body.append(_img(p, str(p.relative_to(run))))

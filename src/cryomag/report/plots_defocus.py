@@ -25,14 +25,16 @@ def plot_defocus(result, folder: Path) -> list[Path]:
     ps = result.particles
     paths: list[Path] = []
     for gr in result.groups:
-        if gr.defocus_solution is None or gr.rows is None:
+        if gr.defocus_solution is None or gr.rows is None or gr.failed:
             continue
         rows = gr.rows
         mics = ps.micrographs()[rows]
         units, inv = np.unique(mics, return_inverse=True)
         cnt = np.maximum(np.bincount(inv, minlength=len(units)), 1)
         change = ps.column("cmagDefocusChange")[rows]
-        refined = 0.5 * (gr.defocus[:, 0] + gr.defocus[:, 1])
+        # the written mean defocus in the input's CTF frame (before re-expression for M)
+        refined = 0.5 * (ps.column("cmagDefocusUInput") + ps.column("cmagDefocusVInput"))[rows]
+        refined = refined + change
         mic_change = np.bincount(inv, change, minlength=len(units)) / cnt
         mic_mean = np.bincount(inv, refined, minlength=len(units)) / cnt
         sol = gr.defocus_solution

@@ -28,10 +28,74 @@ import pandas as pd
 from cryomag.model.particles import ParticleDataError, ParticleSet
 
 MODELS = ("group", "micrograph", "particle", "defocus")
+SPLITS = ("micrograph", "bins")
+
+#: Option names in messages: Python API and command line.
+_API_NAMES = {
+    "model": "model",
+    "split": "split",
+    "bins": "n_bins",
+    "apix": "pixel_size_A",
+    "box": "box",
+    "resample": "resample",
+}
+_CLI_NAMES = {k: f"--{k}" for k in _API_NAMES}
+
+
+def check_apply_options(
+    *,
+    resample: bool = False,
+    split: str | None = None,
+    n_bins: int = 10,
+    model: str = "group",
+    pixel_size_A: float | None = None,
+    box: int | None = None,
+    cli: bool = False,
+) -> None:
+    """Refuse nonsense options of ``apply`` before any work (``ValueError``).
+
+    ``cli``: name the options as the command line does (``--model``), else as the Python API.
+    """
+    n = _CLI_NAMES if cli else _API_NAMES
+    if model not in MODELS:
+        raise ValueError(f"{n['model']} {model!r}: choose one of {', '.join(MODELS)}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"{n['split']} {split!r}: choose one of {', '.join(SPLITS)}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise ValueError(f"{n['bins']} {n_bins!r}: the number of bins must be an integer >= 1")
+    if resample and split is not None:
+        raise ValueError(
+            f"{n['resample']} and {n['split']} exclude each other (resampled stacks have M = I: "
+            "nothing is left to split)"
+        )
+    if pixel_size_A is not None:
+        try:
+            ok = np.isfinite(float(pixel_size_A)) and 0 < float(pixel_size_A) <= 100
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{n['apix']} {pixel_size_A!r}: the output pixel size must be a number of A, "
+                "> 0 and <= 100"
+            )
+    if box is not None and (
+        isinstance(box, bool) or not isinstance(box, int | np.integer) or box < 8 or box % 2
+    ):
+        raise ValueError(f"{n['box']} {box!r}: the output box must be an even integer >= 8")
+    if not resample and (pixel_size_A is not None or box is not None):
+        which = n["apix"] if pixel_size_A is not None else n["box"]
+        raise ValueError(f"{which} applies to {n['resample']} only")
 
 
 def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
-    """The magnification matrix of each particle under ``model``, shape (N, 2, 2)."""
+    """The magnification matrix of each particle under ``model``, shape (N, 2, 2).
+
+    A particle without a local value (NaN: no fit for it) gets its group's matrix; a local
+    matrix that is not a magnification (inf, det <= 0, sqrt(det) outside 0.1-10, more than
+    1.5x anisotropic) is an error naming the row.
+    """
+    from cryomag.model.validation import check_magnification
+
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     mg = ps.mag_matrices()[ps.group_index()]
@@ -41,15 +105,20 @@ def particle_matrices(ps: ParticleSet, model: str = "group") -> np.ndarray:
     if model == "defocus":
         if "cmagDefocusMag" not in t.columns:
             raise ParticleDataError(f"{ps.name}: no cmagDefocusMag column (fit defocus first)")
-        return mg * t["cmagDefocusMag"].to_numpy(float)[:, None, None]
+        d = pd.to_numeric(t["cmagDefocusMag"], errors="coerce").to_numpy(float)
+        d = np.where(np.isnan(d), 1.0, d)  # NaN: no local fit; inf is refused below
+        m = mg * d[:, None, None]
+        check_magnification(m, ps.name, "particle", columns="column cmagDefocusMag (x rlnMagMat)")
+        return m
     prefix = "cmagParticleMagMat" if model == "particle" else "cmagMicrographMagMat"
     cols = [f"{prefix}{c}" for c in ("00", "01", "10", "11")]
     missing = [c for c in cols if c not in t.columns]
     if missing:
         raise ParticleDataError(f"{ps.name}: no column {missing[0]} (fit {model} first)")
-    m = t[cols].to_numpy(float, copy=True).reshape(-1, 2, 2)
-    bad = ~np.all(np.isfinite(m), axis=(1, 2))
+    m = t[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float, copy=True).reshape(-1, 2, 2)
+    bad = np.isnan(m).any(axis=(1, 2))  # no local fit for the particle: its group's matrix
     m[bad] = mg[bad]
+    check_magnification(m, ps.name, "particle", columns=f"columns {prefix}00..11")
     return m
 
 
@@ -187,34 +256,49 @@ def apply(
     box: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Python API of ``cryomag apply``; returns the paths written."""
+    """Python API of ``cryomag apply``; returns the paths written.
+
+    Options are checked before anything is read (:func:`check_apply_options`); ``out`` must
+    not be (or hold) the run folder or the image stacks, and is locked and cleaned of an
+    earlier run's outputs (:func:`cryomag.io.outdir.output_folder`).
+    """
     from cryomag.io import read_particles, write_star
     from cryomag.io.atomic import ensure_not_input
+    from cryomag.io.outdir import check_out_not_input, output_folder
 
+    check_apply_options(
+        resample=resample,
+        split=split,
+        n_bins=n_bins,
+        model=model,
+        pixel_size_A=pixel_size_A,
+        box=box,
+    )
     star = Path(star)
     if star.is_dir():
         star = star / "particles.star"
     out = Path(out)
+    check_out_not_input(out, [star])
     ps = read_particles(star)
-    out.mkdir(parents=True, exist_ok=True)
     written = {}
-    if resample:
-        res = resample_particles(ps, out, model, pixel_size_A, box, progress=progress)
-    elif split:
-        res = split_optics_groups(ps, model, split, n_bins)
-    else:
-        res = ps.copy()
-    target = out / "particles.star"
-    ensure_not_input(target, [star])
-    if not resample:
-        from cryomag.io.mrc import rebase_image_names
+    with output_folder(out, "apply", inputs=[star], particles=ps) as out:
+        if resample:
+            res = resample_particles(ps, out, model, pixel_size_A, box, progress=progress)
+        elif split:
+            res = split_optics_groups(ps, model, split, n_bins)
+        else:
+            res = ps.copy()
+        target = out / "particles.star"
+        ensure_not_input(target, [star])
+        if not resample:
+            from cryomag.io.mrc import rebase_image_names
 
-        rebase_image_names(res, out)
-    write_star(res, target)
-    written["star"] = target
-    if cs:
-        target_cs = out / "particles.cs"
-        ensure_not_input(target_cs, [star])
-        per_particle_cs(res, target_cs, "group" if (resample or split) else model)
-        written["cs"] = target_cs
+            rebase_image_names(res, out)
+        write_star(res, target)
+        written["star"] = target
+        if cs:
+            target_cs = out / "particles.cs"
+            ensure_not_input(target_cs, [star])
+            per_particle_cs(res, target_cs, "group" if (resample or split) else model)
+            written["cs"] = target_cs
     return written

@@ -81,7 +81,7 @@ class EstimateOptions:
     tol : float
         Stop when every element of every group's update is below this.
     chunk_size : int
-        Particles per chunk (see :mod:`cryomag.execution.executor` for the memory). Each
+        Particles per chunk (see :mod:`cryomag.fit.passes` for the memory). Each
         chunk's 3D transform pays finufft's FFT of the upsampled map once (~0.1 s for a
         128^3 map), so chunks of about a thousand particles amortise it.
     joint_scale : bool
@@ -266,6 +266,7 @@ def load_references(
     ``reference`` may be a path, a MapReference or None when two half maps are given.
     """
     from cryomag.io import read_map
+    from cryomag.io.mrc import check_map_values
     from cryomag.reconstruct.fsc import fsc, resolution_at
 
     mask_vol = None
@@ -282,6 +283,7 @@ def load_references(
                     f"{mask}: mask shape {mask_vol.shape} differs from map {src} {vol.shape}"
                 )
             vol = vol * mask_vol
+        check_map_values(vol, f"{src}" + (f" masked by {mask}" if mask is not None else ""))
         return MapReference(vol, apix, eps=eps, nthreads=nthreads), vol
 
     refs: dict[int, MapReference] = {}
@@ -393,41 +395,13 @@ def run_estimate(
     scales = fit_scales({g: st for g, st in stats.items() if g in good}, len(ps))
     out = ps.copy()
     refined = levels.active and bool(good)
+    # the mean defocus per particle in the input's CTF frame (M_in): refined where it was
+    refined_dz = ps.defocus_mean_A()
     if refined:
-        # the input's CTF kept beside the refined one; the refined defocus is in the frame
-        # of the input's CTF (d = M_in k), re-expressed below for the fitted M
-        for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
-            out.particles[f"cmag{col[3:]}Input"] = ps.column(col)
-        dz_se = np.full(len(ps), np.nan)
         for g in good:
-            f = fits[g]
-            for j, col in enumerate(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")):
-                arr = out.column(col)
-                arr[rows[g]] = f.defocus[:, j]
-                out.particles[col] = arr
-            if f.defocus_solution is not None:
-                dz_se[rows[g]] = f.defocus_solution.defocus_se
-        out.particles["cmagDefocusChange"] = out.defocus_mean_A() - ps.defocus_mean_A()
-        out.particles["cmagDefocusError"] = dz_se
-    refined_dz = out.defocus_mean_A()  # in the input's CTF frame (M_in)
-    if settings.fit_aniso:
-        mats = ps.mag_matrices()
-        for g in good:
-            mats[ps.group_row(g)] = fits[g].mag
-        out.set_mag_matrices(mats)
-        if not settings.ctf_moves:  # keep each particle's CTF (defocus measured at M_in)
-            for g in good:
-                f = fits[g]
-                inc = f.mag @ np.linalg.inv(f.mag_in)
-                out.reexpress_astigmatism(rows[g], np.linalg.inv(inc))
-    if "scale" in opts.fit:
-        old = out.column("rlnCtfScalefactor", 1.0)
-        new = old * scales.raw
-        mean = np.nanmean(new)
-        out.particles["rlnCtfScalefactor"] = np.where(np.isfinite(new), new / mean, old)
-        out.particles["cmagScale"] = scales.normalised
-        out.particles["cmagScaleError"] = scales.error
+            refined_dz[rows[g]] = 0.5 * (fits[g].defocus[:, 0] + fits[g].defocus[:, 1])
     local = {}
+    updates: dict[int, np.ndarray] = {}
     local_fits = tuple(f for f in opts.fit if f in LOCAL_FITS)
     if local_fits:
         mags = {g: (f.mag_in, f.mag_lin, f.mag) for g, f in fits.items() if g in good}
@@ -445,7 +419,28 @@ def run_estimate(
             defocus_A=refined_dz,
             defocus_measured=not settings.ctf_moves,
             joint=joint,
+            defocus_updates=updates,
         )
+    if refined:
+        _write_refined_defocus(out, ps, {g: fits[g] for g in good}, rows, updates)
+    if settings.fit_aniso:
+        mats = ps.mag_matrices()
+        for g in good:
+            mats[ps.group_row(g)] = fits[g].mag
+        out.set_mag_matrices(mats)
+        if not settings.ctf_moves:  # keep each particle's CTF (defocus measured at M_in)
+            for g in good:
+                f = fits[g]
+                inc = f.mag @ np.linalg.inv(f.mag_in)
+                out.reexpress_astigmatism(rows[g], np.linalg.inv(inc))
+    if "scale" in opts.fit:
+        old = out.column("rlnCtfScalefactor", 1.0)
+        new = old * scales.raw
+        if np.isfinite(new).any():
+            new = new / np.nanmean(new)
+        out.particles["rlnCtfScalefactor"] = np.where(np.isfinite(new), new, old)
+        out.particles["cmagScale"] = scales.normalised
+        out.particles["cmagScaleError"] = scales.error
     timings = {
         "statistics_s": t1 - t0,
         "passes": n_passes,
@@ -457,6 +452,38 @@ def run_estimate(
     return EstimateResult(
         out, results, scales, stats, opts, timings, bands, first_stats, local, refined_dz
     )
+
+
+def _write_refined_defocus(out: ParticleSet, ps: ParticleSet, fits: dict, rows: dict,
+                           updates: dict) -> None:  # fmt: skip
+    """The refined defocus into ``out`` (in the input's CTF frame; the caller re-expresses
+    it for the fitted M), the input's beside it (cmagDefocusUInput, ...), the change of the
+    mean defocus and its standard error. ``updates``: per group, the defocus change (N, 3) of
+    the local magnification model fitted with it (the defocus that goes with it)."""
+    from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
+
+    cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    for col in cols:
+        out.particles[f"cmag{col[3:]}Input"] = ps.column(col)
+    dz_se = np.full(len(ps), np.nan)
+    for g, f in fits.items():
+        value = f.defocus
+        if g in updates:
+            a = defocus_matrix(value[:, 0], value[:, 1], value[:, 2])
+            da = updates[g]
+            a[:, 0, 0] += da[:, 0]
+            a[:, 0, 1] += da[:, 1]
+            a[:, 1, 0] += da[:, 1]
+            a[:, 1, 1] += da[:, 2]
+            value = np.stack(defocus_from_matrix(a), axis=1)
+        for j, col in enumerate(cols):
+            arr = out.column(col)
+            arr[rows[g]] = value[:, j]
+            out.particles[col] = arr
+        if f.defocus_solution is not None:
+            dz_se[rows[g]] = f.defocus_solution.defocus_se
+    out.particles["cmagDefocusChange"] = out.defocus_mean_A() - ps.defocus_mean_A()
+    out.particles["cmagDefocusError"] = dz_se
 
 
 def estimate(
@@ -528,6 +555,7 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
               progress, executor, resume, options):  # fmt: skip
     """:func:`estimate` once its executor exists."""
     from cryomag.io import ImageSource, read_particles
+    from cryomag.io.outdir import output_folder
     from cryomag.io.stats import StatisticsCodec, scratch_allocator
     from cryomag.workflows.outputs import write_outputs
 
@@ -540,7 +568,8 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
         if x is not None and not isinstance(x, MapReference):
             inputs.append(Path(x))
     opts = EstimateOptions(**options)
-    with run_log(out) as out:
+    with output_folder(out, "estimate", inputs=[*inputs, passthrough], particles=ps,
+                       resume=resume) as out, run_log(out) as out:  # fmt: skip
         log.info(
             "estimate: %d particles from %s, %d optics group(s)", len(ps), ps.name, ps.n_groups
         )

@@ -68,18 +68,20 @@ def true_defocus(
     return dz, dm
 
 
-def _fitter(stats, m_lin, m_g, mics, joint, unit):
+def _fitter(stats, m_lin, m_g, mics, joint, unit, capture=None):
     """``fit(labels, isotropic) -> (units, theta, cov, gain)``: the plain per-unit fit, or,
     with the defocus refined (``joint`` = (levels, deviation, prior)), the one that refits
-    the unit's defocus with its magnification (:func:`cryomag.fit.defocus.unit_mag_fits`)."""
+    the unit's defocus with its magnification (:func:`cryomag.fit.defocus.unit_mag_fits`);
+    ``capture`` (a dict) then receives the defocus change of the isotropic fit."""
     if joint is None:
         # a particle's defocus was measured for its micrograph: its CTF moves with it
         moves = unit == "particle"
         return lambda labels, iso: unit_fits(stats, m_lin, m_g, labels, iso, moves)
     levels, deviation, prior = joint
     return lambda labels, iso: unit_mag_fits(
-        stats, m_lin, m_g, labels, mics, levels, iso, unit, deviation=deviation, prior=prior
-    )
+        stats, m_lin, m_g, labels, mics, levels, iso, unit, deviation=deviation, prior=prior,
+        defocus_out=capture if iso else None,
+    )  # fmt: skip
 
 
 def _shrunk_iso(fit, labels):
@@ -112,6 +114,7 @@ def fit_local(
     defocus_A: np.ndarray | None = None,
     defocus_measured: bool = True,
     joint: dict | None = None,
+    defocus_updates: dict | None = None,
 ) -> dict:
     """Run the local fits of every group and write their columns into ``ps.particles``.
 
@@ -140,6 +143,10 @@ def fit_local(
         refits the defocus at its level with the magnification
         (:func:`cryomag.fit.defocus.unit_mag_fits`); ``defocus_A`` should be the refined
         defocus.
+    defocus_updates : dict, optional
+        With ``joint``: receives, per optics group number, each particle's defocus change
+        (N, 3) (a00, a01, a11, A) in the richest local model fitted (per micrograph, else per
+        particle): the defocus that goes with the local magnification.
 
     Returns
     -------
@@ -166,8 +173,9 @@ def fit_local(
         dz = dz_all[rows]
         out: dict = {}
         joint_g = (joint or {}).get(g)
-        fit_p = _fitter(st, m_lin, m_g, mics, joint_g, "particle")
-        fit_m = _fitter(st, m_lin, m_g, mics, joint_g, "micrograph")
+        got = {"particle": {}, "micrograph": {}}
+        fit_p = _fitter(st, m_lin, m_g, mics, joint_g, "particle", got["particle"])
+        fit_m = _fitter(st, m_lin, m_g, mics, joint_g, "micrograph", got["micrograph"])
         if "particle" in fits:
             _, raw, se, post, res = _shrunk_iso(fit_p, rows)
             col("cmagParticleMag")[rows] = 1 + post
@@ -225,6 +233,10 @@ def fit_local(
             }
         out["model_choice"] = model_choice(st, m_in, m_lin, m_g, mics, dz)
         summary[int(g)] = out
+        if defocus_updates is not None and joint_g is not None:
+            best = got["micrograph"] or got["particle"]
+            if best:
+                defocus_updates[int(g)] = best["delta_a"]
     for name, values in new_cols.items():
         ps.particles[name] = values
     return summary

@@ -35,17 +35,113 @@ import numpy as np
 import pandas as pd
 
 from cryomag.io.atomic import write_json
-from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet, SourceInfo
+from cryomag.model.particles import (
+    MAGMAT_COLUMNS,
+    PARTICLE_DEFAULTS,
+    ParticleDataError,
+    ParticleSet,
+    SourceInfo,
+)
+from cryomag.model.validation import current_limits, duplicate_images
 
 log = logging.getLogger("cryomag")
+
+
+#: Neutral values for optional columns that some inputs lack (never NaN in the merge).
+PARTICLE_FILL = {
+    **PARTICLE_DEFAULTS,
+    "rlnNormCorrection": 1.0,
+    "rlnClassNumber": 1,
+    "rlnGroupNumber": 1,
+    "rlnMicrographName": "?",
+}
+OPTICS_FILL = {
+    "rlnBeamTiltX": 0.0,
+    "rlnBeamTiltY": 0.0,
+    "rlnImageDimensionality": 2,
+    "rlnCtfDataAreCtfPremultiplied": 0,
+    "rlnOddZernike": "[]",
+    "rlnEvenZernike": "[]",
+    # images extracted without binning: the micrograph pixel is the image pixel
+    "rlnMicrographPixelSize": lambda t: t["rlnImagePixelSize"],
+    "rlnMicrographOriginalPixelSize": lambda t: t["rlnImagePixelSize"],
+}
+
+
+def _fill_missing(
+    frames: list[pd.DataFrame], fill: dict, table: str, report: dict, names: list[str]
+) -> pd.DataFrame:
+    """Concatenate ``frames``; a column some frames lack is filled for them, never with NaN.
+
+    The value is the column's neutral one (``fill``; alternating half sets for
+    rlnRandomSubset); a column without one (metadata no engine uses, e.g. rlnCoordinateX)
+    gets 0 (numbers) or ``"?"`` (text), reported in ``report["filled_columns"]`` and warned
+    about.
+    """
+    cols = list(dict.fromkeys(c for f in frames for c in f.columns))
+    out = []
+    guessed: dict[str, tuple] = {}
+    for f in frames:
+        f = f.copy()
+        for c in cols:
+            if c in f.columns or c == "cmagUid":
+                continue
+            if c == "rlnRandomSubset":  # as the reader would: alternating half sets
+                f[c] = (np.arange(len(f)) % 2 + 1).astype(np.int64)
+            elif c in fill:
+                f[c] = fill[c](f) if callable(fill[c]) else fill[c]
+            else:
+                other = next(g[c] for g in frames if c in g.columns)
+                value = 0 if pd.api.types.is_numeric_dtype(other.dtype) else "?"
+                f[c] = value
+                guessed.setdefault(c, (value, []))
+        out.append(f)
+    for c, (value, _) in guessed.items():
+        lacking = [names[i] for i, f in enumerate(frames) if c not in f.columns]
+        msg = (
+            f"{table} column {c} is missing from {', '.join(lacking)} and has no neutral "
+            f"value: set to {value!r} for those particles"
+        )
+        warnings.warn(msg, stacklevel=3)
+        report.setdefault("filled_columns", []).append(msg)
+    return pd.concat(out, ignore_index=True, sort=False)
+
+
+def _merge_uids(parts: list[pd.DataFrame]) -> np.ndarray | None:
+    """cmagUid for every merged particle, exact uint64: kept where an input had one (cryoSPARC
+    uids), new unused numbers for the others; None when no input has uids."""
+    if not any("cmagUid" in p.columns for p in parts):
+        return None
+    have = [
+        p["cmagUid"].to_numpy().astype(np.uint64) if "cmagUid" in p.columns else None
+        for p in parts
+    ]
+    used = set(np.concatenate([h for h in have if h is not None]).tolist())
+    nxt = 1
+    out = []
+    for p, h in zip(parts, have, strict=True):
+        if h is not None:
+            out.append(h)
+            continue
+        new = []
+        while len(new) < len(p):
+            if nxt not in used:
+                new.append(nxt)
+            nxt += 1
+        out.append(np.asarray(new, dtype=np.uint64))
+    return np.concatenate(out)
 
 
 def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dict]:
     """Read and concatenate particle files; returns the merged set and a report.
 
     Image names become absolute paths where the stacks exist, so that the merged table is
-    valid wherever it is written (:func:`merge` rebases them to the output folder). Columns
-    missing from some inputs are left empty (NaN) for their particles.
+    valid wherever it is written (:func:`merge` rebases them to the output folder). A column
+    some inputs lack gets its neutral value for their particles (rlnCtfBfactor 0,
+    rlnCtfScalefactor 1, rlnPhaseShift 0, rlnNormCorrection 1, rlnRandomSubset alternating,
+    beam tilt 0, ...); one without a neutral value gets 0 or "?" (reported in
+    ``report["filled_columns"]``): no value is ever NaN. cryoSPARC uids (``cmagUid``) stay
+    exact uint64; particles without one get new unused numbers.
     """
     from cryomag.io import read_particles
     from cryomag.io.mrc import rebase_image_names
@@ -53,10 +149,13 @@ def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dic
     parts, optics, report = [], [], {"inputs": []}
     offset = 0
     kv_cs = set()
+    limits = []
     for i, path in enumerate(inputs):
         path = Path(path)
         ps = read_particles(path, angpix=angpix)
-        rebase_image_names(ps, None)  # absolute: valid wherever the merge is written
+        limits.append(ps.limits)
+        # absolute: valid wherever the merge is written (warns about ambiguous names)
+        rebase_image_names(ps, None, warn_ambiguous=True)
         opt = ps.optics.copy()
         old = opt["rlnOpticsGroup"].astype(int).to_numpy()
         new = np.arange(1, len(opt) + 1) + offset
@@ -100,11 +199,19 @@ def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dic
         )
         warnings.warn(msg, stacklevel=2)
         report["warning_voltage_cs"] = msg
-    particles = pd.concat(parts, ignore_index=True, sort=False)
-    optics_t = pd.concat(optics, ignore_index=True, sort=False)
+    labels = [Path(p).name for p in inputs]
+    uids = _merge_uids(parts)
+    particles = _fill_missing(parts, PARTICLE_FILL, "particle", report, labels)
+    if uids is not None:
+        particles["cmagUid"] = pd.Series(uids, dtype=np.uint64)
+    optics_t = _fill_missing(optics, OPTICS_FILL, "optics", report, labels)
     merged = ParticleSet(
-        particles, optics_t, SourceInfo(kind="memory", star_version="# version 30001")
+        particles,
+        optics_t,
+        SourceInfo(kind="memory", star_version="30001"),
+        limits[0] if limits else current_limits(),
     )
+    merged.validate()
     report["duplicates"] = find_duplicates(merged)
     if report["duplicates"]["count"]:
         warnings.warn(
@@ -115,12 +222,12 @@ def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dic
 
 
 def find_duplicates(ps: ParticleSet) -> dict:
-    """Particles that point at the same image (file and index): count and first rows."""
-    if "rlnImageName" not in ps.particles.columns:
-        return {"count": 0, "rows": []}
-    names = ps.particles["rlnImageName"].astype(str)
-    dup = names.duplicated(keep="first").to_numpy()
-    return {"count": int(dup.sum()), "rows": (np.flatnonzero(dup)[:20] + 1).tolist()}
+    """Particles that point at the same image (file and index): count and first rows.
+
+    The same check every reader warns about (:func:`cryomag.model.validation.duplicate_images`).
+    """
+    rep = duplicate_images(ps)
+    return {"count": rep["count"], "rows": rep["rows"]}
 
 
 def relative_pixel_sizes(res) -> list[dict]:
@@ -147,6 +254,7 @@ def relative_pixel_sizes(res) -> list[dict]:
                 "relative_scale": scale,
                 "relative_scale_se": se_scale,
                 "n_particles": gr.n_particles,
+                "verdict": gr.quality.verdict if gr.quality is not None else "ok",
             }
         )
     anchor = min(out, key=lambda r: (abs(np.log(r["relative_scale"])), -r["n_particles"]))
@@ -193,61 +301,76 @@ def merge(
     from cryomag.io import write_cs, write_star
     from cryomag.io.atomic import ensure_not_input
     from cryomag.io.mrc import rebase_image_names
+    from cryomag.io.outdir import check_out_not_input, output_folder
     from cryomag.workflows.estimate import estimate as run_estimate
 
     if len(inputs) < 1:
         raise ValueError("merge needs at least one input file")
+    if estimate and reference is None:
+        raise ValueError("merge: give --ref (or --no-estimate to merge the tables only)")
+    if pixel_size_A is not None and not (
+        np.isfinite(float(pixel_size_A)) and 0 < float(pixel_size_A) <= 100
+    ):
+        raise ValueError(f"--apix {pixel_size_A!r}: the pixel size must be > 0 and <= 100 A")
+    if box is not None and (int(box) != box or box < 8 or box % 2):
+        raise ValueError(f"--box {box!r}: the box must be an even integer >= 8")
+    if box is not None and not resample:
+        raise ValueError("--box applies to --resample only")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("particles.star", "particles.cs"):
-        ensure_not_input(out / name, inputs)
-    merged, report = combine(list(inputs), angpix=angpix)
-    if fsc and not estimate:
-        msg = "the before/after FSC needs the estimate (images and --ref): skipped"
-        warnings.warn(msg, stacklevel=2)
-        report["fsc"] = {"skipped": msg}
-    if estimate:
-        if reference is None:
-            raise ValueError("merge: give --ref (or --no-estimate to merge the tables only)")
-        res = run_estimate(merged, reference, out / "estimate", progress=progress, **options)
-        naive = merged  # the tables as read: the "before" of the FSC
-        merged = res.particles
-        report["pixel_sizes"] = relative_pixel_sizes(res)
-        report["scale_per_group"] = {str(k): v for k, v in res.scales.group_mean.items()}
-        report["absolute_scale"] = (
-            "relative to the reference map's pixel size; an absolute calibration needs an "
-            "external standard (atomic model, diffraction ring)"
-        )
-        _plot_pixel_sizes(report["pixel_sizes"], out / "pixel_sizes.png")
-        if fsc:
-            report["fsc"] = before_after_fsc(
-                merged,
-                naive,
-                reference,
-                out / "plots" / "merge_fsc.png",
-                nthreads=int(options.get("nthreads", 0)),
-                progress=progress,
+    map_inputs = [reference] if reference is not None and not hasattr(reference, "box") else []
+    with output_folder(out, "merge", inputs=[*inputs, *map_inputs]) as out:
+        for name in ("particles.star", "particles.cs"):
+            ensure_not_input(out / name, inputs)
+        merged, report = combine(list(inputs), angpix=angpix)
+        check_out_not_input(out, particles=merged)  # the image stacks are inputs too
+        if fsc and not estimate:
+            msg = "the before/after FSC needs the estimate (images and --ref): skipped"
+            warnings.warn(msg, stacklevel=2)
+            report["fsc"] = {"skipped": msg}
+        if estimate:
+            res = run_estimate(merged, reference, out / "estimate", progress=progress, **options)
+            naive = merged  # the tables as read: the "before" of the FSC
+            merged = res.particles
+            report["verdict"] = res.verdict
+            report["problems"] = res.problems
+            report["pixel_sizes"] = relative_pixel_sizes(res)
+            report["scale_per_group"] = {str(k): v for k, v in res.scales.group_mean.items()}
+            report["absolute_scale"] = (
+                "relative to the reference map's pixel size; an absolute calibration needs an "
+                "external standard (atomic model, diffraction ring)"
             )
-            report["fsc"]["plot"] = "plots/merge_fsc.png"
-    if resample:
-        from cryomag.workflows.apply import resample_particles
+            _plot_pixel_sizes(report["pixel_sizes"], out / "pixel_sizes.png")
+            if fsc:
+                report["fsc"] = before_after_fsc(
+                    merged,
+                    naive,
+                    reference,
+                    out / "plots" / "merge_fsc.png",
+                    nthreads=int(options.get("nthreads", 0)),
+                    progress=progress,
+                )
+                report["fsc"]["plot"] = "plots/merge_fsc.png"
+        if resample:
+            from cryomag.workflows.apply import resample_particles
 
-        p_true = merged.optics_value("rlnImagePixelSize") / np.sqrt(
-            np.linalg.det(merged.mag_matrices())
-        )
-        target = float(pixel_size_A or p_true.min())
-        extent = float((merged.optics_value("rlnImageSize") * p_true).max())
-        nbox = int(box or 2 * int(np.ceil(extent / target / 2)))
-        merged = resample_particles(merged, out, "group", target, nbox, progress=progress)
-        report["resampled"] = {"pixel_size_A": target, "box": nbox}
-    else:
-        rebase_image_names(merged, out)
-    write_star(merged, out / "particles.star")
-    common = float(pixel_size_A or merged.optics_value("rlnImagePixelSize").min())
-    write_cs(cs_with_common_pixel(merged, common), out / "particles.cs")
-    report["cs_common_pixel_size_A"] = common
-    report["n_particles"] = len(merged)
-    write_json(out / "merge.json", report)
+            p_true = merged.optics_value("rlnImagePixelSize") / np.sqrt(
+                np.linalg.det(merged.mag_matrices())
+            )
+            target = float(pixel_size_A or p_true.min())
+            extent = float((merged.optics_value("rlnImageSize") * p_true).max())
+            nbox = int(box or 2 * int(np.ceil(extent / target / 2)))
+            merged = resample_particles(merged, out, "group", target, nbox, progress=progress)
+            report["resampled"] = {"pixel_size_A": target, "box": nbox}
+        else:
+            rebase_image_names(merged, out)
+        write_star(merged, out / "particles.star")
+        common = float(pixel_size_A or merged.optics_value("rlnImagePixelSize").min())
+        write_cs(cs_with_common_pixel(merged, common), out / "particles.cs")
+        report["cs_common_pixel_size_A"] = common
+        report["n_particles"] = len(merged)
+        from cryomag.workflows.outputs import finite_or_none
+
+        write_json(out / "merge.json", finite_or_none(report))
     return report
 
 

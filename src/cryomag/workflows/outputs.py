@@ -61,7 +61,11 @@ def results_dict(res: EstimateResult) -> dict:
                 "history": gr.history,
                 "M_linearisation": None if gr.mag_lin is None else gr.mag_lin.tolist(),
                 **({"local": res.local[gr.group]} if gr.group in res.local else {}),
-                **({"defocus": defocus_summary(res, gr)} if gr.defocus_solution else {}),
+                **(
+                    {"defocus": defocus_summary(res, gr)}
+                    if gr.defocus_solution is not None and not gr.failed
+                    else {}
+                ),
             }
         )
     s = res.scales.normalised
@@ -229,7 +233,7 @@ def write_outputs(
             from cryomag.report.plots_local import plot_local
 
             plot_local(res.particles, res.local, out / "plots")
-        if any(gr.defocus_solution is not None for gr in res.groups):
+        if any(gr.defocus_solution is not None and not gr.failed for gr in res.groups):
             from cryomag.report.plots_defocus import plot_defocus
 
             plot_defocus(res, out / "plots")

@@ -259,6 +259,23 @@ def write_map(path: Path, volume: np.ndarray, pixel_size_A: float, inputs=()) ->
                 m.update_header_stats()
 
 
+def _check_finite_maps(half1: np.ndarray, half2: np.ndarray, full: np.ndarray) -> None:
+    """Final guard: a map with NaN / inf values (or all zero) is an error, never an output."""
+    for name, vol in (("half map 1", half1), ("half map 2", half2), ("full map", full)):
+        finite = np.isfinite(vol)
+        if not finite.all():
+            raise ParticleDataError(
+                f"reconstruction failed: the {name} has {int((~finite).sum())} non-finite "
+                "voxel(s) (NaN or inf); nothing was written. Check the particles' CTF values "
+                "and images (every input is validated, so please report this case)"
+            )
+        if not np.any(vol):
+            raise ParticleDataError(
+                f"reconstruction failed: the {name} is all zero (no particle contributed); "
+                "nothing was written"
+            )
+
+
 # ------------------------------------------------------------------------------ engine
 def run_reconstruct(
     ps: ParticleSet,
@@ -391,6 +408,7 @@ def run_reconstruct(
     )
     iters.append(info_full)
     log.info("full map: %d CG iterations, residual %.2e", info_full.iterations, info_full.residual)
+    _check_finite_maps(halves_out[0], halves_out[1], full)
     freq, curve = fsc(halves_out[0], halves_out[1], a_out)
     res = resolution_at(freq, curve, 0.143)
     t6 = time.perf_counter()
@@ -471,6 +489,8 @@ def reconstruct(
     image_source=None,
     progress: bool = True,
     command: str | None = None,
+    allow_negative_cs: bool | None = None,
+    max_defocus_um: float | None = None,
     **options,
 ) -> ReconstructResult:
     """Reconstruct half maps, full map and FSC from particles with known poses (Python API).
@@ -502,9 +522,21 @@ def reconstruct(
         Other fields of :class:`ReconstructOptions` (eps, regularization, max_iter, tol,
         batch_points).
 
+    allow_negative_cs, max_defocus_um : optional
+        Relaxed validation limits for reading ``particles`` (see
+        :mod:`cryomag.model.validation`).
+
     Returns
     -------
     ReconstructResult
+
+    Raises
+    ------
+    ParticleDataError
+        Invalid input (named file, row, column), or a reconstruction with non-finite values
+        (final guard: nothing is written then).
+    OutputFolderError
+        ``out`` is an input folder or is locked by another run (before any work).
 
     Examples
     --------
@@ -512,14 +544,24 @@ def reconstruct(
     >>> res.resolution_A, res.full.shape  # doctest: +SKIP
     """
     from cryomag.io import ImageSource, read_particles
+    from cryomag.io.outdir import check_out_not_input, output_folder
 
     ps = particles
     inputs: list[Path] = []
     if not isinstance(ps, ParticleSet):
         inputs.append(Path(ps))
-        ps = read_particles(ps, angpix=angpix, passthrough=passthrough)
     if passthrough is not None:
         inputs.append(Path(passthrough))
+    if out is not None:
+        check_out_not_input(out, inputs)  # before reading anything
+    if not isinstance(ps, ParticleSet):
+        ps = read_particles(
+            ps,
+            angpix=angpix,
+            passthrough=passthrough,
+            allow_negative_cs=allow_negative_cs,
+            max_defocus_um=max_defocus_um,
+        )
     opts = ReconstructOptions(
         mag=mag if isinstance(mag, bool) else True,
         scale=scale,
@@ -529,7 +571,10 @@ def reconstruct(
         nthreads=nthreads,
         **options,
     )
-    with run_log(out) as out:
+    with (
+        output_folder(out, "reconstruct", inputs=inputs, particles=ps) as out,
+        run_log(out) as out,
+    ):
         if command:
             log.info("command: %s", command)
         log.info("reconstruct: particles from %s", ps.name)
