@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import cryomag
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import load_truth, simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import load_truth, simulate_dataset
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def sim_config(n: int, seed: int = 31):
-    from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
+    from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 
     cfg = SimulationConfig(seed=seed)
     cfg.optics_groups = [
@@ -64,7 +64,7 @@ def sim_config(n: int, seed: int = 31):
 
 
 def dataset(cache: Path, n: int) -> Path:
-    from cryomag.simulate.simulator import simulate_dataset
+    from cryomag.simulation.simulator import simulate_dataset
 
     folder = cache / f"estimate_box128_n{n}"
     if not (folder / "done.json").is_file():
@@ -80,7 +80,7 @@ def m_estimate(
     """The whole fit, as the CLI runs it (LocalCluster of ``workers``; 0 = synchronous)."""
     import cryomag
     from cryomag.execution import ExecutorConfig, make_executor
-    from cryomag.simulate.simulator import load_truth
+    from cryomag.simulation.simulator import load_truth
 
     sys.path.insert(0, str(HERE))
     from bench_statistics import _peak_mb

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import cryomag
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import load_truth, simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import load_truth, simulate_dataset
 
 
 def one(tmp: Path, box: int, apix: float, snr: float, diameter: float, n: int, scatter: float):

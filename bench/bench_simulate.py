@@ -5,7 +5,7 @@ Usage::
     python bench/bench_simulate.py [--n 2000] [--box 128] [--apix 1.3] [--workers 2]
                                    [--keep DIR]
 
-Runs :func:`cryomag.simulate.simulator.simulate_dataset` on the default configuration
+Runs :func:`cryomag.simulation.simulator.simulate_dataset` on the default configuration
 (defocus 0.8-2.5 um, 1 % anisotropic magnification, SNR 0.05, 50 particles per micrograph)
 and prints the wall time and particles/s, split into the fixed cost (phantom, reference map,
 noise pilot) and the rendering.
@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryomag.simulate.config import SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ SIM_BOX_PIXEL_A = {64: 2.6, 128: 1.3, 256: 1.3}
 # ------------------------------------------------------------------------------ data
 def sim_config(box: int, n: int, seed: int = 7):
     """One optics group, 1 % anisotropy, SNR 0.1; phantom ~ half the box."""
-    from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
+    from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 
     apix = SIM_BOX_PIXEL_A.get(box, 1.3)
     cfg = SimulationConfig(seed=seed)
@@ -72,7 +72,7 @@ def sim_config(box: int, n: int, seed: int = 7):
 
 def dataset(cache: Path, box: int, n: int) -> tuple[Path, dict]:
     """The simulated set of ``n`` particles at ``box`` (made once, then cached)."""
-    from cryomag.simulate.simulator import simulate_dataset
+    from cryomag.simulation.simulator import simulate_dataset
 
     folder = cache / f"box{box}_n{n}"
     meta_path = folder / "bench.json"

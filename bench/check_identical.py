@@ -89,8 +89,8 @@ def _stats_prints(stats: dict, label: str) -> dict:
 
 
 def _sim(folder: Path, seed: int, groups, n: int, kappa=0.3, mic=0.3, true_defocus=False):
-    from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-    from cryomag.simulate.simulator import simulate_dataset
+    from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+    from cryomag.simulation.simulator import simulate_dataset
 
     cfg = SimulationConfig(seed=seed)
     cfg.optics_groups = [

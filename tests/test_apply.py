@@ -16,8 +16,8 @@ from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import centered_irfft2, rfft_freqs
 from cryomag.physics.reference import MapReference
 from cryomag.physics.resample import resample_images
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 
 def _blob_reference():

@@ -25,8 +25,8 @@ from cryomag.io import read_cs, read_star
 from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.reference import MapReference
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import load_truth, simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import load_truth, simulate_dataset
 
 BOX, APIX = 48, 1.6
 

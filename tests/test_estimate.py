@@ -18,8 +18,8 @@ import cryomag
 from cryomag.cli.main import app
 from cryomag.io import read_cs, read_star
 from cryomag.physics.ctf import ctf_values
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import load_truth, simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import load_truth, simulate_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

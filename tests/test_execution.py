@@ -26,8 +26,8 @@ from cryomag.execution.payload import Payload, load_blob
 from cryomag.fit.bands import make_bands
 from cryomag.fit.passes import GroupPass, PassSpec, StatisticsPass
 from cryomag.io import ImageSource, read_particles
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 from cryomag.workflows.estimate import EstimateOptions, estimate, load_references, run_estimate
 
 RTOL = 1e-10

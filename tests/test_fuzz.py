@@ -32,8 +32,8 @@ from typer.testing import CliRunner
 
 from cryomag.cli.main import app
 from cryomag.io.cryosparc import load_cs_array
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 BAD_NUMBERS = ["nan", "inf", "-inf", "1e300", "-1e300", "0", "-1", "-2.5", "abc", "1e-300"]
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 import cryomag
 from cryomag.cli.main import app
 from cryomag.io import read_star
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import load_truth, simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import load_truth, simulate_dataset
 
 FITS = ("scale", "aniso", "particle", "micrograph", "defocus")
 

@@ -13,8 +13,8 @@ import cryomag
 import cryomag.workflows.merge
 from cryomag.cli.main import app
 from cryomag.io import read_cs, read_star
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

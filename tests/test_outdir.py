@@ -25,8 +25,8 @@ from cryomag.io.outdir import (
     read_manifest,
 )
 from cryomag.model.validation import DataWarning
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import cryomag
 from cryomag.cli.main import app
 from cryomag.fit.quality import MIN_SIGNAL_Z, assess_group
 from cryomag.io import read_star
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = {"progress": False, "plots": False, "nthreads": 1, "chunk_size": 256}

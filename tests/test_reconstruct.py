@@ -26,9 +26,9 @@ from cryomag.physics.forward import OpticsParams, ParticleGeometry, ctf_at, pred
 from cryomag.physics.fourier import centered_irfft2, rfft_freqs
 from cryomag.physics.geometry import euler_to_matrix
 from cryomag.physics.reference import MapReference
-from cryomag.reconstruct.backproject import Backprojector, half_plane_pixels
-from cryomag.reconstruct.fsc import fsc, resolution_at
-from cryomag.reconstruct.symmetry import SymmetryError, group_order, symmetry_operators
+from cryomag.reconstruction.backproject import Backprojector, half_plane_pixels
+from cryomag.reconstruction.fsc import fsc, resolution_at
+from cryomag.reconstruction.symmetry import SymmetryError, group_order, symmetry_operators
 from cryomag.workflows.reconstruct import reconstruct
 
 runner = CliRunner()
@@ -481,8 +481,8 @@ def _simulate(
     diameter: float = 70.0,
     atoms: int = 1500,
 ):
-    from cryomag.simulate.config import SimulationConfig
-    from cryomag.simulate.simulator import simulate_dataset
+    from cryomag.simulation.config import SimulationConfig
+    from cryomag.simulation.simulator import simulate_dataset
 
     cfg = SimulationConfig(seed=seed, n_particles=n)
     g = cfg.optics_groups[0]
@@ -523,8 +523,8 @@ def test_simulated_distortion_corrected_matches_undistorted(tmp_path):
         return int(np.argmax(c < 0.5)) if (c < 0.5).any() else len(c)
 
     def simulate(folder: Path, aniso) -> dict:
-        from cryomag.simulate.config import SimulationConfig
-        from cryomag.simulate.simulator import simulate_dataset
+        from cryomag.simulation.config import SimulationConfig
+        from cryomag.simulation.simulator import simulate_dataset
 
         cfg = SimulationConfig(seed=2, n_particles=8000)
         cfg.optics_groups[0].aniso = aniso

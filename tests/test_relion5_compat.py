@@ -21,8 +21,8 @@ import pytest
 
 import cryomag
 from cryomag.io import read_star_blocks
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 RELION5_BIN = os.environ.get("RELION5_BIN", "")
 STAR_HANDLER = Path(RELION5_BIN) / "relion_star_handler"

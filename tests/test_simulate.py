@@ -25,9 +25,9 @@ from cryomag.physics.ctf import (
 )
 from cryomag.physics.fourier import centered_irfft2, centered_rfft2, rfft_freqs
 from cryomag.physics.geometry import euler_to_matrix
-from cryomag.simulate.config import ConfigError, OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.phantom import Phantom, interpolation_deviation, map_fourier
-from cryomag.simulate.simulator import (
+from cryomag.simulation.config import ConfigError, OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.phantom import Phantom, interpolation_deviation, map_fourier
+from cryomag.simulation.simulator import (
     FineGrid,
     MapSource,
     PhantomSource,

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 from cryomag.workflows.estimate import estimate
 
 SLURM_CONF = """\

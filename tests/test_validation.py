@@ -31,8 +31,8 @@ from cryomag.io import (
 from cryomag.io.mrc import check_map_values
 from cryomag.model.particles import ParticleDataError, ParticleSet, SourceInfo
 from cryomag.model.validation import DataWarning, validation_limits
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulate.simulator import simulate_dataset
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")
@@ -537,7 +537,7 @@ def test_estimate_options_rejected_before_any_work(tiny, tmp_path):
 def test_reconstruct_never_writes_a_nan_map(tiny, tmp_path, monkeypatch):
     """After validation no NaN can get in; the final guard still refuses a non-finite map
     (here forced) and writes nothing."""
-    from cryomag.reconstruct import backproject
+    from cryomag.reconstruction import backproject
 
     real = backproject.Backprojector.rhs
 

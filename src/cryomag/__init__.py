@@ -13,8 +13,9 @@ The public API (each name is imported on first use, so ``import cryomag`` stays 
                        (:func:`cryomag.workflows.merge.merge`)
 ``reconstruct``        half maps, map and FSC honouring M and scales
                        (:func:`cryomag.workflows.reconstruct.reconstruct`)
-``simulate``           a ground-truth data set (:func:`cryomag.simulate.simulator.simulate_dataset`)
-``SimulationConfig``   its settings (:class:`cryomag.simulate.config.SimulationConfig`)
+``simulate``           a ground-truth data set
+                       (:func:`cryomag.simulation.simulator.simulate_dataset`)
+``SimulationConfig``   its settings (:class:`cryomag.simulation.config.SimulationConfig`)
 ``read_particles``     a STAR or .cs file as a ParticleSet (:func:`cryomag.io.read_particles`)
 ``ParticleSet``        particles and optics groups (:class:`cryomag.model.particles.ParticleSet`)
 =====================  ===============================================================
@@ -45,8 +46,8 @@ _WHERE = {
     "apply": ("cryomag.workflows.apply", "apply"),
     "merge": ("cryomag.workflows.merge", "merge"),
     "reconstruct": ("cryomag.workflows.reconstruct", "reconstruct"),
-    "simulate": ("cryomag.simulate.simulator", "simulate_dataset"),
-    "SimulationConfig": ("cryomag.simulate.config", "SimulationConfig"),
+    "simulate": ("cryomag.simulation.simulator", "simulate_dataset"),
+    "SimulationConfig": ("cryomag.simulation.config", "SimulationConfig"),
     "read_particles": ("cryomag.io", "read_particles"),
     "ParticleSet": ("cryomag.model.particles", "ParticleSet"),
 }
@@ -54,8 +55,8 @@ _WHERE = {
 if TYPE_CHECKING:  # pragma: no cover
     from cryomag.io import read_particles
     from cryomag.model.particles import ParticleSet
-    from cryomag.simulate.config import SimulationConfig
-    from cryomag.simulate.simulator import simulate_dataset as simulate
+    from cryomag.simulation.config import SimulationConfig
+    from cryomag.simulation.simulator import simulate_dataset as simulate
     from cryomag.workflows.apply import apply
     from cryomag.workflows.estimate import estimate
     from cryomag.workflows.merge import merge

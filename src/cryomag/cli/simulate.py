@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cryomag.simulate.config import ConfigError, SimulationConfig
+from cryomag.simulation.config import ConfigError, SimulationConfig
 
 
 def _floats(text: str, n: int | tuple[int, ...], name: str) -> list[float]:
@@ -89,7 +89,7 @@ def build_config(
 def simulate_command(
     out: Path = typer.Option(..., "--out", help="Output folder (created; must be empty)."),
     config: Path | None = typer.Option(
-        None, "--config", help="Simulation TOML (see cryomag.simulate.config); flags override."
+        None, "--config", help="Simulation TOML (see cryomag.simulation.config); flags override."
     ),
     n_particles: int | None = typer.Option(
         None, "--n-particles", help="Total particles, split evenly over the optics groups."
@@ -143,7 +143,7 @@ def simulate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from cryomag.simulate.simulator import simulate_dataset, summarize
+    from cryomag.simulation.simulator import simulate_dataset, summarize
 
     try:
         cfg = build_config(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.simulate.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 
 
 def demo_config(n_particles: int = 1500, box: int = 96, seed: int = 0) -> SimulationConfig:
@@ -49,13 +49,13 @@ def forward_model_check(folder: Path, n: int = 4) -> float:
     from cryomag.physics.forward import predict
     from cryomag.physics.fourier import centered_rfft2, rfft_freqs
     from cryomag.physics.reference import MapReference
-    from cryomag.simulate.simulator import load_truth
+    from cryomag.simulation.simulator import load_truth
 
     ps = read_particles(folder / "particles.star")
     tp = load_truth(folder)["particles"]
     vol, apix = read_map(folder / "ref.mrc")
     ref = MapReference(vol, apix, eps=1e-9)
-    from cryomag.simulate.simulator import MapSource, render_particles
+    from cryomag.simulation.simulator import MapSource, render_particles
 
     rows = np.arange(n)
     o = ps.optics_params(int(ps.group_numbers()[0]))
@@ -105,7 +105,7 @@ def run_demo(
 
     import cryomag
     from cryomag.model.magnification import polar
-    from cryomag.simulate.simulator import load_truth, simulate_dataset
+    from cryomag.simulation.simulator import load_truth, simulate_dataset
 
     console = console or Console()
     out = Path(out)
@@ -175,7 +175,7 @@ def run_demo(
 def reconstruct_and_report(out: Path, sim_dir: Path, progress: bool, console) -> dict:
     """Reconstruct before/after, compare each with the ground-truth map, build the report."""
     from cryomag.io import read_map
-    from cryomag.reconstruct.fsc import fsc, resolution_at
+    from cryomag.reconstruction.fsc import fsc, resolution_at
     from cryomag.report.html import build_report
     from cryomag.workflows.reconstruct import reconstruct
 

@@ -267,7 +267,7 @@ def load_references(
     """
     from cryomag.io import read_map
     from cryomag.io.mrc import check_map_values
-    from cryomag.reconstruct.fsc import fsc, resolution_at
+    from cryomag.reconstruction.fsc import fsc, resolution_at
 
     mask_vol = None
     if mask is not None:

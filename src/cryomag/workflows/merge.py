@@ -406,8 +406,8 @@ def before_after_fsc(
     """
     from cryomag.io import ImageSource, read_map
     from cryomag.physics.reference import MapReference
-    from cryomag.reconstruct.fsc import fsc as fsc_curve
-    from cryomag.reconstruct.fsc import resolution_at
+    from cryomag.reconstruction.fsc import fsc as fsc_curve
+    from cryomag.reconstruction.fsc import resolution_at
     from cryomag.report.html import plot_fsc_curves
     from cryomag.workflows.reconstruct import ReconstructOptions, run_reconstruct
 

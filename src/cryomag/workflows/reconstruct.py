@@ -2,12 +2,12 @@
 
 Data flow: ParticleSet -> per optics group, batches of particles (bounded memory) -> read
 images (ImageSource), centred rfft, CTF at M k -> exact backprojection b and point-spread
-function psi per half set (:class:`~cryomag.reconstruct.backproject.Backprojector`, finufft
+function psi per half set (:class:`~cryomag.reconstruction.backproject.Backprojector`, finufft
 type 1) -> pilot half maps by direct Fourier inversion -> half-map FSC -> SSNR per shell ->
 Wiener-regularised least-squares half maps and full map by preconditioned conjugate
 gradients -> FSC between the final half maps, resolution at FSC = 0.143 -> MRC files.
 
-What each particle contributes (see :mod:`cryomag.reconstruct.backproject` for the maths):
+What each particle contributes (see :mod:`cryomag.reconstruction.backproject` for the maths):
 
 - its slice is placed at A^T (M k, 0) with M from rlnMagMat of its optics group (identity when
   absent), or per particle when the particle table carries rlnMagMat00..11 columns (a
@@ -40,9 +40,9 @@ from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleS
 from cryomag.physics.forward import ctf_at
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.geometry import euler_to_matrix
-from cryomag.reconstruct.backproject import Backprojector, half_plane_pixels, wiener_lambda
-from cryomag.reconstruct.fsc import fsc, resolution_at
-from cryomag.reconstruct.symmetry import symmetry_operators
+from cryomag.reconstruction.backproject import Backprojector, half_plane_pixels, wiener_lambda
+from cryomag.reconstruction.fsc import fsc, resolution_at
+from cryomag.reconstruction.symmetry import symmetry_operators
 from cryomag.workflows.runlog import run_log
 
 log = logging.getLogger("cryomag")
@@ -540,7 +540,7 @@ def reconstruct(
 
     Examples
     --------
-    >>> res = cryomag.reconstruct("particles.star", out="recon")  # doctest: +SKIP
+    >>> res = cryomag.reconstruction("particles.star", out="recon")  # doctest: +SKIP
     >>> res.resolution_A, res.full.shape  # doctest: +SKIP
     """
     from cryomag.io import ImageSource, read_particles

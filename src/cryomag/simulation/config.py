@@ -57,7 +57,7 @@ class OpticsGroupConfig:
         pixel_size_A / true_pixel_size_A to M_group (RELION: M = p_declared / p_true).
     aniso : (major, minor, angle_deg) or None
         Anisotropic magnification R(angle) diag(major, minor) R(angle)^T (see
-        :func:`cryomag.simulate.simulator.aniso_matrix`); None (or left out of the TOML) =
+        :func:`cryomag.simulation.simulator.aniso_matrix`); None (or left out of the TOML) =
         none. The default configuration's single group has [1.01, 0.99, 30.0].
     box : int
         Particle box (px), even.

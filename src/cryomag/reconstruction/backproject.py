@@ -70,7 +70,7 @@ import finufft
 import numpy as np
 import scipy.fft as sfft
 
-from cryomag.reconstruct.symmetry import symmetry_operators
+from cryomag.reconstruction.symmetry import symmetry_operators
 
 __all__ = [
     "Backprojector",

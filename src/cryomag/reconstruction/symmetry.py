@@ -15,7 +15,7 @@ Operators are proper rotations R (3 x 3) acting on map coordinates: a map f is s
 f(R x) = f(x) for every R. A particle with RELION matrix A (a map point r projects to
 (A r)_xy) then shows the same image as a particle with matrix A R, whose central slice
 samples the frequencies R^T A^T (u, 0): reconstructing with symmetry adds each particle at
-all of these |G| orientations (see :mod:`cryomag.reconstruct.backproject`).
+all of these |G| orientations (see :mod:`cryomag.reconstruction.backproject`).
 """
 
 from __future__ import annotations

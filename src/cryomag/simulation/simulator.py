@@ -39,7 +39,7 @@ e) **Contrast**: times ``s_p`` (no det(M): real-space contrast is unchanged by
    physical (a real box loses it too) and grows with defocus: for the default phantom
    (110 A) in a 128 px box at 1.3 A the model misses 0.4-8 % of the signal at 0.8 um, up to
    ~65 % near 0.9 Nyquist at 1.5 um; a 256 px box keeps it below 0.1 % up to 1.5 um.
-f) **Noise**: coloured Gaussian (see :class:`~cryomag.simulate.config.NoiseConfig`).
+f) **Noise**: coloured Gaussian (see :class:`~cryomag.simulation.config.NoiseConfig`).
 
 Magnification of particle p (k_ref = M_p k_obs)::
 
@@ -74,8 +74,8 @@ from cryomag.physics.ctf import (
 )
 from cryomag.physics.fourier import centered_rfft2, rfft_freqs, rfft_weights
 from cryomag.physics.geometry import euler_to_matrix
-from cryomag.simulate.config import SimulationConfig
-from cryomag.simulate.phantom import Phantom, write_mrc_map
+from cryomag.simulation.config import SimulationConfig
+from cryomag.simulation.phantom import Phantom, write_mrc_map
 
 __all__ = [
     "MapSource",
