@@ -17,12 +17,15 @@ from cryomag.cli.common import (
     positive,
     require,
 )
+from cryomag.cli.options import execution_options
+from cryomag.execution.base import ExecutorConfig
 
 
 def register(app: typer.Typer) -> None:
     app.command("estimate")(estimate_cmd)
 
 
+@execution_options
 def estimate_cmd(
     particles: Annotated[
         Path, typer.Option("--particles", "-i", help="RELION .star or cryoSPARC .cs")
@@ -51,112 +54,6 @@ def estimate_cmd(
     max_iter: Annotated[int, typer.Option("--max-iter", help="Gauss-Newton iterations")] = 10,
     tol: Annotated[float, typer.Option("--tol", help="stop when |update of M| < tol")] = 1e-5,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="particles per chunk")] = 1024,
-    j: Annotated[
-        int,
-        typer.Option(
-            "--j",
-            help="local worker processes (a Dask LocalCluster); 0 = one per core; "
-            "1 = run in this process, without Dask (debugging)",
-            rich_help_panel="Execution",
-        ),
-    ] = 0,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            help="threads per worker process, used by finufft (default 1); with --j 1 the "
-            "threads of this process (default: all cores). Runs agree bit for bit only at "
-            "equal thread counts (finufft's output varies by ~1e-5 with them)",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler",
-            help="address of a running Dask scheduler (tcp://host:8786); its workers must "
-            "have cryomag and see the particle files at the same paths",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    cluster: Annotated[
-        str | None,
-        typer.Option(
-            "--cluster",
-            help="slurm or pbs: submit the workers as batch jobs (dask-jobqueue); the jobs "
-            "run this Python and need the files at the same paths",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    jobs: Annotated[
-        int, typer.Option("--jobs", help="batch jobs to submit", rich_help_panel="Execution")
-    ] = 1,
-    cores: Annotated[
-        int, typer.Option("--cores", help="cores per job", rich_help_panel="Execution")
-    ] = 1,
-    processes: Annotated[
-        int | None,
-        typer.Option(
-            "--processes",
-            help="worker processes per job (default: --cores, one thread each)",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    memory: Annotated[
-        str,
-        typer.Option(
-            "--memory",
-            help="memory per job, split between its processes; a worker needs about "
-            "8 N^3 x 8 B for a reference of box N (map, finufft grid) + chunk-size x box^2 "
-            "x 32 B + 0.4 GB (N = box = 128: 0.6 GB; 256: 1.6 GB)",
-            rich_help_panel="Execution",
-        ),
-    ] = "8GB",
-    queue: Annotated[
-        str | None,
-        typer.Option("--queue", help="partition / queue", rich_help_panel="Execution"),
-    ] = None,
-    account: Annotated[
-        str | None,
-        typer.Option("--account", help="account / project to charge", rich_help_panel="Execution"),
-    ] = None,
-    walltime: Annotated[
-        str,
-        typer.Option("--walltime", help="time limit per job", rich_help_panel="Execution"),
-    ] = "01:00:00",
-    job_extra: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--job-extra",
-            help="extra batch directive, repeatable (e.g. --job-extra=--qos=normal)",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    job_prologue: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--job-prologue",
-            help="shell line run in each job before the worker starts, repeatable "
-            "(e.g. 'module load cuda')",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    job_logs: Annotated[
-        Path | None,
-        typer.Option(
-            "--job-logs",
-            help="folder for the jobs' output files (default OUT/jobs)",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
-    interface: Annotated[
-        str | None,
-        typer.Option(
-            "--interface",
-            help="network interface of scheduler and workers (e.g. ib0)",
-            rich_help_panel="Execution",
-        ),
-    ] = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -239,6 +136,7 @@ def estimate_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
+    execution: ExecutorConfig | None = None,
 ) -> None:
     """Estimate per-particle scales and each optics group's magnification matrix.
 
@@ -260,7 +158,6 @@ def estimate_cmd(
     """
     from rich.console import Console
 
-    from cryomag.execution import ExecutorConfig
     from cryomag.report.console import print_estimate_summary
     from cryomag.workflows.estimate import estimate
 
@@ -269,25 +166,8 @@ def estimate_cmd(
     with fail_cleanly():
         _check_options(
             particles, out, ref, half_maps, mask, passthrough, max_iter, tol, low_res,
-            high_res, chunk_size, j, threads, window_pad, warm_start, defocus_frame,
+            high_res, chunk_size, window_pad, warm_start, defocus_frame,
         )  # fmt: skip
-        execution = ExecutorConfig(
-            j=j,
-            threads=threads,
-            scheduler=scheduler,
-            cluster=cluster,
-            jobs=jobs,
-            cores=cores,
-            processes=processes,
-            memory=memory,
-            queue=queue,
-            account=account,
-            walltime=walltime,
-            job_extra=list(job_extra or []),
-            job_prologue=list(job_prologue or []),
-            log_directory=str(job_logs or out / "jobs") if cluster else None,
-            interface=interface,
-        )
         try:
             with input_limits(allow_negative_cs, max_defocus):
                 res = estimate(
@@ -334,7 +214,7 @@ def estimate_cmd(
 
 def _check_options(
     particles, out, ref, half_maps, mask, passthrough, max_iter, tol, low_res, high_res,
-    chunk_size, j, threads, window_pad, warm_start, defocus_frame,
+    chunk_size, window_pad, warm_start, defocus_frame,
 ) -> None:  # fmt: skip
     """Refuse nonsense options and an --out that is an input folder, before any work."""
     from cryomag.io.mrc import check_half_maps
@@ -348,8 +228,6 @@ def _check_options(
         require(high_res < low_res, "--high-res", high_res, f"a resolution finer than --low-res "
                 f"({low_res:g} A)")  # fmt: skip
     require(chunk_size >= 1, "--chunk-size", chunk_size, "an integer >= 1")
-    require(j >= 0, "--j", j, "an integer >= 0 (0 = one worker per core)")
-    require(threads is None or threads >= 0, "--threads", threads, "an integer >= 0")
     require(window_pad >= 0, "--window-pad", window_pad, "an integer >= 0 (0 = automatic)")
     require(warm_start >= 0, "--warm-start", warm_start, "an integer >= 0 (0 = off)")
     require(defocus_frame in ("measured", "true"), "--defocus-frame", defocus_frame,

@@ -14,12 +14,15 @@ from cryomag.cli.common import (
     fail_cleanly,
     input_limits,
 )
+from cryomag.cli.options import execution_options
+from cryomag.execution.base import ExecutorConfig
 
 
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge_cmd)
 
 
+@execution_options
 def merge_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="STAR and/or .cs files")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
@@ -48,6 +51,7 @@ def merge_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
+    execution: ExecutorConfig | None = None,
 ) -> None:
     """Merge particle sets recorded at different pixel sizes and find their relative scale.
 
@@ -76,6 +80,10 @@ def merge_cmd(
             angpix=angpix,
             progress=not quiet,
             fsc=fsc,
+            executor=execution,
+            # the driver's threads (the reconstructions of --fsc; a cluster's workers set
+            # their own)
+            nthreads=execution.worker_threads if execution.synchronous else 0,
         )
         console = Console()
         console.print(f"merged {rep['n_particles']} particles from {len(inputs)} files into {out}")

@@ -55,22 +55,7 @@ def make_executor(config: ExecutorConfig | None = None, preload: tuple[str, ...]
     if cfg.scheduler is not None:
         return DaskExecutor.connect(cfg.scheduler)
     if cfg.cluster is not None:
-        return DaskExecutor.jobqueue(
-            cfg.cluster,
-            jobs=cfg.jobs,
-            cores=cfg.cores,
-            processes=cfg.processes,
-            memory=cfg.memory,
-            queue=cfg.queue,
-            account=cfg.account,
-            walltime=cfg.walltime,
-            python=cfg.python,
-            job_extra=cfg.job_extra,
-            job_prologue=cfg.job_prologue,
-            log_directory=cfg.log_directory,
-            local_directory=cfg.local_directory,
-            interface=cfg.interface,
-        )
+        return DaskExecutor.jobqueue(cfg)
     threads = max(cfg.worker_threads, 1)
     workers = cfg.j or max(usable_cores() // threads, 1)
     return DaskExecutor.local(

@@ -180,6 +180,16 @@ class ExecutorConfig:
                 f"--processes must be in 1..cores ({self.cores}), got {self.processes}"
             )
 
+    def resolve(self, out: os.PathLike | None = None) -> ExecutorConfig:
+        """The config with its defaults decided for a run writing into ``out``: the batch
+        jobs' output files go to ``OUT/jobs`` unless ``log_directory`` is set."""
+        import dataclasses
+
+        logs = self.log_directory
+        if logs is None and self.cluster is not None and out is not None:
+            logs = os.path.join(os.fspath(out), "jobs")
+        return dataclasses.replace(self, log_directory=logs)
+
     @property
     def synchronous(self) -> bool:
         """True when the passes run in this process."""

@@ -182,58 +182,27 @@ class DaskExecutor(Executor):
         return cls(start, name=f"dask scheduler {address}", retries=retries)
 
     @classmethod
-    def jobqueue(
-        cls,
-        kind: str,
-        jobs: int = 1,
-        cores: int = 1,
-        processes: int | None = None,
-        memory: str = "8GB",
-        queue: str | None = None,
-        account: str | None = None,
-        walltime: str = "01:00:00",
-        python: str | None = None,
-        job_extra: Sequence[str] = (),
-        job_prologue: Sequence[str] = (),
-        log_directory: str | None = None,
-        local_directory: str | None = None,
-        interface: str | None = None,
-        retries: int = 0,
-    ) -> DaskExecutor:
-        """Workers as SLURM or PBS batch jobs (dask-jobqueue).
+    def jobqueue(cls, config, retries: int = 0) -> DaskExecutor:
+        """Workers as SLURM or PBS batch jobs (dask-jobqueue), as ``config`` describes them.
 
         Parameters
         ----------
-        kind : {"slurm", "pbs"}
-        jobs : int
-            Jobs submitted (``cluster.scale(jobs=jobs)``).
-        cores : int
-            Cores per job (``#SBATCH --cpus-per-task`` / ``ncpus``).
-        processes : int, optional
-            Worker processes per job (default ``cores``: one single-threaded worker per
-            core, each running finufft with one thread).
-        memory : str
-            Memory per job (``#SBATCH --mem``), split between its processes; a worker over
-            95 % of its share is restarted by its nanny.
-        queue, account : str, optional
-            Partition / queue and account or project.
-        walltime : str
-            Time limit per job; the pass in progress is resumable (``--resume``) if the jobs
-            end first.
-        python : str, optional
-            Interpreter of the workers (default ``sys.executable``: the same environment).
-        job_extra : sequence of str
-            Extra directives (``--qos=normal``, ``--gres=...``).
-        job_prologue : sequence of str
-            Shell lines before the worker starts (``module load ...``).
-        log_directory : str, optional
-            Folder for the jobs' output files.
-        local_directory : str, optional
-            Worker scratch folder on the compute nodes.
-        interface : str, optional
-            Network interface for scheduler and workers (``ib0``, ``eth0``).
+        config : ExecutorConfig
+            ``cluster`` ("slurm" or "pbs"), ``jobs`` (``cluster.scale(jobs=...)``), ``cores``
+            (cores per job), ``processes`` (worker processes per job, default ``cores``: one
+            single-threaded worker per core), ``memory`` (per job, split between its
+            processes; a worker over 95 % of its share is restarted by its nanny), ``queue``,
+            ``account``, ``walltime`` (the pass in progress is resumable with ``--resume`` if
+            the jobs end first), ``python`` (default ``sys.executable``), ``job_extra``,
+            ``job_prologue``, ``log_directory``, ``local_directory``, ``interface``; see
+            :class:`~cryomag.execution.ExecutorConfig`.
         """
-        kind = kind.lower()
+        kind = (config.cluster or "").lower()
+        jobs, cores, memory = config.jobs, config.cores, config.memory
+        queue, account, walltime = config.queue, config.account, config.walltime
+        python, job_extra, job_prologue = config.python, config.job_extra, config.job_prologue
+        log_directory, local_directory = config.log_directory, config.local_directory
+        interface, processes = config.interface, config.processes
         if kind not in ("slurm", "pbs"):
             raise ValueError(f"cluster kind must be slurm or pbs, got {kind!r}")
         procs = processes or cores

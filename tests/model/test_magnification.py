@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,8 +15,8 @@ from cryomag.model.magnification import (
     relion_to_cryosparc,
     true_pixel_size,
 )
+from tests.data_paths import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIX_GROUPS = DATA / "star" / "relion31.6opticsgroups.star"
 
 

@@ -23,8 +23,8 @@ from cryomag.io import (
     write_stack,
 )
 from cryomag.model.particles import ParticleSet, SourceInfo
+from tests.data_paths import DATA
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(), reason=f"shared test data folder {DATA} not found"
 )

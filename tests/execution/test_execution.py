@@ -29,6 +29,7 @@ from cryomag.io import ImageSource, read_particles
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import simulate_dataset
 from cryomag.workflows.estimate import EstimateOptions, estimate, load_references, run_estimate
+from tests.data_paths import REPO
 
 RTOL = 1e-10
 OPTS = {"fit": ("scale", "aniso"), "max_iter": 2, "tol": 0.0, "chunk_size": 16, "nthreads": 1}
@@ -263,7 +264,7 @@ def test_execution_layer_imports_no_domain_module():
     """execution/ knows nothing of cryo-EM: no import of io, model, physics, fit, ..."""
     import ast
 
-    pkg = Path(__file__).resolve().parents[1] / "src" / "cryomag" / "execution"
+    pkg = REPO / "src" / "cryomag" / "execution"
     allowed = ("cryomag.execution", "cryomag._files")
     for path in pkg.glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -8,7 +8,6 @@ enough that this is a meaningful test); per-particle scale correlation with the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,7 @@ from cryomag.io import read_cs, read_star
 from cryomag.physics.ctf import ctf_values
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import load_truth, simulate_dataset
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.data_paths import DATA
 
 
 def small_config(seed=0, aniso=(1.01, 0.99, 30.0), n=800, box=64, snr=0.5, spread=30.0, cs=True):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from cryomag.cli.main import app
 from cryomag.io import read_cs, read_star
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import simulate_dataset
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.data_paths import DATA
 
 
 def dataset(folder, seed, apix, box, true_apix, n=500, snr=2.0):

@@ -33,8 +33,8 @@ from cryomag.model.particles import ParticleDataError, ParticleSet, SourceInfo
 from cryomag.model.validation import DataWarning, validation_limits
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import simulate_dataset
+from tests.data_paths import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found")
 
 OPTICS_LABELS = [

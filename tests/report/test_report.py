@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from cryomag.report.html import build_report, load_reconstruction
 from cryomag.workflows.estimate import estimate
 from cryomag.workflows.reconstruct import reconstruct, write_map
-from test_reconstruct import Group, blob_map, make_dataset
+from tests.reconstruction.test_reconstruct import Group, blob_map, make_dataset
 
 runner = CliRunner()
 CHROMIUM = Path("/usr/bin/chromium")

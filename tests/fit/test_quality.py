@@ -18,8 +18,8 @@ from cryomag.fit.quality import MIN_SIGNAL_Z, assess_group
 from cryomag.io import read_star
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import simulate_dataset
+from tests.data_paths import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = {"progress": False, "plots": False, "nthreads": 1, "chunk_size": 256}
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cryomag.cli.inspect_cmd import inspect_particles
 from cryomag.cli.main import app
 from cryomag.model.magnification import from_polar
+from cryomag.workflows.inspect import inspect_particles
+from tests.data_paths import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PARTICLE_FILES = sorted(DATA.glob("**/*.star")) + sorted(DATA.glob("**/*.cs"))
 CS_ALPHA = DATA / "cryosparc" / "cryosparc_P12_J24_001_particles.cs"
 CS_ANISOMAG = DATA / "cryosparc" / "cryosparc_J2_particles_exported.cs"
@@ -181,7 +181,7 @@ def test_render_many_groups_compact():
 
     from rich.console import Console
 
-    from cryomag.cli.inspect_cmd import render
+    from cryomag.report.console_inspect import render
 
     res = inspect_particles(need(SIX_GROUPS))
     many = copy.deepcopy(res)

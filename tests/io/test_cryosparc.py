@@ -23,8 +23,8 @@ from cryomag.io import (
 )
 from cryomag.io.mrc import parse_image_names
 from cryomag.physics.geometry import euler_to_matrix
+from tests.data_paths import DATA
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(
     not DATA.is_dir(), reason=f"shared test data folder {DATA} not found"
 )

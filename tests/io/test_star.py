@@ -23,8 +23,8 @@ from cryomag.io import (
 )
 from cryomag.io import star as star_mod
 from cryomag.model.particles import ParticleDataError, ParticleSet, SourceInfo
+from tests.data_paths import DATA
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(), reason=f"shared test data folder {DATA} not found"
 )

@@ -1,0 +1,351 @@
+"""``cryomag inspect``: what a STAR or .cs file says about optics, magnification and scale.
+
+:func:`inspect_particles` computes everything (a JSON-ready dict, also the Python API) and
+writes the optional plots and inspect.json; :func:`cryomag.report.console_inspect.render`
+prints the dict; the command is :mod:`cryomag.cli.inspect_cmd`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cryomag.io import atomic_write, ensure_not_input, read_particles
+from cryomag.model.magnification import motioncor2_mag, polar, true_pixel_size
+from cryomag.model.particles import ParticleDataError, ParticleSet
+
+SCALE_EXPLANATION = (
+    "The per-particle scale (rlnCtfScalefactor; cryoSPARC alignments3D/alpha) is a contrast "
+    "weight: a particle with scale 1.5 is weighted 1.5 times as much as the mean particle "
+    "(scale 1) in refinement. It mostly follows ice thickness and local contrast. It is not "
+    "a particle size or a magnification."
+)
+
+#: Optics columns shown per group: key in the result -> RELION column.
+_OPTICS_FIELDS = {
+    "name": "rlnOpticsGroupName",
+    "pixel_size_A": "rlnImagePixelSize",
+    "box_px": "rlnImageSize",
+    "voltage_kV": "rlnVoltage",
+    "cs_mm": "rlnSphericalAberration",
+    "amplitude_contrast": "rlnAmplitudeContrast",
+}
+
+#: cryoSPARC higher-order aberration fields (used when the optics table has no RELION ones).
+_CS_ABERRATIONS = ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A")
+
+_MAX_OUTLIER_ROWS = 10
+
+
+# --------------------------------------------------------------------------- helpers
+def _json_ready(x: Any) -> Any:
+    """Numpy scalars/arrays to Python, non-finite floats to None, recursively."""
+    if isinstance(x, dict):
+        return {str(k): _json_ready(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _json_ready(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _parse_vector(value: Any) -> list[float] | None:
+    """A Zernike vector written as ``[a,b,c]`` (string) or already a sequence; None if empty."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().strip("[]").strip()
+        if not text:
+            return None
+        return [float(v) for v in text.split(",")]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return [float(v) for v in np.ravel(value)]
+
+
+def _cs_field(cs_data: Any, name: str) -> np.ndarray | None:
+    """A field of the original .cs array (numpy structured array or cryosparc Dataset)."""
+    if cs_data is None:
+        return None
+    try:
+        return np.asarray(cs_data[name], float)
+    except (KeyError, ValueError, IndexError, TypeError):
+        return None
+
+
+def _read(path: Path) -> ParticleSet:
+    """Read a particle file; every failure becomes a ParticleDataError naming the file."""
+    try:
+        return read_particles(path)
+    except ParticleDataError:
+        raise
+    except Exception as exc:  # any parser failure: report it as unreadable input
+        raise ParticleDataError(
+            f"{path}: cannot read as a particle file (RELION .star or cryoSPARC .cs): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- optics groups
+def _group_summaries(ps: ParticleSet) -> list[dict[str, Any]]:
+    """One dict per optics group: optics values, matrices, polar form, aberrations."""
+    mats = ps.mag_matrices()
+    gidx = ps.group_index()
+    counts = np.bincount(gidx, minlength=ps.n_groups)
+    cs_aberr = {}
+    if ps.source.kind == "cs" and not {"rlnOddZernike", "rlnEvenZernike"} & set(ps.optics):
+        for name in _CS_ABERRATIONS:
+            values = _cs_field(ps.source.cs_data, name)
+            if values is not None and len(values) == len(ps):
+                cs_aberr[name.split("/")[1]] = values.reshape(len(ps), -1)
+    out = []
+    for i, row in enumerate(ps.optics.to_dict("records")):
+        m = mats[i]
+        g: dict[str, Any] = {
+            "optics_group": int(row["rlnOpticsGroup"]),
+            "n_particles": int(counts[i]),
+        }
+        for key, col in _OPTICS_FIELDS.items():
+            value = row.get(col)
+            g[key] = value if value is None or isinstance(value, str) else float(value)
+        g["magmat_relion"] = m.tolist()
+        g["magmat_cryosparc"] = np.linalg.inv(m).tolist()  # I + anisomag
+        g["anisomag_cryosparc"] = (np.linalg.inv(m) - np.eye(2)).ravel().tolist()
+        g["identity_matrix"] = bool(np.array_equal(m, np.eye(2)))
+        p = polar(m)
+        g["polar"] = p.as_dict()
+        g["true_pixel_size_A"] = (
+            true_pixel_size(g["pixel_size_A"], m) if g["pixel_size_A"] else None
+        )
+        major, minor, angle = motioncor2_mag(m)
+        g["motioncor2_mag"] = [major, minor, angle]
+        tilt = [row.get("rlnBeamTiltX"), row.get("rlnBeamTiltY")]
+        g["beam_tilt_mrad"] = None if None in tilt else [float(t) for t in tilt]
+        g["odd_zernike"] = _parse_vector(row.get("rlnOddZernike"))
+        g["even_zernike"] = _parse_vector(row.get("rlnEvenZernike"))
+        cs = {}
+        for name, values in cs_aberr.items():
+            mine = values[gidx == i]
+            if mine.size:
+                cs[name] = {
+                    "mean": mine.mean(axis=0).tolist(),
+                    "varies_within_group": bool(np.ptp(mine, axis=0).max() > 0),
+                }
+        g["cryosparc_aberrations"] = cs or None
+        out.append(g)
+    return out
+
+
+# --------------------------------------------------------------------------- scale
+def _micrographs(ps: ParticleSet) -> tuple[np.ndarray | None, str | None]:
+    """Micrograph number per particle (0-based, order of first appearance) and its source.
+
+    Uses rlnMicrographName; for a .cs file without ``location/micrograph_path`` (whose
+    micrograph names the reader can only make up per exposure group) and for files without
+    micrograph names, the image stack of rlnImageName instead (extraction writes one stack per
+    micrograph). Returns ``(None, None)`` when neither is available.
+    """
+    cs_fields = getattr(getattr(ps.source.cs_data, "dtype", None), "names", None) or ()
+    genuine = ps.source.kind != "cs" or "location/micrograph_path" in cs_fields
+    if genuine and "rlnMicrographName" in ps.particles.columns:
+        names, key = ps.micrographs(), "rlnMicrographName"
+    elif "rlnImageName" in ps.particles.columns:
+        image = ps.particles["rlnImageName"].astype(str)
+        names, key = image.str.split("@", n=1).str[-1].to_numpy(), "image stack of rlnImageName"
+    else:
+        return None, None
+    codes, _ = pd.factorize(pd.Series(names), sort=False)
+    return codes, key
+
+
+def _scale_arrays(
+    ps: ParticleSet,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None]:
+    """Scale (N,), mean defocus in um (N,), micrograph number (N,) and its source."""
+    defocus_sum_A = ps.column("rlnDefocusU", np.nan) + ps.column("rlnDefocusV", np.nan)
+    return ps.column("rlnCtfScalefactor"), 0.5e-4 * defocus_sum_A, *_micrographs(ps)
+
+
+def _scale_summary(
+    ps: ParticleSet,
+    s: np.ndarray,
+    defocus_um: np.ndarray,
+    mic: np.ndarray | None,
+    mic_key: str | None,
+) -> dict[str, Any]:
+    """Quantiles, outliers, defocus correlation and micrograph spread of the scale ``s``."""
+    source = "alignments3D/alpha" if ps.source.kind == "cs" else "rlnCtfScalefactor"
+    result: dict[str, Any] = {"column": "rlnCtfScalefactor", "source": source}
+    result["explanation"] = SCALE_EXPLANATION
+    has_column = "rlnCtfScalefactor" in ps.particles.columns
+    result["present"] = bool(has_column and len(s) and not np.all(s == 1.0))
+    if not result["present"]:
+        where = "all equal 1" if has_column else "absent"
+        result["message"] = f"No per-particle scale in this file ({source} {where})."
+        return result
+
+    qs = np.percentile(s, [0, 5, 25, 50, 75, 95, 100])
+    result["n"] = int(s.size)
+    result["mean"] = float(s.mean())
+    result["std"] = float(s.std(ddof=1)) if s.size > 1 else 0.0
+    result["quantiles"] = dict(
+        zip(("min", "p5", "p25", "p50", "p75", "p95", "max"), qs, strict=True)
+    )
+
+    iqr = qs[4] - qs[2]
+    lo, hi = qs[2] - 1.5 * iqr, qs[4] + 1.5 * iqr
+    rows = np.flatnonzero((s < lo) | (s > hi))
+    result["outliers"] = {
+        "rule": "outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR]",
+        "fences": [lo, hi],
+        "count": int(rows.size),
+        "n_low": int((s < lo).sum()),
+        "n_high": int((s > hi).sum()),
+        "examples": [{"row": int(r) + 1, "scale": float(s[r])} for r in rows[:_MAX_OUTLIER_ROWS]],
+        "row_numbering": "1-based, order of the particle table in the file",
+    }
+
+    if np.ptp(defocus_um) > 0:
+        from scipy.stats import spearmanr  # 0.3 s to import: only when needed
+
+        rho, pval = spearmanr(s, defocus_um)
+        result["spearman_vs_defocus"] = {"rho": float(rho), "p_value": float(pval)}
+    else:
+        result["spearman_vs_defocus"] = None
+
+    if mic is None:
+        result["micrographs"] = None
+    else:
+        frame = pd.DataFrame({"mic": mic, "s": s}).groupby("mic")["s"]
+        medians, variances, sizes = frame.median(), frame.var(ddof=1), frame.size()
+        multi = sizes >= 2
+        dof = (sizes[multi] - 1).sum()
+        within = math.sqrt(((sizes[multi] - 1) * variances[multi]).sum() / dof) if dof else None
+        between = float(medians.std(ddof=1)) if len(medians) > 1 else None
+        n_typical = float(sizes.median())
+        summary = {
+            "micrograph_key": mic_key,
+            "n_micrographs": int(len(medians)),
+            "particles_per_micrograph_median": n_typical,
+            "std_of_micrograph_medians": between,
+            "pooled_within_micrograph_std": within,
+        }
+        if between is not None and within:
+            # spread of medians that within-micrograph scatter alone would give (normal data)
+            noise = math.sqrt(math.pi / 2) * within / math.sqrt(n_typical)
+            summary["sampling_std_of_medians"] = noise
+            summary["ratio"] = between / within
+            if between > 2 * noise:
+                summary["interpretation"] = (
+                    "micrographs differ beyond sampling noise: part of the scale is a property "
+                    "of the micrograph (e.g. its ice thickness); it varies "
+                    + (
+                        "more between micrographs than within them"
+                        if between > within
+                        else "less between micrographs than within them"
+                    )
+                )
+            else:
+                summary["interpretation"] = "no per-micrograph effect beyond sampling noise"
+        result["micrographs"] = summary
+    return result
+
+
+# --------------------------------------------------------------------------- main API
+def inspect_particles(path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Summarise a particle file: optics groups, magnification and per-particle scale.
+
+    Parameters
+    ----------
+    path : str or Path
+        RELION ``.star`` or cryoSPARC ``.cs`` file.
+    out : str or Path, optional
+        Folder (created if needed) for ``scale_histogram.png``, ``scale_vs_defocus.png`` (only
+        when the file has a per-particle scale) and ``inspect.json`` (this dict). Files are
+        written atomically; an input file is never overwritten.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``file``, ``format``, ``n_particles``, ``n_groups``, ``groups`` (one dict
+        per optics group: ``pixel_size_A``, ``box_px``, ``voltage_kV``, ``cs_mm``,
+        ``amplitude_contrast``, ``magmat_relion`` (k_ref = M k_obs), ``magmat_cryosparc``
+        (I + anisomag = M^-1), ``polar`` (see :class:`~cryomag.model.magnification.PolarMag`),
+        ``true_pixel_size_A``, ``motioncor2_mag`` [major, minor, angle_deg], beam tilt and
+        Zernike terms when present), ``scale`` (see the printed report) and ``outputs``.
+
+    Raises
+    ------
+    ParticleDataError
+        When the file cannot be read or written to; the message names the file.
+    """
+    path = Path(path)
+    if out is not None:
+        from cryomag.io.outdir import check_out_not_input
+
+        check_out_not_input(out, [path])
+    ps = _read(path)
+    s, defocus_um, mic, mic_key = _scale_arrays(ps)
+    result: dict[str, Any] = {
+        "file": str(path),
+        "format": ps.source.kind,
+        "legacy_star": bool(ps.source.legacy),
+        "n_particles": len(ps),
+        "n_groups": ps.n_groups,
+        "group_kind": "exposure group" if ps.source.kind == "cs" else "optics group",
+        "groups": _group_summaries(ps),
+        "scale": _scale_summary(ps, s, defocus_um, mic, mic_key),
+        "outputs": {},
+    }
+    if out is not None:
+        _write_outputs(path, Path(out), result, s, defocus_um, mic)
+    return _json_ready(result)
+
+
+def _write_outputs(
+    path: Path,
+    out: Path,
+    result: dict[str, Any],
+    s: np.ndarray,
+    defocus_um: np.ndarray,
+    mic: np.ndarray | None,
+) -> None:
+    """Write the plots and inspect.json into ``out``; record their paths in ``result``."""
+    # matplotlib is imported only when plots are asked for (keeps `cryomag --help` fast)
+    from cryomag.report.plots_inspect import plot_scale_histogram, plot_scale_vs_defocus
+
+    if out.exists() and not out.is_dir():
+        raise ParticleDataError(f"{out}: --out must be a folder, but this is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParticleDataError(f"{out}: cannot create output folder: {exc}") from exc
+    scale = result["scale"]
+    names = {"inspect_json": "inspect.json"}
+    if scale["present"]:
+        names = {
+            "scale_histogram": "scale_histogram.png",
+            "scale_vs_defocus": "scale_vs_defocus.png",
+            **names,
+        }
+    targets = {key: out / name for key, name in names.items()}
+    for target in targets.values():
+        ensure_not_input(target, [path])
+    result["outputs"] = {key: str(t) for key, t in targets.items()}
+    if scale["present"]:
+        plot_scale_histogram(
+            s, targets["scale_histogram"], fences=scale["outliers"]["fences"], title=path.name
+        )
+        plot_scale_vs_defocus(s, defocus_um, mic, targets["scale_vs_defocus"], title=path.name)
+    text = json.dumps(_json_ready(result), indent=2, allow_nan=False)
+    with atomic_write(targets["inspect_json"], inputs=[path]) as tmp:
+        tmp.write_text(text + "\n")
