@@ -119,10 +119,12 @@ def errors(star: Path, folder: Path, se_col: str | None = None) -> dict:
 
     ps = read_star(star)
     p = load_truth(folder)["particles"]
-    name = ps.particles["rlnImageName"].astype(str).to_numpy()
-    truth_ps = read_star(folder / "particles.star")
-    order = {n: i for i, n in enumerate(truth_ps.particles["rlnImageName"].astype(str))}
-    rows = np.array([order[n] for n in name])
+    def keys(table):  # index@stack file name: outputs rebase the stacks' folders
+        return [f"{n.split('@')[0].lstrip('0')}@{Path(n.split('@')[1]).name}"
+                for n in table.particles["rlnImageName"].astype(str)]  # fmt: skip
+
+    order = {k: i for i, k in enumerate(keys(read_star(folder / "particles.star")))}
+    rows = np.array([order[k] for k in keys(ps)])
     # the frame: the written M (= the truth's group M, no local magnification)
     a_true = defocus_matrix(p["defocus_u_true_A"], p["defocus_v_true_A"],
                             p["defocus_angle_true_deg"])[rows]  # fmt: skip

@@ -290,3 +290,56 @@ def test_refit_keeps_the_run_levels_and_refuses_others(heights, tmp_path):
     )  # fmt: skip
     assert r.exit_code == 1
     assert "needs a new pass" in " ".join(r.output.split())
+
+
+# --------------------------------------------------- the local models on real-like CTF input
+def _local_config(seed, n=800, **mag):
+    cfg = _config(seed, n=n, snr=0.3, written="micrograph", estimation_error_A=50.0,
+                  particle_std_A=100.0)  # fmt: skip
+    for k, v in mag.items():
+        setattr(cfg.magnification, k, v)
+    return cfg
+
+
+def test_kappa_with_micrograph_ctf_and_heights(tmp_path):
+    """Defocus-dependent magnification (0.5 %/um) from a micrograph CTF with a 50 A error and
+    particle heights: kappa within 2.5 standard errors of the truth and no micrograph scatter
+    'not from defocus' (the truth has none); holding the defocus reads the CTF error as such
+    scatter."""
+    sim = tmp_path / "sim"
+    simulate_dataset(_local_config(31, kappa_pct_per_um=0.5), sim, progress=False)
+    res = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None,
+                           fit=("scale", "aniso", "defocus"), **FAST)  # fmt: skip
+    d = res.local[1]["defocus"]
+    k, se = d["kappa_percent_per_um"], d["kappa_se_percent_per_um"]
+    assert abs(k - 0.5) < 2.5 * se and se < 0.1, (k, se)
+    assert d["micrograph_scatter_not_from_defocus"] < 5e-4, d
+
+
+def test_particle_magnification_with_particle_defocus_is_calibrated(tmp_path):
+    """Per-particle magnification (0.5 % scatter) with each particle's defocus (heights
+    100 A) refined jointly: the standard errors match the actual errors (rms / median SE
+    within 1.3), the scatter found is the realised one within 2.5 of its standard errors, and
+    each particle's written defocus (its own apparent defocus, through its own M) is as good
+    as its standard error says."""
+    sim = tmp_path / "sim"
+    cfg = _local_config(32, n=600, particle_iso_std_pct=0.5)
+    cfg.defocus.estimation_error_A = 0.0
+    simulate_dataset(cfg, sim, progress=False)
+    res = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None,
+                           fit=("scale", "aniso", "particle"), **FAST)  # fmt: skip
+    p = load_truth(sim)["particles"]
+    ps = res.particles
+    iso = np.sqrt(np.linalg.det(p["M_part"]))
+    err = ps.column("cmagParticleMagRaw") - iso
+    err -= err.mean()  # the group absorbs the mean
+    ratio = np.sqrt(np.mean(err**2)) / np.median(ps.column("cmagParticleMagError"))
+    assert 0.75 < ratio < 1.3, ratio
+    info = res.local[1]["particle"]
+    realised = float(np.std(iso))
+    assert abs(info["isotropic_scatter"] - realised) < 2.5 * info["isotropic_scatter_se"] + 2e-4
+    written = 0.5 * (ps.column("cmagDefocusUInput") + ps.column("cmagDefocusVInput"))
+    written = written + ps.column("cmagDefocusChange")
+    dz_err = written - p["defocus_mean_apparent_own_M_A"]
+    dz_ratio = np.sqrt(np.mean(dz_err**2)) / np.median(ps.column("cmagDefocusError"))
+    assert 0.7 < dz_ratio < 1.35, dz_ratio

@@ -673,12 +673,23 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
     m_def_mic = 1 + kappa * (dz_mic - dz_ref)
     m_mean = m_def_mic[:, None, None] * m_mic @ m_group[[row["group_index"] for row in mic_rows]]
     adef = defocus_matrix(du, dv, ang)
-    obs = np.swapaxes(m_mean[mic], -1, -2) @ adef @ m_mean[mic]
+    # apparent relative to the written rlnMagMat (RELION evaluates the CTF at M_written k):
+    # the distortion left for the written defocus is M M_written^-1
+    if cfg.output.write_true_group_mag:
+        m_written = m_group[gidx]
+        m_obs = m_mean[mic] @ np.linalg.inv(m_written)
+        m_own = mats @ np.linalg.inv(m_written)
+    else:
+        m_obs, m_own = m_mean[mic], mats
+    obs = np.swapaxes(m_obs, -1, -2) @ adef @ m_obs
     mean_obs = np.zeros((n_mic_total, 2, 2))
     np.add.at(mean_obs, mic, obs)
     mean_obs /= np.bincount(mic, minlength=n_mic_total)[:, None, None]
     mdu, mdv, mang = defocus_from_matrix(mean_obs)
     own_mean = 0.5 * (obs[:, 0, 0] + obs[:, 1, 1])
+    # each particle's own apparent defocus: through its own M (its magnification too)
+    own_obs = np.swapaxes(m_own, -1, -2) @ adef @ m_own
+    own_obs_mean = 0.5 * (own_obs[:, 0, 0] + own_obs[:, 1, 1])
     half_astig = 0.5 * (mdu - mdv)
     app_u = own_mean + half_astig[mic]
     app_v = own_mean - half_astig[mic]
@@ -733,6 +744,7 @@ def draw_parameters(cfg: SimulationConfig) -> dict[str, Any]:
         "defocus_v_apparent_A": app_v,
         "defocus_angle_apparent_deg": app_ang,
         "defocus_mean_apparent_A": own_mean,
+        "defocus_mean_apparent_own_M_A": own_obs_mean,
         "defocus_u_written_A": w_u,
         "defocus_v_written_A": w_v,
         "defocus_angle_written_deg": w_a,
