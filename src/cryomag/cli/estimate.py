@@ -156,9 +156,7 @@ def estimate_cmd(
     determined): the outputs are written, the failed group's M and scales are not applied,
     and results.json says why (verdict, problems); 130 interrupted.
     """
-    from rich.console import Console
-
-    from cryomag.report.console import print_estimate_summary
+    from cryomag.report.console import make_console, print_estimate_summary
     from cryomag.workflows.estimate import estimate
 
     if ref is None and half_maps is None:
@@ -206,7 +204,7 @@ def estimate_cmd(
                 err=True,
             )
             raise typer.Exit(130) from None
-        print_estimate_summary(res, Console())
+        print_estimate_summary(res, make_console())
         typer.echo(f"wrote {out}/particles.star, results.json, stats/, plots/")
         if res.verdict == "failed":
             raise typer.Exit(EXIT_FIT_FAILED)

@@ -2,15 +2,76 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 import typer
+from typer.core import TyperGroup
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``scancel``, a pipeline's abort): handled as Ctrl-C, so that the
+    command stops its workers, releases its output folder and exits cleanly."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the
+    main thread; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _RecordingGroup(TyperGroup):
+    """The command group that records the exact command line before parsing it
+    (:mod:`cryomag.runinfo`: every run folder stores it) and turns SIGTERM into a clean
+    interruption while a command runs."""
+
+    def parse_args(self, ctx, args):
+        from cryomag.runinfo import set_command_line
+
+        set_command_line(["cryomag", *args])
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        with sigterm_as_interrupt():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     name="cryomag",
+    cls=_RecordingGroup,
     help="Estimate and correct per-particle contrast scale and magnification of cryo-EM particles.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _main(
+    plain: bool = typer.Option(
+        False,
+        "--plain",
+        help="plain output for logs: full-width ASCII tables, no colour, progress as periodic "
+        "lines (automatic when stdout is not a terminal, or with CRYOMAG_PLAIN=1)",
+    ),
+) -> None:
+    """Estimate and correct per-particle contrast scale and magnification of cryo-EM particles."""
+    from cryomag.report.console import set_plain
+
+    set_plain(True if plain else None)
 
 
 def _register() -> None:

@@ -63,9 +63,7 @@ def merge_cmd(
     pixel size and with the estimated matrices: OUT/plots/merge_fsc.png and, in merge.json,
     both half-map FSC curves with their resolutions at 0.143 and 0.5.
     """
-    from rich.console import Console
-    from rich.table import Table
-
+    from cryomag.report.console import make_console, make_table
     from cryomag.workflows.merge import merge
 
     with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
@@ -85,7 +83,7 @@ def merge_cmd(
             # their own)
             nthreads=execution.worker_threads if execution.synchronous else 0,
         )
-        console = Console()
+        console = make_console()
         console.print(f"merged {rep['n_particles']} particles from {len(inputs)} files into {out}")
         if rep["duplicates"]["count"]:
             console.print(
@@ -93,7 +91,10 @@ def merge_cmd(
                 f"{rep['duplicates']['rows'][:5]} ...)"
             )
         if "pixel_sizes" in rep:
-            t = Table(title="True pixel size per optics group (relative to the reference)")
+            t = make_table(
+                title="True pixel size per optics group (relative to the reference)",
+                console=console,
+            )
             for c in ("group", "name", "declared A", "true A", "+-", "vs anchor"):
                 t.add_column(c, justify="right")
             for r in rep["pixel_sizes"]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -84,11 +82,11 @@ def reconstruct_cmd(
     OUT/fsc.json (FSC curve, resolution at 0.143, settings, command), OUT/fsc.png and
     OUT/cryomag.log.
     """
-    from rich.console import Console
-
+    from cryomag.report.console import make_console
+    from cryomag.runinfo import command_line
     from cryomag.workflows.reconstruct import reconstruct
 
-    command = shlex.join(["cryomag", *sys.argv[1:]]) if sys.argv else None
+    command = command_line()
     with fail_cleanly(), input_limits(allow_negative_cs, max_defocus):
         require(j >= 0, "--j", j, "an integer >= 0 (0 = all cores)")
         require(positive(eps) and eps < 1, "--eps", eps, "a NUFFT accuracy > 0 and < 1")
@@ -112,7 +110,7 @@ def reconstruct_cmd(
             eps=eps,
         )
         tm = res.info["timings"]
-        Console().print(
+        make_console().print(
             f"[bold]FSC = 0.143 at {res.resolution_A:.2f} A[/bold] (half maps, "
             f"{res.info['n_particles_half'][0]} + {res.info['n_particles_half'][1]} particles, "
             f"box {res.box} at {res.pixel_size_A:.4g} A, symmetry {sym}); "

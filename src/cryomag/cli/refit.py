@@ -40,9 +40,8 @@ def refit_cmd(
     Writes OUT/particles.star (documented cmag* columns), OUT/results.json (kappa with its
     95 % interval and the test of kappa = 0, real scatter, model choice) and OUT/plots/.
     """
-    from rich.console import Console
-
     from cryomag.io.outdir import output_folder
+    from cryomag.report.console import make_console
     from cryomag.workflows.local_fits import LOCAL_FITS, print_local_summary
     from cryomag.workflows.refit import refit
 
@@ -60,4 +59,4 @@ def refit_cmd(
             summary = refit(
                 run, fits, target, plots=not no_plots, defocus=defocus, astigmatism=astigmatism
             )
-        print_local_summary(summary, Console())
+        print_local_summary(summary, make_console())

@@ -140,9 +140,7 @@ def simulate_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
 ) -> None:
     """Simulate particles with known contrast scale and magnification errors."""
-    from rich.console import Console
-    from rich.table import Table
-
+    from cryomag.report.console import make_console, make_table
     from cryomag.simulation.simulator import simulate_dataset, summarize
 
     try:
@@ -192,12 +190,13 @@ def simulate_command(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     if not quiet:
-        table = Table(title=f"cryomag simulate -> {out}")
+        console = make_console()
+        table = make_table(title=f"cryomag simulate -> {out}", console=console)
         table.add_column("quantity")
         table.add_column("value")
         for label, value in summarize(truth):
             table.add_row(label, value)
-        Console().print(table)
+        console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -83,6 +83,67 @@ def run_chunk(chunk: Any, payload: Blob, *parts: Blob) -> Any:
     return fn(chunk)
 
 
+# ------------------------------------------------------------------ worker processes
+def _child_pids() -> set[int]:
+    """Pids of this process's descendants."""
+    try:
+        import psutil
+
+        return {c.pid for c in psutil.Process().children(recursive=True)}
+    except Exception:  # pragma: no cover - psutil comes with distributed
+        return set()
+
+
+def _new_children(before: set[int]) -> list:
+    """This process's descendants that were not in ``before`` (psutil.Process), except
+    multiprocessing's resource tracker (shared by the whole process, it ends with it)."""
+    try:
+        import psutil
+
+        out = []
+        for c in psutil.Process().children(recursive=True):
+            if c.pid in before:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if "resource_tracker" in " ".join(c.cmdline()):
+                    continue
+            out.append(c)
+        return out
+    except Exception:  # pragma: no cover
+        return []
+
+
+def _descendants(proc) -> list:
+    """The live descendants of a psutil.Process (none when it has ended)."""
+    try:
+        return proc.children(recursive=True)
+    except Exception:
+        return []
+
+
+def _reap(procs: list, timeout: float = 10.0) -> None:
+    """Wait for ``procs`` to end; SIGTERM those alive after ``timeout`` s, then SIGKILL.
+
+    Every process is waited for (no zombie is left), and a process that ended long ago and
+    whose pid was reused is never signalled (psutil checks the creation time).
+    """
+    if not procs:
+        return
+    import psutil
+
+    procs = list({p.pid: p for p in procs}.values())
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for sig in ("terminate", "kill"):
+        if not alive:
+            return
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                getattr(p, sig)()
+        _, alive = psutil.wait_procs(alive, timeout=5.0)
+    if alive:  # pragma: no cover - SIGKILL does not fail
+        log.warning("worker processes %s did not end", [p.pid for p in alive])
+
+
 # ----------------------------------------------------------------------- driver side
 class DaskExecutor(Executor):
     """Run the chunks of each pass as tasks of a ``dask.distributed`` cluster.
@@ -119,6 +180,8 @@ class DaskExecutor(Executor):
         self.background_start = False
         self._start_error: BaseException | None = None
         self._start_lock = threading.Lock()
+        #: processes a LocalCluster started (psutil.Process), reaped by close()
+        self._procs: list = []
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -143,6 +206,7 @@ class DaskExecutor(Executor):
         def start():
             from distributed import Client, LocalCluster
 
+            before = _child_pids()
             with warnings.catch_warnings():
                 # no dashboard; its HTTP server moves off a busy port 8787 with a warning
                 warnings.filterwarnings("ignore", message=".*[Pp]ort .* is already in use.*")
@@ -156,7 +220,10 @@ class DaskExecutor(Executor):
                     silence_logs=logging.ERROR,
                     preload=list(preload),
                 )
-            return Client(cluster), cluster
+            client = Client(cluster)
+            # the processes the cluster started (nannies and their workers), reaped by close()
+            ex._procs = _new_children(before)
+            return client, cluster
 
         ex = cls(
             start,
@@ -374,16 +441,27 @@ class DaskExecutor(Executor):
         return results if collect else None
 
     def close(self) -> None:
-        """Release the shared parts; stop the client and the cluster if this started them."""
+        """Release the shared parts; stop the client and the cluster if this started them.
+
+        The processes of a LocalCluster (nannies and workers) are reaped before this returns:
+        after the cluster's own shutdown, any still alive get SIGTERM, then SIGKILL
+        (:func:`_reap`). Safe to call twice, also after Ctrl-C or an error.
+        """
         if self._starter is not None:
-            self._starter.join()
+            with contextlib.suppress(BaseException):
+                self._starter.join()
             self._starter = None
         self._parts.clear()
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-        if cluster is not None:
-            with contextlib.suppress(Exception):
-                cluster.close()
+        procs, self._procs = self._procs, []
+        procs = procs + [c for p in procs for c in _descendants(p)]  # workers restarted since
+        try:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close(timeout=10)
+            if cluster is not None:
+                with contextlib.suppress(Exception):
+                    cluster.close(timeout=10)
+        finally:
+            _reap(procs)

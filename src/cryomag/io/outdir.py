@@ -13,7 +13,9 @@ simulate, demo; report writes into the run folder it reports on) opens it with
    a warning;
 3. cleans a reused folder (policy below);
 4. on exit (also after an error or Ctrl-C) records what this run wrote in
-   ``OUT/.cryomag-manifest.json`` and releases the lock.
+   ``OUT/.cryomag-manifest.json`` and releases the lock. The manifest also records what
+   produced the folder (:func:`cryomag.runinfo.run_record`: the exact command line, the
+   cryomag and Python versions, host, user, working folder), from the start of the run.
 
 Reused output folder: policy
 ----------------------------
@@ -321,6 +323,13 @@ def written_by_run(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
     return rel in set(man["files"])
 
 
+def _run_record() -> dict:
+    """What produced the folder (:func:`cryomag.runinfo.run_record`)."""
+    from cryomag.runinfo import run_record
+
+    return run_record()
+
+
 def _write_manifest(out: Path, data: dict) -> None:
     tmp = out / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data, indent=1))
@@ -472,6 +481,7 @@ def output_folder(
             prev = None
         started = time.time()
         before, dirs_before = _snapshot(out)
+        run = _run_record()
         if record == "replace":
             earlier = list(prev["files"]) if (prev and resume) else []
             _write_manifest(
@@ -482,6 +492,7 @@ def output_folder(
                     "complete": False,
                     "files": earlier,
                     "dirs": list(prev.get("dirs", [])) if (prev and resume) else [],
+                    **run,
                 },
             )
     except BaseException:
@@ -505,6 +516,7 @@ def output_folder(
                     "dirs": sorted(
                         set(new_dirs) | set(prev.get("dirs", []) if (prev and resume) else [])
                     ),
+                    **run,
                 }
             else:
                 cur = read_manifest(out)
@@ -516,6 +528,7 @@ def output_folder(
                         "complete": True,
                         "files": sorted(new),
                         "dirs": new_dirs,
+                        **run,
                     }
                 else:
                     data = dict(cur)

@@ -1,19 +1,93 @@
-"""Terminal summaries of the commands' results."""
+"""Terminal summaries of the commands' results, readable on a terminal and in a log.
+
+On a terminal the commands print rich tables (colour, box drawing, fitted to the window).
+In a log (stdout not a terminal: nohup, SLURM, a pipeline's job log), with ``cryomag
+--plain`` or with the environment variable ``CRYOMAG_PLAIN=1``, output is *plain*: ASCII
+tables as wide as their content (never squashed to 80 columns, never a truncated number),
+no colour or markup, lines never wrapped, and progress as periodic lines
+(:func:`cryomag.execution.local.progress_bar`). Every command makes its console and tables
+with :func:`make_console` and :func:`make_table`.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
-__all__ = ["print_estimate_summary"]
+__all__ = [
+    "is_plain",
+    "make_console",
+    "make_table",
+    "print_estimate_summary",
+    "set_plain",
+]
+
+#: Width of a plain console (characters): wide enough for any table, so none is squashed.
+PLAIN_WIDTH = 1000
+
+_FORCED: bool | None = None
+
+
+def set_plain(value: bool | None) -> None:
+    """Force plain output (True), rich output (False) or decide automatically (None)."""
+    global _FORCED
+    _FORCED = value
+
+
+def is_plain(stream=None) -> bool:
+    """Whether output to ``stream`` (default stdout) is plain (see the module docstring)."""
+    if _FORCED is not None:
+        return _FORCED
+    if os.environ.get("CRYOMAG_PLAIN", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    stream = sys.stdout if stream is None else stream
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
+def make_console(stderr: bool = False):
+    """A rich Console for stdout (or stderr): the terminal's, or a plain one for logs."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if not is_plain(stream):
+        return Console(stderr=stderr)
+    return Console(
+        file=stream,
+        width=PLAIN_WIDTH,
+        no_color=True,
+        color_system=None,
+        highlight=False,
+        emoji=False,
+        soft_wrap=True,
+        force_terminal=False,
+        force_interactive=False,
+    )
+
+
+def make_table(*args, console=None, **kwargs):
+    """A rich Table: box drawing on a terminal, ASCII and never truncated when plain."""
+    from rich import box
+    from rich.table import Table
+
+    plain = console.no_color if console is not None else is_plain()
+    if plain:
+        kwargs.setdefault("box", box.ASCII)
+        kwargs.setdefault("show_edge", True)
+    return Table(*args, **kwargs)
 
 
 def print_estimate_summary(res, console) -> None:
     """Print the per-group results (M, errors, polar form) and the scale distribution."""
-    from rich.table import Table
-
     from cryomag.model.magnification import polar
 
-    table = Table(title="Magnification per optics group (RELION M: k_ref = M k_obs)")
+    table = make_table(
+        title="Magnification per optics group (RELION M: k_ref = M k_obs)", console=console
+    )
     for col in (
         "group",
         "particles",

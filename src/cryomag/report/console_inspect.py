@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+
+from cryomag.report.console import make_console, make_table
 
 __all__ = ["render"]
 
@@ -65,7 +66,7 @@ def _group_rows(g: dict[str, Any]) -> list[tuple[str, str]]:
 
 def render(result: dict[str, Any], console: Console | None = None) -> None:
     """Print the dict of :func:`inspect_particles` with rich tables."""
-    console = console or Console()
+    console = console or make_console()
     kind = result["group_kind"]
     legacy = " (RELION 3.0, no optics table)" if result["legacy_star"] else ""
     console.print(
@@ -94,7 +95,7 @@ def _render_groups(groups: list[dict[str, Any]], kind: str, console: Console) ->
     per_table = max(1, (console.width - 26) // 25)  # group columns that fit the terminal
     for start in range(0, len(groups), per_table):
         chunk = groups[start : start + per_table]
-        table = Table(title=f"{kind}s" if start == 0 else None)
+        table = make_table(title=f"{kind}s" if start == 0 else None, console=console)
         table.add_column("")
         for g in chunk:
             table.add_column(f"{kind} {g['optics_group']}", justify="right")
@@ -107,7 +108,9 @@ def _render_groups(groups: list[dict[str, Any]], kind: str, console: Console) ->
 
 def _render_groups_compact(groups: list[dict[str, Any]], kind: str, console: Console) -> None:
     """One line per group, for files with many (exposure) groups; details in inspect.json."""
-    table = Table(title=f"{len(groups)} {kind}s (all values: inspect.json with --out)")
+    table = make_table(
+        title=f"{len(groups)} {kind}s (all values: inspect.json with --out)", console=console
+    )
     for label in ("group", "n", "A/px", "major", "minor", "angle", "pix %", "MotionCor2 -Mag"):
         table.add_column(label, justify="right")
     for g in groups:
@@ -132,7 +135,7 @@ def _render_scale(sc: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]{sc['message']}[/yellow]")
         return
     q = sc["quantiles"]
-    table = Table(title=f"{sc['source']}: {sc['n']} particles")
+    table = make_table(title=f"{sc['source']}: {sc['n']} particles", console=console)
     for label in ("min", "5 %", "25 %", "50 %", "75 %", "95 %", "max", "mean"):
         table.add_column(label, justify="right")
     table.add_row(*(f"{q[k]:.3f}" for k in q), f"{sc['mean']:.3f}")

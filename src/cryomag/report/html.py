@@ -3,8 +3,9 @@
 The page (``report.html`` in the run folder) shows, from what the commands wrote:
 
 - the inputs and the exact command lines (``command:`` lines of ``cryomag.log``, the
-  ``command`` field of results.json / fsc.json; "not recorded" when absent), and the options
-  of the estimation (results.json ``options``);
+  ``command`` field of results.json / fsc.json, the ``command_line`` of the folder's manifest;
+  "not recorded" when absent) with the cryomag version(s) that wrote them, and the options of
+  the estimation (results.json ``options``);
 - per optics group: M with its standard errors, the polar form (major / minor scale, axis
   angle, pixel-size change) and cryoSPARC's anisomag; the contrast-scale quantiles;
 - every PNG in ``DIR/plots`` (and ``DIR/fsc.png`` for a reconstruction folder);
@@ -195,6 +196,18 @@ def _log_commands(log: Path) -> list[str]:
     return out
 
 
+def _log_versions(log: Path) -> list[str]:
+    """cryomag versions named in a cryomag.log ("cryomag X, Python ...")."""
+    if not log.is_file():
+        return []
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.search(r"\bINFO cryomag (\S+), Python", line)
+        if m and m.group(1) not in out:
+            out.append(m.group(1))
+    return out
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
@@ -249,14 +262,33 @@ def _section_inputs(run: Path, results: dict | None, recs: list[tuple[str, dict]
     if results and results.get("command"):
         cmds.append(results["command"])
     cmds += [c for c in _log_commands(run / "cryomag.log") if c not in cmds]
+    versions = _log_versions(run / "cryomag.log")
+    if results and results.get("cryomag_version"):
+        versions.insert(0, str(results["cryomag_version"]))
+    from cryomag.io.outdir import read_manifest
+
+    man = read_manifest(run)
+    if man is not None:  # every output folder records what produced it (cryomag.runinfo)
+        if man.get("command_line") and man["command_line"] not in cmds:
+            cmds.append(man["command_line"])
+        if man.get("cryomag_version"):
+            versions.append(str(man["cryomag_version"]))
     for _, rec in recs:
         if rec.get("command") and rec["command"] not in cmds:
             cmds.append(rec["command"])
+        versions += _log_versions(Path(rec["folder"]) / "cryomag.log")
     if cmds:
         parts.append("<p>Commands that produced these results (run them to reproduce):</p>")
         parts.append("<pre>" + html.escape("\n".join(cmds)) + "</pre>")
     else:
         parts.append('<p class="muted">Command lines: not recorded in the run folder.</p>')
+    versions = list(dict.fromkeys(versions))
+    if versions:
+        parts.append(
+            f"<p>Written by cryomag {html.escape(', '.join(versions))}"
+            + (" (more than one version: compare with care)" if len(versions) > 1 else "")
+            + ".</p>"
+        )
     if results and results.get("options"):
         rows = "".join(
             f'<tr><td class="l">{html.escape(str(k))}</td>'

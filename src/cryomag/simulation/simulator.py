@@ -1094,6 +1094,14 @@ def _run_tasks(tasks, source, n_workers, progress, on_progress, P, signal_power,
     bar = None
     task_id = None
     if progress:
+        from cryomag.execution.local import LineProgress
+        from cryomag.report.console import is_plain
+
+    if progress and is_plain():  # a log: periodic lines
+        bar = LineProgress()
+        bar.start()
+        task_id = bar.add_task("simulating particles", total=n)
+    elif progress:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,

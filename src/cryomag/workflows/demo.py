@@ -100,14 +100,12 @@ def run_demo(
     console=None,
 ) -> dict:
     """Simulate, self-check, estimate and print truth beside estimate; returns the numbers."""
-    from rich.console import Console
-    from rich.table import Table
-
     import cryomag
     from cryomag.model.magnification import polar
+    from cryomag.report.console import make_console, make_table
     from cryomag.simulation.simulator import load_truth, simulate_dataset
 
-    console = console or Console()
+    console = console or make_console()
     out = Path(out)
     sim_dir = out / "simulated"
     t0 = time.perf_counter()
@@ -132,7 +130,7 @@ def run_demo(
     )
     t2 = time.perf_counter()
     g = res.groups[0]
-    table = Table(title="Truth beside estimate (RELION M, k_ref = M k_obs)")
+    table = make_table(title="Truth beside estimate (RELION M, k_ref = M k_obs)", console=console)
     for c in ("quantity", "truth", "estimate", "+-"):
         table.add_column(c, justify="right")
     for i, name in enumerate(("M00", "M01", "M10", "M11")):

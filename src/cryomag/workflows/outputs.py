@@ -70,7 +70,11 @@ def results_dict(res: EstimateResult) -> dict:
         )
     s = res.scales.normalised
     has_scales = bool(np.isfinite(s).any())
+    from cryomag.runinfo import command_line, version
+
     return {
+        "command": command_line(),
+        "cryomag_version": version(),
         "verdict": res.verdict,
         "problems": res.problems,
         "fit": list(res.options.fit),

@@ -1,0 +1,107 @@
+"""No process of cryomag outlives the command that started it (issue 17).
+
+``cryomag estimate --j 2`` runs a Dask LocalCluster (nanny and worker processes). The
+command is run in a subprocess whose environment carries a unique marker; every process it
+starts inherits the marker, also when it is re-parented after its parent ends. After the
+command returns (normally, after Ctrl-C, after SIGTERM), no process with the marker may
+remain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+from cryomag.simulation.simulator import simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orphans") / "data"
+    cfg = SimulationConfig(seed=5)
+    cfg.optics_groups = [
+        OpticsGroupConfig(
+            pixel_size_A=2.0, aniso=None, box=32, n_particles=40, particles_per_micrograph=10
+        )
+    ]
+    cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.0
+    cfg.noise.snr = 1.0
+    cfg.phantom.diameter_A, cfg.phantom.n_atoms = 40.0, 300
+    cfg.render.n_workers = 1
+    simulate_dataset(cfg, folder, progress=False)
+    return folder
+
+
+def _marked(mark: str) -> list[tuple[int, str]]:
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("CRYOMAG_TEST_MARK") == mark:
+                found.append((p.pid, " ".join(p.cmdline())[:120]))
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _start(tiny: Path, out: Path, mark: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "cryomag.cli.main", "estimate",
+        "-i", str(tiny / "particles.star"), "--ref", str(tiny / "ref.mrc"), "--out", str(out),
+        "--j", "2", "--max-iter", "3", "--chunk-size", "8", "--no-plots",
+    ]  # fmt: skip
+    env = dict(os.environ, CRYOMAG_TEST_MARK=mark)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def _wait_for_workers(proc: subprocess.Popen, mark: str, timeout: float = 60.0) -> None:
+    """Until the cluster's processes run (more than the command and its resource tracker)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be interrupted: {proc.stderr.read()}")
+        if len(_marked(mark)) >= 4:
+            return
+        time.sleep(0.05)
+    pytest.fail("the worker processes did not appear")
+
+
+def _assert_none_left(mark: str) -> None:
+    left = _marked(mark)
+    t0 = time.monotonic()
+    while left and time.monotonic() - t0 < 2.0:  # a process may still be in its exit
+        time.sleep(0.1)
+        left = _marked(mark)
+    assert left == [], f"processes outlived the command: {left}"
+
+
+def test_no_worker_outlives_a_finished_run(tiny, tmp_path):
+    mark = uuid.uuid4().hex
+    proc = _start(tiny, tmp_path / "run", mark)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    _assert_none_left(mark)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["sigterm"])  # Ctrl-C: same path
+def test_no_worker_outlives_an_interrupted_run(tiny, tmp_path, sig):
+    mark = uuid.uuid4().hex
+    out = tmp_path / "run"
+    proc = _start(tiny, out, mark)
+    _wait_for_workers(proc, mark)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), err  # 0: it finished before the signal arrived
+    if proc.returncode == 130:
+        assert "interrupted" in err
+    _assert_none_left(mark)
+    assert not (out / ".cryomag.lock").exists()  # the folder was released
