@@ -80,7 +80,7 @@ def auto_window_pad(ps: ParticleSet, group: int, band: Band, cap: int = 3) -> in
 
     o = ps.optics_params(group)
     rows = ps.group_rows(group)
-    dz = np.maximum(ps.column("rlnDefocusU")[rows], ps.column("rlnDefocusV")[rows])
+    dz = ps.defocus_uva()[rows, :2].max(axis=1)
     if not len(dz):
         return 1
     lam = float(electron_wavelength_A(o.voltage_kv))

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cryomag.model.validation import ValidationLimits
 
 MAGMAT_COLUMNS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+DEFOCUS_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 
 #: Particle columns every estimator needs, with the unit, for error messages.
 REQUIRED_PARTICLE_COLUMNS = {
@@ -305,7 +306,7 @@ class ParticleSet:
         """
         from cryomag.physics.ctf import transform_astigmatism
 
-        cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+        cols = DEFOCUS_COLUMNS
         du, dv, ang = (self.column(c)[rows] for c in cols)
         new = transform_astigmatism(du, dv, ang, mats)
         for c, val in zip(cols, new, strict=True):
@@ -369,3 +370,99 @@ class ParticleSet:
         return ParticleSet(
             sub.reset_index(drop=True), self.optics.copy(), self.source, self.limits
         )
+
+    # ------------------------------------------------- named access for the engines
+    # The engines, workflows and reports read and write the tables through these, so that
+    # RELION's column names stay in io/ and model/.
+    def particle_group_numbers(self) -> np.ndarray:
+        """Each particle's optics group number (as in the file), shape (N,)."""
+        return self.particles["rlnOpticsGroup"].to_numpy(int)
+
+    def set_particle_group_numbers(self, numbers: np.ndarray) -> None:
+        """Assign each particle to optics group number ``numbers[i]``, shape (N,)."""
+        self.particles["rlnOpticsGroup"] = np.asarray(numbers, int)
+
+    def pixel_sizes_A(self) -> np.ndarray:
+        """Declared image pixel size of each optics group (A), shape (G,)."""
+        return self.optics_value("rlnImagePixelSize")
+
+    def set_pixel_sizes_A(self, values: np.ndarray) -> None:
+        """Set each optics group's declared image pixel size (A), shape (G,)."""
+        self.optics["rlnImagePixelSize"] = np.asarray(values, float)
+
+    def boxes_px(self) -> np.ndarray:
+        """Image box of each optics group (px), shape (G,)."""
+        return self.optics["rlnImageSize"].to_numpy(int)
+
+    def set_boxes_px(self, values: np.ndarray) -> None:
+        """Set each optics group's image box (px), shape (G,)."""
+        self.optics["rlnImageSize"] = np.asarray(values, int)
+
+    def group_names(self) -> list[str]:
+        """Each optics group's name (rlnOpticsGroupName, or ``opticsGroup<N>``), length G."""
+        if "rlnOpticsGroupName" in self.optics.columns:
+            return [str(v) for v in self.optics["rlnOpticsGroupName"]]
+        return [f"opticsGroup{g}" for g in self.group_numbers()]
+
+    def defocus_uva(self) -> np.ndarray:
+        """(defocus U (A), defocus V (A), astigmatism angle (deg)) per particle, shape (N, 3)."""
+        return np.stack([self.column(c) for c in DEFOCUS_COLUMNS], axis=1)
+
+    def set_defocus_uva(self, values: np.ndarray) -> None:
+        """Write (U (A), V (A), angle (deg)) per particle, shape (N, 3)."""
+        values = np.asarray(values, float)
+        for j, c in enumerate(DEFOCUS_COLUMNS):
+            self.particles[c] = values[:, j]
+
+    def contrast_scales(self, default: float = 1.0) -> np.ndarray:
+        """The CTF scale factor per particle (rlnCtfScalefactor; ``default`` when absent),
+        shape (N,)."""
+        return self.column("rlnCtfScalefactor", default)
+
+    def has_contrast_scales(self) -> bool:
+        """Whether the table carries a per-particle CTF scale factor."""
+        return "rlnCtfScalefactor" in self.particles.columns
+
+    def set_contrast_scales(self, values: np.ndarray) -> None:
+        """Write the CTF scale factor per particle, shape (N,)."""
+        self.particles["rlnCtfScalefactor"] = np.asarray(values, float)
+
+    def set_origin_A(self, origin: np.ndarray) -> None:
+        """Write each particle's origin (x, y) in A, shape (N, 2)."""
+        origin = np.asarray(origin, float)
+        self.particles["rlnOriginXAngst"] = origin[:, 0]
+        self.particles["rlnOriginYAngst"] = origin[:, 1]
+
+    def set_image_names(self, names: np.ndarray) -> None:
+        """Write each particle's image name (``index@stack``), shape (N,)."""
+        self.particles["rlnImageName"] = np.asarray(names, dtype=object)
+
+    def regroup(self, key: np.ndarray, suffixes: list[str]) -> ParticleSet:
+        """A new set with one optics group per distinct ``key`` value.
+
+        Parameters
+        ----------
+        key : ndarray of int, shape (N,)
+            New group index per particle, 0..K-1; all particles of one new group must share
+            one old group.
+        suffixes : list of str, length K
+            Appended to the old group's name (``<old name>_<suffix>``).
+
+        Every old optics column is kept (the new group's row copies its old group's row),
+        groups are numbered 1..K in the order of ``key``; the magnification matrices are
+        left to the caller.
+        """
+        key = np.asarray(key, int)
+        gidx = self.group_index()
+        names = self.group_names()
+        rows = []
+        for k in range(int(key.max()) + 1 if len(key) else 0):
+            g = int(gidx[key == k][0])
+            row = self.optics.iloc[g].copy()
+            row["rlnOpticsGroup"] = k + 1
+            row["rlnOpticsGroupName"] = f"{names[g]}_{suffixes[k]}"
+            rows.append(row)
+        out = self.copy()
+        out.optics = pd.DataFrame(rows).reset_index(drop=True)
+        out.set_particle_group_numbers(key + 1)
+        return out

@@ -124,7 +124,7 @@ def plot_estimate(result, bands, folder: Path) -> list[Path]:
         s = result.scales.normalised
         if np.isfinite(s).any():
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            groups = ps.particles["rlnOpticsGroup"].to_numpy(int)
+            groups = ps.particle_group_numbers()
             for num in ps.group_numbers():
                 sel = (groups == num) & np.isfinite(s)
                 if sel.any():

@@ -26,7 +26,7 @@ def plot_local(ps, summary: dict, folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     t = ps.particles
-    dz = 0.5 * (ps.column("rlnDefocusU") + ps.column("rlnDefocusV")) / 1e4  # um
+    dz = ps.defocus_mean_A() / 1e4  # um
     gidx = ps.group_index()
     gnum = ps.group_numbers()
     paths = []

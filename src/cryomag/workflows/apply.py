@@ -131,7 +131,6 @@ def split_optics_groups(
     ``<old name>_<unit>``, every old optics column kept, rlnMagMat the mean matrix of the
     unit's particles; defocus re-expressed so that each particle's CTF is unchanged.
     """
-    out = ps.copy()
     mats = particle_matrices(ps, model)
     mg = ps.mag_matrices()[ps.group_index()]
     gidx = ps.group_index()
@@ -144,22 +143,12 @@ def split_optics_groups(
     else:
         raise ValueError(f"split by 'micrograph' or 'bins', got {by!r}")
     key = pd.factorize(pd.Series(list(zip(gidx, unit, strict=True))))[0]
-    rows_opt = []
-    new_group = np.empty(len(ps), int)
-    mean_m = np.empty((key.max() + 1, 2, 2))
-    for k in range(key.max() + 1):
-        sel = key == k
-        g = gidx[sel][0]
-        row = ps.optics.iloc[g].copy()
-        row["rlnOpticsGroup"] = k + 1
-        name = str(row.get("rlnOpticsGroupName", f"opticsGroup{g + 1}"))
-        row["rlnOpticsGroupName"] = f"{name}_{by}{unit[sel][0] + 1}"
-        mean_m[k] = mats[sel].mean(axis=0)
-        rows_opt.append(row)
-        new_group[sel] = k + 1
-    out.optics = pd.DataFrame(rows_opt).reset_index(drop=True)
+    n_new = key.max() + 1
+    mean_m = np.stack([mats[key == k].mean(axis=0) for k in range(n_new)])
+    suffixes = [f"{by}{unit[key == k][0] + 1}" for k in range(n_new)]
+    out = ps.regroup(key, suffixes)
     out.set_mag_matrices(mean_m)
-    out.particles["rlnOpticsGroup"] = new_group
+    new_group = key + 1
     # CTF(M_old k; Adef) = CTF(M_new k; Adef') with Adef' = T^T Adef T, T = M_old M_new^-1
     t = mg @ np.linalg.inv(mean_m[new_group - 1])
     out.reexpress_astigmatism(np.arange(len(ps)), t)
@@ -210,8 +199,8 @@ def resample_particles(
     new = ps.copy()
     src = ImageSource(ps)
     names = np.empty(len(ps), dtype=object)
-    apix_in = ps.optics_value("rlnImagePixelSize")
-    box_in = ps.optics_value("rlnImageSize").astype(int)
+    apix_in = ps.pixel_sizes_A()
+    box_in = ps.boxes_px()
     apix_out = np.full(ps.n_groups, pixel_size_A) if pixel_size_A else apix_in.copy()
     box_out = np.full(ps.n_groups, box) if box else box_in.copy()
     with progress_bar(disable=not progress) as bar:
@@ -229,13 +218,11 @@ def resample_particles(
                 write_stack(out / rel, imgs, float(apix_out[g]))
                 names[part] = [f"{i + 1:06d}@{rel.as_posix()}" for i in range(len(part))]
                 bar.advance(task, len(part))
-    new.particles["rlnImageName"] = names
-    org = new_origins_A(ps.origin_A(), mats)
-    new.particles["rlnOriginXAngst"] = org[:, 0]
-    new.particles["rlnOriginYAngst"] = org[:, 1]
+    new.set_image_names(names)
+    new.set_origin_A(new_origins_A(ps.origin_A(), mats))
     new.reexpress_astigmatism(np.arange(len(ps)), mg @ np.linalg.inv(mats))
-    new.optics["rlnImagePixelSize"] = apix_out
-    new.optics["rlnImageSize"] = box_out
+    new.set_pixel_sizes_A(apix_out)
+    new.set_boxes_px(box_out)
     # the local matrices referred to the old images
     drop = [c for c in new.particles.columns if c.startswith("cmag") and "MagMat" in c]
     new.particles = new.particles.drop(columns=drop)

@@ -330,7 +330,7 @@ def run_estimate(
     settings = opts.gauss_newton()
     groups = ps.groups_used()
     rows = {g: ps.group_rows(g) for g in groups}
-    labels = ps.particles["rlnOpticsGroup"].to_numpy(int)
+    labels = ps.particle_group_numbers()
     bands = make_bands(
         ps, min(r.nyquist for r in refs.values()), opts.low_res_A, opts.high_res_A, fsc_res
     )
@@ -346,9 +346,7 @@ def run_estimate(
     full = make_chunks(labels, opts.chunk_size)
     warm = warm_subsets(rows, opts.warm_start) if settings.fit_aniso else {}
     mics_all = ps.micrographs()
-    dz_in = np.stack(
-        [ps.column("rlnDefocusU"), ps.column("rlnDefocusV"), ps.column("rlnDefocusAngle")], 1
-    )
+    dz_in = ps.defocus_uva()
     warm_labels = np.full(len(ps), -1)
     for g, sub in warm.items():
         warm_labels[sub] = g
@@ -434,11 +432,11 @@ def run_estimate(
                 inc = f.mag @ np.linalg.inv(f.mag_in)
                 out.reexpress_astigmatism(rows[g], np.linalg.inv(inc))
     if "scale" in opts.fit:
-        old = out.column("rlnCtfScalefactor", 1.0)
+        old = out.contrast_scales()
         new = old * scales.raw
         if np.isfinite(new).any():
             new = new / np.nanmean(new)
-        out.particles["rlnCtfScalefactor"] = np.where(np.isfinite(new), new, old)
+        out.set_contrast_scales(np.where(np.isfinite(new), new, old))
         out.particles["cmagScale"] = scales.normalised
         out.particles["cmagScaleError"] = scales.error
     timings = {

@@ -32,112 +32,22 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from cryomag.io.atomic import write_json
-from cryomag.model.particles import (
-    MAGMAT_COLUMNS,
-    PARTICLE_DEFAULTS,
-    ParticleDataError,
-    ParticleSet,
-    SourceInfo,
-)
-from cryomag.model.validation import current_limits, duplicate_images
+from cryomag.model.combine import concatenate
+from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet
+from cryomag.model.validation import duplicate_images
 
 log = logging.getLogger("cryomag")
-
-
-#: Neutral values for optional columns that some inputs lack (never NaN in the merge).
-PARTICLE_FILL = {
-    **PARTICLE_DEFAULTS,
-    "rlnNormCorrection": 1.0,
-    "rlnClassNumber": 1,
-    "rlnGroupNumber": 1,
-    "rlnMicrographName": "?",
-}
-OPTICS_FILL = {
-    "rlnBeamTiltX": 0.0,
-    "rlnBeamTiltY": 0.0,
-    "rlnImageDimensionality": 2,
-    "rlnCtfDataAreCtfPremultiplied": 0,
-    "rlnOddZernike": "[]",
-    "rlnEvenZernike": "[]",
-    # images extracted without binning: the micrograph pixel is the image pixel
-    "rlnMicrographPixelSize": lambda t: t["rlnImagePixelSize"],
-    "rlnMicrographOriginalPixelSize": lambda t: t["rlnImagePixelSize"],
-}
-
-
-def _fill_missing(
-    frames: list[pd.DataFrame], fill: dict, table: str, report: dict, names: list[str]
-) -> pd.DataFrame:
-    """Concatenate ``frames``; a column some frames lack is filled for them, never with NaN.
-
-    The value is the column's neutral one (``fill``; alternating half sets for
-    rlnRandomSubset); a column without one (metadata no engine uses, e.g. rlnCoordinateX)
-    gets 0 (numbers) or ``"?"`` (text), reported in ``report["filled_columns"]`` and warned
-    about.
-    """
-    cols = list(dict.fromkeys(c for f in frames for c in f.columns))
-    out = []
-    guessed: dict[str, tuple] = {}
-    for f in frames:
-        f = f.copy()
-        for c in cols:
-            if c in f.columns or c == "cmagUid":
-                continue
-            if c == "rlnRandomSubset":  # as the reader would: alternating half sets
-                f[c] = (np.arange(len(f)) % 2 + 1).astype(np.int64)
-            elif c in fill:
-                f[c] = fill[c](f) if callable(fill[c]) else fill[c]
-            else:
-                other = next(g[c] for g in frames if c in g.columns)
-                value = 0 if pd.api.types.is_numeric_dtype(other.dtype) else "?"
-                f[c] = value
-                guessed.setdefault(c, (value, []))
-        out.append(f)
-    for c, (value, _) in guessed.items():
-        lacking = [names[i] for i, f in enumerate(frames) if c not in f.columns]
-        msg = (
-            f"{table} column {c} is missing from {', '.join(lacking)} and has no neutral "
-            f"value: set to {value!r} for those particles"
-        )
-        warnings.warn(msg, stacklevel=3)
-        report.setdefault("filled_columns", []).append(msg)
-    return pd.concat(out, ignore_index=True, sort=False)
-
-
-def _merge_uids(parts: list[pd.DataFrame]) -> np.ndarray | None:
-    """cmagUid for every merged particle, exact uint64: kept where an input had one (cryoSPARC
-    uids), new unused numbers for the others; None when no input has uids."""
-    if not any("cmagUid" in p.columns for p in parts):
-        return None
-    have = [
-        p["cmagUid"].to_numpy().astype(np.uint64) if "cmagUid" in p.columns else None
-        for p in parts
-    ]
-    used = set(np.concatenate([h for h in have if h is not None]).tolist())
-    nxt = 1
-    out = []
-    for p, h in zip(parts, have, strict=True):
-        if h is not None:
-            out.append(h)
-            continue
-        new = []
-        while len(new) < len(p):
-            if nxt not in used:
-                new.append(nxt)
-            nxt += 1
-        out.append(np.asarray(new, dtype=np.uint64))
-    return np.concatenate(out)
 
 
 def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dict]:
     """Read and concatenate particle files; returns the merged set and a report.
 
     Image names become absolute paths where the stacks exist, so that the merged table is
-    valid wherever it is written (:func:`merge` rebases them to the output folder). A column
-    some inputs lack gets its neutral value for their particles (rlnCtfBfactor 0,
+    valid wherever it is written (:func:`merge` rebases them to the output folder). The
+    tables are concatenated by :func:`cryomag.model.combine.concatenate`: a column some
+    inputs lack gets its neutral value for their particles (rlnCtfBfactor 0,
     rlnCtfScalefactor 1, rlnPhaseShift 0, rlnNormCorrection 1, rlnRandomSubset alternating,
     beam tilt 0, ...); one without a neutral value gets 0 or "?" (reported in
     ``report["filled_columns"]``): no value is ever NaN. cryoSPARC uids (``cmagUid``) stay
@@ -146,72 +56,15 @@ def combine(inputs: list, angpix: float | None = None) -> tuple[ParticleSet, dic
     from cryomag.io import read_particles
     from cryomag.io.mrc import rebase_image_names
 
-    parts, optics, report = [], [], {"inputs": []}
-    offset = 0
-    kv_cs = set()
-    limits = []
-    for i, path in enumerate(inputs):
-        path = Path(path)
-        ps = read_particles(path, angpix=angpix)
-        limits.append(ps.limits)
+    sets = []
+    for path in inputs:
+        ps = read_particles(Path(path), angpix=angpix)
         # absolute: valid wherever the merge is written (warns about ambiguous names)
         rebase_image_names(ps, None, warn_ambiguous=True)
-        opt = ps.optics.copy()
-        old = opt["rlnOpticsGroup"].astype(int).to_numpy()
-        new = np.arange(1, len(opt) + 1) + offset
-        remap = dict(zip(old, new, strict=True))
-        names = (
-            opt["rlnOpticsGroupName"].astype(str)
-            if "rlnOpticsGroupName" in opt.columns
-            else pd.Series([f"opticsGroup{g}" for g in old])
-        )
-        opt["rlnOpticsGroupName"] = [f"{path.stem}_{n}" for n in names]
-        opt["rlnOpticsGroup"] = new
-        if not all(c in opt.columns for c in ("rlnMagMat00",)):
-            for c, v in (
-                ("rlnMagMat00", 1.0),
-                ("rlnMagMat01", 0.0),
-                ("rlnMagMat10", 0.0),
-                ("rlnMagMat11", 1.0),
-            ):
-                opt[c] = v
-        p = ps.particles.copy()
-        p["rlnOpticsGroup"] = p["rlnOpticsGroup"].astype(int).map(remap)
-        p["cmagInput"] = i + 1
-        parts.append(p)
-        optics.append(opt)
-        for _, o in opt.iterrows():
-            kv_cs.add((float(o["rlnVoltage"]), float(o["rlnSphericalAberration"])))
-        report["inputs"].append(
-            {
-                "file": str(path),
-                "particles": len(ps),
-                "optics_groups": new.tolist(),
-                "pixel_size_A": opt["rlnImagePixelSize"].astype(float).tolist(),
-                "box": opt["rlnImageSize"].astype(int).tolist(),
-            }
-        )
-        offset += len(opt)
-    if len(kv_cs) > 1:
-        msg = (
-            f"inputs differ in voltage/Cs {sorted(kv_cs)}: the CTF of each group uses its "
-            "own values, but check that this is intended"
-        )
-        warnings.warn(msg, stacklevel=2)
-        report["warning_voltage_cs"] = msg
-    labels = [Path(p).name for p in inputs]
-    uids = _merge_uids(parts)
-    particles = _fill_missing(parts, PARTICLE_FILL, "particle", report, labels)
-    if uids is not None:
-        particles["cmagUid"] = pd.Series(uids, dtype=np.uint64)
-    optics_t = _fill_missing(optics, OPTICS_FILL, "optics", report, labels)
-    merged = ParticleSet(
-        particles,
-        optics_t,
-        SourceInfo(kind="memory", star_version="30001"),
-        limits[0] if limits else current_limits(),
+        sets.append(ps)
+    merged, report = concatenate(
+        sets, [Path(p).stem for p in inputs], [str(Path(p)) for p in inputs]
     )
-    merged.validate()
     report["duplicates"] = find_duplicates(merged)
     if report["duplicates"]["count"]:
         warnings.warn(
@@ -236,7 +89,7 @@ def relative_pixel_sizes(res) -> list[dict]:
     out = []
     for gr in res.groups:
         g = list(ps.group_numbers()).index(gr.group)
-        p_decl = float(ps.optics["rlnImagePixelSize"].iloc[g])
+        p_decl = float(ps.pixel_sizes_A()[g])
         m = gr.mag
         det = float(np.linalg.det(m))
         scale = np.sqrt(det)
@@ -247,7 +100,7 @@ def relative_pixel_sizes(res) -> list[dict]:
         out.append(
             {
                 "optics_group": gr.group,
-                "name": str(ps.optics["rlnOpticsGroupName"].iloc[g]),
+                "name": ps.group_names()[g],
                 "declared_pixel_size_A": p_decl,
                 "true_pixel_size_A": p_true,
                 "true_pixel_size_se_A": p_true * se_scale / scale,
@@ -268,13 +121,12 @@ def cs_with_common_pixel(ps: ParticleSet, common_A: float) -> ParticleSet:
     """Relabel every group to ``common_A``: M' = M p_common / p_declared, origins so that the
     shifts stay the same in pixels (cryoSPARC stores them in pixels)."""
     out = ps.copy()
-    p_decl = out.optics_value("rlnImagePixelSize")
+    p_decl = out.pixel_sizes_A()
     mats = out.mag_matrices() * (common_A / p_decl)[:, None, None]
     out.set_mag_matrices(mats)
     ratio = (common_A / p_decl)[out.group_index()]
-    out.particles["rlnOriginXAngst"] = out.column("rlnOriginXAngst") * ratio
-    out.particles["rlnOriginYAngst"] = out.column("rlnOriginYAngst") * ratio
-    out.optics["rlnImagePixelSize"] = common_A
+    out.set_origin_A(out.origin_A() * ratio[:, None])
+    out.set_pixel_sizes_A(np.full(out.n_groups, common_A))
     return out
 
 
@@ -353,18 +205,18 @@ def merge(
         if resample:
             from cryomag.workflows.apply import resample_particles
 
-            p_true = merged.optics_value("rlnImagePixelSize") / np.sqrt(
+            p_true = merged.pixel_sizes_A() / np.sqrt(
                 np.linalg.det(merged.mag_matrices())
             )
             target = float(pixel_size_A or p_true.min())
-            extent = float((merged.optics_value("rlnImageSize") * p_true).max())
+            extent = float((merged.boxes_px() * p_true).max())
             nbox = int(box or 2 * int(np.ceil(extent / target / 2)))
             merged = resample_particles(merged, out, "group", target, nbox, progress=progress)
             report["resampled"] = {"pixel_size_A": target, "box": nbox}
         else:
             rebase_image_names(merged, out)
         write_star(merged, out / "particles.star")
-        common = float(pixel_size_A or merged.optics_value("rlnImagePixelSize").min())
+        common = float(pixel_size_A or merged.pixel_sizes_A().min())
         write_cs(cs_with_common_pixel(merged, common), out / "particles.cs")
         report["cs_common_pixel_size_A"] = common
         report["n_particles"] = len(merged)
@@ -426,8 +278,8 @@ def before_after_fsc(
     before.particles = before.particles.drop(
         columns=[c for c in MAGMAT_COLUMNS if c in before.particles.columns]
     )
-    if "rlnCtfScalefactor" in merged.particles.columns:
-        before.particles["rlnCtfScalefactor"] = merged.column("rlnCtfScalefactor")
+    if merged.has_contrast_scales():
+        before.set_contrast_scales(merged.contrast_scales())
     opts = ReconstructOptions(box=box, pixel_size_A=float(apix), nthreads=nthreads)
     runs = {
         "before": (before, "every group at its declared pixel size (M = I)", "M = I"),

@@ -187,8 +187,8 @@ class ReconstructResult:
 # ----------------------------------------------------------------------------- helpers
 def output_grid(ps: ParticleSet, box: int | None, pixel_size_A: float | None) -> tuple[int, float]:
     """Output box and voxel size: defaults are the finest pixel and the largest box in A."""
-    apix = ps.optics_value("rlnImagePixelSize")
-    boxes = ps.optics_value("rlnImageSize")
+    apix = ps.pixel_sizes_A()
+    boxes = ps.boxes_px().astype(float)
     used = np.unique(ps.group_index())
     a_out = float(pixel_size_A) if pixel_size_A is not None else float(apix[used].min())
     if box is None:
