@@ -14,7 +14,7 @@ import pytest
 
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.relinearise import relinearised_fit
-from cryomag.fit.statistics import Band, GroupStatistics
+from cryomag.fit.statistics import Band, GroupStatistics, column_layout
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import rfft_freqs
 from cryomag.physics.reference import MapReference
@@ -334,3 +334,66 @@ def test_defocus_columns_match_the_definition(setup, pad):
         for block in ((Ellipsis, d),) if got.ndim == 2 else ((Ellipsis, d, slice(None)),):
             g_, w_ = got[block], want[block]
             assert np.abs(g_ - w_).max() <= 2e-3 * np.abs(w_).max(), (pad, got.ndim)
+
+
+def _optics_moved(optics, name: str, step: float):
+    """``optics`` with the aberration parameter ``name`` moved by ``step`` (its unit)."""
+    import dataclasses
+
+    if name == "cs":
+        return dataclasses.replace(optics, cs_mm=optics.cs_mm + step)
+    raise NotImplementedError(name)
+
+
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("term,step", [("cs", 0.05)])
+def test_aberration_columns_match_the_definition(setup, pad, term, step):
+    """The aberration parameters' columns (hpg, bg, their cross terms with M and themselves),
+    kernel vs float64 central differences of the forward model, both kernels."""
+    from cryomag.fit.aberrations import AberrationTerms
+
+    ref, optics, band, geom, spectra, power = setup
+    geom = _at(geom, np.asarray(geom.mag))
+    terms = AberrationTerms((term,))
+    st = chunk_statistics(
+        ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+        KernelOptions(window_pad=pad, exact_gradient=True, aberrations=terms),
+    )  # fmt: skip
+    k = len(terms)
+    assert st.hgg.shape[1:] == (4 + k, 4 + k)
+    m0 = np.asarray(geom.mag)
+    z = np.zeros((2, 2))
+    w = 1.0 / power[band.shell]
+    y = spectra.reshape(len(spectra), -1)[:, np.flatnonzero(band.mask.ravel())]
+    p = _model(ref, geom, optics, band, m0, z, pad)
+    hm = 1e-5
+    e = np.eye(4).reshape(4, 2, 2)
+    cols = [
+        (_model(ref, geom, optics, band, m0 + hm * e[i], z, pad)
+         - _model(ref, geom, optics, band, m0 - hm * e[i], z, pad)) / (2 * hm)
+        for i in range(4)
+    ] + [
+        (_model(ref, geom, _optics_moved(optics, term, step), band, m0, z, pad)
+         - _model(ref, geom, _optics_moved(optics, term, -step), band, m0, z, pad)) / (2 * step)
+    ]  # fmt: skip
+    j = np.stack(cols, -1)
+
+    def dot(a, b):
+        return np.einsum("np,np,p->n", a.real, b.real, w) + np.einsum(
+            "np,np,p->n", a.imag, b.imag, w
+        )
+
+    s = dot(p, y) / dot(p, p)
+    r = y - s[:, None] * p
+    n = 4 + k
+    want_hpg = s[:, None] * np.stack([dot(p, j[..., i]) for i in range(n)], 1)
+    want_bg = s[:, None] * np.stack([dot(j[..., i], r) for i in range(n)], 1)
+    want_hgg = (s * s)[:, None, None] * np.stack(
+        [np.stack([dot(j[..., a], j[..., b]) for b in range(n)], 1) for a in range(n)], 1
+    )
+    d = slice(4, n)
+    for got, want in ((st.hpg, want_hpg), (st.bg, want_bg), (st.hgg, want_hgg)):
+        g_, w_ = got[..., d], want[..., d]
+        assert np.abs(g_ - w_).max() <= 2e-3 * np.abs(w_).max(), (pad, got.ndim)
+    lay = column_layout(st.hgg.shape[-1], k)
+    assert lay["aberration"] == slice(4, 4 + k) and lay["defocus"] is None

@@ -133,6 +133,17 @@ def estimate_cmd(
             rich_help_panel="Defocus",
         ),
     ] = 1.0,
+    aberrations: Annotated[
+        str,
+        typer.Option(
+            "--aberrations",
+            help="refine optical aberrations per optics group jointly with M: a comma-"
+            "separated list of tilt (beam tilt, mrad), trefoil (odd Zernike Z3,+-3), cs "
+            "(spherical aberration, mm), tetrafoil (even Z4,+-4), astig4 (even Z4,+-2), or "
+            "odd | even | all; none = held as the input has them",
+            rich_help_panel="Optics",
+        ),
+    ] = "none",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
@@ -195,6 +206,7 @@ def estimate_cmd(
                     defocus=defocus,
                     astigmatism=astigmatism,
                     defocus_tol_A=defocus_tol,
+                    aberrations=aberrations,
                 )
         except KeyboardInterrupt:
             typer.secho(

@@ -39,6 +39,7 @@ from cryomag.physics.fourier import rfft_freqs
 from cryomag.physics.grid import GridCTF, WindowCut, shift_phase32
 from cryomag.physics.reference import MapReference, slice_values
 
+from .aberrations import AberrationTerms
 from .statistics import Band, ChunkStatistics
 
 __all__ = ["KernelOptions", "chunk_statistics", "geom_subset"]
@@ -85,6 +86,11 @@ class KernelOptions:
         chi_defocus = pi lambda d^T Adef d): 3 more columns after the others (see
         :mod:`cryomag.fit.statistics` for the layout). An isotropic defocus change dz is
         the combination (1, 0, 1).
+    aberrations : AberrationTerms, optional
+        Also accumulate the derivatives with respect to the group's aberration parameters
+        (:mod:`cryomag.fit.aberrations`), one plain column each after all others: an odd
+        parameter's is i (d phi_odd / d theta) P, an even one's (dCTF / dchi)
+        (d chi / d theta) V, both at u = M k.
     """
 
     window_pad: int = 1
@@ -94,6 +100,7 @@ class KernelOptions:
     ctf_moves: bool | None = None
     block: int = 16
     defocus: bool = False
+    aberrations: AberrationTerms | None = None
 
 
 def chunk_statistics(
@@ -218,6 +225,10 @@ class _Kernel:
         self.stride = max(int(opts.second_order), 0)
         self.second = self.stride > 0
         self.ctf_moves = bool(opts.ctf_moves)
+        self.aberr = opts.aberrations if opts.aberrations is not None and len(
+            opts.aberrations) else None  # fmt: skip
+        self._abasis = None
+        self.cs_mm = float(optics.cs_mm)
         box, apix = band.box, band.pixel_size_A
         self.box, self.apix = box, apix
         self.pad = pad = max(int(opts.window_pad), 1)
@@ -281,6 +292,28 @@ class _Kernel:
     model_ctf: GridCTF
     #: Flat rfft indices of the model's pixels on the (padded) grid.
     model_pick: np.ndarray
+
+    #: Observed frequencies (1/A) of the model's pixels, (kx, ky) (set by the subclass).
+    model_k: tuple[np.ndarray, np.ndarray]
+
+    def _aberration_basis(self) -> np.ndarray:
+        """The fitted aberrations' basis at u = M0 k on the model's pixels, float32 (K, npix)."""
+        if self._abasis is None:
+            kx, ky = self.model_k
+            m = self.m0
+            ux, uy = m[0, 0] * kx + m[0, 1] * ky, m[1, 0] * kx + m[1, 1] * ky
+            self._abasis = self.aberr.basis(ux, uy, self.lam, self.cs_mm).astype(_F32)
+        return self._abasis
+
+    def _aberration_columns(self, pt, slope, v_model) -> list[np.ndarray]:
+        """d prediction / d theta of each fitted aberration parameter on the model grid."""
+        if self.aberr is None:
+            return []
+        basis = self._aberration_basis()
+        return [
+            _C64(1j) * basis[j] * pt if odd else slope * basis[j] * v_model
+            for j, odd in enumerate(self.aberr.odd)
+        ]
 
     def _model_values(self, val: np.ndarray) -> np.ndarray:
         """The slice values (on the disc) at the model's pixels."""
@@ -367,6 +400,7 @@ class _Kernel:
             # d/da_i of C V through chi_defocus = pi lambda (a00, a01, a11) . dq
             c = np.pi * self.lam
             dcols = [slope * (c * grid.dq[i]).astype(_F32) * v_model for i in range(3)]
+        dcols += self._aberration_columns(pt, slope, v_model)
         out = self._first_order(sub, pt, hcols, y, hdef, dcols)
         if self.second:
             out.update(self._second_order(sub, rows, f_big, q_big, val, du, adef, (ctf, slope),
@@ -461,6 +495,7 @@ class PeriodicKernel(_Kernel):
         super().__init__(*args, **kwargs)
         self.model_ctf = self.ctf_band
         self.model_pick = self.band_idx
+        self.model_k = (self.kx_b, self.ky_b)
 
     def _model_values(self, val):
         return val[:, self.band_in_disc]
@@ -602,6 +637,7 @@ class WindowedKernel(_Kernel):
         self.model_ctf = GridCTF(self.kxd, self.kyd, self.m0, self.cm, optics.voltage_kv,
                                  optics.cs_mm, optics.amplitude_contrast)  # fmt: skip
         self.model_pick = self.disc_flat
+        self.model_k = (self.kxd, self.kyd)
         self._window = WindowCut(self.box, self.pad, self.disc_flat, self.band_idx)
 
     def _model_values(self, val):

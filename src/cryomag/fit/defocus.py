@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cryomag.fit.statistics import GroupStatistics
+from cryomag.fit.statistics import GroupStatistics, column_layout
 
 __all__ = [
     "LEVELS",
@@ -96,27 +96,42 @@ class DefocusLevels:
         return out
 
 
-def joint_system(stats: GroupStatistics, ctf_moves: bool = False):
-    """Each particle's reduced system in (M (4), dA (3)), the scale profiled out.
+def joint_system(stats: GroupStatistics, ctf_moves: bool = False, n_aberration: int = 0,
+                 need_defocus: bool = True):  # fmt: skip
+    """Each particle's reduced system in (M (4), dA (3), aberrations (K)), the scale
+    profiled out.
+
+    Parameters
+    ----------
+    stats : GroupStatistics
+    ctf_moves : bool
+    n_aberration : int
+        K, the aberration columns at the end of the statistics (:mod:`cryomag.fit.aberrations`).
+    need_defocus : bool
+        Refuse statistics without defocus columns (else their rows and columns are zero).
 
     Returns
     -------
-    h : ndarray, shape (N, 7, 7)
-    b : ndarray, shape (N, 7)
+    h : ndarray, shape (N, 7 + K, 7 + K)
+    b : ndarray, shape (N, 7 + K)
         Linearised at the pass's state; a particle without signal has zeros.
     """
-    lay = stats.layout
-    if lay["defocus"] is None:
+    lay = column_layout(stats.hgg.shape[-1], n_aberration)
+    if lay["defocus"] is None and need_defocus:
         raise ValueError(
             "these statistics have no defocus columns: the pass was made without defocus "
             "refinement (run cryomag estimate with the defocus refined)"
         )
     ncol = stats.hgg.shape[-1]
-    proj = np.zeros((ncol, 7))
+    k = int(n_aberration)
+    proj = np.zeros((ncol, 7 + k))
     proj[0:4, 0:4] = np.eye(4)
     if ctf_moves and lay["mag_ctf"] is not None:
         proj[4:8, 0:4] = np.eye(4)  # the CTF's defocus term moves with M
-    proj[lay["defocus"], 4:7] = np.eye(3)
+    if lay["defocus"] is not None:
+        proj[lay["defocus"], 4:7] = np.eye(3)
+    if k:
+        proj[lay["aberration"], 7:] = np.eye(k)
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)
     hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg, proj)
@@ -159,6 +174,12 @@ class JointSolution:
         Correlation of the isotropic part of M with the group's mean defocus, or (when the
         defocus is fitted per micrograph) the median over micrographs of the correlation of
         M's isotropic part with the micrograph's defocus, both from the joint covariance.
+    aberration : ndarray, shape (K,)
+        Change of the group's aberration parameters (:mod:`cryomag.fit.aberrations`);
+        ``aberration_cov`` (K, K) their covariance.
+    theta_cov : ndarray, shape (4 + K + k_g, 4 + K + k_g), optional
+        Joint covariance of the group-level parameters (M's elements when fitted, the
+        aberrations, the group defocus parameters), for the correlations.
     """
 
     delta_mag: np.ndarray
@@ -178,6 +199,9 @@ class JointSolution:
     em_iterations: int = 0
     normal_matrix: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    aberration: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    aberration_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    theta_cov: np.ndarray | None = None
 
 
 def _solve_sym(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -196,6 +220,7 @@ def solve_joint(
     prior: np.ndarray | None = None,
     em_iterations: int = 100,
     em_tol: float = 1e-4,
+    n_aberration: int = 0,
 ) -> JointSolution:
     """The joint Gauss-Newton step of M and the defocus parts (see the module docstring).
 
@@ -219,8 +244,12 @@ def solve_joint(
         Hold T at this value instead of estimating it.
     em_iterations, em_tol : int, float
         The EM iterations for T (relative change of its diagonal below ``em_tol``).
+    n_aberration : int
+        K group-level aberration parameters in the last columns of the statistics, fitted
+        with M (after M in the group-level vector).
     """
-    h, b = joint_system(stats, ctf_moves)
+    na = int(n_aberration)
+    h, b = joint_system(stats, ctf_moves, na, need_defocus=levels.active)
     n = len(stats.rows)
     if mag_shift is not None:
         b = b - h[:, :, :4] @ np.asarray(mag_shift, float).reshape(4)
@@ -229,14 +258,20 @@ def solve_joint(
     bg_, bm_, bp_ = (levels.basis(x) for x in ("group", "micrograph", "particle"))
     kg, km, kp = bg_.shape[1], bm_.shape[1], bp_.shape[1]
     nmag = 4 if fit_mag else 0
-    # map (theta = (M, group), phi = micrograph, psi = particle) -> (M, dA) columns
-    dim = nmag + kg + km + kp
-    jmap = np.zeros((7, dim))
+    # map (theta = (M, aberrations, group), phi = micrograph, psi = particle) -> (M, dA,
+    # aberration) columns; the group defocus parameters follow M and the aberrations
+    nmag_a = nmag + na
+    dim = nmag_a + kg + km + kp
+    jmap = np.zeros((7 + na, dim))
     if fit_mag:
         jmap[:4, :4] = np.eye(4)
-    jmap[4:, nmag : nmag + kg] = bg_
-    jmap[4:, nmag + kg : nmag + kg + km] = bm_
-    jmap[4:, nmag + kg + km :] = bp_
+    if na:
+        jmap[7:, nmag:nmag_a] = np.eye(na)
+    jmap[4:7, nmag_a : nmag_a + kg] = bg_
+    jmap[4:7, nmag_a + kg : nmag_a + kg + km] = bm_
+    jmap[4:7, nmag_a + kg + km :] = bp_
+    nmag_ = nmag  # M's columns; the group defocus parameters start at nmag_a
+    nmag = nmag_a
     hh = np.einsum("ia,nij,jb->nab", jmap, h, jmap)
     bb = b @ jmap
     t_, m_, p_ = slice(0, nmag + kg), slice(nmag + kg, nmag + kg + km), slice(nmag + kg + km, dim)
@@ -266,6 +301,8 @@ def solve_joint(
     delta_mag = theta[:4].reshape(2, 2) if fit_mag else np.zeros((2, 2))
     mag_cov = cov_t[:4, :4] if fit_mag else np.full((4, 4), np.nan)
     group = theta[nmag:]
+    aberration = theta[nmag_:nmag]
+    aberration_cov = cov_t[nmag_:nmag, nmag_:nmag]
     delta_a = (
         (bg_ @ group)[None, :]
         + (bm_ @ phi.T).T[inv]
@@ -325,6 +362,9 @@ def solve_joint(
         defocus_se=np.sqrt(np.clip(var, 0, None)),
         corr_mag_defocus=corr,
         em_iterations=it,
+        aberration=aberration,
+        aberration_cov=aberration_cov,
+        theta_cov=cov_t,
         # M's marginal information (the group defocus parameters profiled out)
         normal_matrix=(
             np.linalg.pinv(c2 ** -1 * cov_t[:4, :4], rcond=1e-12, hermitian=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cryomag.fit.aberrations import AberrationTerms
 from cryomag.fit.anisomag import MagUpdate, solve_group
 from cryomag.fit.defocus import DefocusLevels, JointSolution, solve_joint
 from cryomag.fit.passes import GroupPass, PassSpec
@@ -62,6 +63,12 @@ class GaussNewtonSettings:
     defocus_tol_A : float
         With the defocus refined, also done only when its step is below this (A): the
         largest group or micrograph change and the rms change of the particles' deviations.
+    aberrations : AberrationTerms
+        Group-level aberration parameters fitted jointly with M (:mod:`cryomag.fit.aberrations`);
+        full passes then take the joint step, and the group is done only when every
+        parameter's step is below ``aberration_tol`` of its standard error.
+    aberration_tol : float
+        See ``aberrations``.
     """
 
     fit_aniso: bool = True
@@ -74,11 +81,18 @@ class GaussNewtonSettings:
     curvature_every: int = 4
     levels: DefocusLevels = field(default_factory=DefocusLevels)
     defocus_tol_A: float = 1.0
+    aberrations: AberrationTerms = field(default_factory=AberrationTerms)
+    aberration_tol: float = 0.05
 
     @property
     def fits_anything(self) -> bool:
-        """Whether passes iterate (M or the defocus are fitted)."""
-        return self.fit_aniso or self.levels.active
+        """Whether passes iterate (M, the defocus or aberrations are fitted)."""
+        return self.fit_aniso or self.levels.active or bool(len(self.aberrations))
+
+    @property
+    def joint(self) -> bool:
+        """Whether full passes take the joint step (defocus or aberrations with M)."""
+        return self.levels.active or bool(len(self.aberrations))
 
 
 @dataclass
@@ -119,6 +133,12 @@ class GroupResult:
         prior T, the correlation of M with the defocus).
     rows : ndarray, optional
         The group's particle rows.
+    aberration_terms : AberrationTerms, optional
+        The fitted aberration parameters; ``aberration`` (K,) their change from the input
+        (in each parameter's unit), ``aberration_cov`` (K, K) its covariance,
+        ``aberration_mag_corr`` (K,) each one's correlation with M's isotropic part.
+    optics, optics_in : OpticsParams, optional
+        The group's optics with the fitted aberrations, and as the input had them.
     """
 
     group: int
@@ -137,6 +157,12 @@ class GroupResult:
     defocus: np.ndarray | None = None
     defocus_solution: JointSolution | None = None
     rows: np.ndarray | None = None
+    aberration_terms: AberrationTerms | None = None
+    aberration: np.ndarray | None = None
+    aberration_cov: np.ndarray | None = None
+    aberration_mag_corr: np.ndarray | None = None
+    optics: object | None = None
+    optics_in: object | None = None
 
     @property
     def failed(self) -> bool:
@@ -189,12 +215,14 @@ class GroupFit:
         Each particle's micrograph (the defocus levels).
     defocus : ndarray, shape (n, 3), optional
         The input's (DefocusU, DefocusV, angle) of each particle (A, A, degrees).
+    optics : OpticsParams, optional
+        The group's optics as the input has them (needed when aberrations are fitted).
     """
 
     def __init__(self, group: int, n_particles: int, mag_in: np.ndarray, noise: np.ndarray,
                  window_pad: int, settings: GaussNewtonSettings, warm: bool = False,
                  rows: np.ndarray | None = None, micrographs: np.ndarray | None = None,
-                 defocus: np.ndarray | None = None):  # fmt: skip
+                 defocus: np.ndarray | None = None, optics=None):  # fmt: skip
         self.group = int(group)
         self.n_particles = int(n_particles)
         self.mag_in = np.asarray(mag_in, float).copy()
@@ -218,6 +246,14 @@ class GroupFit:
         self.defocus_solution: JointSolution | None = None
         if settings.levels.active and (self.rows is None or self.defocus is None):
             raise ValueError("refining the defocus needs the group's rows and defocus")
+        k = len(settings.aberrations)
+        if k and optics is None:
+            raise ValueError("refining aberrations needs the group's optics")
+        self.optics_in = optics
+        self.optics = optics
+        self.aberration = np.zeros(k)  # change from the input, in each parameter's unit
+        self.aberration_cov = np.full((k, k), np.nan)
+        self.aberration_mag_corr = np.full(k, np.nan)
 
     # ---------------------------------------------------------------- the next pass
     def group_pass(self) -> GroupPass:
@@ -225,10 +261,11 @@ class GroupFit:
         s = self.settings
         second = (
             max(int(s.curvature_every), 1)
-            if s.fit_aniso and s.relinearise and self.phase == "full" and not s.levels.active
+            if s.fit_aniso and s.relinearise and self.phase == "full" and not s.joint
             else 0
         )
         refine = s.levels.active and self.phase == "full"
+        aberr = len(s.aberrations) and self.phase == "full"
         return GroupPass(
             mag=self.mag.copy(),
             ctf_mag=None if s.ctf_moves else self.mag_in.copy(),
@@ -237,6 +274,8 @@ class GroupFit:
             second_order=second,
             rows=self.rows if refine else None,
             defocus=self.defocus.copy() if refine else None,
+            optics=self.optics if len(s.aberrations) else None,
+            aberrations=s.aberrations if aberr else None,
         )
 
     # ---------------------------------------------------------------- one step
@@ -244,6 +283,9 @@ class GroupFit:
         """Take the Gauss-Newton step of a pass's statistics ``st`` over ``n_used``
         particles, and decide whether the group is done."""
         s = self.settings
+        st_joint = st
+        if len(s.aberrations) and self.phase == "full":  # the pass had their columns
+            st = st.without_aberrations(len(s.aberrations))
         if self.first_stats is None:
             self.first_stats = st
         # the first pass weights by the images' own power; later ones by the residuals'
@@ -259,10 +301,14 @@ class GroupFit:
         self.mag_lin = self.mag.copy()
         rel = None
         dz_step = None
-        if kind == "full" and s.levels.active:
-            upd, dz_step = self._joint_step(st)
+        if kind == "full" and s.joint:
+            upd, dz_step, ab_done = self._joint_step(st_joint)
             steps, path = [float(np.abs(upd.delta).max())], [upd.delta]
-            done = steps[0] < s.tol and dz_step < s.defocus_tol_A and weights_from_residuals
+            done = (steps[0] < s.tol or not s.fit_aniso) and weights_from_residuals and ab_done
+            if s.levels.active:
+                done = done and dz_step < s.defocus_tol_A
+            else:
+                dz_step = None
         elif kind == "full" and st.has_second_order:
             rel = relinearised_fit(
                 st,
@@ -329,20 +375,55 @@ class GroupFit:
             )
             self.converged = False
 
-    def _joint_step(self, st: GroupStatistics) -> tuple[MagUpdate, float]:
-        """One joint step of M and the defocus (:func:`cryomag.fit.defocus.solve_joint`);
-        updates the particles' defocus. Returns M's update and the defocus step (A)."""
-        from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
-
+    def _joint_step(self, st: GroupStatistics) -> tuple[MagUpdate, float, bool]:
+        """One joint step of M, the defocus and the aberrations
+        (:func:`cryomag.fit.defocus.solve_joint`); updates the particles' defocus and the
+        group's optics. Returns M's update, the defocus step (A) and whether every
+        aberration step was below its tolerance."""
         s = self.settings
+        k = len(s.aberrations)
         sol = solve_joint(
             st,
-            self.micrographs,
+            self.micrographs if self.micrographs is not None else np.zeros(len(st.rows)),
             s.levels,
             fit_mag=s.fit_aniso,
             ctf_moves=s.ctf_moves,
             deviation=self.deviation,
+            n_aberration=k,
         )
+        ab_done = True
+        if k:
+            self.aberration = self.aberration + sol.aberration
+            self.optics = s.aberrations.apply(self.optics, sol.aberration)
+            self.aberration_cov = sol.aberration_cov
+            se = np.sqrt(np.clip(np.diag(sol.aberration_cov), 0, None))
+            ab_done = bool(np.all(np.abs(sol.aberration) <= s.aberration_tol * se))
+            if s.fit_aniso and sol.theta_cov is not None:
+                v = np.eye(2).reshape(4) / 2.0
+                cov = sol.theta_cov
+                var_v = v @ cov[:4, :4] @ v
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    self.aberration_mag_corr = (v @ cov[:4, 4 : 4 + k]) / np.sqrt(
+                        var_v * np.diag(cov)[4 : 4 + k]
+                    )
+            log.info(
+                "group %d aberrations: %s",
+                self.group,
+                ", ".join(f"{n} {v:+.4g}" for n, v in zip(s.aberrations.names, self.aberration,
+                                                          strict=True)),
+            )  # fmt: skip
+        n_sig = int((st.pp > 0).sum())
+        upd = MagUpdate(sol.delta_mag, sol.mag_covariance, n_sig, sol.normal_matrix)
+        if not s.levels.active:
+            self.defocus_solution = None
+            return upd, 0.0, ab_done
+        upd_dz = self._defocus_update(sol)
+        return upd, upd_dz, ab_done
+
+    def _defocus_update(self, sol: JointSolution) -> float:
+        """Apply a joint step's defocus changes; returns the defocus step (A)."""
+        from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
+
         old_dev = self.deviation
         adef = defocus_matrix(self.defocus[:, 0], self.defocus[:, 1], self.defocus[:, 2])
         da = sol.delta_a
@@ -357,9 +438,7 @@ class GroupFit:
         if sol.particle.shape[1]:
             prev = np.zeros_like(sol.particle) if old_dev is None else old_dev
             parts.append(float(np.sqrt(np.mean((sol.particle - prev) ** 2))))
-        n_sig = int((st.pp > 0).sum())
-        upd = MagUpdate(sol.delta_mag, sol.mag_covariance, n_sig, sol.normal_matrix)
-        return upd, float(max(parts))
+        return float(max(parts))
 
     # ---------------------------------------------------------------- the result
     def result(self, band: Band) -> GroupResult:
@@ -398,6 +477,12 @@ class GroupFit:
             defocus=self.defocus,
             defocus_solution=self.defocus_solution,
             rows=self.rows,
+            aberration_terms=self.settings.aberrations if len(self.settings.aberrations) else None,
+            aberration=self.aberration.copy(),
+            aberration_cov=self.aberration_cov,
+            aberration_mag_corr=self.aberration_mag_corr,
+            optics=self.optics,
+            optics_in=self.optics_in,
         )
 
 

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryomag.fit.aberrations import AberrationTerms
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.statistics import Band, ChunkStatistics
+from cryomag.physics.forward import OpticsParams
 from cryomag.physics.fourier import centered_rfft2
 
 __all__ = ["GroupPass", "PassSpec", "StatisticsPass", "reference_for"]
@@ -63,6 +65,12 @@ class GroupPass:
         Each particle's current defocus (DefocusU, DefocusV in A, angle in degrees, in the
         frame of the CTF's defocus term), overriding the table's (the defocus refined in
         earlier passes).
+    optics : OpticsParams, optional
+        The group's optics overriding the table's (the aberrations refined in earlier
+        passes).
+    aberrations : AberrationTerms, optional
+        The aberration parameters whose columns the pass accumulates
+        (:mod:`cryomag.fit.aberrations`).
     """
 
     mag: np.ndarray
@@ -72,6 +80,8 @@ class GroupPass:
     second_order: int = 0
     rows: np.ndarray | None = None
     defocus: np.ndarray | None = None
+    optics: OpticsParams | None = None
+    aberrations: AberrationTerms | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,7 @@ class StatisticsPass:
             second_order=gp.second_order,
             ctf_moves=self.spec.ctf_moves,
             defocus=self.spec.defocus,
+            aberrations=gp.aberrations,
         )
         out = []
         halves = self.halves[rows]
@@ -172,7 +183,7 @@ class StatisticsPass:
                     reference_for(self.refs, int(half)),
                     spectra[sel],
                     geom,
-                    self.ps.optics_params(g),
+                    gp.optics if gp.optics is not None else self.ps.optics_params(g),
                     self.bands[g],
                     gp.noise,
                     rows[sel],

@@ -68,22 +68,37 @@ _SECOND_ORDER_SHAPES = {"jp": (4,), "jy": (4,), "jj": (4, 4), "kyy": (4, 4), "kp
 SUMMED_FIELDS = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b")
 
 
-def column_layout(ncol: int) -> dict[str, slice | None]:
+def column_layout(ncol: int, n_aberration: int = 0) -> dict[str, slice | None]:
     """Which columns of hpg, hgg and bg hold what, for statistics with ``ncol`` columns.
+
+    Parameters
+    ----------
+    ncol : int
+        Columns of the statistics.
+    n_aberration : int
+        Of which the last ``n_aberration`` are group-level aberration parameters
+        (:mod:`cryomag.fit.aberrations`; only in the passes of a fit that refines them, see
+        :meth:`GroupStatistics.without_aberrations`).
 
     Returns
     -------
     dict
         ``"mag"``: the 4 elements of M (always 0:4); ``"mag_ctf"``: their derivative through
         the CTF's defocus term (4:8) or None; ``"defocus"``: the defocus matrix (a00, a01,
-        a11) (the last 3) or None.
+        a11) (3 columns after those) or None; ``"aberration"``: the aberration parameters
+        (the last ``n_aberration``) or None.
     """
-    if ncol not in (4, 7, 8, 11):
-        raise ValueError(f"statistics with {ncol} columns: expected 4, 7, 8 or 11")
+    base = ncol - int(n_aberration)
+    if base not in (4, 7, 8, 11) or n_aberration < 0:
+        raise ValueError(
+            f"statistics with {ncol} columns ({n_aberration} of aberrations): expected 4, 7, "
+            "8 or 11 besides those"
+        )
     return {
         "mag": slice(0, 4),
-        "mag_ctf": slice(4, 8) if ncol >= 8 else None,
-        "defocus": slice(ncol - 3, ncol) if ncol in (7, 11) else None,
+        "mag_ctf": slice(4, 8) if base >= 8 else None,
+        "defocus": slice(base - 3, base) if base in (7, 11) else None,
+        "aberration": slice(base, ncol) if n_aberration else None,
     }
 
 
@@ -241,6 +256,19 @@ class GroupStatistics(_StatisticsArrays):
                 acc = acc + getattr(c, f)
             summed[f] = acc
         return cls(rows=rows[order], **{f: v[order] for f, v in cat.items()}, **summed)
+
+    def without_aberrations(self, n_aberration: int) -> GroupStatistics:
+        """The same statistics without their last ``n_aberration`` columns (the aberration
+        parameters of a pass that refines them): what every fit besides the group's joint
+        step (local models, quality, the statistics store) reads. Itself when 0."""
+        if not n_aberration:
+            return self
+        keep = self.hgg.shape[-1] - int(n_aberration)
+        arrays = self.as_arrays()
+        arrays["hpg"] = np.ascontiguousarray(self.hpg[:, :keep])
+        arrays["bg"] = np.ascontiguousarray(self.bg[:, :keep])
+        arrays["hgg"] = np.ascontiguousarray(self.hgg[:, :keep, :keep])
+        return GroupStatistics(**arrays)
 
     def scale(self) -> np.ndarray:
         """Closed-form contrast scale per particle, s = py / pp, shape (N,)."""

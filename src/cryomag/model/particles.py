@@ -427,6 +427,14 @@ class ParticleSet:
         """Write the CTF scale factor per particle, shape (N,)."""
         self.particles["rlnCtfScalefactor"] = np.asarray(values, float)
 
+    def set_optics_params(self, group: int, optics) -> None:
+        """Write the refinable optics of group number ``group`` (an
+        :class:`~cryomag.physics.forward.OpticsParams`, e.g. with fitted aberrations) into
+        its optics row: the spherical aberration (mm)."""
+        row = self.group_row(group)
+        col = self.optics.columns.get_loc("rlnSphericalAberration")
+        self.optics.iloc[row, col] = float(optics.cs_mm)
+
     def set_origin_A(self, origin: np.ndarray) -> None:
         """Write each particle's origin (x, y) in A, shape (N, 2)."""
         origin = np.asarray(origin, float)

@@ -119,6 +119,7 @@ def print_estimate_summary(res, console) -> None:
             _verdict_text(gr.quality.verdict if gr.quality is not None else "ok"),
         )
     console.print(table)
+    _print_aberrations(res, console)
     for problem in res.problems:
         style = "red" if res.verdict == "failed" else "yellow"
         console.print(f"[{style}]{problem}[/]")
@@ -136,6 +137,29 @@ def print_estimate_summary(res, console) -> None:
             + " / ".join(f"{v:.2f}" for v in q)
             + f", median standard error {np.nanmedian(res.scales.error):.3f}"
         )
+
+
+def _print_aberrations(res, console) -> None:
+    """The refined aberrations per group: input, refined +- SE, correlation with M's
+    isotropic part."""
+    rows = [gr for gr in res.groups if gr.aberration_terms is not None]
+    if not rows:
+        return
+    table = make_table(title="Aberrations refined with M (RELION's units, at M k)",
+                       console=console)  # fmt: skip
+    for col in ("group", "parameter", "unit", "input", "refined", "+-", "corr. with iso. M"):
+        table.add_column(col, justify="right")
+    for gr in rows:
+        terms = gr.aberration_terms
+        start = terms.values(gr.optics_in)
+        se = np.sqrt(np.clip(np.diag(gr.aberration_cov), 0, None))
+        for i, (name, _, unit) in enumerate(terms.params):
+            table.add_row(
+                str(gr.group), name, unit, f"{start[i]:.5g}",
+                f"{start[i] + gr.aberration[i]:.5g}", f"{se[i]:.2g}",
+                f"{gr.aberration_mag_corr[i]:+.2f}",
+            )  # fmt: skip
+    console.print(table)
 
 
 def _verdict_text(verdict: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cryomag.execution import Executor, LocalExecutor, make_chunks, run_executor
+from cryomag.fit.aberrations import AberrationTerms, parse_aberrations
 from cryomag.fit.bands import auto_window_pad, initial_noise, make_bands
 from cryomag.fit.defocus import LEVELS, DefocusLevels
 from cryomag.fit.gauss_newton import (
@@ -154,6 +155,10 @@ class EstimateOptions:
         ``"micrograph"`` with local models, else ``"fixed"``.
     defocus_tol_A : float
         With the defocus refined, passes continue until its step is below this (A).
+    aberrations : tuple of str
+        Optical aberrations refined per optics group jointly with M, the scales and the
+        defocus (:func:`cryomag.fit.aberrations.parse_aberrations`: tilt, trefoil, cs,
+        tetrafoil, astig4, or odd, even, all); () = none (held as the input has them).
     """
 
     fit: tuple = ("scale", "aniso")
@@ -175,8 +180,10 @@ class EstimateOptions:
     defocus: str = "auto"
     astigmatism: str = "auto"
     defocus_tol_A: float = 1.0
+    aberrations: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "aberrations", parse_aberrations(self.aberrations))
         if self.defocus_frame not in ("measured", "true"):
             raise ValueError(
                 f"defocus_frame must be 'measured' or 'true', got {self.defocus_frame!r}"
@@ -219,6 +226,7 @@ class EstimateOptions:
             curvature_every=self.curvature_every,
             levels=self.defocus_levels(),
             defocus_tol_A=self.defocus_tol_A,
+            aberrations=AberrationTerms(self.aberrations),
         )
 
 
@@ -366,7 +374,7 @@ def run_estimate(
         mag_in = ps.mag_matrix(g)
         fits[g] = GroupFit(
             g, len(rows[g]), mag_in, noise, pad, settings, warm=g in warm, rows=rows[g],
-            micrographs=mics_all[rows[g]], defocus=dz_in[rows[g]],
+            micrographs=mics_all[rows[g]], defocus=dz_in[rows[g]], optics=ps.optics_params(g),
         )  # fmt: skip
 
     ex = executor or LocalExecutor()
@@ -431,6 +439,9 @@ def run_estimate(
                 f = fits[g]
                 inc = f.mag @ np.linalg.inv(f.mag_in)
                 out.reexpress_astigmatism(rows[g], np.linalg.inv(inc))
+    if len(settings.aberrations):
+        for g in good:
+            out.set_optics_params(g, fits[g].optics)
     if "scale" in opts.fit:
         old = out.contrast_scales()
         new = old * scales.raw

@@ -66,6 +66,11 @@ def results_dict(res: EstimateResult) -> dict:
                     if gr.defocus_solution is not None and not gr.failed
                     else {}
                 ),
+                **(
+                    {"aberrations": aberration_summary(gr)}
+                    if gr.aberration_terms is not None
+                    else {}
+                ),
             }
         )
     s = res.scales.normalised
@@ -92,6 +97,36 @@ def results_dict(res: EstimateResult) -> dict:
             ),
         },
         "timings": res.timings,
+    }
+
+
+def aberration_summary(gr) -> dict:
+    """The refined aberrations of one group for results.json: per parameter its unit, input,
+    refined value, change, standard error and correlation with M's isotropic part, and their
+    covariance (in the order of ``parameters``)."""
+    terms = gr.aberration_terms
+    se = np.sqrt(np.clip(np.diag(gr.aberration_cov), 0, None))
+    if gr.failed:
+        se = np.full(len(terms), np.nan)
+    start = terms.values(gr.optics_in) if gr.optics_in is not None else None
+    params = {}
+    for i, (name, kind, unit) in enumerate(terms.params):
+        params[name] = {
+            "kind": kind,
+            "unit": unit,
+            "input": finite_or_none(start[i]) if start is not None else None,
+            "refined": finite_or_none(start[i] + gr.aberration[i]) if start is not None else None,
+            "change": finite_or_none(gr.aberration[i]),
+            "standard_error": finite_or_none(se[i]),
+            "correlation_with_isotropic_M": finite_or_none(gr.aberration_mag_corr[i]),
+        }
+    return {
+        "fitted": list(terms.groups),
+        "frame": "evaluated at M k (RELION's convention), written in RELION's units and "
+        "index order (rlnBeamTiltX/Y, rlnOddZernike, rlnEvenZernike, rlnSphericalAberration)",
+        "parameters": params,
+        "covariance": [[finite_or_none(v) for v in row] for row in np.asarray(gr.aberration_cov)],
+        "applied": not gr.failed,
     }
 
 

@@ -1,0 +1,210 @@
+"""Which optical aberrations are fitted per optics group, their basis on the grid, and how
+they are written back in RELION's terms.
+
+The fitted parameters are group-level, like M, and enter the statistics as one more plain
+column each (:mod:`cryomag.fit.accumulate`): the derivative of the particle's prediction
+with respect to the parameter at the pass's values. Every term is evaluated at the true
+frequency u = M k (RELION evaluates the CTF's Cs and Zernike terms and the odd phase at
+M k, see ``CONVENTIONS_VERIFIED.md`` 9.1-9.2).
+
+Odd terms multiply the prediction by exp(+i phi_odd(u)) (RELION's
+``ObservationModel::getPhaseCorrection``, ``obs_model.cpp`` ~1215-1262 at 5.0.1):
+
+- ``tilt``: beam tilt (t_x, t_y) in mrad, phi = -2 pi Cs lambda^2 |u|^2 (u . t) with Cs in A
+  and t in rad (``TiltHelper::insertTilt``, ``tilt_helper.cpp:557-574``: the tilt becomes
+  odd Zernike coefficients c1 += 2 Z3x, c4 += Z3x, Z3x = -pi Cs[mm] 2e4 lambda^2 t_x / 3;
+  their sum is exactly this cubic phase). Needs Cs > 0.
+- ``trefoil``: RELION's odd Zernike coefficients of Z(-3,3) (index 2) and Z(3,3) (index 5),
+  rad, with the unnormalised radius |u| in 1/A: Z(3,3) = u_x^3 - 3 u_x u_y^2,
+  Z(-3,3) = 3 u_x^2 u_y - u_y^3.
+
+Even terms shift RELION's gamma by sum c_j Z_j(u) (``obs_model.cpp`` ~1279-1298,
+``ctf.h`` getCTF: gamma = ... + gammaOffset, CTF = -sin(gamma)); cryomag's
+chi = pi lambda d^T Adef d - (pi/2) Cs lambda^3 |u|^4 + phase shift (CTF = sin(chi + alpha))
+is -gamma, so an even coefficient c lowers chi by c Z(u):
+
+- ``cs``: the spherical aberration (mm): d chi / d Cs = -(pi/2) 1e7 lambda^3 |u|^4;
+- ``tetrafoil``: Z(-4,4) (index 4) = 4 u_x^3 u_y - 4 u_x u_y^3, Z(4,4) (index 8) =
+  u_x^4 - 6 u_x^2 u_y^2 + u_y^4;
+- ``astig4``: secondary astigmatism Z(-2,4) (index 5) = (4 |u|^2 - 3) 2 u_x u_y, Z(2,4)
+  (index 7) = (4 |u|^2 - 3)(u_x^2 - u_y^2) (RELION's radial polynomial R_4^2 = 4 r^4 - 3 r^2
+  with r = |u| in 1/A, unnormalised).
+
+Z(0,4) is not a separate term: with r unnormalised it is 6 r^4 - 6 r^2 + 1, which the Cs term
+(r^4), the defocus (r^2) and the phase shift (1) already span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "ABERRATION_GROUPS",
+    "AberrationTerms",
+    "parse_aberrations",
+]
+
+#: Each user-facing name -> its parameters (name, kind, unit).
+ABERRATION_GROUPS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "tilt": (("beam_tilt_x", "odd", "mrad"), ("beam_tilt_y", "odd", "mrad")),
+    "trefoil": (("odd_zernike_2", "odd", "rad"), ("odd_zernike_5", "odd", "rad")),
+    "cs": (("cs", "even", "mm"),),
+    "tetrafoil": (("even_zernike_4", "even", "rad"), ("even_zernike_8", "even", "rad")),
+    "astig4": (("even_zernike_5", "even", "rad"), ("even_zernike_7", "even", "rad")),
+}
+#: Shortcuts accepted by :func:`parse_aberrations`.
+_SHORTCUTS = {
+    "odd": ("tilt", "trefoil"),
+    "even": ("cs", "tetrafoil", "astig4"),
+    "all": ("tilt", "trefoil", "cs", "tetrafoil", "astig4"),
+    "none": (),
+}
+
+
+def parse_aberrations(spec: str | tuple | list | None) -> tuple[str, ...]:
+    """The aberration groups named by ``spec`` ("tilt,trefoil", "odd", "all", ...), in the
+    canonical order of :data:`ABERRATION_GROUPS`; () for None, "" or "none"."""
+    if spec is None:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen: set[str] = set()
+    for raw in items:
+        name = str(raw).strip().lower()
+        if not name:
+            continue
+        if name in _SHORTCUTS:
+            chosen.update(_SHORTCUTS[name])
+        elif name in ABERRATION_GROUPS:
+            chosen.add(name)
+        else:
+            known = ", ".join([*ABERRATION_GROUPS, *_SHORTCUTS])
+            raise ValueError(f"unknown aberration {raw!r}: expected a comma-separated list of "
+                             f"{known}")  # fmt: skip
+    return tuple(g for g in ABERRATION_GROUPS if g in chosen)
+
+
+@dataclass(frozen=True)
+class AberrationTerms:
+    """The fitted aberration parameters of a group, in a fixed order.
+
+    Parameters
+    ----------
+    groups : tuple of str
+        Names of :data:`ABERRATION_GROUPS` (from :func:`parse_aberrations`).
+    """
+
+    groups: tuple[str, ...] = ()
+
+    @property
+    def params(self) -> tuple[tuple[str, str, str], ...]:
+        """(name, kind "odd"/"even", unit) of every parameter, in column order."""
+        return tuple(p for g in self.groups for p in ABERRATION_GROUPS[g])
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p[0] for p in self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def odd(self) -> np.ndarray:
+        """Boolean mask of the odd parameters, shape (K,)."""
+        return np.array([p[1] == "odd" for p in self.params], bool)
+
+    def basis(self, ux: np.ndarray, uy: np.ndarray, lam_A: float, cs_mm: float) -> np.ndarray:
+        """Derivative of the phase with respect to each parameter at true frequencies u.
+
+        Parameters
+        ----------
+        ux, uy : ndarray, shape (npix,)
+            u = M k (1/A).
+        lam_A : float
+            Electron wavelength (A).
+        cs_mm : float
+            The group's spherical aberration (mm), for the beam tilt's phase.
+
+        Returns
+        -------
+        ndarray, float64, shape (K, npix)
+            For an odd parameter d phi_odd / d theta (the prediction's factor is
+            exp(+i phi_odd)); for an even one d chi / d theta (cryomag's chi, the argument of
+            the CTF's sine). Units: rad per mrad, rad per (rad A^n) of the Zernike
+            coefficient, rad per mm.
+        """
+        ux = np.asarray(ux, float)
+        uy = np.asarray(uy, float)
+        u2 = ux * ux + uy * uy
+        rows = []
+        for name, _, _ in self.params:
+            if name in ("beam_tilt_x", "beam_tilt_y"):
+                if not cs_mm > 0:
+                    raise ValueError(
+                        f"beam tilt needs a spherical aberration > 0 (Cs = {cs_mm} mm): its "
+                        "phase is -2 pi Cs lambda^2 |u|^2 (u . tilt)"
+                    )
+                c = -2 * np.pi * cs_mm * 1e7 * lam_A**2 * 1e-3  # per mrad
+                rows.append(c * u2 * (ux if name.endswith("x") else uy))
+            elif name == "odd_zernike_2":  # Z(-3,3)
+                rows.append(3 * ux * ux * uy - uy**3)
+            elif name == "odd_zernike_5":  # Z(3,3)
+                rows.append(ux**3 - 3 * ux * uy * uy)
+            elif name == "cs":
+                rows.append(-0.5 * np.pi * 1e7 * lam_A**3 * u2 * u2)
+            elif name == "even_zernike_4":  # Z(-4,4)
+                rows.append(-(4 * ux**3 * uy - 4 * ux * uy**3))
+            elif name == "even_zernike_8":  # Z(4,4)
+                rows.append(-(ux**4 - 6 * ux * ux * uy * uy + uy**4))
+            elif name == "even_zernike_5":  # Z(-2,4)
+                rows.append(-(4 * u2 - 3) * 2 * ux * uy)
+            elif name == "even_zernike_7":  # Z(2,4)
+                rows.append(-(4 * u2 - 3) * (ux * ux - uy * uy))
+            else:  # pragma: no cover - the table above is complete
+                raise AssertionError(name)
+        return np.stack(rows) if rows else np.zeros((0, len(ux)))
+
+    def basis_gradient(self, ux: np.ndarray, uy: np.ndarray, lam_A: float,
+                       cs_mm: float, eps: float = 1e-6) -> np.ndarray:  # fmt: skip
+        """d basis / d u_a, shape (K, 2, npix), by central differences in u (1/A); the
+        basis functions are polynomials of degree <= 4, so the error is O(eps^2)."""
+        out = np.empty((len(self), 2) + np.shape(ux))
+        out[:, 0] = (self.basis(ux + eps, uy, lam_A, cs_mm)
+                     - self.basis(ux - eps, uy, lam_A, cs_mm)) / (2 * eps)  # fmt: skip
+        out[:, 1] = (self.basis(ux, uy + eps, lam_A, cs_mm)
+                     - self.basis(ux, uy - eps, lam_A, cs_mm)) / (2 * eps)  # fmt: skip
+        return out
+
+    def apply(self, optics, delta: np.ndarray):
+        """``optics`` with the parameters changed by ``delta`` (K,), each in its unit.
+
+        Parameters
+        ----------
+        optics : OpticsParams
+        delta : ndarray, shape (K,)
+
+        Returns
+        -------
+        OpticsParams
+        """
+        import dataclasses
+
+        changes: dict = {}
+        for (name, _, _), d in zip(self.params, np.asarray(delta, float), strict=True):
+            if name == "cs":
+                changes["cs_mm"] = changes.get("cs_mm", optics.cs_mm) + d
+            else:
+                raise NotImplementedError(name)
+        return dataclasses.replace(optics, **changes)
+
+    def values(self, optics) -> np.ndarray:
+        """The parameters' values in ``optics`` (an OpticsParams), shape (K,), each in its
+        unit."""
+        out = []
+        for name, _, _ in self.params:
+            if name == "cs":
+                out.append(float(optics.cs_mm))
+            else:
+                raise NotImplementedError(name)
+        return np.asarray(out, float)
