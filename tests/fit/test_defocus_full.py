@@ -82,12 +82,6 @@ def test_micrograph_magnification_from_micrograph_ctf_with_error(tmp_path):
     assert abs(info["isotropic_scatter"] - 0.005) < 3 * info["isotropic_scatter_se"] + 5e-4
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bias (2026-12-04): with per-particle defocus refined jointly, the raw "
-    "per-particle magnification regresses on the truth with slope 0.92-0.96 (0.5 % scatter: "
-    "scatter found 0.468 +- 0.008 % for a realised 0.498 %); calibration (rms / SE 1.20) holds",
-)
 def test_particle_magnification_with_particle_defocus(tmp_path):
     """0.5 % scatter between particles, micrograph CTF without estimation error, heights 50 A:
     standard errors calibrated (rms error / median SE within 1.3) and the scatter found within

@@ -485,9 +485,14 @@ def unit_mag_fits(
         T (from the group's :func:`solve_joint`).
     defocus_shift : ndarray, shape (N, 3), optional
         Defocus change since the pass (the last step), subtracted from the gradient.
+    ctf_moves : bool
+        The CTF's defocus term moves with the unit's own M (a particle's defocus was measured
+        for its micrograph, at the group's M).
     defocus_out : dict, optional
         Receives ``"delta_a"`` (N, 3): each particle's defocus change (a00, a01, a11, A) in
-        this joint fit, from the pass's state, and ``"deviation"`` (N, k_p).
+        this joint fit, from the pass's state, and ``"deviation"`` (N, k_p); with
+        ``ctf_moves`` for isotropic particle units also ``"own_scale"`` (N,): the factor
+        (1 + theta)^2 of the defocus matrix that goes with the group's M.
 
     Returns
     -------
@@ -530,6 +535,10 @@ def unit_mag_fits(
             delta_a = delta_a + (bm_ @ sol["phi"][:, d:].T).T[inv]
         defocus_out["delta_a"] = delta_a
         defocus_out["deviation"] = sol["psi"]
+        if ctf_moves and unit == "particle" and isotropic:
+            # the particle's CTF moves with its own M = (1 + theta) M_g: with the group's M
+            # written, its defocus matrix is (1 + theta)^2 (A + delta_a)
+            defocus_out["own_scale"] = (1.0 + sol["phi"][inv, 0]) ** 2
     theta = sol["phi"][:, :d]
     # each unit alone (the group held): its own information, no Schur term of theta
     cov = sol["cov_phi"][:, :d, :d]

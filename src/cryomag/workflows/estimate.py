@@ -467,8 +467,10 @@ def _write_refined_defocus(out: ParticleSet, ps: ParticleSet, fits: dict, rows: 
                            updates: dict) -> None:  # fmt: skip
     """The refined defocus into ``out`` (in the input's CTF frame; the caller re-expresses
     it for the fitted M), the input's beside it (cmagDefocusUInput, ...), the change of the
-    mean defocus and its standard error. ``updates``: per group, the defocus change (N, 3) of
-    the local magnification model fitted with it (the defocus that goes with it)."""
+    mean defocus and its standard error. ``updates``: per group, the defocus change of the
+    local magnification model fitted with it (the defocus that goes with it): ``delta_a``
+    (N, 3) and, for particle models, ``own_scale`` (N,) (see
+    :func:`cryomag.fit.defocus.unit_mag_fits`)."""
     from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
 
     cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
@@ -479,11 +481,13 @@ def _write_refined_defocus(out: ParticleSet, ps: ParticleSet, fits: dict, rows: 
         value = f.defocus
         if g in updates:
             a = defocus_matrix(value[:, 0], value[:, 1], value[:, 2])
-            da = updates[g]
+            da = updates[g]["delta_a"]
             a[:, 0, 0] += da[:, 0]
             a[:, 0, 1] += da[:, 1]
             a[:, 1, 0] += da[:, 1]
             a[:, 1, 1] += da[:, 2]
+            if "own_scale" in updates[g]:  # a particle's CTF moves with its own M
+                a *= updates[g]["own_scale"][:, None, None]
             value = np.stack(defocus_from_matrix(a), axis=1)
         for j, col in enumerate(cols):
             arr = out.column(col)

@@ -80,7 +80,7 @@ def _fitter(stats, m_lin, m_g, mics, joint, unit, capture=None):
     levels, deviation, prior = joint
     return lambda labels, iso: unit_mag_fits(
         stats, m_lin, m_g, labels, mics, levels, iso, unit, deviation=deviation, prior=prior,
-        defocus_out=capture if iso else None,
+        defocus_out=capture if iso else None, ctf_moves=unit == "particle",
     )  # fmt: skip
 
 
@@ -236,7 +236,7 @@ def fit_local(
         if defocus_updates is not None and joint_g is not None:
             best = got["micrograph"] or got["particle"]
             if best:
-                defocus_updates[int(g)] = best["delta_a"]
+                defocus_updates[int(g)] = best
     for name, values in new_cols.items():
         ps.particles[name] = values
     return summary
