@@ -144,6 +144,17 @@ def estimate_cmd(
             rich_help_panel="Optics",
         ),
     ] = "none",
+    regroup: Annotated[
+        str | None,
+        typer.Option(
+            "--regroup",
+            help="new optics groups before the fit, written as the output's: column:NAME (a "
+            "particle column, e.g. column:rlnBeamShiftGroup) or pattern:REGEX (its first "
+            "group in each micrograph name, e.g. pattern:FoilHole_(\\d+)); each old group "
+            "splits by the value",
+            rich_help_panel="Optics",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
@@ -207,6 +218,7 @@ def estimate_cmd(
                     astigmatism=astigmatism,
                     defocus_tol_A=defocus_tol,
                     aberrations=aberrations,
+                    regroup=regroup,
                 )
         except KeyboardInterrupt:
             typer.secho(

@@ -159,6 +159,10 @@ class EstimateOptions:
         Optical aberrations refined per optics group jointly with M, the scales and the
         defocus (:func:`cryomag.fit.aberrations.parse_aberrations`: tilt, trefoil, cs,
         tetrafoil, astig4, or odd, even, all); () = none (held as the input has them).
+    regroup : str, optional
+        New optics groups before the fit (:func:`cryomag.model.grouping.regroup_by`):
+        ``column:NAME`` or ``pattern:REGEX`` on the micrograph names (beam-shift groups for
+        per-position aberrations); written as the output's optics groups.
     """
 
     fit: tuple = ("scale", "aniso")
@@ -181,6 +185,7 @@ class EstimateOptions:
     astigmatism: str = "auto"
     defocus_tol_A: float = 1.0
     aberrations: tuple = ()
+    regroup: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aberrations", parse_aberrations(self.aberrations))
@@ -581,6 +586,13 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
         if x is not None and not isinstance(x, MapReference):
             inputs.append(Path(x))
     opts = EstimateOptions(**options)
+    if opts.regroup:
+        from cryomag.model.grouping import regroup_by
+
+        n_before = ps.n_groups
+        ps = regroup_by(ps, opts.regroup)
+        log.info("regrouped by %s: %d optics group(s) -> %d", opts.regroup, n_before,
+                 ps.n_groups)  # fmt: skip
     with output_folder(out, "estimate", inputs=[*inputs, passthrough], particles=ps,
                        resume=resume) as out, run_log(out) as out:  # fmt: skip
         log.info(
