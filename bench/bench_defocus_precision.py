@@ -38,8 +38,8 @@ def one(tmp: Path, box: int, apix: float, snr: float, n: int) -> dict:
     cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.5
     cfg.defocus.written, cfg.defocus.particle_std_A = "micrograph", 150.0
     cfg.noise.snr = snr
-    cfg.phantom.diameter_A = 0.8 * box * apix
-    cfg.phantom.n_atoms = int(1000 * (cfg.phantom.diameter_A / 50) ** 3)
+    cfg.phantom.diameter_A = min(0.8 * box * apix, 120.0)
+    cfg.phantom.n_atoms = min(int(1000 * (cfg.phantom.diameter_A / 50) ** 3), 5000)
     cfg.render.n_workers = 2
     simulate_dataset(cfg, tmp, progress=False)
     levels = DefocusLevels("particle", "micrograph")
@@ -72,8 +72,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--boxes", default="64,128", help="comma-separated boxes to run")
     args = ap.parse_args()
     grid = [(64, 1.6, snr) for snr in (0.05, 0.2, 1.0)] + [(128, 1.25, snr) for snr in (0.05, 0.2)]
+    boxes = {int(b) for b in args.boxes.split(",")}
+    grid = [g for g in grid if g[0] in boxes]
     if args.quick:
         grid = grid[:2]
     print("| box | pixel (A) | SNR | raw std(est - truth) (A) | CRB (A) | ratio | written rms (A)"

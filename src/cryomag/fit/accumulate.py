@@ -402,6 +402,11 @@ class _Kernel:
             dcols = [slope * (c * grid.dq[i]).astype(_F32) * v_model for i in range(3)]
         dcols += self._aberration_columns(pt, slope, v_model)
         out = self._first_order(sub, pt, hcols, y, hdef, dcols)
+        out["pix_aberr"] = (
+            self._aberration_maps(sub, pt, slope * v_model, y, out)
+            if self.aberr is not None
+            else np.zeros(0)
+        )
         if self.second:
             out.update(self._second_order(sub, rows, f_big, q_big, val, du, adef, (ctf, slope),
                                           out, y))  # fmt: skip
@@ -505,6 +510,20 @@ class PeriodicKernel(_Kernel):
 
     def _first_order(self, sub, pt, hcols, y, hdef, dcols):
         return self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None, dcols)
+
+    def _aberration_maps(self, sub, pt, dv, y, out):
+        """Per-pixel sums of the phase- and amplitude-error maps
+        (:data:`cryomag.fit.statistics.ABERRATION_MAPS`), shape (4, npix_band)."""
+        yt = y * shift_phase32(sub.origin_A, self.kx_b, self.ky_b).conj()
+        ok = out["pp"] > 0
+        sa = np.where(ok, out["py"] / np.where(ok, out["pp"], 1), 0.0) * self.amp  # s * amp
+        r = yt - sa.astype(_F32)[:, None] * pt
+        return np.stack([
+            sa @ (np.conj(pt) * yt).imag,
+            (sa * sa) @ (np.abs(pt) ** 2),
+            sa @ (np.conj(dv) * r).real,
+            (sa * sa) @ (np.abs(dv) ** 2),
+        ]).astype(float)  # fmt: skip
 
     def _stats_periodic(self, sub, pt, hcols, y, hdef, dcols=()):
         amp = self.amp
@@ -648,6 +667,22 @@ class WindowedKernel(_Kernel):
 
     def _first_order(self, sub, pt, hcols, y, hdef, dcols):
         return self._stats_windowed(sub, pt, hcols, y, dcols)
+
+    def _aberration_maps(self, sub, pt, dv, y, out):
+        """Per-pixel sums of the phase- and amplitude-error maps of the windowed model
+        (:data:`cryomag.fit.statistics.ABERRATION_MAPS`), shape (4, npix_band)."""
+        phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(self.amp)
+        p_band = out["_z"][:, 0]
+        d_band = self._window(phase * dv)
+        ok = out["pp"] > 0
+        s = np.where(ok, out["py"] / np.where(ok, out["pp"], 1), 0.0)
+        r = y - s.astype(_F32)[:, None] * p_band
+        return np.stack([
+            s @ (np.conj(p_band) * y).imag,
+            (s * s) @ (np.abs(p_band) ** 2),
+            s @ (np.conj(d_band) * r).real,
+            (s * s) @ (np.abs(d_band) ** 2),
+        ]).astype(float)  # fmt: skip
 
     def _stats_windowed(self, sub, pt, hcols, y, dcols=()):
         amp = self.amp

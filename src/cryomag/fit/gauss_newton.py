@@ -139,6 +139,9 @@ class GroupResult:
         ``aberration_mag_corr`` (K,) each one's correlation with M's isotropic part.
     optics, optics_in : OpticsParams, optional
         The group's optics with the fitted aberrations, and as the input had them.
+    aberration_maps : ndarray, shape (4, npix_band), optional
+        The per-pixel phase- and amplitude-error sums of the first pass that had them (at
+        the input's aberrations; :data:`cryomag.fit.statistics.ABERRATION_MAPS`).
     """
 
     group: int
@@ -163,6 +166,7 @@ class GroupResult:
     aberration_mag_corr: np.ndarray | None = None
     optics: object | None = None
     optics_in: object | None = None
+    aberration_maps: np.ndarray | None = None
 
     @property
     def failed(self) -> bool:
@@ -254,6 +258,7 @@ class GroupFit:
         self.aberration = np.zeros(k)  # change from the input, in each parameter's unit
         self.aberration_cov = np.full((k, k), np.nan)
         self.aberration_mag_corr = np.full(k, np.nan)
+        self.aberration_maps: np.ndarray | None = None  # of the first pass with them
 
     # ---------------------------------------------------------------- the next pass
     def group_pass(self) -> GroupPass:
@@ -286,6 +291,8 @@ class GroupFit:
         st_joint = st
         if len(s.aberrations) and self.phase == "full":  # the pass had their columns
             st = st.without_aberrations(len(s.aberrations))
+            if self.aberration_maps is None and st_joint.pix_aberr.size:
+                self.aberration_maps = np.array(st_joint.pix_aberr)
         if self.first_stats is None:
             self.first_stats = st
         # the first pass weights by the images' own power; later ones by the residuals'
@@ -483,6 +490,7 @@ class GroupFit:
             aberration_mag_corr=self.aberration_mag_corr,
             optics=self.optics,
             optics_in=self.optics_in,
+            aberration_maps=self.aberration_maps,
         )
 
 

@@ -65,7 +65,7 @@ PARTICLE_FIELDS = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg")
 SECOND_ORDER_FIELDS = ("jp", "jy", "jj", "kyy", "kp", "jk")
 _SECOND_ORDER_SHAPES = {"jp": (4,), "jy": (4,), "jj": (4, 4), "kyy": (4, 4), "kp": (4, 4),
                         "jk": (4, 4, 4)}  # fmt: skip
-SUMMED_FIELDS = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b")
+SUMMED_FIELDS = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b", "pix_aberr")
 
 
 def column_layout(ncol: int, n_aberration: int = 0) -> dict[str, slice | None]:
@@ -100,6 +100,14 @@ def column_layout(ncol: int, n_aberration: int = 0) -> dict[str, slice | None]:
         "defocus": slice(base - 3, base) if base in (7, 11) else None,
         "aberration": slice(base, ncol) if n_aberration else None,
     }
+
+
+#: The rows of ``pix_aberr``, per band pixel, summed over the group's particles (s the
+#: particle's scale, P its unit-scale prediction, V the slice, C' = dCTF/dchi, r = Y - s P;
+#: RELION's per-pixel phase- and amplitude-error estimates, cryomag.report.plots_aberrations):
+#: odd: sum w s Im(conj(P) Y) and sum w s^2 |P|^2 (their ratio: the phase error, rad);
+#: even: sum w s Re(conj(C' V) r) and sum w s^2 |C' V|^2 (their ratio: the error of chi, rad).
+ABERRATION_MAPS = ("odd_num", "odd_den", "even_num", "even_den")
 
 
 def empty_second_order(n: int) -> dict[str, np.ndarray]:
@@ -189,12 +197,17 @@ class _StatisticsArrays:
     kyy: np.ndarray | None = None
     kp: np.ndarray | None = None
     jk: np.ndarray | None = None
+    #: (4, npix_band) with aberrations fitted (else size 0): the per-pixel sums of the
+    #: phase-error and amplitude-error maps (:data:`ABERRATION_MAPS`).
+    pix_aberr: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.rows)
         for f, v in empty_second_order(n).items():
             if getattr(self, f) is None:
                 setattr(self, f, v)
+        if self.pix_aberr is None:
+            self.pix_aberr = np.zeros(0)
 
     @property
     def layout(self) -> dict[str, slice | None]:

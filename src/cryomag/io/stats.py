@@ -80,7 +80,11 @@ def load_group(path: str | os.PathLike):
     from cryomag.fit.statistics import SECOND_ORDER_FIELDS, GroupStatistics
 
     path = Path(path)
-    required = [f for f in GroupStatistics.__dataclass_fields__ if f not in SECOND_ORDER_FIELDS]
+    required = [
+        f
+        for f in GroupStatistics.__dataclass_fields__
+        if f not in SECOND_ORDER_FIELDS and f not in OPTIONAL_FIELDS
+    ]
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [f for f in required if f not in z.files]
@@ -90,6 +94,7 @@ def load_group(path: str | os.PathLike):
                 )
             arrays = {f: z[f] for f in required}
             arrays.update({f: z[f] for f in SECOND_ORDER_FIELDS if f in z.files})
+            arrays.update({f: z[f] for f in OPTIONAL_FIELDS if f in z.files})
             extras = {f: z[f] for f in EXTRA_FIELDS if f in z.files}
     except FileNotFoundError:
         raise ParticleFileError(f"{path}: statistics file not found") from None
@@ -106,7 +111,9 @@ def load_group(path: str | os.PathLike):
 
 
 #: Arrays of GroupStatistics that are sums over the group (not one entry per particle).
-SUMMED_SHAPES = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b")
+SUMMED_SHAPES = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b", "pix_aberr")
+#: Arrays a statistics file may lack (written by older versions).
+OPTIONAL_FIELDS = ("pix_aberr",)
 
 
 def write_options(folder: str | os.PathLike, options: dict) -> Path:

@@ -276,5 +276,9 @@ def write_outputs(
             from cryomag.report.plots_defocus import plot_defocus
 
             plot_defocus(res, out / "plots")
+        if any(gr.aberration_maps is not None for gr in res.groups):
+            from cryomag.report.plots_aberrations import plot_aberrations
+
+            plot_aberrations(res, out / "plots")
         written["plots"] = out / "plots"
     return written
