@@ -4,7 +4,8 @@ The kernel computes its sums in float32 with the slice's derivatives from the sl
 here the same sums are formed in float64 from their definitions, with the derivatives of the
 forward model (:func:`cryomag.physics.forward.predict`) taken by central finite
 differences in M. The second-order statistics are checked the same way and by predicting a
-real pass at a shifted M.
+real pass at a shifted M. Every test runs twice: without aberrations and with a beam tilt, odd
+and even Zernike terms held fixed (issue 13), whose phase moves with M.
 """
 
 from __future__ import annotations
@@ -34,11 +35,22 @@ def _blob_map(seed=1, n=BOX, atoms=50, radius=11.0):
     return vol
 
 
-@pytest.fixture(scope="module")
-def setup():
+#: Fixed aberrations of the "aberrated" case (issue 13): beam tilt (mrad), RELION's odd terms
+#: (trefoil Z(-3,3) and Z(3,3)) and even terms (astigmatism-like, Z(0,2), n = 4 terms), large
+#: enough to move the phase by ~1 rad at the band's edge.
+ABERRATIONS = {
+    "beam_tilt_mrad": (0.5, -0.3),
+    "odd_zernike": (0.0, 0.0, 30.0, 0.0, 0.0, -20.0),
+    "even_zernike": (0.0, 0.5, 0.2, -0.4, 80.0, 0.0, 60.0, 0.0, -50.0),
+}
+
+
+@pytest.fixture(scope="module", params=["plain", "aberrated"])
+def setup(request):
     rng = np.random.default_rng(3)
     ref = MapReference(_blob_map(), APIX, eps=1e-10, nthreads=1)
-    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1)
+    extra = ABERRATIONS if request.param == "aberrated" else {}
+    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1, **extra)
     band = Band(BOX, APIX, 1 / 20, 0.9 * 0.5 / APIX)
     n = 12
     mag = np.array([[1.012, 0.004], [-0.003, 0.991]])

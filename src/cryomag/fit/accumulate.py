@@ -262,7 +262,12 @@ class _Kernel:
         self._xcache: dict[int, list[np.ndarray]] = {}
         # CTF grids: the band (box grid) and, when padded, the big disc
         optics_args = (optics.voltage_kv, optics.cs_mm, optics.amplitude_contrast)
-        self.ctf_band = GridCTF(kx, ky, self.m0, self.cm, *optics_args)
+        # the group's fixed aberrations (held fixed; they act at u = M k and move with M)
+        self.aberrations = {
+            "even_zernike": optics.even_coefficients(),
+            "odd_zernike": optics.odd_coefficients(),
+        }
+        self.ctf_band = GridCTF(kx, ky, self.m0, self.cm, *optics_args, **self.aberrations)
         self.lam = self.ctf_band.lam
         # the Cs term's chi derivatives on the band, float32 (second-order sums)
         g = [self.ctf_band.gcs[a].astype(_F32) for a in range(2)]
@@ -352,10 +357,14 @@ class _Kernel:
             du = self._derivatives(q_big, 1, self.model_pick)
         v_model = self._model_values(val)
         grid = self.model_ctf
+        # the odd aberrations: V -> exp(i phase_odd(u)) V, with their u-derivative
+        v_model, du_model = grid.apply_odd(v_model, du)
         ctf, slope, adef = grid.of(sub)
         pt = ctf * v_model
         # d/du_a of C V: the reference term and the CTF's Cs term (the part that moves with M)
-        hcols = [ctf * du[a] + (slope * grid.gcs[a].astype(_F32)) * v_model for a in range(2)]
+        hcols = [
+            ctf * du_model[a] + (slope * grid.gcs[a].astype(_F32)) * v_model for a in range(2)
+        ]
         hdef = None
         if self.extended or self.ctf_moves:
             # the defocus term's derivative
@@ -409,9 +418,11 @@ class _Kernel:
         weight = float(self.stride)
         sub = geom_subset(sub, pick)
         hk = self._box_hessian(f_big[pick], None if q_big is None else q_big[pick])
-        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
         v = val[pick][:, self.band_in_disc]
         dub = [self._on_band(d[pick]) for d in du]
+        if self.ctf_band.odd is not None:  # V -> exp(i phase_odd(u)) V, to second order
+            v, dub, hk = self.ctf_band.apply_odd(v, dub, hk)
+        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
         adef = adef[pick]
         ctf, slope = self._band_ctf(sub, pick, model_ctf)
         so = self.so_shared
@@ -600,7 +611,8 @@ class WindowedKernel(_Kernel):
     def __init__(self, reference, geom, optics, band, noise_power, opts):
         super().__init__(reference, geom, optics, band, noise_power, opts)
         self.model_ctf = GridCTF(self.kxd, self.kyd, self.m0, self.cm, optics.voltage_kv,
-                                 optics.cs_mm, optics.amplitude_contrast)  # fmt: skip
+                                 optics.cs_mm, optics.amplitude_contrast,
+                                 **self.aberrations)  # fmt: skip
         self.model_pick = self.disc_flat
         self._window = WindowCut(self.box, self.pad, self.disc_flat, self.band_idx)
 
