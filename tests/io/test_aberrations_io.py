@@ -160,3 +160,68 @@ def test_set_aberrations_round_trip(tmp_path):
     text = out.read_text()
     assert "[1,2]" in text and "[0.5]" in text
     assert read_star(out).aberrations(1) == ((-0.25, 0.75), (1.0, 2.0), (0.5,))
+
+
+# ------------------------------------------------------------------------ cryoSPARC .cs
+def test_cs_conversion_round_trip_of_representable_terms():
+    """relion_to_cs_aberrations then cs_to_relion_aberrations: the beam tilt (with the coma
+    terms moved into it by extractTilt), odd terms 0-5 and even terms 4, 5, 7, 8 come back;
+    the rest is named as dropped."""
+    from cryomag.io.cryosparc import cs_to_relion_aberrations, relion_to_cs_aberrations
+    from cryomag.physics.aberrations import beam_tilt_to_odd
+    from cryomag.physics.ctf import electron_wavelength_A
+
+    lam = float(electron_wavelength_A(300.0))
+    odd = [0.3, -0.2, 4.0, 1.5, -2.0, 3.0, 0.7]
+    even = [0.1, 0.2, 0.3, 0.4, 5.0, 6.0, 7.0, 8.0, 9.0, 1.0]
+    fields, dropped = relion_to_cs_aberrations((0.4, -0.6), odd, even, 2.7, 300.0)
+    assert fields["ctf/tilt_A"].shape == (2,) and fields["ctf/tetra_A"].shape == (4,)
+    assert any("rlnOddZernike[6]" in d for d in dropped)
+    assert sorted(int(d.split("[")[1].split("]")[0]) for d in dropped if "Even" in d) == [
+        0, 1, 2, 3, 6, 9,
+    ]  # fmt: skip
+    tilt, odd2, even2 = cs_to_relion_aberrations(fields, 2.7, 300.0)
+    total = beam_tilt_to_odd(0.4, -0.6, 2.7, lam, odd[:6])
+    back = beam_tilt_to_odd(*tilt, 2.7, lam, odd2)
+    np.testing.assert_allclose(back[:6], total[:6], rtol=1e-9, atol=1e-9)
+    for i in (4, 5, 7, 8):
+        assert even2[i] == pytest.approx(even[i], rel=1e-12)
+    assert fields["ctf/tilt_A"][0] == pytest.approx(2.7e7 * np.sin(1e-3 * 0.4 + (
+        1e-3 * 3 * 2.0 / (2.7 * 20000 * lam**2 * 3.141592654))), rel=1e-9)  # fmt: skip
+
+
+@needs_data
+def test_star_to_cs_to_star_keeps_the_representable_aberrations(tmp_path):
+    """The real six-group RELION 3.1 file through cryoSPARC's fields and back: beam tilt and
+    odd terms (the phase RELION applies) and the tetrafoil-type even terms survive; the
+    terms cryoSPARC cannot hold are returned by write_cs and warned about."""
+    from cryomag.io.cryosparc import read_cs, write_cs
+    from cryomag.physics.aberrations import phase_even, phase_odd
+
+    ps = read_star(SIX)
+    cs = tmp_path / "six.cs"
+    with pytest.warns(DataWarning, match="cannot hold"):
+        dropped = write_cs(ps, cs)
+    assert dropped and all(d.startswith("optics group ") for d in dropped)
+    assert all("rlnEvenZernike" in d for d in dropped)  # odd terms 0-5 all representable
+    back = read_cs(cs)
+    out = tmp_path / "back.star"
+    write_star(back, out)
+    again = read_star(out)
+    kx, ky = np.random.default_rng(0).uniform(-0.35, 0.35, (2, 200))
+    g_in = ps.particles["rlnOpticsGroup"].to_numpy(int)
+    g_out = again.particles["rlnOpticsGroup"].to_numpy(int)
+    for a, b in sorted(set(zip(g_in, g_out, strict=True))):
+        o_in, o_out = ps.optics_params(int(a)), again.optics_params(int(b))
+        assert o_out.beam_tilt_mrad == pytest.approx(o_in.beam_tilt_mrad, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(
+            phase_odd(o_out.odd_coefficients(), kx, ky),
+            phase_odd(o_in.odd_coefficients(), kx, ky), rtol=1e-5, atol=1e-5,
+        )  # fmt: skip
+        keep = [c if i in (4, 5, 7, 8) else 0.0 for i, c in enumerate(o_in.even_zernike)]
+        np.testing.assert_allclose(
+            phase_even(o_out.even_zernike, kx, ky), phase_even(keep, kx, ky), rtol=1e-5,
+            atol=1e-6,
+        )  # fmt: skip
+        lost = [d for d in dropped if d.startswith(f"optics group {int(a)}:")]
+        assert {d.split("rlnEvenZernike[")[1][0] for d in lost} == {"0", "1", "2", "3", "6"}
