@@ -85,6 +85,7 @@ def ctf_values(
     phase_shift_deg=0.0,
     bfactor_A2=0.0,
     scale=1.0,
+    even_zernike=(),
 ) -> np.ndarray:
     """Evaluate RELION's CTF.
 
@@ -97,6 +98,8 @@ def ctf_values(
         Per particle, shape (N,) or scalar.
     voltage_kv, cs_mm, amplitude_contrast : float
         Per optics group.
+    even_zernike : sequence of float
+        rlnEvenZernike (rad), at ``k`` (see :func:`ctf_split_frames`).
 
     Returns
     -------
@@ -118,6 +121,7 @@ def ctf_values(
         phase_shift_deg,
         bfactor_A2,
         scale,
+        even_zernike=even_zernike,
     )
 
 
