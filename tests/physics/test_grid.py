@@ -17,8 +17,13 @@ from cryomag.physics.grid import GridCTF, WindowCut, shift_phase32
 RNG = np.random.default_rng(7)
 
 
+#: RELION even Zernike terms (rad) of the aberrated cases (issue 13).
+EVEN = (0.3, 0.5, 0.2, -0.4, 80.0, 10.0, 60.0, -20.0, -50.0)
+
+
+@pytest.mark.parametrize("even", [(), EVEN], ids=["plain", "even-zernike"])
 @pytest.mark.parametrize("moves", [True, False])
-def test_grid_ctf_matches_the_reference_ctf(moves):
+def test_grid_ctf_matches_the_reference_ctf(moves, even):
     box, apix = 64, 1.3
     kx, ky = (a.ravel() for a in rfft_freqs(box, apix))
     mag = np.array([[1.02, 0.01], [-0.005, 0.985]])
@@ -30,7 +35,7 @@ def test_grid_ctf_matches_the_reference_ctf(moves):
     phase = RNG.uniform(0, 90, n)
     bfac = RNG.uniform(-20, 60, n)
     scale = RNG.uniform(0.5, 2, n)
-    grid = GridCTF(kx, ky, mag, ctf_mag, 300.0, 2.7, 0.07)
+    grid = GridCTF(kx, ky, mag, ctf_mag, 300.0, 2.7, 0.07, even_zernike=even)
     ctf, slope, adef = grid(du, dv, ang, phase, bfac, scale)
     cm = mag if ctf_mag is None else ctf_mag
     d = (cm @ np.stack([kx, ky]))[None]
@@ -38,7 +43,7 @@ def test_grid_ctf_matches_the_reference_ctf(moves):
     want, grad_cs, grad_def = ctf_split_frames(
         np.repeat(d[:, 0], n, 0), np.repeat(d[:, 1], n, 0), np.repeat(u[:, 0], n, 0),
         np.repeat(u[:, 1], n, 0), du, dv, ang, 300.0, 2.7, 0.07, phase, bfac, scale,
-        gradient="both",
+        gradient="both", even_zernike=even,
     )  # fmt: skip
     assert ctf.dtype == np.float32
     np.testing.assert_allclose(ctf, want, atol=2e-5 * np.abs(want).max())
@@ -54,10 +59,51 @@ def test_grid_ctf_matches_the_reference_ctf(moves):
     for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 1))):
         m2 = mag.copy()
         m2[c] = mag[c] * (1 + h)  # u_c -> u_c (1 + h): row c of M scaled
-        g2 = GridCTF(kx, ky, m2, ctf_mag if ctf_mag is not None else mag, 300.0, 2.7, 0.07)
+        g2 = GridCTF(kx, ky, m2, ctf_mag if ctf_mag is not None else mag, 300.0, 2.7, 0.07,
+                     even_zernike=even)  # fmt: skip
         ok = np.abs(u[0, c]) > 0.05
         num = (g2.gcs[a][ok] - grid.gcs[a][ok]) / (h * u[0, c][ok])
         np.testing.assert_allclose(num, grid.hcs[i][ok], rtol=1e-4, atol=1e-3)
+
+
+def test_grid_odd_factor_and_its_derivatives():
+    """GridCTF.apply_odd: exp(i phase_odd(u)) V and its first and second u-derivatives, for
+    V(u) = exp(-2 pi i u . x0) (known derivatives), against the product evaluated directly
+    and by central differences in u."""
+    from cryomag.physics.aberrations import zernike_phase
+
+    box, apix = 48, 1.4
+    kx, ky = (a.ravel() for a in rfft_freqs(box, apix))
+    mag = np.array([[1.01, 0.004], [-0.002, 0.993]])
+    odd = (1.5, -0.8, 30.0, -9.0, 12.0, -20.0)
+    grid = GridCTF(kx, ky, mag, None, 300.0, 2.7, 0.1, odd_zernike=odd)
+    assert GridCTF(kx, ky, mag, None, 300.0, 2.7, 0.1).odd is None  # nothing without terms
+    x0 = np.array([3.0, -5.0])
+
+    def model(ux, uy):  # exp(i phase(u)) V(u), float64
+        arg = zernike_phase(odd, ux, uy, "odd") - 2 * np.pi * (ux * x0[0] + uy * x0[1])
+        return np.exp(1j * arg)
+
+    def diff(f, ux, uy, a, h):  # central difference of f along u_a
+        return (f(ux + h * e[a, 0], uy + h * e[a, 1]) - f(ux - h * e[a, 0], uy - h * e[a, 1])) / (
+            2 * h
+        )
+
+    ux, uy = mag @ np.stack([kx, ky])
+    v = np.exp(-2j * np.pi * (ux * x0[0] + uy * x0[1]))[None]
+    dv = [-2j * np.pi * x0[a] * v for a in range(2)]
+    hv = [-4 * np.pi**2 * x0[a] * x0[c] * v for a, c in ((0, 0), (0, 1), (1, 1))]
+    c64 = np.complex64
+    v2, dv2, hv2 = grid.apply_odd(v.astype(c64), [d.astype(c64) for d in dv],
+                                  [x.astype(c64) for x in hv])  # fmt: skip
+    np.testing.assert_allclose(v2[0], model(ux, uy), atol=2e-5)
+    e = np.eye(2)
+    for a in range(2):
+        num = diff(model, ux, uy, a, 1e-5)
+        np.testing.assert_allclose(dv2[a][0], num, atol=1e-4 * np.abs(num).max())
+    for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 1))):
+        num = diff(lambda x, y, a=a: diff(model, x, y, a, 1e-5), ux, uy, c, 1e-4)
+        np.testing.assert_allclose(hv2[i][0], num, atol=1e-3 * np.abs(num).max())
 
 
 def test_shift_phase32_matches_the_reference_phase():

@@ -165,6 +165,31 @@ class AberrationTerms:
                 raise AssertionError(name)
         return np.stack(rows) if rows else np.zeros((0, len(ux)))
 
+    def parts(self, ux: np.ndarray, uy: np.ndarray, lam_A: float, cs_mm: float,
+              beam_tilt_mrad=(0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Each parameter's derivative of chi (even part) and of phi_odd (odd part).
+
+        Like :meth:`basis`, split by where the parameter acts; the spherical aberration acts
+        in both when a beam tilt is present, since RELION's tilt phase is proportional to Cs
+        (d phi_tilt / d Cs = -2 pi 1e7 lambda^2 |u|^2 (u . t) 1e-3, t in mrad).
+
+        Returns
+        -------
+        even, odd : ndarray, float64, shape (K, npix)
+        """
+        b = self.basis(ux, uy, lam_A, cs_mm)
+        odd_mask = self.odd
+        even = np.where(odd_mask[:, None], 0.0, b)
+        odd = np.where(odd_mask[:, None], b, 0.0)
+        tx, ty = (float(v) for v in beam_tilt_mrad)
+        if (tx or ty) and "cs" in self.names:
+            ux = np.asarray(ux, float)
+            uy = np.asarray(uy, float)
+            u2 = ux * ux + uy * uy
+            j = self.names.index("cs")
+            odd[j] = -2 * np.pi * 1e7 * lam_A**2 * 1e-3 * u2 * (ux * tx + uy * ty)
+        return even, odd
+
     def basis_gradient(self, ux: np.ndarray, uy: np.ndarray, lam_A: float,
                        cs_mm: float, eps: float = 1e-6) -> np.ndarray:  # fmt: skip
         """d basis / d u_a, shape (K, 2, npix), by central differences in u (1/A); the
@@ -187,24 +212,40 @@ class AberrationTerms:
         Returns
         -------
         OpticsParams
+            Beam tilt (mrad), Cs (mm) and the Zernike lists (RELION order, padded with
+            zeros to the index changed) updated.
         """
         import dataclasses
 
-        changes: dict = {}
+        tilt = list(optics.beam_tilt_mrad)
+        odd, even = list(optics.odd_zernike), list(optics.even_zernike)
+        cs = float(optics.cs_mm)
         for (name, _, _), d in zip(self.params, np.asarray(delta, float), strict=True):
             if name == "cs":
-                changes["cs_mm"] = changes.get("cs_mm", optics.cs_mm) + d
+                cs += d
+            elif name.startswith("beam_tilt_"):
+                tilt[0 if name.endswith("x") else 1] += d
             else:
-                raise NotImplementedError(name)
-        return dataclasses.replace(optics, **changes)
+                target = odd if name.startswith("odd") else even
+                i = int(name.rsplit("_", 1)[1])
+                target.extend([0.0] * (i + 1 - len(target)))
+                target[i] += d
+        return dataclasses.replace(
+            optics, cs_mm=cs, beam_tilt_mrad=(float(tilt[0]), float(tilt[1])),
+            odd_zernike=tuple(odd), even_zernike=tuple(even),
+        )  # fmt: skip
 
     def values(self, optics) -> np.ndarray:
         """The parameters' values in ``optics`` (an OpticsParams), shape (K,), each in its
-        unit."""
+        unit (a Zernike index beyond the list is 0)."""
         out = []
         for name, _, _ in self.params:
             if name == "cs":
                 out.append(float(optics.cs_mm))
+            elif name.startswith("beam_tilt_"):
+                out.append(float(optics.beam_tilt_mrad[0 if name.endswith("x") else 1]))
             else:
-                raise NotImplementedError(name)
+                lst = optics.odd_zernike if name.startswith("odd") else optics.even_zernike
+                i = int(name.rsplit("_", 1)[1])
+                out.append(float(lst[i]) if i < len(lst) else 0.0)
         return np.asarray(out, float)

@@ -229,6 +229,7 @@ class _Kernel:
             opts.aberrations) else None  # fmt: skip
         self._abasis = None
         self.cs_mm = float(optics.cs_mm)
+        self.beam_tilt = tuple(float(v) for v in getattr(optics, "beam_tilt_mrad", (0.0, 0.0)))
         box, apix = band.box, band.pixel_size_A
         self.box, self.apix = box, apix
         self.pad = pad = max(int(opts.window_pad), 1)
@@ -273,7 +274,12 @@ class _Kernel:
         self._xcache: dict[int, list[np.ndarray]] = {}
         # CTF grids: the band (box grid) and, when padded, the big disc
         optics_args = (optics.voltage_kv, optics.cs_mm, optics.amplitude_contrast)
-        self.ctf_band = GridCTF(kx, ky, self.m0, self.cm, *optics_args)
+        # the group's fixed aberrations (held fixed; they act at u = M k and move with M)
+        self.aberrations = {
+            "even_zernike": optics.even_coefficients(),
+            "odd_zernike": optics.odd_coefficients(),
+        }
+        self.ctf_band = GridCTF(kx, ky, self.m0, self.cm, *optics_args, **self.aberrations)
         self.lam = self.ctf_band.lam
         # the Cs term's chi derivatives on the band, float32 (second-order sums)
         g = [self.ctf_band.gcs[a].astype(_F32) for a in range(2)]
@@ -296,24 +302,34 @@ class _Kernel:
     #: Observed frequencies (1/A) of the model's pixels, (kx, ky) (set by the subclass).
     model_k: tuple[np.ndarray, np.ndarray]
 
-    def _aberration_basis(self) -> np.ndarray:
-        """The fitted aberrations' basis at u = M0 k on the model's pixels, float32 (K, npix)."""
+    def _aberration_basis(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted aberrations' (even, odd) parts at u = M0 k on the model's pixels,
+        float32 (K, npix) each (:meth:`cryomag.fit.aberrations.AberrationTerms.parts`)."""
         if self._abasis is None:
             kx, ky = self.model_k
             m = self.m0
             ux, uy = m[0, 0] * kx + m[0, 1] * ky, m[1, 0] * kx + m[1, 1] * ky
-            self._abasis = self.aberr.basis(ux, uy, self.lam, self.cs_mm).astype(_F32)
+            even, odd = self.aberr.parts(ux, uy, self.lam, self.cs_mm, self.beam_tilt)
+            self._abasis = (even.astype(_F32), odd.astype(_F32))
         return self._abasis
 
     def _aberration_columns(self, pt, slope, v_model) -> list[np.ndarray]:
-        """d prediction / d theta of each fitted aberration parameter on the model grid."""
+        """d prediction / d theta of each fitted aberration parameter on the model grid:
+        (dCTF/dchi) (d chi/d theta) V + i (d phi_odd/d theta) P (V and P with the odd
+        factor)."""
         if self.aberr is None:
             return []
-        basis = self._aberration_basis()
-        return [
-            _C64(1j) * basis[j] * pt if odd else slope * basis[j] * v_model
-            for j, odd in enumerate(self.aberr.odd)
-        ]
+        even, odd = self._aberration_basis()
+        cols = []
+        for j in range(len(self.aberr)):
+            col = None
+            if np.any(even[j]):
+                col = slope * even[j] * v_model
+            if np.any(odd[j]):
+                o = _C64(1j) * odd[j] * pt
+                col = o if col is None else col + o
+            cols.append(col if col is not None else np.zeros_like(pt))
+        return cols
 
     def _model_values(self, val: np.ndarray) -> np.ndarray:
         """The slice values (on the disc) at the model's pixels."""
@@ -385,10 +401,14 @@ class _Kernel:
             du = self._derivatives(q_big, 1, self.model_pick)
         v_model = self._model_values(val)
         grid = self.model_ctf
+        # the odd aberrations: V -> exp(i phase_odd(u)) V, with their u-derivative
+        v_model, du_model = grid.apply_odd(v_model, du)
         ctf, slope, adef = grid.of(sub)
         pt = ctf * v_model
         # d/du_a of C V: the reference term and the CTF's Cs term (the part that moves with M)
-        hcols = [ctf * du[a] + (slope * grid.gcs[a].astype(_F32)) * v_model for a in range(2)]
+        hcols = [
+            ctf * du_model[a] + (slope * grid.gcs[a].astype(_F32)) * v_model for a in range(2)
+        ]
         hdef = None
         if self.extended or self.ctf_moves:
             # the defocus term's derivative
@@ -448,9 +468,11 @@ class _Kernel:
         weight = float(self.stride)
         sub = geom_subset(sub, pick)
         hk = self._box_hessian(f_big[pick], None if q_big is None else q_big[pick])
-        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
         v = val[pick][:, self.band_in_disc]
         dub = [self._on_band(d[pick]) for d in du]
+        if self.ctf_band.odd is not None:  # V -> exp(i phase_odd(u)) V, to second order
+            v, dub, hk = self.ctf_band.apply_odd(v, dub, hk)
+        hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
         adef = adef[pick]
         ctf, slope = self._band_ctf(sub, pick, model_ctf)
         so = self.so_shared
@@ -654,7 +676,8 @@ class WindowedKernel(_Kernel):
     def __init__(self, reference, geom, optics, band, noise_power, opts):
         super().__init__(reference, geom, optics, band, noise_power, opts)
         self.model_ctf = GridCTF(self.kxd, self.kyd, self.m0, self.cm, optics.voltage_kv,
-                                 optics.cs_mm, optics.amplitude_contrast)  # fmt: skip
+                                 optics.cs_mm, optics.amplitude_contrast,
+                                 **self.aberrations)  # fmt: skip
         self.model_pick = self.disc_flat
         self.model_k = (self.kxd, self.kyd)
         self._window = WindowCut(self.box, self.pad, self.disc_flat, self.band_idx)

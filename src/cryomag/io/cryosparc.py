@@ -44,8 +44,51 @@ Assumptions
   and cryoDRGN do); a warning is given when ``alignments3D/psize_A`` differs.
 - No ``alignments3D`` (e.g. 2D classification or import): angles and origins are set to 0 and
   ``source.has_poses`` is False.
-- ``ctf/bfactor`` and the higher-order aberrations (tilt_A, trefoil_A, tetra_A) are not
-  converted (kept in the array, written back unchanged).
+- ``ctf/bfactor`` is not converted (kept in the array, written back unchanged).
+
+Higher-order aberrations (issue 13)
+-----------------------------------
+cryoSPARC's Global CTF Refinement stores per particle (one value per exposure group)
+``ctf/tilt_A`` (2), ``ctf/trefoil_A`` (2), ``ctf/tetra_A`` (4), ``ctf/shift_A`` (2) and
+``ctf/cs_mm``. cryoSPARC is closed source; what is known:
+
+- cryoSPARC staff (discuss.cryosparc.com/t/understanding-values-of-beamtilt/17411): the
+  fields are Zernike-type phase terms "converted to lengths using the wavelength of an
+  electron", in A; the tilt in mrad is the third-order (coma) term divided by Cs.
+- pyem (pyem/metadata/cryosparc2.py, ``cryosparc_2_cs_ctf_parameters``, never called and
+  "untested" per asarnow, CONVENTIONS_VERIFIED 5.5): rlnBeamTiltX/Y =
+  1e3 arcsin(tilt_A / (cs_mm 1e7)), i.e. tilt_A = Cs[A] sin(tilt); trefoil and tetrafoil
+  are left unconverted there ("pass").
+- No source found (pyem, cryoDRGN, cryosparc-tools, the cryoSPARC guide and forum in the
+  stored corpus) gives the sign or axis convention of tilt_A relative to RELION's, nor the
+  scale, order or sign of trefoil_A, tetra_A or shift_A.
+
+cryomag therefore converts as follows (:func:`cs_to_relion_aberrations`,
+:func:`relion_to_cs_aberrations`), with the status of each line:
+
+==================  =======================================  ===============================
+cryoSPARC           RELION                                   status
+==================  =======================================  ===============================
+tilt_A (x, y)       rlnBeamTiltX/Y = 1e3 arcsin(tilt_A/Cs_A)  scale: pyem; sign/axes:
+                                                             UNVERIFIED (same axes assumed,
+                                                             :data:`CS_TILT_SIGN`)
+shift_A (x, y)      odd c1 (Z(1,1)) = 2 pi x, c0 = 2 pi y     UNVERIFIED
+                    (the linear image-shift phase)           (:data:`CS_SHIFT_TO_ZERNIKE`)
+trefoil_A (a, b)    odd c5 (Z(3,3)) = 2 pi lambda^2 a,        UNVERIFIED
+                    c2 (Z(-3,3)) = 2 pi lambda^2 b            (:data:`CS_TREFOIL_TO_ZERNIKE`)
+tetra_A (a,b,c,d)   even c8 Z(4,4), c4 Z(-4,4), c7 Z(2,4),    UNVERIFIED
+                    c5 Z(-2,4) = 2 pi lambda^3 (a, b, c, d)   (:data:`CS_TETRA_TO_ZERNIKE`)
+cs_mm               rlnSphericalAberration                    exact
+==================  =======================================  ===============================
+
+The length-to-phase factor 2 pi lambda^(n-1) is the forum's "phase converted to a length
+with the wavelength" taken literally (phase = 2 pi W / lambda with W = A (lambda |k|)^n),
+the same reading that gives pyem's tilt_A = Cs tilt. RELION's coma terms (odd c3, c4) are
+written through the beam tilt (RELION's extractTilt, exact). Given these conventions the
+round trip RELION -> .cs -> RELION is exact for the beam tilt and odd terms 0-5 and the even
+terms 4, 5, 7, 8; what cryoSPARC's fields cannot hold (odd n >= 5, even terms 0-3 and 6
+(Z(0,4)), even n >= 6, a tilt with Cs = 0) is dropped, named in a logged warning and
+returned by :func:`write_cs`.
 """
 
 from __future__ import annotations
@@ -75,7 +118,25 @@ from cryomag.model.validation import (
 )
 from cryomag.physics.geometry import euler_to_rotvec, rotvec_to_euler
 
-__all__ = ["read_cs", "write_cs", "load_cs_array"]
+__all__ = [
+    "CS_ABERRATION_FIELDS",
+    "cs_to_relion_aberrations",
+    "load_cs_array",
+    "read_cs",
+    "relion_to_cs_aberrations",
+    "write_cs",
+]
+
+#: cryoSPARC's higher-order aberration fields and their number of values per particle.
+CS_ABERRATION_FIELDS = {"ctf/tilt_A": 2, "ctf/shift_A": 2, "ctf/trefoil_A": 2, "ctf/tetra_A": 4}
+#: Sign of cryoSPARC's tilt_A relative to RELION's beam tilt (UNVERIFIED: no source found).
+CS_TILT_SIGN = 1.0
+#: (RELION odd index, factor of 2 pi) per shift_A component (UNVERIFIED): c = 2 pi s.
+CS_SHIFT_TO_ZERNIKE = ((1, 1.0), (0, 1.0))
+#: RELION odd index per trefoil_A component, times 2 pi lambda^2 (UNVERIFIED).
+CS_TREFOIL_TO_ZERNIKE = (5, 2)
+#: RELION even index per tetra_A component, times 2 pi lambda^3 (UNVERIFIED).
+CS_TETRA_TO_ZERNIKE = (8, 4, 7, 5)
 
 _MAX_HEADER = 1 << 30
 _EXP_GROUP_RE = re.compile(r"^exp_group_(\d+)")
@@ -376,6 +437,7 @@ def read_cs(
         mats = np.linalg.inv(np.eye(2) + aniso[first].reshape(n_groups, 2, 2))
         for j, col in enumerate(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")):
             optics[col] = mats.reshape(n_groups, 4)[:, j]
+    _read_aberrations(arr, path, first, codes, optics, group_names)
 
     # ---------------------------------------------------------------- particles
     paths = _decode_paths(arr["blob/path"])
@@ -440,6 +502,157 @@ def read_cs(
     ps.validate()
     warn_suspicious(ps)
     return ps
+
+
+# ------------------------------------------------------------------ aberration conversion
+def cs_to_relion_aberrations(fields: dict[str, np.ndarray], cs_mm: float, voltage_kv: float):
+    """cryoSPARC's aberration fields of one exposure group -> RELION's (module docstring).
+
+    Parameters
+    ----------
+    fields : dict
+        Any of :data:`CS_ABERRATION_FIELDS` -> values, shape (2,) or (4,) (A).
+    cs_mm, voltage_kv : float
+        ``ctf/cs_mm`` (mm) and ``ctf/accel_kv`` (kV).
+
+    Returns
+    -------
+    beam_tilt_mrad : (float, float)
+    odd : list of float
+        rlnOddZernike (rad), 6 long (empty when zero).
+    even : list of float
+        rlnEvenZernike (rad), 9 long (empty when zero).
+    """
+    from cryomag.physics.aberrations import beam_tilt_to_odd, has_aberration
+    from cryomag.physics.ctf import electron_wavelength_A
+
+    lam = float(electron_wavelength_A(voltage_kv))
+    odd, even = [0.0] * 6, [0.0] * 9
+    tilt = (0.0, 0.0)
+    t = np.asarray(fields.get("ctf/tilt_A", np.zeros(2)), float) * CS_TILT_SIGN
+    if np.any(t != 0):
+        if cs_mm != 0:
+            tilt = tuple(float(v) for v in 1e3 * np.arcsin(np.clip(t / (cs_mm * 1e7), -1, 1)))
+        else:  # no Cs: the same coma phase, written as odd terms (Cs tilt = tilt_A)
+            odd = beam_tilt_to_odd(t[0] * 1e-4, t[1] * 1e-4, 1.0, lam, odd)
+    for (i, f), v in zip(CS_SHIFT_TO_ZERNIKE, fields.get("ctf/shift_A", np.zeros(2)),
+                         strict=True):  # fmt: skip
+        odd[i] += 2 * np.pi * f * float(v)
+    for i, v in zip(CS_TREFOIL_TO_ZERNIKE, fields.get("ctf/trefoil_A", np.zeros(2)), strict=True):
+        odd[i] += 2 * np.pi * lam**2 * float(v)
+    for i, v in zip(CS_TETRA_TO_ZERNIKE, fields.get("ctf/tetra_A", np.zeros(4)), strict=True):
+        even[i] += 2 * np.pi * lam**3 * float(v)
+    return (
+        (float(tilt[0]), float(tilt[1])),
+        odd if has_aberration(odd) else [],
+        even if has_aberration(even) else [],
+    )
+
+
+def relion_to_cs_aberrations(
+    beam_tilt_mrad, odd, even, cs_mm: float, voltage_kv: float
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """RELION's aberrations of one optics group -> cryoSPARC's fields (module docstring).
+
+    The coma terms of ``odd`` (c3, c4) go into the tilt with RELION's extractTilt (exact);
+    terms that cryoSPARC's fields cannot hold are returned by name.
+
+    Returns
+    -------
+    fields : dict
+        :data:`CS_ABERRATION_FIELDS` -> values (A), shapes (2,) or (4,).
+    dropped : list of str
+        ``"rlnOddZernike[6] (Z(-5,5)) = 1.2"``-style descriptions of what was not written.
+    """
+    from cryomag.physics.aberrations import (
+        even_index_to_mn,
+        odd_index_to_mn,
+        odd_to_beam_tilt,
+    )
+    from cryomag.physics.ctf import electron_wavelength_A
+
+    lam = float(electron_wavelength_A(voltage_kv))
+    dropped: list[str] = []
+    tx, ty = (float(v) for v in beam_tilt_mrad)
+    odd = [float(c) for c in odd]
+    if cs_mm != 0 and any(odd[3:5]):
+        dtx, dty, odd = odd_to_beam_tilt(odd, cs_mm, lam)
+        tx, ty = tx + dtx, ty + dty
+    tilt_a = np.array([0.0, 0.0])
+    if tx or ty:
+        if cs_mm == 0:
+            dropped.append(f"beam tilt ({tx:g}, {ty:g}) mrad with Cs = 0")
+        else:
+            tilt_a = CS_TILT_SIGN * cs_mm * 1e7 * np.sin(np.array([tx, ty]) * 1e-3)
+    odd = odd + [0.0] * max(0, 6 - len(odd))
+    shift = np.array([odd[i] / (2 * np.pi * f) for i, f in CS_SHIFT_TO_ZERNIKE])
+    tre = np.array([odd[i] / (2 * np.pi * lam**2) for i in CS_TREFOIL_TO_ZERNIKE])
+    used_odd = {i for i, _ in CS_SHIFT_TO_ZERNIKE} | set(CS_TREFOIL_TO_ZERNIKE)
+    for i, c in enumerate(odd):
+        if c != 0 and i not in used_odd:
+            dropped.append(f"rlnOddZernike[{i}] (Z{odd_index_to_mn(i)}) = {c:g} rad")
+    even = [float(c) for c in even] + [0.0] * max(0, 9 - len(even))
+    tetra = np.array([even[i] / (2 * np.pi * lam**3) for i in CS_TETRA_TO_ZERNIKE])
+    for i, c in enumerate(even):
+        if c != 0 and i not in CS_TETRA_TO_ZERNIKE:
+            dropped.append(f"rlnEvenZernike[{i}] (Z{even_index_to_mn(i)}) = {c:g} rad")
+    fields = {"ctf/tilt_A": tilt_a, "ctf/shift_A": shift, "ctf/trefoil_A": tre,
+              "ctf/tetra_A": tetra}  # fmt: skip
+    return fields, dropped
+
+
+def _read_aberrations(arr: np.ndarray, path: Path, first: np.ndarray, codes: np.ndarray,
+                      optics: pd.DataFrame, group_names: list[str]) -> None:  # fmt: skip
+    """Set the optics table's RELION aberration columns from the .cs fields (non-zero only)."""
+    from cryomag.model.particles import BEAM_TILT_COLUMNS, ZERNIKE_COLUMNS, format_zernike
+
+    names = arr.dtype.names
+    present = [f for f in CS_ABERRATION_FIELDS if f in names]
+    if not present:
+        return
+    n = len(arr)
+    vals = {f: _to_float64(arr[f]).reshape(n, -1) for f in present}
+    for f, v in vals.items():
+        if v.shape[1] != CS_ABERRATION_FIELDS[f]:
+            raise ParticleFileError(
+                f"{path}: {f} has {v.shape[1]} values per particle, expected "
+                f"{CS_ABERRATION_FIELDS[f]}"
+            )
+        bad = ~np.isfinite(v).all(axis=1)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise ParticleFileError(
+                f"{path}: particle row {r + 1}, field {f}: value {v[r].tolist()} is not finite "
+                "(expected aberration coefficients in A)"
+            )
+    if not any(np.any(v != 0) for v in vals.values()):
+        return
+    differ = np.zeros(n, bool)
+    for v in vals.values():
+        differ |= np.abs(v - v[first[codes]]).max(axis=1) > 1e-6 * max(np.abs(v).max(), 1e-30)
+    if differ.any():
+        bad_groups = sorted({group_names[c] for c in codes[differ]})
+        warnings.warn(
+            f"{path}: the aberration fields ({', '.join(present)}) differ between particles "
+            f"of optics group(s) {bad_groups}; using each group's first particle (RELION keeps "
+            "one set per optics group)",
+            stacklevel=3,
+        )
+    tilts, odds, evens = [], [], []
+    for g, r in enumerate(first):
+        tilt, odd, even = cs_to_relion_aberrations(
+            {f: v[r] for f, v in vals.items()},
+            float(optics["rlnSphericalAberration"].iloc[g]),
+            float(optics["rlnVoltage"].iloc[g]),
+        )
+        tilts.append(tilt)
+        odds.append(format_zernike(odd))
+        evens.append(format_zernike(even))
+    tilts = np.array(tilts)
+    for j, c in enumerate(BEAM_TILT_COLUMNS):
+        optics[c] = tilts[:, j]
+    optics[ZERNIKE_COLUMNS[0]] = odds
+    optics[ZERNIKE_COLUMNS[1]] = evens
 
 
 # ------------------------------------------------------------------------------- writing
@@ -518,7 +731,7 @@ def _scratch_array(ps: ParticleSet) -> np.ndarray:
     return arr
 
 
-def write_cs(ps: ParticleSet, path: str | os.PathLike) -> None:
+def write_cs(ps: ParticleSet, path: str | os.PathLike) -> list[str]:
     """Write a particle set as a cryoSPARC ``.cs`` file (classic numpy format), atomically.
 
     If the set was read from a ``.cs`` file, the output starts from the original structured
@@ -532,7 +745,9 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> None:
 
     Inverse conversions: ``anisomag = inv(M) - I`` (row-major), pose =
     ``Rotation.from_euler("ZYZ", [rot, tilt, psi]).as_rotvec()``, shift = origin_A /
-    rlnImagePixelSize, split = rlnRandomSubset - 1, alpha = rlnCtfScalefactor.
+    rlnImagePixelSize, split = rlnRandomSubset - 1, alpha = rlnCtfScalefactor; the beam tilt
+    and Zernike terms go to ``ctf/tilt_A``, ``shift_A``, ``trefoil_A``, ``tetra_A`` by
+    :func:`relion_to_cs_aberrations` (written when the input had them or any is non-zero).
 
     Parameters
     ----------
@@ -540,6 +755,11 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> None:
         Particles to write.
     path : path
         Destination; the name is used exactly (no ``.npy`` is appended).
+
+    Returns
+    -------
+    list of str
+        The aberration terms cryoSPARC's fields cannot hold (not written; also warned).
 
     Raises
     ------
@@ -634,6 +854,8 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> None:
                 if np.abs(m_in - mats[g]).max() > 1e-6:
                     arr["ctf/anisomag"][rows] = new_aniso[g].reshape(4)
 
+    arr, dropped = _write_aberrations(ps, arr, gi)
+
     # alignments
     euler = ps.euler_deg()
     origin = ps.origin_A()
@@ -659,3 +881,35 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> None:
 
     with atomic_write(path, inputs=[src.path, src.passthrough]) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
+    return dropped
+
+
+def _write_aberrations(ps: ParticleSet, arr: np.ndarray,
+                       gi: np.ndarray) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+    """Write each group's aberrations into cryoSPARC's fields; returns the array (a new one
+    when a field is added) and the dropped terms (also warned about)."""
+    from cryomag.model.validation import warn
+
+    n = len(arr)
+    per = {f: np.zeros((ps.n_groups, k)) for f, k in CS_ABERRATION_FIELDS.items()}
+    dropped: list[str] = []
+    any_value = False
+    for g, number in enumerate(ps.group_numbers()):
+        tilt, odd, even = ps.aberrations(int(number))
+        o = ps.optics.iloc[g]
+        fields, lost = relion_to_cs_aberrations(
+            tilt, odd, even, float(o["rlnSphericalAberration"]), float(o["rlnVoltage"])
+        )
+        for f, v in fields.items():
+            per[f][g] = v
+            any_value |= bool(np.any(v != 0))
+        dropped += [f"optics group {int(number)}: {d}" for d in lost]
+    for f, k in CS_ABERRATION_FIELDS.items():
+        if f in arr.dtype.names or any_value:
+            arr = _set_float(arr, f, per[f][gi].reshape(n, k), (k,))
+    if dropped:
+        warn(
+            f"{ps.name}: aberration terms that cryoSPARC's fields (ctf/tilt_A, shift_A, "
+            f"trefoil_A, tetra_A) cannot hold were not written: {'; '.join(dropped)}"
+        )
+    return arr, dropped

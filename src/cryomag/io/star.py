@@ -68,8 +68,11 @@ _STRING_SUFFIXES = (
 _STRING_LABELS = {"rlnCtfImage", "rlnMicrographMovieName", "rlnImageOriginalName"}
 _NUMERIC_NA = ["nan", "NaN", "NAN", "-nan", "+nan", "-NaN", ""]
 
-#: Legacy (RELION 3.0) particle columns that become optics-group properties.
+#: Legacy (RELION 3.0) particle columns that become optics-group properties (as RELION's
+#: convert_3p0_particlesTo_3p1, star_converter.cpp:38-47, beam tilt included).
 _LEGACY_OPTICS_KEYS = (
+    "rlnBeamTiltX",
+    "rlnBeamTiltY",
     "rlnVoltage",
     "rlnSphericalAberration",
     "rlnAmplitudeContrast",
@@ -343,6 +346,23 @@ def _check_square(path: Path, optics: pd.DataFrame) -> None:
             optics["rlnImageSize"] = optics["rlnImageSizeX"]
 
 
+def _warn_particle_tilt(path: Path, particles: pd.DataFrame, source: SourceInfo) -> None:
+    """RELION 3.1+ reads the beam tilt from the optics table only (obs_model.cpp:82-83): a
+    per-particle tilt in such a file is ignored by RELION, and so by cryomag; say so."""
+    from cryomag.model.particles import BEAM_TILT_COLUMNS
+    from cryomag.model.validation import warn
+
+    if source.legacy:
+        return
+    cols = [c for c in BEAM_TILT_COLUMNS if c in particles.columns]
+    vals = [pd.to_numeric(particles[c], errors="coerce").to_numpy(float) for c in cols]
+    if any(np.nanmax(np.abs(v), initial=0.0) > 0 for v in vals):
+        warn(
+            f"{path}: the particle table has {', '.join(cols)}: RELION 3.1 and later take the "
+            "beam tilt from the optics table only and ignore these columns; cryomag does too"
+        )
+
+
 def _fill_missing_poses(path: Path, particles: pd.DataFrame, source: SourceInfo) -> None:
     """Fill absent angles (all three) and origins (both) with 0 and record it in ``source``.
 
@@ -578,6 +598,7 @@ def read_star(
     if len(particles) == 0:
         raise ParticleFileError(f"{path}: block data_{pname} has no particles")
     _check_square(path, optics)
+    _warn_particle_tilt(path, particles, source)
     _fill_missing_poses(path, particles, source)
     ps = ParticleSet(
         particles.reset_index(drop=True), optics.reset_index(drop=True), source, limits

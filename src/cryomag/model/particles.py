@@ -12,7 +12,12 @@ the field) plus where they came from:
   column read from a file is kept untouched and written back.
 - ``optics``: one row per optics group: ``rlnOpticsGroup``, ``rlnOpticsGroupName``,
   ``rlnImagePixelSize`` (A/px), ``rlnImageSize`` (px), ``rlnVoltage`` (kV),
-  ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``, ``rlnMagMat00..11``.
+  ``rlnSphericalAberration`` (mm), ``rlnAmplitudeContrast``, ``rlnMagMat00..11``, and the
+  fixed aberrations ``rlnBeamTiltX``/``rlnBeamTiltY`` (mrad), ``rlnOddZernike``,
+  ``rlnEvenZernike`` (rad, RELION order, written ``[a,b,c]``; see
+  :mod:`cryomag.physics.aberrations`). As in RELION 3.1+ (obs_model.cpp:73-84) they are
+  read from the optics table only; a RELION 3.0 file's per-particle rlnBeamTiltX/Y become
+  optics-group values on reading (as relion_convert_star, star_converter.cpp:38-47).
 
 Magnification matrices follow RELION: ``k_ref = M @ k_obs`` (see CONVENTIONS.md).
 """
@@ -32,6 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAGMAT_COLUMNS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 DEFOCUS_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+#: RELION's beam tilt columns (mrad), optics table.
+BEAM_TILT_COLUMNS = ("rlnBeamTiltX", "rlnBeamTiltY")
+#: RELION's Zernike coefficient columns (rad, RELION order), optics table: (odd, even).
+ZERNIKE_COLUMNS = ("rlnOddZernike", "rlnEvenZernike")
 
 #: Particle columns every estimator needs, with the unit, for error messages.
 REQUIRED_PARTICLE_COLUMNS = {
@@ -61,6 +70,33 @@ PARTICLE_DEFAULTS = {
     "rlnCtfBfactor": 0.0,
     "rlnCtfScalefactor": 1.0,
 }
+
+
+def parse_zernike(value: Any) -> tuple[float, ...]:
+    """A Zernike vector as RELION writes it (``[a,b,c]``, no spaces) or a sequence -> floats.
+
+    Empty (``[]``, ``""``, None, NaN) gives ``()``. Raises ValueError for text that is not a
+    comma-separated list of numbers; the values are not checked for finiteness here
+    (:func:`cryomag.model.validation.validate_particle_set` does that, naming the row).
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        text = text.strip()
+        if not text:
+            return ()
+        return tuple(float(v) for v in text.split(","))
+    if isinstance(value, float | np.floating) and np.isnan(value):
+        return ()
+    return tuple(float(v) for v in np.ravel(value))
+
+
+def format_zernike(values) -> str:
+    """Coefficients -> RELION's ``[a,b,c]`` text (12 significant digits, no spaces)."""
+    return "[" + ",".join(f"{float(v):.12g}" for v in values) + "]"
 
 
 class ParticleDataError(ValueError):
@@ -235,18 +271,68 @@ class ParticleSet:
         Returns
         -------
         cryomag.physics.forward.OpticsParams
-            Pixel size (A), box (px), voltage (kV), Cs (mm), amplitude contrast.
+            Pixel size (A), box (px), voltage (kV), Cs (mm), amplitude contrast, and the
+            fixed aberrations (beam tilt in mrad, odd and even Zernike terms; absent = 0).
         """
         from cryomag.physics.forward import OpticsParams
 
         o = self.optics.iloc[self.group_row(group)]
+        tilt, odd, even = self.aberrations(group)
         return OpticsParams(
             pixel_size_A=float(o["rlnImagePixelSize"]),
             box=int(o["rlnImageSize"]),
             voltage_kv=float(o["rlnVoltage"]),
             cs_mm=float(o["rlnSphericalAberration"]),
             amplitude_contrast=float(o["rlnAmplitudeContrast"]),
+            beam_tilt_mrad=tilt,
+            odd_zernike=odd,
+            even_zernike=even,
         )
+
+    def aberrations(self, group: int) -> tuple[tuple[float, float], tuple[float, ...],
+                                               tuple[float, ...]]:  # fmt: skip
+        """The fixed aberrations of optics group number ``group``.
+
+        Returns
+        -------
+        beam_tilt_mrad : (float, float)
+            rlnBeamTiltX, rlnBeamTiltY (mrad), 0 when absent.
+        odd, even : tuple of float
+            rlnOddZernike, rlnEvenZernike (rad, RELION order), ``()`` when absent.
+        """
+        o = self.optics.iloc[self.group_row(group)]
+        tilt = tuple(
+            float(o[c]) if c in self.optics.columns and not pd.isna(o[c]) else 0.0
+            for c in BEAM_TILT_COLUMNS
+        )
+        odd, even = (
+            parse_zernike(o[c]) if c in self.optics.columns else () for c in ZERNIKE_COLUMNS
+        )
+        return (tilt[0], tilt[1]), odd, even
+
+    def set_aberrations(self, group: int, beam_tilt_mrad=None, odd=None, even=None) -> None:
+        """Write the aberrations of optics group number ``group`` (None: leave unchanged).
+
+        Parameters
+        ----------
+        beam_tilt_mrad : (float, float), optional
+            rlnBeamTiltX, rlnBeamTiltY (mrad).
+        odd, even : sequence of float, optional
+            rlnOddZernike, rlnEvenZernike (rad), written as RELION's ``[a,b,c]``.
+        """
+        row = self.optics.index[self.group_row(group)]
+        if beam_tilt_mrad is not None:
+            for c, v in zip(BEAM_TILT_COLUMNS, beam_tilt_mrad, strict=True):
+                if c not in self.optics.columns:
+                    self.optics[c] = 0.0
+                self.optics.loc[row, c] = float(v)
+        for c, vals in zip(ZERNIKE_COLUMNS, (odd, even), strict=True):
+            if vals is None:
+                continue
+            if c not in self.optics.columns:
+                self.optics[c] = "[]"
+            self.optics[c] = self.optics[c].astype(object)
+            self.optics.loc[row, c] = format_zernike(vals)
 
     def geometry(self, rows: np.ndarray, mag: np.ndarray, ctf_mag: np.ndarray | None = None,
                  ctf_scale: bool = True):  # fmt: skip
@@ -430,10 +516,22 @@ class ParticleSet:
     def set_optics_params(self, group: int, optics) -> None:
         """Write the refinable optics of group number ``group`` (an
         :class:`~cryomag.physics.forward.OpticsParams`, e.g. with fitted aberrations) into
-        its optics row: the spherical aberration (mm)."""
+        its optics row: the spherical aberration (mm), the beam tilt (mrad) and the odd and
+        even Zernike coefficients (rad, RELION order), each only where it differs from the
+        table's (a table without aberration columns stays without them)."""
         row = self.group_row(group)
         col = self.optics.columns.get_loc("rlnSphericalAberration")
         self.optics.iloc[row, col] = float(optics.cs_mm)
+        tilt, odd, even = self.aberrations(group)
+        new_tilt = tuple(float(v) for v in optics.beam_tilt_mrad)
+        new_odd = tuple(float(v) for v in optics.odd_zernike)
+        new_even = tuple(float(v) for v in optics.even_zernike)
+        self.set_aberrations(
+            group,
+            beam_tilt_mrad=None if new_tilt == tuple(tilt) else new_tilt,
+            odd=None if new_odd == tuple(odd) else new_odd,
+            even=None if new_even == tuple(even) else new_even,
+        )
 
     def set_origin_A(self, origin: np.ndarray) -> None:
         """Write each particle's origin (x, y) in A, shape (N, 2)."""

@@ -242,6 +242,8 @@ OPTICS_RULES: dict[str, Rule] = {
     "rlnMagMat01": Rule("magnification matrix element, a finite number"),
     "rlnMagMat10": Rule("magnification matrix element, a finite number"),
     "rlnMagMat11": Rule("magnification matrix element, a finite number"),
+    "rlnBeamTiltX": Rule("beam tilt X in mrad, a finite number"),
+    "rlnBeamTiltY": Rule("beam tilt Y in mrad, a finite number"),
 }
 
 #: sqrt(det M) accepted for a magnification matrix. Wider than any magnification error: a
@@ -457,7 +459,29 @@ def validate_particle_set(ps: ParticleSet) -> None:
         if present:
             mats = table[list(MAGMAT_COLUMNS)].to_numpy(dtype=float).reshape(-1, 2, 2)
             check_magnification(mats, name, label)
+    _check_zernike(ps)
     _check_origins(ps)
+
+
+def _check_zernike(ps: ParticleSet) -> None:
+    """rlnOddZernike / rlnEvenZernike: RELION's ``[a,b,c]`` lists of finite numbers."""
+    from cryomag.model.particles import ZERNIKE_COLUMNS, ParticleDataError, parse_zernike
+
+    for col in ZERNIKE_COLUMNS:
+        if col not in ps.optics.columns:
+            continue
+        for r, value in enumerate(ps.optics[col].tolist()):
+            try:
+                vals = parse_zernike(value)
+                ok = all(math.isfinite(v) for v in vals)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ParticleDataError(
+                    f"{ps.name}: optics row {r + 1}, column {col}: value {_show(value)} is not "
+                    "a list of finite numbers (expected Zernike coefficients in rad written "
+                    "as [a,b,c])"
+                )
 
 
 def _check_origins(ps: ParticleSet) -> None:

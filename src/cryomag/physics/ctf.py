@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryomag.physics.aberrations import has_aberration, zernike_phase
+
 
 def electron_wavelength_A(voltage_kv: float | np.ndarray) -> np.ndarray:
     """Relativistic electron wavelength in A for an acceleration voltage in kV."""
@@ -83,6 +85,7 @@ def ctf_values(
     phase_shift_deg=0.0,
     bfactor_A2=0.0,
     scale=1.0,
+    even_zernike=(),
 ) -> np.ndarray:
     """Evaluate RELION's CTF.
 
@@ -95,6 +98,8 @@ def ctf_values(
         Per particle, shape (N,) or scalar.
     voltage_kv, cs_mm, amplitude_contrast : float
         Per optics group.
+    even_zernike : sequence of float
+        rlnEvenZernike (rad), at ``k`` (see :func:`ctf_split_frames`).
 
     Returns
     -------
@@ -116,6 +121,7 @@ def ctf_values(
         phase_shift_deg,
         bfactor_A2,
         scale,
+        even_zernike=even_zernike,
     )
 
 
@@ -134,6 +140,7 @@ def ctf_split_frames(
     bfactor_A2=0.0,
     scale=1.0,
     gradient: bool = False,
+    even_zernike=(),
 ):
     """CTF with the defocus term at frequencies ``k`` and the Cs term at ``u``.
 
@@ -150,8 +157,13 @@ def ctf_split_frames(
     ux, uy : ndarray, shape (N, npix)
         True frequencies (1/A) of the Cs term.
     gradient : bool or "both"
-        Also return dCTF/du (through the Cs term), shape (N, npix, 2); with ``"both"`` also
-        the gradient of the defocus term with respect to ``k``.
+        Also return dCTF/du (through the Cs term and the even Zernike terms), shape
+        (N, npix, 2); with ``"both"`` also the gradient of the defocus term with respect to
+        ``k``.
+    even_zernike : sequence of float
+        RELION's rlnEvenZernike (rad), evaluated at ``u`` (a property of the lens, like Cs):
+        chi -= phase_even(u) (:func:`cryomag.physics.aberrations.chi_even`). Empty or all
+        zero: not evaluated.
 
     Returns
     -------
@@ -174,6 +186,11 @@ def ctf_split_frames(
         - 0.5 * np.pi * cs_A * lam**3 * u2 * u2
         + np.deg2rad(col(phase_shift_deg))
     )
+    even = has_aberration(even_zernike)
+    if even:
+        got = zernike_phase(even_zernike, ux, uy, "even", derivatives=1 if gradient else 0)
+        ph_even, g_even = (got, None) if not gradient else got
+        chi = chi - ph_even
     q0 = float(amplitude_contrast)
     w = np.sqrt(1 - q0 * q0)
     env = col(scale)
@@ -186,6 +203,8 @@ def ctf_split_frames(
     slope = env * (w * np.cos(chi) - q0 * np.sin(chi))  # dCTF / dchi
     dchi = slope * (-2 * np.pi * cs_A * lam**3 * u2)
     grad_cs = np.stack([dchi * ux, dchi * uy], axis=-1)
+    if even:
+        grad_cs = grad_cs - slope[..., None] * np.moveaxis(g_even, 0, -1)
     if gradient != "both":
         return ctf, grad_cs
     # defocus term: d(pi lambda k^T Adef k)/dk = 2 pi lambda Adef k

@@ -10,6 +10,11 @@ particle), det(M_p) keeps the real-space contrast of a magnified image unchanged
 (:mod:`cryomag.physics.ctf`), V the reference's Fourier transform
 (:mod:`cryomag.physics.reference`), t_p = (rlnOriginXAngst, rlnOriginYAngst).
 
+The group's fixed aberrations (:mod:`cryomag.physics.aberrations`) act at M_p k as RELION's
+do: the even Zernike terms inside C_p's chi (chi -= phase_even(M k)), the odd terms and the
+beam tilt as the factor exp(+i phase_odd(M k)) on the prediction. With none, nothing extra
+is computed and every result is unchanged.
+
 This is the reference implementation in double precision: the statistics kernels
 (:mod:`cryomag.fit.accumulate`) evaluate the same model in single precision with the pieces
 of :mod:`cryomag.physics.grid`, which are tested against these functions.
@@ -21,11 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryomag.physics.ctf import ctf_split_frames
+from cryomag.physics.aberrations import beam_tilt_to_odd, has_aberration, zernike_phase
+from cryomag.physics.ctf import ctf_split_frames, electron_wavelength_A
 from cryomag.physics.fourier import shift_phase
 from cryomag.physics.reference import MapReference, slice_values
 
-__all__ = ["OpticsParams", "ParticleGeometry", "amplitude_factor", "ctf_at", "predict"]
+__all__ = [
+    "OpticsParams",
+    "ParticleGeometry",
+    "amplitude_factor",
+    "ctf_at",
+    "odd_factor",
+    "predict",
+]
 
 
 @dataclass
@@ -65,13 +78,52 @@ class ParticleGeometry:
 
 @dataclass
 class OpticsParams:
-    """Per-optics-group constants: pixel size (A), box (px), voltage (kV), Cs (mm), Q0."""
+    """Per-optics-group constants of the forward model.
+
+    Attributes
+    ----------
+    pixel_size_A : float
+        Declared pixel size (A/px).
+    box : int
+        Box (px).
+    voltage_kv, cs_mm, amplitude_contrast : float
+        Voltage (kV), spherical aberration (mm), amplitude contrast Q0.
+    beam_tilt_mrad : tuple of float, shape (2,)
+        rlnBeamTiltX, rlnBeamTiltY (mrad); added to the odd terms by RELION's insertTilt
+        (:func:`cryomag.physics.aberrations.beam_tilt_to_odd`).
+    odd_zernike, even_zernike : tuple of float
+        rlnOddZernike, rlnEvenZernike (rad, RELION order; :mod:`cryomag.physics.aberrations`).
+        All aberrations act at the true frequency u = M k and are held fixed by the fits.
+    """
 
     pixel_size_A: float
     box: int
     voltage_kv: float
     cs_mm: float
     amplitude_contrast: float
+    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
+    odd_zernike: tuple[float, ...] = ()
+    even_zernike: tuple[float, ...] = ()
+
+    def odd_coefficients(self) -> tuple[float, ...]:
+        """The odd terms RELION applies: rlnOddZernike plus the beam tilt (insertTilt,
+        obs_model.cpp:166-183); empty when every term is zero."""
+        tx, ty = (float(t) for t in self.beam_tilt_mrad)
+        odd = tuple(float(c) for c in self.odd_zernike)
+        if tx != 0.0 or ty != 0.0:
+            lam = float(electron_wavelength_A(self.voltage_kv))
+            odd = tuple(beam_tilt_to_odd(tx, ty, self.cs_mm, lam, odd))
+        return odd if has_aberration(odd) else ()
+
+    def even_coefficients(self) -> tuple[float, ...]:
+        """rlnEvenZernike; empty when every term is zero."""
+        even = tuple(float(c) for c in self.even_zernike)
+        return even if has_aberration(even) else ()
+
+    @property
+    def has_aberrations(self) -> bool:
+        """Whether any beam tilt, odd or even term is non-zero."""
+        return bool(self.odd_coefficients() or self.even_coefficients())
 
 
 def _per_particle(mat: np.ndarray, n: int) -> np.ndarray:
@@ -125,7 +177,37 @@ def ctf_at(
         geom.bfactor_A2,
         geom.ctf_scale,
         gradient=gradient,
+        even_zernike=optics.even_coefficients(),
     )
+
+
+def odd_factor(geom: ParticleGeometry, optics: OpticsParams, kx: np.ndarray, ky: np.ndarray,
+               gradient: bool = False):  # fmt: skip
+    """exp(+i phase_odd(M k)) per particle (RELION's odd aberrations with the beam tilt),
+    or None when the group has none.
+
+    Parameters
+    ----------
+    kx, ky : ndarray, shape (npix,)
+        Observed frequencies (1/A).
+    gradient : bool
+        Also return d phase_odd / du at u = M k, shape (N, npix, 2) (rad A).
+
+    Returns
+    -------
+    factor : ndarray, complex, shape (N, npix), or None
+    dphase : ndarray, shape (N, npix, 2), only with ``gradient`` (None when no odd terms)
+    """
+    odd = optics.odd_coefficients()
+    if not odd:
+        return (None, None) if gradient else None
+    m = _per_particle(geom.mag, len(geom))
+    ux = m[:, 0, 0, None] * kx[None] + m[:, 0, 1, None] * ky[None]
+    uy = m[:, 1, 0, None] * kx[None] + m[:, 1, 1, None] * ky[None]
+    if not gradient:
+        return np.exp(1j * zernike_phase(odd, ux, uy, "odd"))
+    ph, g = zernike_phase(odd, ux, uy, "odd", derivatives=1)
+    return np.exp(1j * ph), np.moveaxis(g, 0, -1)
 
 
 def amplitude_factor(mag: np.ndarray, ref_pixel_A: float, pixel_A: float) -> np.ndarray:
@@ -153,7 +235,8 @@ def predict(
     scale : ndarray, shape (N,), or float
         Contrast scale s_p.
     gradient : bool
-        Also return dY/du at u = M k with the CTF held fixed (for magnification fits).
+        Also return dY/du at u = M k with the CTF held fixed (for magnification fits); the
+        odd aberration factor is differentiated with the reference.
 
     Returns
     -------
@@ -168,7 +251,15 @@ def predict(
         m, reference.pixel_size_A, optics.pixel_size_A
     )
     common = (amp[:, None] * ctf) * phase
+    if gradient:
+        odd, dodd = odd_factor(geom, optics, kx, ky, gradient=True)
+    else:
+        odd = odd_factor(geom, optics, kx, ky)
+    if odd is not None:
+        common = common * odd  # RELION: prediction x exp(+i phase_odd(M k))
     if not gradient:
         return common * slice_values(reference, geom.euler_deg, m, kx, ky)
     val, gu = slice_values(reference, geom.euler_deg, m, kx, ky, gradient=True)
+    if odd is not None:
+        gu = gu + 1j * dodd * val[..., None]
     return common * val, common[..., None] * gu

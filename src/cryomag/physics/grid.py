@@ -9,7 +9,8 @@ pixel. Each piece is tested against the double-precision reference
 :func:`cryomag.physics.fourier.shift_phase`, and a direct pad -> inverse FFT -> cut -> FFT).
 
 - :class:`GridCTF`: RELION's CTF with the defocus term in the frame of ``ctf_mag`` and the Cs
-  term at the true frequency u = M k, and its derivatives with respect to u;
+  term (with the even Zernike terms) at the true frequency u = M k, and its derivatives with
+  respect to u; the odd aberrations' factor exp(+i phase_odd(u)) and its derivatives;
 - :func:`shift_phase32`: RELION's origin shift exp(+2 pi i k . t);
 - :class:`WindowCut`: a spectrum predicted on a box ``pad`` times larger -> real space -> the
   particle box cut out -> back to the particle's band pixels (the box window).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
+from cryomag.physics.aberrations import has_aberration, zernike_phase
 from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
 
 __all__ = ["GridCTF", "WindowCut", "shift_phase32"]
@@ -46,6 +48,13 @@ class GridCTF:
         The frame of the defocus term (None: ``mag``).
     voltage_kv, cs_mm, amplitude_contrast : float
         The group's optics.
+    even_zernike : sequence of float
+        rlnEvenZernike (rad): chi -= phase_even(u), in the Cs term's attributes
+        (``cs``, ``gcs``, ``hcs``), since both act at the true frequency u.
+    odd_zernike : sequence of float
+        The odd terms RELION applies, beam tilt included
+        (:meth:`cryomag.physics.forward.OpticsParams.odd_coefficients`): the prediction is
+        multiplied by ``odd`` = exp(+i phase_odd(u)) (:meth:`apply_odd`).
 
     Attributes
     ----------
@@ -63,10 +72,15 @@ class GridCTF:
         d2 chi_Cs / du_a du_c for (xx, xy, yy) (A^2).
     lam : float
         Electron wavelength (A).
+    odd : ndarray, complex64, shape (npix,), or None
+        exp(+i phase_odd(u)); None without odd terms (nothing is computed).
+    godd, hodd : ndarray, shapes (2, npix) and (3, npix), or None
+        d phase_odd / du_a (rad A) and d2 phase_odd / du_a du_c for (xx, xy, yy) (rad A^2).
     """
 
     def __init__(self, kx, ky, mag, ctf_mag, voltage_kv: float, cs_mm: float,
-                 amplitude_contrast: float) -> None:  # fmt: skip
+                 amplitude_contrast: float, *, even_zernike=(),
+                 odd_zernike=()) -> None:  # fmt: skip
         m = np.asarray(mag, float)
         self.lam = lam = float(electron_wavelength_A(voltage_kv))
         cs_a = cs_mm * 1e7
@@ -87,6 +101,15 @@ class GridCTF:
         self.hcs = np.stack(
             [c3 * (u2 + 2 * ux * ux), c3 * 2 * ux * uy, c3 * (u2 + 2 * uy * uy)]
         )
+        if has_aberration(even_zernike):  # chi -= phase_even(u): with the Cs term, at u
+            ph, g, h = zernike_phase(even_zernike, ux, uy, "even", derivatives=2)
+            self.cs = self.cs - ph
+            self.gcs = self.gcs - g
+            self.hcs = self.hcs - h
+        self.odd = self.godd = self.hodd = None
+        if has_aberration(odd_zernike):
+            ph, self.godd, self.hodd = zernike_phase(odd_zernike, ux, uy, "odd", derivatives=2)
+            self.odd = np.exp(1j * ph).astype(_C64)
 
     def __call__(self, defocus_u_A, defocus_v_A, angle_deg, phase_shift_deg, bfactor_A2,
                  scale):  # fmt: skip
@@ -111,6 +134,42 @@ class GridCTF:
             env = env * np.exp(-0.25 * b[:, None] * self.d2[None])
         env = env.astype(_F32)
         return env * np.sin(chi), env * np.cos(chi), adef
+
+    def apply_odd(self, v: np.ndarray, dv: list[np.ndarray] | None = None,
+                  hv: list[np.ndarray] | None = None):  # fmt: skip
+        """The odd factor applied to a model V and its u-derivatives: V' = o V with
+        o = exp(i phase_odd(u)), dV'/du_a = o (dV_a + i g_a V),
+        d2V'/du_a du_c = o (H_ac + i g_a dV_c + i g_c dV_a + (i h_ac - g_a g_c) V).
+
+        Parameters
+        ----------
+        v : ndarray, complex64, shape (b, npix)
+        dv : list of 2 ndarrays (b, npix), optional
+            dV/du_x, dV/du_y.
+        hv : list of 3 ndarrays (b, npix), optional
+            d2V/du2 for (xx, xy, yy); needs ``dv``.
+
+        Returns
+        -------
+        The same structure (v alone, (v, dv) or (v, dv, hv)), unchanged without odd terms.
+        """
+        if self.odd is None:
+            if dv is None:
+                return v
+            return (v, dv) if hv is None else (v, dv, hv)
+        o = self.odd
+        ig = [(1j * self.godd[a]).astype(_C64) for a in range(2)]
+        v2 = o * v
+        if dv is None:
+            return v2
+        dv2 = [o * (dv[a] + ig[a] * v) for a in range(2)]
+        if hv is None:
+            return v2, dv2
+        out = []
+        for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 1))):
+            cross = (1j * self.hodd[i] - self.godd[a] * self.godd[c]).astype(_C64)
+            out.append(o * (hv[i] + ig[a] * dv[c] + ig[c] * dv[a] + cross * v))
+        return v2, dv2, out
 
     def of(self, geom):
         """:meth:`__call__` with the CTF columns of a ParticleGeometry."""

@@ -20,7 +20,8 @@ from cryomag.report.plots_estimate import _save, plt
 
 
 def aberration_images(maps: np.ndarray, band, terms, delta: np.ndarray, mag: np.ndarray,
-                      lam_A: float, cs_mm: float, bins: int = 48) -> dict:  # fmt: skip
+                      lam_A: float, cs_mm: float, bins: int = 48,
+                      beam_tilt_mrad=(0.0, 0.0)) -> dict:  # fmt: skip
     """Observed and fitted odd-phase and chi-error images (rad) on a full-plane grid.
 
     Returns
@@ -40,16 +41,15 @@ def aberration_images(maps: np.ndarray, band, terms, delta: np.ndarray, mag: np.
     out = {"extent": (-nyq, nyq, -nyq, nyq)}
     ux = mag[0, 0] * kx + mag[0, 1] * ky
     uy = mag[1, 0] * kx + mag[1, 1] * ky
-    basis = terms.basis(ux, uy, lam_A, cs_mm)
-    odd = terms.odd
+    even_b, odd_b = terms.parts(ux, uy, lam_A, cs_mm, beam_tilt_mrad)
     cnt = binned(np.ones_like(kxs))
-    for kind, sign, rows, sel in (("odd", -1.0, (0, 1), odd), ("even", 1.0, (2, 3), ~odd)):
+    for kind, sign, rows, basis in (("odd", -1.0, (0, 1), odd_b), ("even", 1.0, (2, 3), even_b)):
         num, den = maps[rows[0]], maps[rows[1]]
         s_num = binned(np.concatenate([num, sign * num]))
         s_den = binned(np.concatenate([den, den]))
         with np.errstate(invalid="ignore", divide="ignore"):
             out[f"{kind}_observed"] = np.where(s_den > 0, s_num / s_den, np.nan)
-        fit = delta[sel] @ basis[sel] if sel.any() else np.zeros_like(kx)
+        fit = delta @ basis if len(delta) else np.zeros_like(kx)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[f"{kind}_fitted"] = np.where(
                 cnt > 0, binned(np.concatenate([fit, sign * fit])) / cnt, np.nan
@@ -72,7 +72,7 @@ def plot_aberrations(res, folder: Path) -> list[Path]:
         opt = gr.optics_in
         img = aberration_images(gr.aberration_maps, band, gr.aberration_terms, gr.aberration,
                                 gr.mag, float(electron_wavelength_A(opt.voltage_kv)),
-                                opt.cs_mm)  # fmt: skip
+                                opt.cs_mm, beam_tilt_mrad=opt.beam_tilt_mrad)  # fmt: skip
         fig, axes = plt.subplots(2, 2, figsize=(9, 8))
         fig.suptitle(f"Optics group {gr.group}: aberrations (first pass vs fitted change)")
         for r, kind, title in ((0, "odd", "phase error (odd)"), (1, "even", "chi error (even)")):

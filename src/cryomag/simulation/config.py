@@ -67,6 +67,13 @@ class OpticsGroupConfig:
         Particles in this group.
     particles_per_micrograph : int
         Particles per micrograph (the last micrographs may hold one fewer).
+    beam_tilt_mrad : [x, y] or None
+        Beam tilt (mrad), RELION's rlnBeamTiltX/Y (turned into odd terms by insertTilt).
+    odd_zernike, even_zernike : list of float or None
+        RELION's rlnOddZernike / rlnEvenZernike (rad, RELION order; see
+        :mod:`cryomag.physics.aberrations`). All aberrations are applied as RELION models
+        them, at the true frequency u = M k (odd: the image times exp(+i phase_odd(u)); even:
+        in the CTF's chi), and written to the optics table in RELION's columns.
     """
 
     name: str = "opticsGroup1"
@@ -80,6 +87,9 @@ class OpticsGroupConfig:
     phase_shift_deg: float = 0.0
     n_particles: int = 500
     particles_per_micrograph: int = 50
+    beam_tilt_mrad: list[float] | None = None
+    odd_zernike: list[float] | None = None
+    even_zernike: list[float] | None = None
 
 
 @dataclass
@@ -365,6 +375,14 @@ class SimulationConfig:
                     )
                 _positive(g.aniso[0], f"{key}.aniso[0] (major)")
                 _positive(g.aniso[1], f"{key}.aniso[1] (minor)")
+            if g.beam_tilt_mrad is not None and len(g.beam_tilt_mrad) != 2:
+                raise ConfigError(
+                    f"{key}.beam_tilt_mrad: expected [x, y] in mrad, got {g.beam_tilt_mrad}"
+                )
+            for k in ("beam_tilt_mrad", "odd_zernike", "even_zernike"):
+                vals = getattr(g, k)
+                if vals is not None and not all(math.isfinite(float(v)) for v in vals):
+                    raise ConfigError(f"{key}.{k}: values must be finite numbers, got {vals}")
             if g.box < 16 or g.box % 2:
                 raise ConfigError(f"{key}.box: must be an even number >= 16, got {g.box}")
             _positive(g.voltage_kv, f"{key}.voltage_kv")

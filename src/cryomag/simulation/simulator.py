@@ -65,7 +65,8 @@ import pandas as pd
 import scipy.fft as sfft
 from scipy.spatial.transform import Rotation
 
-from cryomag.model.particles import ParticleSet, SourceInfo
+from cryomag.model.particles import ParticleSet, SourceInfo, format_zernike
+from cryomag.physics.aberrations import phase_odd, zernike_phase
 from cryomag.physics.ctf import (
     ctf_values,
     defocus_from_matrix,
@@ -282,6 +283,8 @@ def choose_grid(
     use_ctf: bool,
     margin_A: float,
     antialias_start: float = 1.0,
+    odd_zernike: Sequence[float] = (),
+    even_zernike: Sequence[float] = (),
 ) -> FineGrid:
     """Smallest grid on which nothing wraps into the observed window (see module docstring).
 
@@ -305,6 +308,8 @@ def choose_grid(
         du, dv = np.abs(defocus_u_A), np.abs(defocus_v_A)
         dz = np.maximum(du, dv) + 0.5 * np.abs(du - dv)
         deloc = lam * dz * u_ax + 2 * cs_mm * 1e7 * lam**3 * u_ax**3
+        if odd_zernike or even_zernike:  # their delocalisation: |grad phase| / (2 pi)
+            deloc = deloc + _aberration_deloc(odd_zernike, even_zernike, float(u_ax.max()))
     # the anti-aliasing roll-off of width dk = (1 - start) k_nyq has real-space tails that
     # decay over ~1/dk: keep 5/dk of them from wrapping (wrap error < 1e-5)
     if antialias_start < 1.0:
@@ -316,6 +321,30 @@ def choose_grid(
     while n % 2:
         n = sfft.next_fast_len(n + 1)
     return FineGrid(period, n)
+
+
+def _aberration_terms(beam_tilt_mrad, odd_zernike, even_zernike, voltage_kv: float,
+                      cs_mm: float) -> tuple[tuple[float, ...], tuple[float, ...]]:  # fmt: skip
+    """The odd terms RELION applies (tilt inserted) and the even terms; () when zero."""
+    from cryomag.physics.forward import OpticsParams
+
+    o = OpticsParams(1.0, 2, voltage_kv, cs_mm, 0.0,
+                     beam_tilt_mrad=tuple(beam_tilt_mrad or (0.0, 0.0)),
+                     odd_zernike=tuple(odd_zernike or ()),
+                     even_zernike=tuple(even_zernike or ()))  # fmt: skip
+    return o.odd_coefficients(), o.even_coefficients()
+
+
+def _aberration_deloc(odd, even, u_max: float) -> float:
+    """Largest real-space displacement |grad phase| / (2 pi) (A) of the aberrations over
+    |u_x|, |u_y| <= u_max (a 65 x 65 sample, times 1.1)."""
+    u = np.linspace(-u_max, u_max, 65)
+    ux, uy = np.meshgrid(u, u)
+    g = np.zeros((2,) + ux.shape)
+    for coeffs, parity in ((odd, "odd"), (even, "even")):
+        if coeffs:
+            g = g + np.abs(zernike_phase(coeffs, ux, uy, parity, derivatives=1)[1])
+    return 1.1 * float(np.hypot(g[0], g[1]).max()) / (2 * np.pi)
 
 
 def render_particles(
@@ -341,6 +370,9 @@ def render_particles(
     nthreads: int = 1,
     grid: FineGrid | None = None,
     antialias_start: float = 0.9,
+    beam_tilt_mrad: Sequence[float] | None = None,
+    odd_zernike: Sequence[float] | None = None,
+    even_zernike: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Noise-free particle images, exact up to the finufft tolerance (see module docstring).
 
@@ -378,6 +410,11 @@ def render_particles(
         finufft threads.
     grid : FineGrid, optional
         Force a fine grid (default: :func:`choose_grid` over all particles).
+    beam_tilt_mrad, odd_zernike, even_zernike : optional
+        The group's fixed aberrations (rlnBeamTiltX/Y in mrad; rlnOddZernike, rlnEvenZernike
+        in rad), applied with the CTF (``ctf=True``) as RELION models them, at the true
+        frequency u: the true-frame spectrum times exp(+i phase_odd(u)) (beam tilt by
+        insertTilt), the even terms in chi (:mod:`cryomag.physics.aberrations`).
     antialias_start : float
         Detector anti-aliasing filter W(k_obs) (:func:`antialias_filter`): 1 up to this
         fraction of Nyquist per axis, raised-cosine roll-off to 0 at Nyquist. 1.0 = hard cut
@@ -410,6 +447,9 @@ def render_particles(
     minv_t = np.swapaxes(minv, -1, -2)
     centres = -np.einsum("bij,bj->bi", minv_t, origin)  # x_true of x_obs = -t
     rots = euler_to_matrix(euler).reshape(npart, 3, 3)
+    odd, even = _aberration_terms(beam_tilt_mrad, odd_zernike, even_zernike, voltage_kv, cs_mm)
+    if not ctf:
+        odd, even = (), ()
     if grid is None:
         grid = choose_grid(
             source.radius_A,
@@ -424,6 +464,8 @@ def render_particles(
             ctf,
             margin_A,
             antialias_start,
+            odd,
+            even,
         )
     period, n = grid.period_A, grid.n
     u = (np.arange(n) - n // 2) / period
@@ -434,6 +476,8 @@ def render_particles(
     xo = xx.reshape(-1)
     yo = yy.reshape(-1)
     plan2 = finufft.Plan(2, (n, n), n_trans=1, eps=eps, isign=1, nthreads=nthreads)
+    # the odd aberrations at the true frequency (RELION: prediction x exp(+i phase_odd(M k)))
+    odd_factor = np.exp(1j * phase_odd(odd, ux, uy)) if odd else None
     tscale = 2 * np.pi / period
     images = np.empty((npart, box, box))
     for start in range(0, npart, batch):
@@ -461,8 +505,11 @@ def render_particles(
                         cs_mm,
                         amplitude_contrast,
                         phase_shift_deg=phase[p],
+                        even_zernike=even,
                     )[0]
                 )
+                if odd_factor is not None:
+                    vals = vals * odd_factor[mask]
             f[mask] = vals
             mt = minv_t[p]
             ytx = mt[0, 0] * xo + mt[0, 1] * yo
@@ -825,6 +872,9 @@ def _render_micrograph(task: dict[str, Any]) -> tuple[int, np.ndarray, float]:
         margin_A=task["margin_A"],
         batch=task["batch"],
         antialias_start=task["antialias_start"],
+        beam_tilt_mrad=task.get("beam_tilt_mrad"),
+        odd_zernike=task.get("odd_zernike"),
+        even_zernike=task.get("even_zernike"),
     )
     power = band_power(imgs, task["pixel_size_A"], task["band_low_A"])
     if task["sigma_white"] > 0:
@@ -904,6 +954,9 @@ def _pilot_signal_power(
         margin_A=cfg.render.margin_A,
         batch=cfg.render.batch,
         antialias_start=cfg.render.antialias_start,
+        beam_tilt_mrad=g.beam_tilt_mrad,
+        odd_zernike=g.odd_zernike,
+        even_zernike=g.even_zernike,
     )
     return float(band_power(imgs, g.pixel_size_A, cfg.noise.band_low_A).mean())
 
@@ -1005,6 +1058,9 @@ def simulate_dataset(
                 "cs_mm": g.cs_mm,
                 "amplitude_contrast": g.amplitude_contrast,
                 "phase_shift_deg": g.phase_shift_deg,
+                "beam_tilt_mrad": list(g.beam_tilt_mrad or [0.0, 0.0]),
+                "odd_zernike": list(g.odd_zernike or []),
+                "even_zernike": list(g.even_zernike or []),
                 "M_group": params["M_group"][gi].tolist(),
                 "n_particles": int(np.sum(P["group_index"] == gi)),
                 "n_micrographs": int(np.sum(MIC["group_index"] == gi)),
@@ -1042,6 +1098,9 @@ def simulate_dataset(
                 "margin_A": cfg.render.margin_A,
                 "batch": cfg.render.batch,
                 "antialias_start": cfg.render.antialias_start,
+                "beam_tilt_mrad": g.beam_tilt_mrad,
+                "odd_zernike": g.odd_zernike,
+                "even_zernike": g.even_zernike,
                 "band_low_A": cfg.noise.band_low_A,
                 "sigma_white": groups_out[gi]["noise_sigma_white"],
                 "lowfreq_amp": cfg.noise.lowfreq_amp,
@@ -1208,6 +1267,14 @@ def _particle_set(cfg: SimulationConfig, P, MIC, params) -> ParticleSet:
             }
         )
     optics = pd.DataFrame(rows)
+    groups = cfg.optics_groups
+    if any(g.beam_tilt_mrad for g in groups):  # RELION's columns, only when used
+        optics["rlnBeamTiltX"] = [float((g.beam_tilt_mrad or [0, 0])[0]) for g in groups]
+        optics["rlnBeamTiltY"] = [float((g.beam_tilt_mrad or [0, 0])[1]) for g in groups]
+    if any(g.odd_zernike for g in groups):
+        optics["rlnOddZernike"] = [format_zernike(g.odd_zernike or []) for g in groups]
+    if any(g.even_zernike for g in groups):
+        optics["rlnEvenZernike"] = [format_zernike(g.even_zernike or []) for g in groups]
     return ParticleSet(particles, optics, SourceInfo(kind="memory"))
 
 
