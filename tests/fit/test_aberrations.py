@@ -208,3 +208,78 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
     sol = solve_joint(st, np.zeros(n), DefocusLevels(), n_aberration=k)
     se = np.sqrt(np.diag(sol.aberration_cov))
     np.testing.assert_allclose(se, crb, rtol=0.08)
+
+
+# ------------------------------------------------------------------ issue 13's targets
+#: The issue's aberrations: beam tilt 0.5 mrad, a trefoil of 0.3 rad at 3 A (Z(3,3)
+#: coefficient 0.3 * 27 = 8.1 rad A^3), Cs written 2 % high.
+TILT = (0.5, -0.3)
+TREFOIL = 8.1
+
+
+def _simulate_aberrated(folder: Path, seed: int, n: int = 1500) -> Path:
+    cfg = SimulationConfig(seed=seed)
+    cfg.optics_groups = [
+        OpticsGroupConfig(pixel_size_A=1.6, aniso=[1.01, 0.99, 30.0], box=64, n_particles=n,
+                          particles_per_micrograph=20, beam_tilt_mrad=list(TILT),
+                          odd_zernike=[0.0, 0.0, 0.0, 0.0, 0.0, TREFOIL])  # fmt: skip
+    ]
+    cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.5
+    cfg.noise.snr = 0.2
+    cfg.phantom.diameter_A, cfg.phantom.n_atoms = 70.0, 1500
+    cfg.render.n_workers = 1
+    simulate_dataset(cfg, folder, progress=False)
+    ps = read_star(folder / "particles.star")
+    assert ps.aberrations(1)[0] == pytest.approx(TILT)
+    ps.set_aberrations(1, beam_tilt_mrad=(0.0, 0.0), odd=(), even=())
+    ps.optics["rlnSphericalAberration"] = ps.optics["rlnSphericalAberration"] * 1.02
+    write_star(ps, folder / "unknown.star")
+    return folder
+
+
+def test_tilt_trefoil_and_cs_are_recovered(tmp_path):
+    """Beam tilt, trefoil and a 2 % Cs error, none of them in the STAR: each recovered within
+    2.5 standard errors, written in RELION's columns, and M as accurate as with the
+    aberrations known."""
+    sim = _simulate_aberrated(tmp_path / "sim", 11)
+    res = cryomag.estimate(sim / "unknown.star", sim / "ref.mrc", tmp_path / "run",
+                           aberrations="tilt,trefoil,cs", **{**FAST, "plots": True})  # fmt: skip
+    gr = res.groups[0]
+    assert res.verdict == "ok" and gr.converged
+    terms = gr.aberration_terms
+    got = terms.values(gr.optics)
+    se = np.sqrt(np.diag(gr.aberration_cov))
+    truth = {"beam_tilt_x": TILT[0], "beam_tilt_y": TILT[1], "odd_zernike_2": 0.0,
+             "odd_zernike_5": TREFOIL, "cs": 2.7}  # fmt: skip
+    want = np.array([truth[n] for n in terms.names])
+    z = (got - want) / se
+    assert np.all(np.abs(z) < 2.5), dict(zip(terms.names, zip(got, se, strict=True),
+                                              strict=True))  # fmt: skip
+    assert se[terms.names.index("beam_tilt_x")] < 0.1  # mrad
+    m_err = np.abs(gr.mag - load_truth(sim)["M_group"][0])
+    assert np.all(m_err < 3 * gr.mag_error), (m_err, gr.mag_error)
+    out = read_star(tmp_path / "run" / "particles.star")
+    tilt, odd, _ = out.aberrations(1)
+    assert tilt == pytest.approx(tuple(got[:2]), rel=1e-9)
+    assert odd[5] == pytest.approx(got[terms.names.index("odd_zernike_5")], rel=1e-9)
+    assert (tmp_path / "run" / "plots" / "aberrations_group001.png").exists()
+
+
+def test_nothing_found_where_nothing_is(sim):
+    """No aberration in the data, every term fitted: the changes are consistent with zero
+    (chi-square of all of them with their covariance below its 99 % point, each within 3
+    standard errors) and M's error stays within its (slightly larger) standard errors."""
+    from scipy.stats import chi2
+
+    res = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, aberrations="all",
+                           **FAST)  # fmt: skip
+    gr = res.groups[0]
+    d = gr.aberration
+    cov = gr.aberration_cov
+    stat = float(d @ np.linalg.solve(cov, d))
+    assert stat < chi2.ppf(0.99, len(d)), (stat, d, np.sqrt(np.diag(cov)))
+    assert np.all(np.abs(d) < 3 * np.sqrt(np.diag(cov)))
+    plain = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, **FAST).groups[0]
+    truth = load_truth(sim)["M_group"][0]
+    assert np.all(np.abs(gr.mag - truth) < 3 * gr.mag_error)
+    assert np.all(gr.mag_error < 1.5 * plain.mag_error)
