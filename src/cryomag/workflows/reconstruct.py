@@ -37,7 +37,7 @@ import numpy as np
 
 from cryomag.io.atomic import write_json
 from cryomag.model.particles import MAGMAT_COLUMNS, ParticleDataError, ParticleSet
-from cryomag.physics.forward import ctf_at
+from cryomag.physics.forward import ctf_at, odd_factor
 from cryomag.physics.fourier import centered_rfft2
 from cryomag.physics.geometry import euler_to_matrix
 from cryomag.reconstruction.backproject import Backprojector, half_plane_pixels, wiener_lambda
@@ -352,6 +352,9 @@ def run_reconstruct(
                     del images
                     geom = ps.geometry(rows, geom_m[rows], ctf_m[rows], ctf_scale=opts.scale)
                     ctf = ctf_at(geom, optics, kx, ky)
+                    odd = odd_factor(geom, optics, kx, ky)
+                    if odd is not None:  # the adjoint of exp(+i phase_odd(M k)), |odd| = 1
+                        spectra = spectra * odd.conj()
                     amp = np.linalg.det(geom_m[rows]) * (a_out / a_g) ** 2
                     bp.insert(h, spectra, kx, ky, ctf, amp, rot[rows], geom_m[rows], origin[rows])
                     t_read += t2 - t1
