@@ -141,7 +141,8 @@ def estimate_cmd(
     """Estimate per-particle scales and each optics group's magnification matrix.
 
     Writes OUT/particles.star (rlnMagMat per group, adapted defocus, rlnCtfScalefactor and
-    cmagScale), OUT/particles.cs (for .cs input or --cs), OUT/results.json, OUT/stats/,
+    cmagScale), OUT/particles.cs + particles.csg (a cryoSPARC result group; for .cs
+    input or --cs), OUT/results.json, OUT/stats/,
     OUT/plots/ and OUT/cryomag.log. Inputs are never overwritten.
 
     Execution: by default a Dask LocalCluster with one single-threaded worker per core;

@@ -202,7 +202,8 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write the fixed-name outputs of an estimation into ``out``.
 
-    ``particles.star`` (always), ``particles.cs`` (for .cs input or ``write_cs``),
+    ``particles.star`` (always), ``particles.cs`` + ``particles.csg`` (for .cs input or
+    ``write_cs``; the .csg is the cryoSPARC result group naming it),
     ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf``.
     """
     from cryomag.io import write_star
