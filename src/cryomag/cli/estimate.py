@@ -71,6 +71,14 @@ def estimate_cmd(
     ] = None,
     cs: Annotated[bool, typer.Option("--cs", help="also write particles.cs")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip the plots")] = False,
+    image_paths: Annotated[
+        str,
+        typer.Option(
+            "--image-paths",
+            help="the written rlnImageName relative to: out (the output folder) or cwd (the "
+            "working folder: a RELION project, whose programs resolve image names from it)",
+        ),
+    ] = "out",
     defocus_frame: Annotated[
         str,
         typer.Option(
@@ -167,6 +175,7 @@ def estimate_cmd(
             particles, out, ref, half_maps, mask, passthrough, max_iter, tol, low_res,
             high_res, chunk_size, window_pad, warm_start, defocus_frame,
         )  # fmt: skip
+        require(image_paths in ("out", "cwd"), "--image-paths", image_paths, "'out' or 'cwd'")
         try:
             with input_limits(allow_negative_cs, max_defocus):
                 res = estimate(
@@ -182,6 +191,7 @@ def estimate_cmd(
                     progress=not quiet,
                     executor=execution,
                     resume=resume,
+                    image_root=Path.cwd() if image_paths == "cwd" else None,
                     fit=tuple(f.strip() for f in fit.split(",") if f.strip()),
                     low_res_A=low_res,
                     high_res_A=high_res,

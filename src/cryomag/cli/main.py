@@ -83,6 +83,7 @@ def _register() -> None:
         merge,
         reconstruct,
         refit,
+        relion_external,
         report,
         simulate,
     )
@@ -95,6 +96,7 @@ def _register() -> None:
         merge,
         reconstruct,
         refit,
+        relion_external,
         report,
         simulate,
     ):
