@@ -77,6 +77,7 @@ def _main(
 def _register() -> None:
     from cryomag.cli import (
         apply,
+        calibrate,
         demo,
         estimate,
         inspect_cmd,
@@ -90,6 +91,7 @@ def _register() -> None:
 
     for module in (
         apply,
+        calibrate,
         demo,
         estimate,
         inspect_cmd,
