@@ -2,8 +2,8 @@
 
 One simulated data set (box 128 at 1.25 A, SNR 0.05, 2 % anisotropy, the true group M
 written): beam tilt (0.5, -0.3) mrad, trefoil Z(3,3) of 0.3 rad at 3 A and the STAR's Cs 2 %
-too high; the STAR given to both programs has no beam tilt and no Zernike terms. Printed, in
-one run:
+too high; the STAR given to both programs (``unknown.star``) has no beam tilt and no Zernike
+terms. Printed, in one run:
 
 - the read + rfft2 floor of the stack (one thread);
 - ``cryomag estimate --aberrations tilt,trefoil,cs`` (wall time, every pass included);
@@ -54,13 +54,13 @@ def simulate(folder: Path, n: int, box: int, seed: int = 71) -> None:
     cfg.output.write_true_group_mag = True
     cfg.phantom.diameter_A, cfg.phantom.n_atoms = min(0.8 * box * apix, 120.0), 5000
     cfg.render.n_workers = 2
-    simulate_dataset(cfg, folder, progress=False)
+    if not (folder / "particles.star").exists():
+        simulate_dataset(cfg, folder, progress=False)
     ps = read_star(folder / "particles.star")
     ps.set_aberrations(1, beam_tilt_mrad=(0.0, 0.0), odd=(), even=())
     ps.optics["rlnSphericalAberration"] = CS_TRUE * 1.02
-    # the STAR both programs get: no aberrations, Cs 2 % high (the simulator's kept beside)
-    os.replace(folder / "particles.star", folder / "particles_true.star")
-    write_star(ps, folder / "particles.star")
+    # the STAR both programs get: no aberrations, Cs 2 % high
+    write_star(ps, folder / "unknown.star")
 
 
 def aberration_errors(star: Path, box: int, apix: float) -> dict:
@@ -128,17 +128,17 @@ def main() -> int:
     apix = 1.25 * 128 / args.box
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "sim"
-        if not (folder / "particles_true.star").exists():
+        if not (folder / "unknown.star").exists():
             simulate(folder, args.n, args.box)
         print(f"{args.n} particles, box {args.box} at {apix:.3f} A; truth: tilt {TILT} mrad, "
               f"trefoil 0.3 rad at 3 A, Cs {CS_TRUE} mm (written {CS_TRUE * 1.02:.3f})")
         print(f"read + rfft2 floor: {floor_seconds(folder):.2f} s")
-        print("input:   " + _fmt(aberration_errors(folder / "particles.star", args.box, apix)))
+        print("input:   " + _fmt(aberration_errors(folder / "unknown.star", args.box, apix)))
         import cryomag
 
         out = folder.parent / "cryomag_out"
         t0 = time.perf_counter()
-        res = cryomag.estimate(folder / "particles.star", folder / "ref.mrc", out,
+        res = cryomag.estimate(folder / "unknown.star", folder / "ref.mrc", out,
                                aberrations="tilt,trefoil,cs", progress=False, plots=False,
                                resume=False)  # fmt: skip
         t_c = time.perf_counter() - t0
@@ -159,7 +159,7 @@ def main() -> int:
                 shutil.rmtree(rout)
             rout.mkdir(parents=True)
             pp = write_postprocess(rout, args.box, apix)
-            cmd = [str(Path(args.relion_bin) / "relion_ctf_refine"), "--i", "particles.star",
+            cmd = [str(Path(args.relion_bin) / "relion_ctf_refine"), "--i", "unknown.star",
                    "--f", str(pp), "--m1", "ref.mrc", "--m2", "ref.mrc", "--o", str(rout) + "/",
                    "--fit_beamtilt", "--odd_aberr_max_n", "3", "--fit_aberr",
                    "--even_aberr_max_n", "4", "--j", "2"]  # fmt: skip

@@ -148,7 +148,8 @@ def test_cs_round_trip_equal_fields(src, tmp_path):
     ps = read_cs(src)
     out = tmp_path / "out.cs"
     write_cs(ps, out)
-    assert [p.name for p in tmp_path.iterdir()] == ["out.cs"]  # exact name, no .npy
+    # exact name, no .npy; the result-group file beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.cs", "out.csg"]
     _fields_equal(np.load(out), ps.source.cs_data)
 
 
@@ -246,6 +247,50 @@ def test_star_to_cs_to_star(star, tmp_path):
     # and back to STAR through the generic writer
     write_particles(back, tmp_path / "y.star")
     assert len(read_particles(tmp_path / "y.star")) == len(ps)
+
+
+@pytest.mark.parametrize("src", [J24, RELION31])
+def test_csg_result_group_names_the_cs_and_its_slots(src, tmp_path):
+    """The .csg beside a written .cs is YAML naming that file, its row count and one result
+    slot per field prefix; cryosparc-tools loads the file it names with every listed slot."""
+    import yaml
+    from cryosparc.dataset import Dataset
+
+    ps = read_particles(src)
+    out = tmp_path / "particles.cs"
+    write_cs(ps, out)
+    csg = yaml.safe_load((tmp_path / "particles.csg").read_text())
+    assert csg["group"]["type"] == "particle" and csg["group"]["name"] == "particles"
+    arr = np.load(out)
+    slots = {f.split("/")[0] for f in arr.dtype.names if "/" in f}
+    assert set(csg["results"]) == slots
+    assert {"blob", "ctf"} <= slots
+    for slot, entry in csg["results"].items():
+        assert entry == {
+            "metafile": ">particles.cs",
+            "num_items": len(ps),
+            "type": f"particle.{slot}",
+        }
+    target = tmp_path / csg["results"]["ctf"]["metafile"].lstrip(">")
+    ds = Dataset.load(target)
+    assert len(ds) == len(ps)
+    for slot in slots:
+        assert any(f.startswith(slot + "/") for f in ds.fields()), slot
+    np.testing.assert_array_equal(ds["ctf/df1_A"], arr["ctf/df1_A"])
+
+
+def test_csg_refuses_an_input_and_a_bad_name(tmp_path):
+    from cryomag.io.cryosparc import write_csg
+
+    f = tmp_path / "in.csg"
+    f.write_text("keep")
+    with pytest.raises(ParticleFileError, match="refusing to overwrite an input"):
+        write_csg(tmp_path / "in.cs", ["blob/path"], 3, inputs=[f])
+    assert f.read_text() == "keep"
+    with pytest.raises(ValueError, match="result group name"):
+        write_csg(tmp_path / "x.cs", ["blob/path"], 3, name="no spaces")
+    with pytest.raises(ParticleFileError, match="no result slots"):
+        write_csg(tmp_path / "x.cs", ["uid"], 3)
 
 
 def test_csdat_format_via_cryosparc_tools(tmp_path):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cryomag.cli.main import app
 from cryomag.model.magnification import from_polar
-from cryomag.workflows.inspect import inspect_particles
+from cryomag.workflows.inspect import inspect_mrc, inspect_particles
 from tests.data_paths import DATA
 
 PARTICLE_FILES = sorted(DATA.glob("**/*.star")) + sorted(DATA.glob("**/*.cs"))
@@ -19,6 +19,8 @@ CS_ALPHA = DATA / "cryosparc" / "cryosparc_P12_J24_001_particles.cs"
 CS_ANISOMAG = DATA / "cryosparc" / "cryosparc_J2_particles_exported.cs"
 SIX_GROUPS = DATA / "star" / "relion31.6opticsgroups.star"
 MAP = DATA / "map" / "emd_6824.mrc"
+STACK = DATA / "particles" / "relion31.mrcs"
+STACK_STAR = DATA / "particles" / "relion31.star"
 
 runner = CliRunner()
 
@@ -150,10 +152,11 @@ def test_cli_inspect_cs_alpha(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
-@pytest.mark.parametrize("bad", ["map", "missing", "garbage"])
+@pytest.mark.parametrize("bad", ["not-mrc", "missing", "garbage"])
 def test_cli_inspect_unreadable_input(tmp_path, bad):
-    if bad == "map":
-        path = need(MAP)
+    if bad == "not-mrc":
+        path = tmp_path / "short.mrc"
+        path.write_bytes(b"MRC?" * 10)
     elif bad == "missing":
         path = tmp_path / "nothing.star"
     else:
@@ -195,3 +198,92 @@ def test_render_many_groups_compact():
     console = Console(record=True, width=120)
     render(res, console)
     assert "rlnMagMat" in console.export_text()
+
+
+# ------------------------------------------------------------------------------ MRC files
+def _write_mrc(path: Path, data: np.ndarray, voxel: float = 1.5, stack: bool = False) -> Path:
+    import mrcfile
+
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(data)
+        m.voxel_size = voxel
+        if stack:
+            m.set_image_stack()
+    return path
+
+
+def test_inspect_map_header_and_values():
+    import mrcfile
+
+    res = inspect_mrc(need(MAP))
+    with mrcfile.open(MAP) as m:
+        data = m.data.astype(np.float64)
+    assert res["kind"] == "map" and res["format"] == "mrc"
+    h = res["header"]
+    assert h["shape_xyz"] == [70, 70, 70] and h["mode"] == 2 and h["dtype"] == "float32"
+    assert h["voxel_size_A"] == [2.64, 2.64, 2.64]
+    assert h["origin_A"] == [0, 0, 0] and h["nstart"] == [0, 0, 0]
+    assert h["map_id"] == "MAP " and "EMD-6824" in h["labels"][0]
+    v = res["values"]
+    assert v["n_values"] == data.size and v["nan_count"] == 0 == v["inf_count"]
+    assert v["min"] == data.min() and v["max"] == data.max()
+    assert v["mean"] == pytest.approx(data.mean(), abs=1e-12)
+    assert v["std"] == pytest.approx(data.std(), rel=1e-12)
+    assert res["warnings"] == []
+    json.dumps(res, allow_nan=False)
+
+
+def test_inspect_stack_against_its_star_pixel_size():
+    """relion31.mrcs's header says 1 A, its STAR says 2.806 A: the warning names both."""
+    res = inspect_mrc(need(STACK), particles=need(STACK_STAR))
+    assert res["kind"] == "stack" and res["header"]["shape_xyz"] == [256, 256, 5]
+    assert res["particles"]["optics_groups"] == [
+        {"optics_group": 1, "pixel_size_A": 2.806, "box_px": 256}
+    ]
+    mismatch = [w for w in res["warnings"] if "header pixel size" in w]
+    assert len(mismatch) == 1
+    assert "1 A differs from" in mismatch[0] and "rlnImagePixelSize 2.806 A" in mismatch[0]
+    assert "-64.362 %" in mismatch[0]
+    assert not any("rlnImageSize" in w for w in res["warnings"])  # the box agrees
+
+
+def test_inspect_warns_nan_non_cubic_and_box(tmp_path):
+    vol = np.ones((8, 10, 10), np.float32)
+    vol[1, 2, 3] = np.nan
+    vol[0, 0, 0] = np.inf
+    vol[2, 2, 2] = 5.0
+    res = inspect_mrc(_write_mrc(tmp_path / "m.mrc", vol))
+    text = " ".join(res["warnings"])
+    assert "non-cubic map 10 x 10 x 8 voxels" in text
+    assert "1 NaN and 1 Inf value(s) of 800" in text
+    finite = vol[np.isfinite(vol)].astype(np.float64)
+    assert res["values"]["max"] == 5.0 and res["values"]["mean"] == pytest.approx(finite.mean())
+    stack = _write_mrc(tmp_path / "s.mrcs", np.zeros((3, 12, 12), np.float32), 2.806, True)
+    res = inspect_mrc(stack, particles=need(STACK_STAR))
+    text = " ".join(res["warnings"])
+    assert "images are 12 px" in text and "rlnImageSize is 256 px" in text
+    assert "every value is 0" in text and "header pixel size" not in text
+
+
+def test_inspect_mode_size_mismatch_is_a_warning(tmp_path):
+    f = _write_mrc(tmp_path / "m.mrc", np.zeros((6, 6, 6), np.float32))
+    with open(f, "ab") as fh:
+        fh.write(b"\0" * 100)
+    res = inspect_mrc(f)
+    assert res["values"] is None
+    assert any("header disagrees with the data" in w for w in res["warnings"])
+
+
+def test_cli_inspect_mrc(tmp_path):
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app, ["--plain", "inspect", str(need(STACK)), "--particles", str(STACK_STAR),
+              "--out", str(out)]  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert "MRC stack of 5 images of 256 x 256 px" in result.output
+    assert "rlnImagePixelSize 2.806 A" in result.output
+    saved = json.loads((out / "inspect.json").read_text())
+    assert saved["header"]["voxel_size_A"] == [1, 1, 1]
+    result = runner.invoke(app, ["inspect", str(SIX_GROUPS), "--particles", str(STACK_STAR)])
+    assert result.exit_code == 1 and "applies to an MRC file" in result.output

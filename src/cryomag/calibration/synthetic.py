@@ -96,3 +96,86 @@ def synthetic_model(
     st.add_model(model)
     st.setup_entities()
     return st
+
+
+def simulate_from_model(
+    folder,
+    n_particles: int = 600,
+    box: int = 64,
+    declared_pixel_A: float = 1.0,
+    true_pixel_A: float = 1.02,
+    snr: float = 0.5,
+    n_residues: int = 300,
+    seed: int = 0,
+    progress: bool = False,
+    render_eps: float = 1e-6,
+    n_workers: int = 0,
+):
+    """Particles of :func:`synthetic_model` at a known true pixel size, declared wrong.
+
+    The model is centred at the centre voxel of the particles' box at the declared pixel size
+    (``(box // 2) * declared_pixel_A`` on each axis: calibrate's default centre). Its
+    potential (:func:`cryomag.calibration.density.model_map` at the true pixel size, B-factors
+    20-60 A^2) is the specimen of :func:`cryomag.simulation.simulator.simulate_dataset`, whose
+    images are taken at ``true_pixel_A`` and declared as ``declared_pixel_A``
+    (rlnImagePixelSize; the written defocus is the one measured at the declared size).
+
+    Parameters
+    ----------
+    folder : path
+        Written: ``model.cif`` (the model), ``truth_map.mrc`` and the simulator's
+        ``sim/particles.star``, stacks and truth.
+    n_particles, box : int
+        Particles and their box (px).
+    declared_pixel_A, true_pixel_A : float
+        Declared and physical pixel sizes (A).
+    snr : float
+        Signal-to-noise ratio of the images (the simulator's definition).
+    n_residues, seed : int
+        Of the synthetic model.
+    render_eps : float
+        finufft tolerance of the image rendering (relative; far below the images' noise).
+    n_workers : int
+        Rendering processes (0 = one per CPU).
+
+    Returns
+    -------
+    (Path, Path)
+        The particle STAR file and the model file.
+    """
+    from pathlib import Path
+
+    from cryomag.calibration.density import model_map
+    from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+    from cryomag.simulation.phantom import write_mrc_map
+    from cryomag.simulation.simulator import simulate_dataset
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = (box // 2) * declared_pixel_A
+    st = synthetic_model(n_residues=n_residues, radius_A=0.3 * box * declared_pixel_A,
+                         centre_A=(c, c, c), seed=seed)  # fmt: skip
+    model_path = folder / "model.cif"
+    st.setup_entities()
+    doc = st.make_mmcif_document()
+    doc.write_file(str(model_path))
+    truth = folder / "truth_map.mrc"
+    write_mrc_map(truth, model_map(st, true_pixel_A, box, (c, c, c)), true_pixel_A)
+    cfg = SimulationConfig(seed=seed)
+    cfg.optics_groups = [
+        OpticsGroupConfig(
+            pixel_size_A=declared_pixel_A,
+            true_pixel_size_A=true_pixel_A,
+            box=box,
+            n_particles=n_particles,
+            particles_per_micrograph=50,
+        )
+    ]
+    cfg.defocus.min_um = 0.8
+    cfg.defocus.max_um = 1.6
+    cfg.noise.snr = snr
+    cfg.phantom.map_path = str(truth)
+    cfg.render.eps = render_eps
+    cfg.render.n_workers = n_workers
+    simulate_dataset(cfg, folder / "sim", progress=progress)
+    return folder / "sim" / "particles.star", model_path

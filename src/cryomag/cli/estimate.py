@@ -71,6 +71,14 @@ def estimate_cmd(
     ] = None,
     cs: Annotated[bool, typer.Option("--cs", help="also write particles.cs")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip the plots")] = False,
+    image_paths: Annotated[
+        str,
+        typer.Option(
+            "--image-paths",
+            help="the written rlnImageName relative to: out (the output folder) or cwd (the "
+            "working folder: a RELION project, whose programs resolve image names from it)",
+        ),
+    ] = "out",
     defocus_frame: Annotated[
         str,
         typer.Option(
@@ -163,7 +171,8 @@ def estimate_cmd(
     """Estimate per-particle scales and each optics group's magnification matrix.
 
     Writes OUT/particles.star (rlnMagMat per group, adapted defocus, rlnCtfScalefactor and
-    cmagScale), OUT/particles.cs (for .cs input or --cs), OUT/results.json, OUT/stats/,
+    cmagScale), OUT/particles.cs + particles.csg (a cryoSPARC result group; for .cs
+    input or --cs), OUT/results.json, OUT/stats/,
     OUT/plots/ and OUT/cryomag.log. Inputs are never overwritten.
 
     Execution: by default a Dask LocalCluster with one single-threaded worker per core;
@@ -188,6 +197,7 @@ def estimate_cmd(
             particles, out, ref, half_maps, mask, passthrough, max_iter, tol, low_res,
             high_res, chunk_size, window_pad, warm_start, defocus_frame,
         )  # fmt: skip
+        require(image_paths in ("out", "cwd"), "--image-paths", image_paths, "'out' or 'cwd'")
         try:
             with input_limits(allow_negative_cs, max_defocus):
                 res = estimate(
@@ -203,6 +213,7 @@ def estimate_cmd(
                     progress=not quiet,
                     executor=execution,
                     resume=resume,
+                    image_root=Path.cwd() if image_paths == "cwd" else None,
                     fit=tuple(f.strip() for f in fit.split(",") if f.strip()),
                     low_res_A=low_res,
                     high_res_A=high_res,

@@ -77,24 +77,28 @@ def _main(
 def _register() -> None:
     from cryomag.cli import (
         apply,
+        calibrate,
         demo,
         estimate,
         inspect_cmd,
         merge,
         reconstruct,
         refit,
+        relion_external,
         report,
         simulate,
     )
 
     for module in (
         apply,
+        calibrate,
         demo,
         estimate,
         inspect_cmd,
         merge,
         reconstruct,
         refit,
+        relion_external,
         report,
         simulate,
     ):

@@ -23,11 +23,11 @@ def progress_bar(disable: bool = False) -> Progress | LineProgress:
     """The progress display used by every long command.
 
     On a terminal: a rich progress bar (removed when done). When output is plain (stdout not
-    a terminal, ``--plain``, ``CRYOMAG_PLAIN=1``; :func:`cryomag.report.console.is_plain`):
+    a terminal, ``--plain``, ``CRYOMAG_PLAIN=1``; :func:`cryomag._plain.is_plain`):
     :class:`LineProgress`, periodic lines on stderr that read well in a log. Both offer
     ``add_task``, ``advance`` and ``update`` and are context managers.
     """
-    from cryomag.report.console import is_plain
+    from cryomag._plain import is_plain
 
     if not disable and is_plain():
         return LineProgress()

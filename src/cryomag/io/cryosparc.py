@@ -125,6 +125,7 @@ __all__ = [
     "read_cs",
     "relion_to_cs_aberrations",
     "write_cs",
+    "write_csg",
 ]
 
 #: cryoSPARC's higher-order aberration fields and their number of values per particle.
@@ -731,8 +732,12 @@ def _scratch_array(ps: ParticleSet) -> np.ndarray:
     return arr
 
 
-def write_cs(ps: ParticleSet, path: str | os.PathLike) -> list[str]:
+def write_cs(ps: ParticleSet, path: str | os.PathLike, csg: bool = True) -> list[str]:
     """Write a particle set as a cryoSPARC ``.cs`` file (classic numpy format), atomically.
+
+    With ``csg`` (default) the result-group file ``<stem>.csg`` is written beside it
+    (:func:`write_csg`), so that cryoSPARC's Import Result Group job can bring the particles
+    into a project.
 
     If the set was read from a ``.cs`` file, the output starts from the original structured
     array (rows matched by ``cmagUid``, so subsets and reordering are fine) and every input
@@ -755,6 +760,8 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> list[str]:
         Particles to write.
     path : path
         Destination; the name is used exactly (no ``.npy`` is appended).
+    csg : bool
+        Also write ``path`` with the suffix ``.csg`` (refused if that is an input).
 
     Returns
     -------
@@ -764,7 +771,8 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> list[str]:
     Raises
     ------
     ParticleFileError
-        If ``path`` is an input of ``ps``, or a ``cmagUid`` is not in the source array.
+        If ``path`` (or its .csg) is an input of ``ps``, or a ``cmagUid`` is not in the source
+        array.
     """
     ps.validate()
     src = ps.source
@@ -879,8 +887,11 @@ def write_cs(ps: ParticleSet, path: str | os.PathLike) -> list[str]:
         if "rlnRandomSubset" in p.columns:
             arr = _set_exact(arr, "alignments3D/split", ps.half_sets() - 1, np.uint32)
 
-    with atomic_write(path, inputs=[src.path, src.passthrough]) as tmp, open(tmp, "wb") as fh:
+    inputs = [src.path, src.passthrough]
+    with atomic_write(path, inputs=inputs) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
+    if csg:
+        write_csg(path, arr.dtype.names, n, inputs=inputs)
     return dropped
 
 
@@ -913,3 +924,79 @@ def _write_aberrations(ps: ParticleSet, arr: np.ndarray,
             f"trefoil_A, tetra_A) cannot hold were not written: {'; '.join(dropped)}"
         )
     return arr, dropped
+
+
+#: Type of a particle result group; each slot's type is ``particle.<slot>``.
+CSG_GROUP_TYPE = "particle"
+
+
+def write_csg(
+    cs_path: str | os.PathLike,
+    fields,
+    num_items: int,
+    name: str = "particles",
+    inputs=(),
+) -> Path:
+    """Write the cryoSPARC result-group file (``.csg``) of a particle ``.cs`` file, atomically.
+
+    A ``.csg`` is YAML: ``group`` (name, type ``particle``, title, description) and
+    ``results``, one entry per result slot of the particles (the prefix of the .cs fields
+    before ``/``: blob, ctf, location, alignments3D, ...) naming the file that holds it
+    (``metafile: '>particles.cs'``, ``>`` = relative to the .csg's folder), the number of rows
+    and the slot type ``particle.<slot>``. This is the layout cryoSPARC writes when it exports
+    a result group, and what its Import Result Group job reads.
+
+    Parameters
+    ----------
+    cs_path : path
+        The ``.cs`` file described (need not exist yet; the .csg is ``cs_path`` with the
+        suffix ``.csg``, in the same folder).
+    fields : sequence of str
+        The .cs field names (``uid`` and fields without a slot prefix are not listed).
+    num_items : int
+        Rows of the .cs file.
+    name : str
+        Name of the result group (letters, digits and underscores).
+    inputs : iterable of path
+        Files that must not be overwritten.
+
+    Returns
+    -------
+    Path
+        The written ``.csg``.
+    """
+    import datetime
+
+    cs_path = Path(cs_path)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"result group name {name!r}: expected letters, digits, underscores")
+    slots: list[str] = []
+    for f in fields:
+        if "/" in f:
+            slot = f.split("/", 1)[0]
+            if re.fullmatch(r"[A-Za-z0-9_]+", slot) and slot not in slots:
+                slots.append(slot)
+    if not slots:
+        raise ParticleFileError(f"{cs_path}: no result slots (fields 'slot/name') to describe")
+    metafile = ">" + cs_path.name.replace("'", "''")
+    created = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+    lines = [
+        f"created: '{created}'",
+        "group:",
+        "  description: particles written by cryomag (magnification, scale, CTF)",
+        f"  name: {name}",
+        "  title: cryomag particles",
+        f"  type: {CSG_GROUP_TYPE}",
+        "results:",
+    ]
+    for slot in slots:
+        lines += [
+            f"  {slot}:",
+            f"    metafile: '{metafile}'",
+            f"    num_items: {int(num_items)}",
+            f"    type: {CSG_GROUP_TYPE}.{slot}",
+        ]
+    out = cs_path.with_suffix(".csg")
+    with atomic_write(out, inputs=inputs) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return out

@@ -67,6 +67,7 @@ _PRIVATE = (LOCK_NAME, MANIFEST_NAME, ".chunks")
 KNOWN_OUTPUTS = (
     "particles.star",
     "particles.cs",
+    "particles.csg",
     "results.json",
     "stats/",
     "plots/",

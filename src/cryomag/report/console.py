@@ -11,10 +11,11 @@ with :func:`make_console` and :func:`make_table`.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
+
+from cryomag._plain import is_plain, set_plain
 
 __all__ = [
     "is_plain",
@@ -26,28 +27,6 @@ __all__ = [
 
 #: Width of a plain console (characters): wide enough for any table, so none is squashed.
 PLAIN_WIDTH = 1000
-
-_FORCED: bool | None = None
-
-
-def set_plain(value: bool | None) -> None:
-    """Force plain output (True), rich output (False) or decide automatically (None)."""
-    global _FORCED
-    _FORCED = value
-
-
-def is_plain(stream=None) -> bool:
-    """Whether output to ``stream`` (default stdout) is plain (see the module docstring)."""
-    if _FORCED is not None:
-        return _FORCED
-    if os.environ.get("CRYOMAG_PLAIN", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    stream = sys.stdout if stream is None else stream
-    try:
-        return not stream.isatty()
-    except (AttributeError, ValueError):
-        return True
-
 
 def make_console(stderr: bool = False):
     """A rich Console for stdout (or stderr): the terminal's, or a plain one for logs."""

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from cryomag.report.console import make_console, make_table
 
-__all__ = ["render"]
+__all__ = ["render", "render_mrc"]
 
 #: Above this many groups the report prints one line per group instead of every quantity.
 _MAX_DETAILED_GROUPS = 8
@@ -169,3 +169,58 @@ def _render_scale(sc: dict[str, Any], console: Console) -> None:
             f"sampling alone would give {_fmt(m.get('sampling_std_of_medians'), 3)}"
             + (f"; {m['interpretation']}" if "interpretation" in m else "")
         )
+
+
+def render_mrc(result: dict[str, Any], console: Console | None = None) -> None:
+    """Print the dict of :func:`cryomag.workflows.inspect.inspect_mrc`."""
+    console = console or make_console()
+    h = result["header"]
+    nx, ny, nz = h["shape_xyz"]
+    what = {"map": f"map {nx} x {ny} x {nz} voxels", "stack": f"stack of {nz} images of "
+            f"{nx} x {ny} px", "image": f"one image of {nx} x {ny} px"}[result["kind"]]  # fmt: skip
+    console.print(f"[bold]{result['file']}[/bold]: MRC {what}")
+    table = make_table(title="header", console=console)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    vs = h["voxel_size_A"]
+    rows = [
+        ("mode", f"{h['mode']} ({h['dtype'] or 'unknown'})"),
+        ("voxel size x, y, z (A)", ", ".join(f"{v:g}" for v in vs)),
+        ("cell (A)", ", ".join(f"{v:g}" for v in h["cell_A"])),
+        ("sampling mx, my, mz", ", ".join(str(v) for v in h["sampling_mxyz"])),
+        ("origin (A)", ", ".join(f"{v:g}" for v in h["origin_A"])),
+        ("nstart", ", ".join(str(v) for v in h["nstart"])),
+        ("axis order (mapc, mapr, maps)", ", ".join(str(v) for v in h["axis_order_crs"])),
+        ("space group (ispg)", str(h["ispg"])),
+        ("extended header (bytes)", str(h["extended_header_bytes"])),
+        ("header dmin / dmax / dmean / rms", " / ".join(
+            f"{h['header_stats'][k]:.6g}" for k in ("dmin", "dmax", "dmean", "rms"))),
+        ("file size (bytes)", str(result["size_check"]["actual_bytes"])),
+    ]  # fmt: skip
+    for label in h["labels"]:
+        rows.append(("label", label))
+    v = result["values"]
+    if v is not None:
+        rows += [
+            ("values min / max", f"{_fmt(v['min'], 6)} / {_fmt(v['max'], 6)}"),
+            ("values mean / std", f"{_fmt(v['mean'], 6)} / {_fmt(v['std'], 6)}"),
+            ("NaN / Inf", f"{v['nan_count']} / {v['inf_count']}"),
+        ]
+    else:
+        rows.append(("values", "not read (see the warnings)"))
+    for label, text in rows:
+        table.add_row(label, text)
+    console.print(table)
+    compared = result.get("particles")
+    if compared:
+        for g in compared["optics_groups"]:
+            console.print(
+                f"{compared['file']} optics group {g['optics_group']}: rlnImagePixelSize "
+                f"{g['pixel_size_A']:g} A, rlnImageSize {g['box_px']} px"
+            )
+    for w in result["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if not result["warnings"]:
+        console.print("no warnings")
+    for key, where in result["outputs"].items():
+        console.print(f"wrote {key}: {where}")

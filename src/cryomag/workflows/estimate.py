@@ -518,6 +518,7 @@ def estimate(
     progress: bool = True,
     executor=None,
     resume: bool = False,
+    image_root=None,
     **options,
 ) -> EstimateResult:
     """Estimate per-particle scales and per-group magnification from files (Python API).
@@ -543,6 +544,10 @@ def estimate(
         Continue an interrupted run into the same ``out``: finished chunks stored in
         ``out/.chunks`` are read back, only the rest is computed. With ``out``, chunk
         results are always stored while the run lasts and removed when it completes.
+    image_root : path, optional
+        Folder the written ``rlnImageName`` paths are relative to (default: ``out``). A
+        RELION project folder when ``out`` is a job folder in it: RELION resolves image
+        names from the project folder.
     **options
         Fields of :class:`EstimateOptions` (fit, low_res_A, high_res_A, max_iter, tol,
         chunk_size, joint_scale, eps, nthreads, ...).
@@ -563,14 +568,15 @@ def estimate(
         if isinstance(executor, Executor):
             executor.start_in_background()  # workers start while the inputs are read
         return _estimate(particles, reference, out, half_maps, mask, angpix, passthrough,
-                         write_cs, plots, progress, executor, resume, options)  # fmt: skip
+                         write_cs, plots, progress, executor, resume, options,
+                         image_root)  # fmt: skip
     finally:
         if owned is not None:
             owned.close()
 
 
 def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, write_cs, plots,
-              progress, executor, resume, options):  # fmt: skip
+              progress, executor, resume, options, image_root=None):  # fmt: skip
     """:func:`estimate` once its executor exists."""
     from cryomag.io import ImageSource, read_particles
     from cryomag.io.outdir import output_folder
@@ -621,5 +627,6 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
                     gr.iterations,
                 )
             if out is not None:
-                write_outputs(res, out, inputs, write_cs=write_cs, plots=plots)
+                write_outputs(res, out, inputs, write_cs=write_cs, plots=plots,
+                              image_root=image_root)  # fmt: skip
     return res

@@ -1,4 +1,5 @@
-"""``cryomag inspect``: what a STAR or .cs file says about optics, magnification and scale.
+"""``cryomag inspect``: what a STAR or .cs file says about optics, magnification and scale,
+and what an MRC map or stack's header and values say (:func:`inspect_mrc`).
 
 :func:`inspect_particles` computes everything (a JSON-ready dict, also the Python API) and
 writes the optional plots and inspect.json; :func:`cryomag.report.console_inspect.render`
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +351,270 @@ def _write_outputs(
     text = json.dumps(_json_ready(result), indent=2, allow_nan=False)
     with atomic_write(targets["inspect_json"], inputs=[path]) as tmp:
         tmp.write_text(text + "\n")
+
+
+# --------------------------------------------------------------------------- MRC files
+#: Suffixes read as MRC maps / stacks by ``cryomag inspect``.
+MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".st", ".rec", ".ali")
+
+#: Relative difference between the header's voxel size and a STAR's pixel size above which
+#: ``inspect`` warns (a STAR stores 6 digits; 1e-4 is a 0.01 % magnification error).
+PIXEL_SIZE_RTOL = 1e-4
+
+#: Sections read at a time for the value statistics (bounds the memory to a few slabs).
+_STATS_SECTIONS = 64
+
+_ISPG_MEANING = {0: "image stack (ispg 0)", 1: "single volume (ispg 1)"}
+
+
+def _f32(x) -> float:
+    """A float32 header value as the shortest decimal that reads back to it."""
+    return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
+
+
+def _header_fields(path: Path) -> tuple[dict[str, Any], list[str], Any]:
+    """The header as a JSON-ready dict, mrcfile's own complaints, and the raw header."""
+    import warnings
+
+    import mrcfile
+
+    from cryomag.io.mrc import _read_header
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        header = _read_header(path)
+        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as m:
+            voxel = m.voxel_size
+    complaints = sorted({f"mrcfile: {w.message}" for w in caught})
+    labels = [
+        bytes(header.label[i]).decode("ascii", "replace").rstrip("\x00 ").strip()
+        for i in range(min(int(header.nlabl), 10))
+    ]
+    fields = {
+        "shape_xyz": [int(header.nx), int(header.ny), int(header.nz)],
+        "mode": int(header.mode),
+        "voxel_size_A": [_f32(voxel.x), _f32(voxel.y), _f32(voxel.z)],
+        "cell_A": [_f32(header.cella.x), _f32(header.cella.y), _f32(header.cella.z)],
+        "sampling_mxyz": [int(header.mx), int(header.my), int(header.mz)],
+        "origin_A": [_f32(header.origin.x), _f32(header.origin.y), _f32(header.origin.z)],
+        "nstart": [int(header.nxstart), int(header.nystart), int(header.nzstart)],
+        "axis_order_crs": [int(header.mapc), int(header.mapr), int(header.maps)],
+        "ispg": int(header.ispg),
+        "extended_header_bytes": int(header.nsymbt),
+        "exttyp": bytes(header.exttyp).decode("ascii", "replace").strip("\x00 "),
+        "map_id": bytes(header.map).decode("ascii", "replace"),
+        "machine_stamp": [int(b) for b in header.machst],
+        "header_stats": {
+            "dmin": _f32(header.dmin),
+            "dmax": _f32(header.dmax),
+            "dmean": _f32(header.dmean),
+            "rms": _f32(header.rms),
+        },
+        "labels": [s for s in labels if s],
+    }
+    return fields, complaints, header
+
+
+def _value_stats(path: Path, dtype: np.dtype) -> dict[str, Any]:
+    """min, max, mean, std (of the finite values), NaN and Inf counts, read in slabs."""
+    import warnings
+
+    import mrcfile
+
+    n = 0
+    total = 0.0
+    total2 = 0.0
+    lo, hi = math.inf, -math.inf
+    nan = inf = 0
+    with warnings.catch_warnings():  # the header's complaints are reported once, by the caller
+        warnings.simplefilter("ignore")
+        m = mrcfile.mmap(path, mode="r", permissive=True)
+    with m:
+        data = m.data
+        if data.ndim == 2:
+            data = data[None]
+        for start in range(0, data.shape[0], _STATS_SECTIONS):
+            block = np.asarray(data[start : start + _STATS_SECTIONS], dtype=np.float64)
+            if np.issubdtype(dtype, np.floating):
+                nan += int(np.isnan(block).sum())
+                inf += int(np.isinf(block).sum())
+                block = block[np.isfinite(block)]
+            if block.size == 0:
+                continue
+            n += block.size
+            total += float(block.sum())
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        mean = total / n if n else math.nan
+        for start in range(0, data.shape[0], _STATS_SECTIONS):  # two-pass variance: exact
+            block = np.asarray(data[start : start + _STATS_SECTIONS], dtype=np.float64)
+            block = block[np.isfinite(block)]
+            total2 += float(((block - mean) ** 2).sum())
+    return {
+        "n_values": n + nan + inf,
+        "min": lo if n else None,
+        "max": hi if n else None,
+        "mean": mean if n else None,
+        "std": math.sqrt(total2 / n) if n else None,
+        "nan_count": nan,
+        "inf_count": inf,
+    }
+
+
+def _star_pixel_sizes(star: Path) -> list[dict[str, Any]]:
+    """Per optics group of a particle file: group, pixel size (A), box (px)."""
+    ps = _read(star)
+    out = []
+    for row in ps.optics.to_dict("records"):
+        box = row.get("rlnImageSize")
+        out.append(
+            {
+                "optics_group": int(row["rlnOpticsGroup"]),
+                "pixel_size_A": float(row["rlnImagePixelSize"]),
+                "box_px": None if box is None or box != box else int(box),
+            }
+        )
+    return out
+
+
+def inspect_mrc(
+    path: str | os.PathLike,
+    particles: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Summarise an MRC map or image stack: header, voxel size, values, and warnings.
+
+    Parameters
+    ----------
+    path : path
+        ``.mrc`` / ``.mrcs`` / ``.map`` (a volume, a stack of images or a single image).
+    particles : path, optional
+        A RELION ``.star`` or cryoSPARC ``.cs`` file whose optics groups' pixel sizes (A) and
+        boxes (px) the header is compared with.
+    out : path, optional
+        Folder (created if needed) for ``inspect.json`` (this dict), written atomically.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``file``, ``kind`` ("map", "stack" or "image"), ``header`` (``shape_xyz``
+        in voxels, ``mode`` and ``dtype``, ``voxel_size_A`` (x, y, z), ``cell_A``,
+        ``sampling_mxyz``, ``origin_A``, ``nstart``, ``axis_order_crs``, ``ispg``,
+        ``extended_header_bytes``, ``map_id``, ``machine_stamp``, ``header_stats``,
+        ``labels``), ``size_check`` (expected and actual bytes), ``values`` (min, max, mean,
+        std of the finite values, ``nan_count``, ``inf_count``; None when the data cannot be
+        read), ``particles`` (the compared optics groups) and ``warnings`` (sentences).
+
+    Raises
+    ------
+    ParticleDataError
+        When the file is missing or not an MRC file at all (the message names it).
+    """
+    from cryomag.io.atomic import ParticleFileError
+    from cryomag.io.mrc import _check_size
+
+    path = Path(path)
+    if out is not None:
+        from cryomag.io.outdir import check_out_not_input
+
+        check_out_not_input(out, [path, particles])
+    try:
+        header, complaints, raw = _header_fields(path)
+    except (OSError, ValueError) as exc:
+        raise ParticleDataError(f"{path}: cannot read as an MRC file: {exc}") from exc
+    warnings_: list[str] = [f"{path}: {c}" for c in complaints]
+    nx, ny, nz = header["shape_xyz"]
+    dtype_name = _REAL_MODE_NAMES.get(header["mode"])
+    header["dtype"] = dtype_name
+    if header["ispg"] == 0 or path.suffix.lower() == ".mrcs":
+        kind = "stack" if nz > 1 or path.suffix.lower() == ".mrcs" else "image"
+    else:
+        kind = "map" if nz > 1 else "image"
+    size = {"actual_bytes": path.stat().st_size}
+    values = None
+    try:
+        _, _, _, dtype = _check_size(path, raw)
+        size["expected_bytes"] = size["actual_bytes"]
+    except ParticleFileError as exc:
+        warnings_.append(str(exc))
+        dtype = None
+    if dtype is not None:
+        values = _value_stats(path, dtype)
+
+    vx, vy, vz = header["voxel_size_A"]
+    if vx <= 0 or vy <= 0 or (kind == "map" and vz <= 0):
+        warnings_.append(
+            f"{path}: no voxel size in the header (cell {header['cell_A']} A over sampling "
+            f"{header['sampling_mxyz']}); give the pixel size explicitly where it is used"
+        )
+    elif not (math.isclose(vx, vy, rel_tol=1e-5) and (kind != "map" or math.isclose(vx, vz,
+              rel_tol=1e-5))):  # fmt: skip
+        warnings_.append(f"{path}: anisotropic voxel {vx:g} x {vy:g} x {vz:g} A")
+    if kind == "map" and not nx == ny == nz:
+        warnings_.append(
+            f"{path}: non-cubic map {nx} x {ny} x {nz} voxels (cryomag expects a cubic map: "
+            "pad it to a cube)"
+        )
+    if kind != "map" and nx != ny:
+        warnings_.append(f"{path}: non-square images {nx} x {ny} pixels")
+    if header["axis_order_crs"] != [1, 2, 3]:
+        warnings_.append(
+            f"{path}: axis order (mapc, mapr, maps) = {tuple(header['axis_order_crs'])}, not "
+            "(1, 2, 3): readers that ignore it (most cryo-EM programs) see the axes permuted"
+        )
+    if values is not None:
+        if values["nan_count"] or values["inf_count"]:
+            warnings_.append(
+                f"{path}: {values['nan_count']} NaN and {values['inf_count']} Inf value(s) "
+                f"of {values['n_values']}"
+            )
+        if values["std"] == 0:
+            warnings_.append(f"{path}: every value is {values['min']:g} (no signal)")
+
+    compared = None
+    if particles is not None:
+        compared = _star_pixel_sizes(Path(particles))
+        for g in compared:
+            rel = (vx - g["pixel_size_A"]) / g["pixel_size_A"]
+            if abs(rel) > PIXEL_SIZE_RTOL:
+                warnings_.append(
+                    f"{path}: header pixel size {vx:g} A differs from {particles} optics group "
+                    f"{g['optics_group']} rlnImagePixelSize {g['pixel_size_A']:g} A "
+                    f"({100 * rel:+.3f} %)"
+                    + (
+                        "; RELION and cryomag use the STAR's value for particle images"
+                        if kind != "map"
+                        else "; cryomag uses each file's own value, so check which is right"
+                    )
+                )
+            if kind != "map" and g["box_px"] is not None and g["box_px"] != nx:
+                warnings_.append(
+                    f"{path}: images are {nx} px, {particles} optics group "
+                    f"{g['optics_group']} rlnImageSize is {g['box_px']} px"
+                )
+    result: dict[str, Any] = {
+        "file": str(path),
+        "format": "mrc",
+        "kind": kind,
+        "header": header,
+        "size_check": size,
+        "values": values,
+        "particles": None if particles is None else {"file": str(particles),
+                                                     "optics_groups": compared},  # fmt: skip
+        "warnings": warnings_,
+        "outputs": {},
+    }
+    if out is not None:
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise ParticleDataError(f"{folder}: --out must be a folder, but this is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "inspect.json"
+        result["outputs"] = {"inspect_json": str(target)}
+        text = json.dumps(_json_ready(result), indent=2, allow_nan=False)
+        with atomic_write(target, inputs=[path, particles]) as tmp:
+            tmp.write_text(text + "\n")
+    return _json_ready(result)
+
+
+_REAL_MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 3: "complex int16",
+                    4: "complex float32", 6: "uint16", 12: "float16"}  # fmt: skip

@@ -233,12 +233,19 @@ def save_statistics(res, folder: Path, options: dict | None = None) -> None:
 
 
 def write_outputs(
-    res: EstimateResult, out: Path, inputs: list, write_cs: bool = False, plots: bool = True
+    res: EstimateResult,
+    out: Path,
+    inputs: list,
+    write_cs: bool = False,
+    plots: bool = True,
+    image_root: Path | None = None,
 ) -> dict[str, Path]:
     """Write the fixed-name outputs of an estimation into ``out``.
 
-    ``particles.star`` (always), ``particles.cs`` (for .cs input or ``write_cs``),
+    ``particles.star`` (always), ``particles.cs`` + ``particles.csg`` (for .cs input or
+    ``write_cs``; the .csg is the cryoSPARC result group naming it),
     ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf``.
+    The image names are written relative to ``image_root`` (default ``out``).
     """
     from cryomag.io import write_star
     from cryomag.io.atomic import ensure_not_input, write_json
@@ -249,7 +256,7 @@ def write_outputs(
     star = out / "particles.star"
     ensure_not_input(star, inputs)
     to_write = res.particles.copy()  # the in-memory result keeps its own image paths
-    rebase_image_names(to_write, out)
+    rebase_image_names(to_write, out if image_root is None else image_root)
     write_star(to_write, star)
     written["star"] = star
     if write_cs or res.particles.source.kind == "cs":

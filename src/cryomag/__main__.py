@@ -1,0 +1,5 @@
+"""``python -m cryomag``: the command line (:mod:`cryomag.cli.main`)."""
+
+from cryomag.cli.main import app
+
+app()
