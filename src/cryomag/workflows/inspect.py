@@ -61,17 +61,12 @@ def _json_ready(x: Any) -> Any:
 
 
 def _parse_vector(value: Any) -> list[float] | None:
-    """A Zernike vector written as ``[a,b,c]`` (string) or already a sequence; None if empty."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().strip("[]").strip()
-        if not text:
-            return None
-        return [float(v) for v in text.split(",")]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return [float(v) for v in np.ravel(value)]
+    """A Zernike vector (RELION's ``[a,b,c]`` or a sequence) as a list; None if empty
+    (:func:`cryomag.model.particles.parse_zernike`)."""
+    from cryomag.model.particles import parse_zernike
+
+    values = parse_zernike(value)
+    return list(values) if values else None
 
 
 def _cs_field(cs_data: Any, name: str) -> np.ndarray | None:
