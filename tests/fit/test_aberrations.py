@@ -147,19 +147,13 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
 
     from cryomag.fit.accumulate import KernelOptions, chunk_statistics
     from cryomag.fit.defocus import DefocusLevels, solve_joint
-    from cryomag.fit.statistics import Band, GroupStatistics
-    from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
-    from cryomag.physics.reference import MapReference
-    from tests.fit.test_defocus import APIX, BOX, _blob_map, _geometry
+    from cryomag.fit.statistics import GroupStatistics
+    from cryomag.physics.forward import ParticleGeometry, predict
+    from tests.fit.test_defocus import BOX, crb_setup
 
-    rng = np.random.default_rng(7)
-    ref = MapReference(_blob_map(), APIX, eps=1e-10, nthreads=1)
-    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1)
-    band = Band(BOX, APIX, 1 / 25, 0.9 * 0.5 / APIX)
-    n = 40
-    geom = _geometry(n, rng)
+    rng, ref, optics, band, geom, scale = crb_setup(7)
+    n = len(geom)
     kx, ky = band.kx, band.ky
-    scale = rng.uniform(0.8, 1.2, n)
     terms = AberrationTerms(groups)
     k = len(terms)
 

@@ -299,6 +299,26 @@ def _model(ref, geom, optics, band, mag, delta, pad):
     return p * np.linalg.det(geom.mag) / np.linalg.det(mag)  # amplitude held (the scale's)
 
 
+def _definition_sums(p, y, j, w):
+    """hpg, bg, hgg by their definitions (float64) from the model p (N, npix), the data y,
+    the derivative columns j (N, npix, ncol) and the weights w (npix)."""
+
+    def dot(a, b):
+        return np.einsum("np,np,p->n", a.real, b.real, w) + np.einsum(
+            "np,np,p->n", a.imag, b.imag, w
+        )
+
+    s = dot(p, y) / dot(p, p)
+    r = y - s[:, None] * p
+    n = j.shape[-1]
+    hpg = s[:, None] * np.stack([dot(p, j[..., i]) for i in range(n)], 1)
+    bg = s[:, None] * np.stack([dot(j[..., i], r) for i in range(n)], 1)
+    hgg = (s * s)[:, None, None] * np.stack(
+        [np.stack([dot(j[..., a], j[..., b]) for b in range(n)], 1) for a in range(n)], 1
+    )
+    return hpg, bg, hgg
+
+
 @pytest.mark.parametrize("pad", [1, 2])
 def test_defocus_columns_match_the_definition(setup, pad):
     """The 3 defocus columns (d/d a00, a01, a11 of the defocus matrix in the CTF's frame)
@@ -328,19 +348,7 @@ def test_defocus_columns_match_the_definition(setup, pad):
         for i in range(3)
     ]  # fmt: skip
     j = np.stack(cols, -1)
-
-    def dot(a, b):
-        return np.einsum("np,np,p->n", a.real, b.real, w) + np.einsum(
-            "np,np,p->n", a.imag, b.imag, w
-        )
-
-    s = dot(p, y) / dot(p, p)
-    r = y - s[:, None] * p
-    want_hpg = s[:, None] * np.stack([dot(p, j[..., i]) for i in range(7)], 1)
-    want_bg = s[:, None] * np.stack([dot(j[..., i], r) for i in range(7)], 1)
-    want_hgg = (s * s)[:, None, None] * np.stack(
-        [np.stack([dot(j[..., a], j[..., b]) for b in range(7)], 1) for a in range(7)], 1
-    )
+    want_hpg, want_bg, want_hgg = _definition_sums(p, y, j, w)
     for got, want in ((st.hpg, want_hpg), (st.bg, want_bg), (st.hgg, want_hgg)):
         d = slice(4, 7)  # every block that involves a defocus column
         for block in ((Ellipsis, d),) if got.ndim == 2 else ((Ellipsis, d, slice(None)),):
@@ -394,20 +402,8 @@ def test_aberration_columns_match_the_definition(setup, pad, term):
                      - _model(ref, geom, terms.apply(optics, -d), band, m0, z, pad))
                     / (2 * step))  # fmt: skip
     j = np.stack(cols, -1)
-
-    def dot(a, b):
-        return np.einsum("np,np,p->n", a.real, b.real, w) + np.einsum(
-            "np,np,p->n", a.imag, b.imag, w
-        )
-
-    s = dot(p, y) / dot(p, p)
-    r = y - s[:, None] * p
     n = 4 + k
-    want_hpg = s[:, None] * np.stack([dot(p, j[..., i]) for i in range(n)], 1)
-    want_bg = s[:, None] * np.stack([dot(j[..., i], r) for i in range(n)], 1)
-    want_hgg = (s * s)[:, None, None] * np.stack(
-        [np.stack([dot(j[..., a], j[..., b]) for b in range(n)], 1) for a in range(n)], 1
-    )
+    want_hpg, want_bg, want_hgg = _definition_sums(p, y, j, w)
     d = slice(4, n)
     for got, want in ((st.hpg, want_hpg), (st.bg, want_bg), (st.hgg, want_hgg)):
         g_, w_ = got[..., d], want[..., d]

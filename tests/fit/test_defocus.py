@@ -71,20 +71,25 @@ def _shift(geom, mag=None, da=(0.0, 0.0, 0.0)):
     return ParticleGeometry(**kw)
 
 
+def crb_setup(seed: int, n: int = 40):
+    """One micrograph of ``n`` particles of the blob map for the Cramer-Rao tests: (rng,
+    reference, optics, band, geometry, contrast scales)."""
+    rng = np.random.default_rng(seed)
+    ref = MapReference(_blob_map(), APIX, eps=1e-10, nthreads=1)
+    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1)
+    band = Band(BOX, APIX, 1 / 25, 0.9 * 0.5 / APIX)
+    return rng, ref, optics, band, _geometry(n, rng), rng.uniform(0.8, 1.2, n)
+
+
 def test_joint_standard_errors_are_the_cramer_rao_bound():
     """One micrograph of 40 particles: the standard error of its isotropic magnification with
     its defocus and astigmatism fitted jointly (and the scales profiled) equals the Cramer-Rao
     bound computed from the exact forward model by finite differences; and the bound with the
     defocus unknown is only a little above the bound with it known (the cost of not knowing
     the defocus, visible here)."""
-    rng = np.random.default_rng(5)
-    ref = MapReference(_blob_map(), APIX, eps=1e-10, nthreads=1)
-    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1)
-    band = Band(BOX, APIX, 1 / 25, 0.9 * 0.5 / APIX)
-    n = 40
-    geom = _geometry(n, rng)
+    rng, ref, optics, band, geom, scale = crb_setup(5)
+    n = len(geom)
     kx, ky = band.kx, band.ky
-    scale = rng.uniform(0.8, 1.2, n)
     clean = predict(ref, geom, optics, kx, ky) * scale[:, None]
     sigma = 0.6 * float(np.sqrt(np.mean(np.abs(clean) ** 2)))
     # Fisher information of (scale_p, m, a00, a01, a11) from the exact model

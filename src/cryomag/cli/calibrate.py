@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from cryomag.cli.common import AllowNegativeCs, MaxDefocus, fail_cleanly, input_limits, require
+from cryomag.cli.common import (
+    AllowNegativeCs,
+    MaxDefocus,
+    Passthrough,
+    Quiet,
+    fail_cleanly,
+    input_limits,
+    require,
+)
 from cryomag.cli.options import execution_options
 from cryomag.execution.base import ExecutorConfig
 
@@ -54,10 +62,8 @@ def calibrate_cmd(
         ),
     ] = None,
     low_res: Annotated[float, typer.Option("--low-res", help="low-frequency cut (A)")] = 20.0,
-    passthrough: Annotated[
-        Path | None, typer.Option("--passthrough", help="cryoSPARC passthrough .cs")
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    passthrough: Passthrough = None,
+    quiet: Quiet = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
     execution: ExecutorConfig | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,6 +22,14 @@ AllowNegativeCs = Annotated[
         "as a Cs corrector can leave; refused by default",
         rich_help_panel="Input validation",
     ),
+]
+
+#: ``--quiet`` of the commands with a progress bar.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+
+#: ``--passthrough`` of the commands that read cryoSPARC particles.
+Passthrough = Annotated[
+    Path | None, typer.Option("--passthrough", help="cryoSPARC passthrough .cs")
 ]
 
 #: ``--max-defocus`` of every command that reads particles.

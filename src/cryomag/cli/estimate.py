@@ -12,6 +12,8 @@ from cryomag.cli.common import (
     EXIT_FIT_FAILED,
     AllowNegativeCs,
     MaxDefocus,
+    Passthrough,
+    Quiet,
     fail_cleanly,
     input_limits,
     positive,
@@ -66,9 +68,7 @@ def estimate_cmd(
     angpix: Annotated[
         float | None, typer.Option("--angpix", help="pixel size for RELION 3.0 files (A)")
     ] = None,
-    passthrough: Annotated[
-        Path | None, typer.Option("--passthrough", help="cryoSPARC passthrough .cs")
-    ] = None,
+    passthrough: Passthrough = None,
     cs: Annotated[bool, typer.Option("--cs", help="also write particles.cs")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip the plots")] = False,
     image_paths: Annotated[
@@ -163,7 +163,7 @@ def estimate_cmd(
             rich_help_panel="Optics",
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
     execution: ExecutorConfig | None = None,

@@ -10,6 +10,8 @@ import typer
 from cryomag.cli.common import (
     AllowNegativeCs,
     MaxDefocus,
+    Passthrough,
+    Quiet,
     fail_cleanly,
     input_limits,
     positive,
@@ -67,10 +69,8 @@ def reconstruct_cmd(
     angpix: Annotated[
         float | None, typer.Option("--angpix", help="pixel size for RELION 3.0 files (A)")
     ] = None,
-    passthrough: Annotated[
-        Path | None, typer.Option("--passthrough", help="cryoSPARC passthrough .cs")
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    passthrough: Passthrough = None,
+    quiet: Quiet = False,
     allow_negative_cs: AllowNegativeCs = False,
     max_defocus: MaxDefocus = 20.0,
 ) -> None:
