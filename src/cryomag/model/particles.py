@@ -539,6 +539,10 @@ class ParticleSet:
         self.particles["rlnOriginXAngst"] = origin[:, 0]
         self.particles["rlnOriginYAngst"] = origin[:, 1]
 
+    def image_names(self) -> np.ndarray:
+        """Each particle's image name (``index@stack``), str, shape (N,)."""
+        return self.particles["rlnImageName"].to_numpy(str)
+
     def set_image_names(self, names: np.ndarray) -> None:
         """Write each particle's image name (``index@stack``), shape (N,)."""
         self.particles["rlnImageName"] = np.asarray(names, dtype=object)

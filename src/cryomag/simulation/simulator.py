@@ -61,11 +61,10 @@ from typing import Any
 
 import finufft
 import numpy as np
-import pandas as pd
 import scipy.fft as sfft
 from scipy.spatial.transform import Rotation
 
-from cryomag.model.particles import ParticleSet, SourceInfo, format_zernike
+from cryomag.model.particles import ParticleSet
 from cryomag.physics.aberrations import phase_odd, zernike_phase
 from cryomag.physics.ctf import (
     ctf_values,
@@ -1134,7 +1133,7 @@ def simulate_dataset(
         snr_real = np.where(noise_power > 0, signal_power / noise_power, np.inf)
     P["signal_power_band"] = signal_power
     P["snr_realised"] = snr_real
-    P["image_name"] = ps.particles["rlnImageName"].to_numpy(str)
+    P["image_name"] = ps.image_names()
     MIC["noise_sigma_white"] = np.array(
         [groups_out[g]["noise_sigma_white"] for g in MIC["group_index"]]
     )
@@ -1215,6 +1214,8 @@ def _run_tasks(tasks, source, n_workers, progress, on_progress, P, signal_power,
 
 
 def _particle_set(cfg: SimulationConfig, P, MIC, params) -> ParticleSet:
+    from cryomag.model.tables import OpticsGroupRow, particle_set_from_arrays
+
     n = len(P["group"])
     mic = P["micrograph"]
     # 1-based index of each particle within its micrograph's stack
@@ -1224,58 +1225,29 @@ def _particle_set(cfg: SimulationConfig, P, MIC, params) -> ParticleSet:
         idx_in_stack[sel] = np.arange(1, len(sel) + 1)
     image_names = [f"{i:06d}@{MIC['stack'][m]}" for i, m in zip(idx_in_stack, mic, strict=True)]
     g0 = cfg.optics_groups
-    particles = pd.DataFrame(
-        {
-            "rlnImageName": image_names,
-            "rlnMicrographName": MIC["name"][mic],
-            "rlnCoordinateX": P["coordinate_xy_px"][:, 0],
-            "rlnCoordinateY": P["coordinate_xy_px"][:, 1],
-            "rlnOpticsGroup": P["group"],
-            "rlnDefocusU": P["defocus_u_written_A"],
-            "rlnDefocusV": P["defocus_v_written_A"],
-            "rlnDefocusAngle": P["defocus_angle_written_deg"],
-            "rlnPhaseShift": np.array([g0[g].phase_shift_deg for g in P["group_index"]]),
-            "rlnCtfBfactor": np.zeros(n),
-            "rlnCtfScalefactor": np.ones(n),
-            "rlnAngleRot": P["euler_deg"][:, 0],
-            "rlnAngleTilt": P["euler_deg"][:, 1],
-            "rlnAnglePsi": P["euler_deg"][:, 2],
-            "rlnOriginXAngst": P["origin_A"][:, 0],
-            "rlnOriginYAngst": P["origin_A"][:, 1],
-            "rlnRandomSubset": P["half_set"].astype(int),
-        }
-    )
-    rows = []
-    for gi, g in enumerate(cfg.optics_groups):
-        mg = params["M_group"][gi] if cfg.output.write_true_group_mag else np.eye(2)
-        rows.append(
-            {
-                "rlnOpticsGroup": gi + 1,
-                "rlnOpticsGroupName": g.name,
-                "rlnAmplitudeContrast": g.amplitude_contrast,
-                "rlnSphericalAberration": g.cs_mm,
-                "rlnVoltage": g.voltage_kv,
-                "rlnImagePixelSize": g.pixel_size_A,
-                "rlnMicrographOriginalPixelSize": g.pixel_size_A,
-                "rlnImageSize": g.box,
-                "rlnImageDimensionality": 2,
-                "rlnCtfDataAreCtfPremultiplied": 0,
-                "rlnMagMat00": mg[0, 0],
-                "rlnMagMat01": mg[0, 1],
-                "rlnMagMat10": mg[1, 0],
-                "rlnMagMat11": mg[1, 1],
-            }
+    optics = [
+        OpticsGroupRow(
+            name=g.name, pixel_size_A=g.pixel_size_A, box=g.box, voltage_kv=g.voltage_kv,
+            cs_mm=g.cs_mm, amplitude_contrast=g.amplitude_contrast,
+            mag=params["M_group"][gi] if cfg.output.write_true_group_mag else np.eye(2),
+            beam_tilt_mrad=g.beam_tilt_mrad, odd_zernike=g.odd_zernike,
+            even_zernike=g.even_zernike,
         )
-    optics = pd.DataFrame(rows)
-    groups = cfg.optics_groups
-    if any(g.beam_tilt_mrad for g in groups):  # RELION's columns, only when used
-        optics["rlnBeamTiltX"] = [float((g.beam_tilt_mrad or [0, 0])[0]) for g in groups]
-        optics["rlnBeamTiltY"] = [float((g.beam_tilt_mrad or [0, 0])[1]) for g in groups]
-    if any(g.odd_zernike for g in groups):
-        optics["rlnOddZernike"] = [format_zernike(g.odd_zernike or []) for g in groups]
-    if any(g.even_zernike for g in groups):
-        optics["rlnEvenZernike"] = [format_zernike(g.even_zernike or []) for g in groups]
-    return ParticleSet(particles, optics, SourceInfo(kind="memory"))
+        for gi, g in enumerate(g0)
+    ]  # fmt: skip
+    return particle_set_from_arrays(
+        image_names=image_names,
+        micrographs=MIC["name"][mic],
+        coordinates_px=P["coordinate_xy_px"],
+        optics_group=P["group"],
+        defocus_uva=np.stack([P["defocus_u_written_A"], P["defocus_v_written_A"],
+                              P["defocus_angle_written_deg"]], 1),  # fmt: skip
+        phase_shift_deg=np.array([g0[g].phase_shift_deg for g in P["group_index"]]),
+        euler_deg=P["euler_deg"],
+        origin_A=P["origin_A"],
+        half_sets=P["half_set"],
+        optics=optics,
+    )
 
 
 def _truth_dict(cfg, params, ref_info, groups_out, timing, n) -> dict[str, Any]:
