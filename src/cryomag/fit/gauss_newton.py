@@ -62,6 +62,13 @@ class GaussNewtonSettings:
     defocus_tol_A : float
         With the defocus refined, also done only when its step is below this (A): the
         largest group or micrograph change and the rms change of the particles' deviations.
+    warm_periodic : bool
+        Warm-start passes use the box-periodic model (``window_pad`` 1) whatever the group's
+        padding, until their update is below ``warm_tol``; then one more subset pass with
+        the group's window hands over to the full passes (its residuals give the full passes
+        the window-aware model's noise weights, as before). The warm passes only choose the
+        point the full passes linearise at: the result is still the window-aware fixed point
+        of every particle.
     """
 
     fit_aniso: bool = True
@@ -74,6 +81,7 @@ class GaussNewtonSettings:
     curvature_every: int = 4
     levels: DefocusLevels = field(default_factory=DefocusLevels)
     defocus_tol_A: float = 1.0
+    warm_periodic: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -206,6 +214,8 @@ class GroupFit:
         self.phase = "warm" if warm else "full"
         self.history: list[dict] = []
         self.counts = {"warm": 0, "full": 0}
+        # the last warm pass uses the window (settings.warm_periodic, window_pad > 1)
+        self.warm_windowed = False
         self.update: MagUpdate | None = None
         self.stats: GroupStatistics | None = None  # the last full pass
         self.first_stats: GroupStatistics | None = None  # the first pass (at the input M)
@@ -229,11 +239,12 @@ class GroupFit:
             else 0
         )
         refine = s.levels.active and self.phase == "full"
+        periodic = s.warm_periodic and self.phase == "warm" and not self.warm_windowed
         return GroupPass(
             mag=self.mag.copy(),
             ctf_mag=None if s.ctf_moves else self.mag_in.copy(),
             noise=self.noise,
-            window_pad=self.window_pad,
+            window_pad=1 if periodic else self.window_pad,
             second_order=second,
             rows=self.rows if refine else None,
             defocus=self.defocus.copy() if refine else None,
@@ -309,8 +320,13 @@ class GroupFit:
             )
         step = steps[-1]
         if kind == "warm":
-            if step < max(s.warm_tol, s.tol) or self.counts["warm"] >= s.max_iter:
+            if self.warm_windowed:
                 self.phase = "full"
+            elif step < max(s.warm_tol, s.tol) or self.counts["warm"] >= s.max_iter:
+                if s.warm_periodic and self.window_pad > 1:
+                    self.warm_windowed = True  # one subset pass with the window, then full
+                else:
+                    self.phase = "full"
             return
         self.update = upd
         if done:

@@ -93,6 +93,9 @@ class PassSpec:
     defocus : bool
         Also the derivatives with respect to each particle's defocus matrix (the defocus
         refined, :mod:`cryomag.fit.defocus`).
+    upsample_slices : bool
+        The window-aware model's padded-grid slice values upsampled from the particle grid
+        (:class:`cryomag.fit.accumulate.KernelOptions`).
     """
 
     groups: dict
@@ -101,6 +104,7 @@ class PassSpec:
     ctf_moves: bool = False
     nthreads: int = 0
     defocus: bool = False
+    upsample_slices: bool = False
 
 
 def reference_for(refs: dict, half: int):
@@ -156,6 +160,7 @@ class StatisticsPass:
             second_order=gp.second_order,
             ctf_moves=self.spec.ctf_moves,
             defocus=self.spec.defocus,
+            upsample_slices=self.spec.upsample_slices,
         )
         out = []
         halves = self.halves[rows]
