@@ -69,6 +69,10 @@ class GaussNewtonSettings:
         the window-aware model's noise weights, as before). The warm passes only choose the
         point the full passes linearise at: the result is still the window-aware fixed point
         of every particle.
+    lean_warm : bool
+        Warm-start passes accumulate only what the group fit of M needs (no exact gradient,
+        no defocus or local-model columns: :attr:`cryomag.fit.passes.GroupPass.lean`); the
+        local models and the defocus use the full passes' statistics only.
     """
 
     fit_aniso: bool = True
@@ -82,6 +86,7 @@ class GaussNewtonSettings:
     levels: DefocusLevels = field(default_factory=DefocusLevels)
     defocus_tol_A: float = 1.0
     warm_periodic: bool = True
+    lean_warm: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -248,6 +253,7 @@ class GroupFit:
             second_order=second,
             rows=self.rows if refine else None,
             defocus=self.defocus.copy() if refine else None,
+            lean=s.lean_warm and self.phase == "warm",
         )
 
     # ---------------------------------------------------------------- one step

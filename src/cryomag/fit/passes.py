@@ -63,6 +63,10 @@ class GroupPass:
         Each particle's current defocus (DefocusU, DefocusV in A, angle in degrees, in the
         frame of the CTF's defocus term), overriding the table's (the defocus refined in
         earlier passes).
+    lean : bool
+        Only what the group fit of M needs (a warm-start pass): none of the pass's exact
+        gradient, defocus columns or extended columns (those only when the CTF moves with
+        M, which the group fit needs), whatever :class:`PassSpec` asks for.
     """
 
     mag: np.ndarray
@@ -72,6 +76,7 @@ class GroupPass:
     second_order: int = 0
     rows: np.ndarray | None = None
     defocus: np.ndarray | None = None
+    lean: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,13 +158,14 @@ class StatisticsPass:
         g = int(chunk.group)
         gp: GroupPass = self.spec.groups[g]
         spectra = self.spectra(rows)
+        lean = gp.lean
         options = KernelOptions(
             window_pad=gp.window_pad,
-            extended=self.spec.extended,
-            exact_gradient=self.spec.exact_gradient,
+            extended=self.spec.extended and (not lean or self.spec.ctf_moves),
+            exact_gradient=self.spec.exact_gradient and not lean,
             second_order=gp.second_order,
             ctf_moves=self.spec.ctf_moves,
-            defocus=self.spec.defocus,
+            defocus=self.spec.defocus and not lean,
             upsample_slices=self.spec.upsample_slices,
         )
         out = []

@@ -125,6 +125,10 @@ class EstimateOptions:
         The warm-start passes use the box-periodic model whatever the window padding (default
         True): they only choose where the full passes linearise, and the full (window-aware)
         passes end at the same fixed point (bench/RESULTS.md, issue 14).
+    lean_warm : bool
+        Warm-start passes compute only what the group fit of M needs, without the exact
+        gradient and the local-model and defocus columns (default True; those come from the
+        full passes alone).
     upsample_slices : bool
         The window-aware model (``window_pad`` > 1) evaluates the reference on the
         particle's own grid and upsamples the slice to the padded grid by zero-padding its
@@ -181,6 +185,7 @@ class EstimateOptions:
     warm_start: int = 500
     warm_tol: float = 1e-4
     warm_periodic: bool = True
+    lean_warm: bool = True
     upsample_slices: bool = True
     exact_gradient: bool | None = None
     relinearise: bool = True
@@ -233,6 +238,7 @@ class EstimateOptions:
             levels=self.defocus_levels(),
             defocus_tol_A=self.defocus_tol_A,
             warm_periodic=self.warm_periodic,
+            lean_warm=self.lean_warm,
         )
 
 
