@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from relion_common import floor_seconds, run_relion_ctf_refine  # noqa: E402
+
 
 def simulate(folder: Path, n: int, box: int, seed: int) -> None:
     from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
@@ -53,21 +56,6 @@ def simulate(folder: Path, n: int, box: int, seed: int) -> None:
     simulate_dataset(cfg, folder, progress=False)
 
 
-def floor_seconds(folder: Path) -> float:
-    """Read every image and rfft2 it (float32, one thread)."""
-    import scipy.fft as sfft
-
-    from cryomag.io import ImageSource, read_particles
-
-    ps = read_particles(folder / "particles.star")
-    src = ImageSource(ps)
-    t0 = time.perf_counter()
-    for lo in range(0, len(ps), 1024):
-        imgs = src.read(np.arange(lo, min(len(ps), lo + 1024))).astype(np.float32)
-        sfft.rfft2(imgs, axes=(-2, -1), workers=1)
-    return time.perf_counter() - t0
-
-
 def run_cryomag(folder: Path, out: Path) -> float:
     if out.exists():
         shutil.rmtree(out)
@@ -80,35 +68,9 @@ def run_cryomag(folder: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def write_postprocess(folder: Path, box: int, apix: float) -> Path:
-    """A PostProcess-like STAR for relion_ctf_refine's frequency weights: FSC 0.99 (the
-    simulation's reference is exact)."""
-    lines = ["data_general", "", "_rlnFinalResolution 2.5", "", "data_fsc", "", "loop_",
-             "_rlnSpectralIndex #1", "_rlnResolution #2", "_rlnAngstromResolution #3",
-             "_rlnFourierShellCorrelationCorrected #4"]  # fmt: skip
-    for i in range(box // 2 + 1):
-        res = i / (box * apix)
-        ang = 1 / res if i else 999.0
-        lines.append(f"{i} {res:.6f} {ang:.4f} 0.99")
-    path = folder / "postprocess_bench.star"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def run_relion(relion_bin: Path, folder: Path, out: Path, box: int, apix: float) -> float:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    pp = write_postprocess(out, box, apix)
-    cmd = [str(relion_bin / "relion_ctf_refine"), "--i", "particles.star", "--f", str(pp),
-           "--m1", "ref.mrc", "--m2", "ref.mrc", "--o", str(out) + "/", "--fit_defocus",
-           "--fit_mode", "fpmff", "--kmin_defocus", "30", "--j", "2"]  # fmt: skip
-    t0 = time.perf_counter()
-    run = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t0
-    if run.returncode != 0:
-        raise RuntimeError(f"relion_ctf_refine failed:\n{run.stderr[-3000:]}")
-    return elapsed
+    fit = ["--fit_defocus", "--fit_mode", "fpmff", "--kmin_defocus", "30"]
+    return run_relion_ctf_refine(relion_bin, folder, out, box, apix, fit)[0]
 
 
 def errors(star: Path, folder: Path, se_col: str | None = None) -> dict:

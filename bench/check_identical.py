@@ -223,6 +223,15 @@ def main() -> int:
         gone = sorted(set(old) - set(prints))
         new = sorted(set(prints) - set(old))
         print(f"compared {len(common)}: {len(diff)} differ; {len(gone)} missing, {len(new)} new")
+        by_scenario: dict[str, int] = {}
+        for k in diff:
+            name = k.split(":")[0].split(".")[0]
+            by_scenario[name] = by_scenario.get(name, 0) + 1
+        if by_scenario:
+            print("differing fingerprints by scenario: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(by_scenario.items())))  # fmt: skip
+        same = sorted({k.split(":")[0].split(".")[0] for k in common} - set(by_scenario))
+        print("scenarios identical: " + ", ".join(same))
         for k in diff[:60]:
             print("  DIFFERS", k)
         for k in gone[:20]:

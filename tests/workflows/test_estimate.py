@@ -372,7 +372,9 @@ def test_relinearised_full_pass_matches_real_passes(simulated):
             progress=False,
         )
     g1, g0 = res[True].groups[0], res[False].groups[0]
-    assert np.all(np.abs(g1.mag - g0.mag) < 0.02 * g0.mag_error), (g1.mag - g0.mag) / g0.mag_error
+    # measured: 0.0198 standard errors with window-aware warm passes, 0.021 with the
+    # box-periodic warm start (issue 14: a different linearisation point of the full passes)
+    assert np.all(np.abs(g1.mag - g0.mag) < 0.03 * g0.mag_error), (g1.mag - g0.mag) / g0.mag_error
     np.testing.assert_allclose(g1.mag_error, g0.mag_error, rtol=0.01)
     real1 = [h for h in g1.history if h["particles"] == 800 and not h["relinearised"]]
     real0 = [h for h in g0.history if h["particles"] == 800]
@@ -386,6 +388,27 @@ def test_relinearised_full_pass_matches_real_passes(simulated):
     passes = results_dict(res[True])["groups"][0]["passes"]
     assert passes["subset"] >= 1 and passes["full"] == len(real1)
     assert passes["relinearised_steps"] >= 1
+
+
+def test_fast_warm_start_lands_where_the_exact_one_does(simulated):
+    """Issue 14's faster warm start (box-periodic subset passes, then one with the window;
+    lean passes without the exact gradient and the local columns) ends where window-aware,
+    complete warm passes end: M within 0.05 standard errors, the local models and the
+    defocus within 1e-3 of their spread over the particles."""
+    fit = ("scale", "aniso", "particle", "micrograph", "defocus")
+    res = {}
+    for fast in (True, False):
+        res[fast] = cryomag.estimate(
+            simulated / "particles.star", simulated / "ref.mrc", fit=fit, warm_start=200,
+            warm_periodic=fast, lean_warm=fast, progress=False,
+        )  # fmt: skip
+    g1, g0 = res[True].groups[0], res[False].groups[0]
+    assert g1.step_kinds()[0] == "subset"
+    assert np.all(np.abs(g1.mag - g0.mag) < 0.05 * g0.mag_error), (g1.mag - g0.mag) / g0.mag_error
+    p1, p0 = res[True].particles, res[False].particles
+    for col in ("cmagParticleMagRaw", "cmagMicrographMagRaw", "cmagDefocusChange", "cmagScale"):
+        a, b = p0.column(col), p1.column(col)
+        assert np.nanmax(np.abs(b - a)) < 1e-3 * np.nanstd(a), col
 
 
 def test_cli_warm_start_option(simulated, tmp_path):

@@ -69,6 +69,17 @@ class GaussNewtonSettings:
         parameter's step is below ``aberration_tol`` of its standard error.
     aberration_tol : float
         See ``aberrations``.
+    warm_periodic : bool
+        Warm-start passes use the box-periodic model (``window_pad`` 1) whatever the group's
+        padding, until their update is below ``warm_tol``; then one more subset pass with
+        the group's window hands over to the full passes (its residuals give the full passes
+        the window-aware model's noise weights, as before). The warm passes only choose the
+        point the full passes linearise at: the result is still the window-aware fixed point
+        of every particle.
+    lean_warm : bool
+        Warm-start passes accumulate only what the group fit of M needs (no exact gradient,
+        no defocus or local-model columns: :attr:`cryomag.fit.passes.GroupPass.lean`); the
+        local models and the defocus use the full passes' statistics only.
     """
 
     fit_aniso: bool = True
@@ -83,6 +94,8 @@ class GaussNewtonSettings:
     defocus_tol_A: float = 1.0
     aberrations: AberrationTerms = field(default_factory=AberrationTerms)
     aberration_tol: float = 0.05
+    warm_periodic: bool = True
+    lean_warm: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -238,6 +251,8 @@ class GroupFit:
         self.phase = "warm" if warm else "full"
         self.history: list[dict] = []
         self.counts = {"warm": 0, "full": 0}
+        # the last warm pass uses the window (settings.warm_periodic, window_pad > 1)
+        self.warm_windowed = False
         self.update: MagUpdate | None = None
         self.stats: GroupStatistics | None = None  # the last full pass
         self.first_stats: GroupStatistics | None = None  # the first pass (at the input M)
@@ -271,16 +286,18 @@ class GroupFit:
         )
         refine = s.levels.active and self.phase == "full"
         aberr = len(s.aberrations) and self.phase == "full"
+        periodic = s.warm_periodic and self.phase == "warm" and not self.warm_windowed
         return GroupPass(
             mag=self.mag.copy(),
             ctf_mag=None if s.ctf_moves else self.mag_in.copy(),
             noise=self.noise,
-            window_pad=self.window_pad,
+            window_pad=1 if periodic else self.window_pad,
             second_order=second,
             rows=self.rows if refine else None,
             defocus=self.defocus.copy() if refine else None,
             optics=self.optics if len(s.aberrations) else None,
             aberrations=s.aberrations if aberr else None,
+            lean=s.lean_warm and self.phase == "warm",
         )
 
     # ---------------------------------------------------------------- one step
@@ -362,8 +379,13 @@ class GroupFit:
             )
         step = steps[-1]
         if kind == "warm":
-            if step < max(s.warm_tol, s.tol) or self.counts["warm"] >= s.max_iter:
+            if self.warm_windowed:
                 self.phase = "full"
+            elif step < max(s.warm_tol, s.tol) or self.counts["warm"] >= s.max_iter:
+                if s.warm_periodic and self.window_pad > 1:
+                    self.warm_windowed = True  # one subset pass with the window, then full
+                else:
+                    self.phase = "full"
             return
         self.update = upd
         if done:

@@ -71,6 +71,10 @@ class GroupPass:
     aberrations : AberrationTerms, optional
         The aberration parameters whose columns the pass accumulates
         (:mod:`cryomag.fit.aberrations`).
+    lean : bool
+        Only what the group fit of M needs (a warm-start pass): none of the pass's exact
+        gradient, defocus columns or extended columns (those only when the CTF moves with
+        M, which the group fit needs), whatever :class:`PassSpec` asks for.
     """
 
     mag: np.ndarray
@@ -82,6 +86,7 @@ class GroupPass:
     defocus: np.ndarray | None = None
     optics: OpticsParams | None = None
     aberrations: AberrationTerms | None = None
+    lean: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ class PassSpec:
     defocus : bool
         Also the derivatives with respect to each particle's defocus matrix (the defocus
         refined, :mod:`cryomag.fit.defocus`).
+    upsample_slices : bool
+        The window-aware model's padded-grid slice values upsampled from the particle grid
+        (:class:`cryomag.fit.accumulate.KernelOptions`).
     """
 
     groups: dict
@@ -111,6 +119,7 @@ class PassSpec:
     ctf_moves: bool = False
     nthreads: int = 0
     defocus: bool = False
+    upsample_slices: bool = False
 
 
 def reference_for(refs: dict, half: int):
@@ -159,14 +168,16 @@ class StatisticsPass:
         g = int(chunk.group)
         gp: GroupPass = self.spec.groups[g]
         spectra = self.spectra(rows)
+        lean = gp.lean
         options = KernelOptions(
             window_pad=gp.window_pad,
-            extended=self.spec.extended,
-            exact_gradient=self.spec.exact_gradient,
+            extended=self.spec.extended and (not lean or self.spec.ctf_moves),
+            exact_gradient=self.spec.exact_gradient and not lean,
             second_order=gp.second_order,
             ctf_moves=self.spec.ctf_moves,
-            defocus=self.spec.defocus,
+            defocus=self.spec.defocus and not lean,
             aberrations=gp.aberrations,
+            upsample_slices=self.spec.upsample_slices,
         )
         out = []
         halves = self.halves[rows]

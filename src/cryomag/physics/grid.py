@@ -24,7 +24,7 @@ import scipy.fft as sfft
 from cryomag.physics.aberrations import has_aberration, zernike_phase
 from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
 
-__all__ = ["GridCTF", "WindowCut", "shift_phase32"]
+__all__ = ["GridCTF", "WindowCut", "padded_rfft2", "shift_phase32"]
 
 _F32 = np.float32
 _C64 = np.complex64
@@ -215,6 +215,11 @@ class WindowCut:
     out, and the cut is transformed back and sampled at the band pixels: the signal the CTF
     moves out of the box is then missing from the prediction as it is from the data.
 
+    The inverse transform is made in two stages so that only the cut's rows are finished:
+    the complex transform along y over every column, then the real one along x for the box's
+    rows only (the same arithmetic as a full irfft2 for those rows, half of its second stage);
+    the disc is put onto the grid by one gather (``np.take``) rather than a scatter.
+
     Parameters
     ----------
     box : int
@@ -232,23 +237,62 @@ class WindowCut:
         self.big = int(pad) * int(box)
         self.disc_flat = disc_flat
         self.band_idx = band_idx
+        big = self.big
+        # grid pixel -> its disc value, or the appended zero
+        self._gather = np.full(big * (big // 2 + 1), len(disc_flat))
+        self._gather[disc_flat] = np.arange(len(disc_flat))
+        self._rows = _corner_rows(self.box, big)
+
+    def grid(self, values: np.ndarray) -> np.ndarray:
+        """Disc values (b, n_disc) onto the padded rfft grid, (b, big, big // 2 + 1)."""
+        nb, big = len(values), self.big
+        ext = np.concatenate([values.astype(_C64, copy=False), np.zeros((nb, 1), _C64)], 1)
+        return np.take(ext, self._gather, axis=1).reshape(nb, big, big // 2 + 1)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         """``values`` (b, n_disc) complex64 -> (b, n_band) complex64."""
         nb = len(values)
         big, box = self.big, self.box
-        grid = np.zeros((nb, big * (big // 2 + 1)), _C64)
-        grid[:, self.disc_flat] = values
-        img = sfft.irfft2(
-            grid.reshape(nb, big, big // 2 + 1), s=(big, big), axes=(-2, -1), workers=1,
-            overwrite_x=True,
-        )  # fmt: skip
-        # the centred box of an unshifted image: its four corners
+        cols = sfft.ifft(self.grid(values), axis=-2, workers=1, overwrite_x=True)
+        img = sfft.irfft(cols[:, self._rows], n=big, axis=-1, workers=1, overwrite_x=True)
+        # the centred box of an unshifted image: its four corners (rows already cut)
         lo, hi = box - box // 2, box // 2  # x >= 0 and x < 0 parts
         cut = np.empty((nb, box, box), img.dtype)
-        cut[:, :lo, :lo] = img[:, :lo, :lo]
-        cut[:, :lo, lo:] = img[:, :lo, big - hi :]
-        cut[:, lo:, :lo] = img[:, big - hi :, :lo]
-        cut[:, lo:, lo:] = img[:, big - hi :, big - hi :]
+        cut[:, :, :lo] = img[:, :, :lo]
+        cut[:, :, lo:] = img[:, :, big - hi :]
         spec = sfft.rfft2(cut, axes=(-2, -1), workers=1, overwrite_x=True)
         return spec.reshape(nb, -1)[:, self.band_idx]
+
+
+def _corner_rows(box: int, big: int) -> np.ndarray:
+    """Rows (or columns) of an unshifted big image that hold an unshifted box image's."""
+    lo, hi = box - box // 2, box // 2
+    return np.r_[0:lo, big - hi : big]
+
+
+def padded_rfft2(q: np.ndarray, big: int) -> np.ndarray:
+    """rfft2 of unshifted box images zero-padded to big x big (the box in the centre).
+
+    The same arithmetic as ``rfft2`` of the padded image, without transforming its rows
+    of zeros: the real transform along x of the box's rows, then the complex one along y.
+
+    Parameters
+    ----------
+    q : ndarray, float32, shape (b, box, box)
+        Unshifted images (origin at index 0).
+    big : int
+        Padded size (px).
+
+    Returns
+    -------
+    ndarray, complex64, shape (b, big, big // 2 + 1)
+    """
+    nb, box = q.shape[0], q.shape[-1]
+    lo, hi = box - box // 2, box // 2
+    rows = np.zeros((nb, box, big), q.dtype)
+    rows[:, :, :lo] = q[:, :, :lo]
+    rows[:, :, big - hi :] = q[:, :, lo:]
+    half = sfft.rfft(rows, axis=-1, workers=1, overwrite_x=True)
+    out = np.zeros((nb, big, big // 2 + 1), half.dtype)
+    out[:, _corner_rows(box, big)] = half
+    return sfft.fft(out, axis=-2, workers=1, overwrite_x=True)

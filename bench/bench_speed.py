@@ -1,0 +1,254 @@
+"""Speed of the default fit against the read + FFT floor and one round of RELION's CtfRefine.
+
+Issue 14's benchmark, one command. On N simulated particles (default 5,000; box 128 at
+1.25 A, defocus 0.5-1.5 um, one optics group with 2 % anisotropy at 30 deg, SNR 0.05; the
+simulation is cached in ``--cache``) it prints, in one run:
+
+- the floor: read + rfft2 of the whole stack (float32, one thread);
+- ``cryomag estimate`` with the defaults (the CLI's execution: a LocalCluster with one
+  single-threaded worker per core, automatic window padding), wall time of a fresh process
+  (imports, cluster start, map preparation and every Gauss-Newton pass included), with its
+  parts, peak RSS of the driver and of the largest worker, and M's error against the truth
+  in standard errors;
+- ``relion_ctf_refine --fit_aniso --j 2`` (one round) on the same particles and map when
+  ``RELION_BIN`` (or ``--relion-bin``) points at a RELION 5 build's bin folder, its peak RSS
+  and its M's error in cryomag's standard errors;
+- optionally (``--local``) ``--fit scale,aniso,particle,micrograph,defocus`` against the
+  group fit on the same data, and (``--pads``) other window paddings;
+
+each a median of ``--repeat`` runs, and the ratios cryomag / floor, RELION / floor and
+cryomag / RELION.
+
+Usage::
+
+    python bench/bench_speed.py [--n 5000] [--repeat 3] [--relion-bin DIR] [--local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from relion_common import floor_seconds, run_relion_ctf_refine  # noqa: E402
+
+BOX, APIX = 128, 1.25
+GROUP_FIT = ("scale", "aniso")
+LOCAL_FIT = ("scale", "aniso", "particle", "micrograph", "defocus")
+
+
+def dataset(cache: Path, n: int, seed: int = 14) -> Path:
+    """The cached simulated data set of ``n`` particles (see the module docstring)."""
+    from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
+    from cryomag.simulation.simulator import simulate_dataset
+
+    folder = cache / f"speed_box{BOX}_n{n}_s{seed}"
+    if not (folder / "done.json").is_file():
+        cfg = SimulationConfig(seed=seed)
+        cfg.optics_groups = [
+            OpticsGroupConfig(name="bench", pixel_size_A=APIX, aniso=[1.01, 0.99, 30.0],
+                              box=BOX, n_particles=n, particles_per_micrograph=100)  # fmt: skip
+        ]
+        cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.5
+        cfg.noise.snr = 0.05
+        cfg.render.n_workers = 2
+        t0 = time.perf_counter()
+        simulate_dataset(cfg, folder, progress=False)
+        (folder / "done.json").write_text(json.dumps({"simulate_s": time.perf_counter() - t0}))
+    return folder
+
+
+def _peak_mb() -> float:
+    """Peak resident memory of this process (MB, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float) -> dict:
+    """One ``cryomag estimate`` in this (fresh) process, as the CLI runs it by default.
+
+    ``t_exec``: the parent's clock when it started this process (imports are counted).
+    """
+    t_imp = time.time()
+    import cryomag
+    from cryomag.execution import ExecutorConfig, make_executor
+    from cryomag.simulation.simulator import load_truth
+    from cryomag.workflows.estimate import WORKER_PRELOAD
+
+    folder = Path(folder)
+    t0 = time.time()
+    ex = make_executor(ExecutorConfig(j=0), WORKER_PRELOAD)
+    try:
+        res = cryomag.estimate(folder / "particles.star", folder / "ref.mrc", fit=tuple(fit),
+                               window_pad=window_pad, progress=False, executor=ex)  # fmt: skip
+        t1 = time.time()
+        workers = ex.client.run(_peak_mb) if hasattr(ex, "client") else {}
+    finally:
+        ex.close()
+    truth = load_truth(folder)
+    g = res.groups[0]
+    err = g.mag - truth["M_group"][0]
+    return {
+        "wall_s": time.time() - t_exec,
+        "python_start_s": t_imp - t_exec,
+        "imports_s": t0 - t_imp,
+        "estimate_s": t1 - t0,
+        "statistics_s": res.timings["statistics_s"],
+        "particle_passes": res.timings["particle_passes"],
+        "passes": [h["particles"] for h in g.history if not h.get("relinearised")],
+        "mag": g.mag.tolist(),
+        "err_over_se": float(np.max(np.abs(err) / g.mag_error)),
+        "max_abs_error": float(np.abs(err).max()),
+        "max_se": float(g.mag_error.max()),
+        "se": g.mag_error.tolist(),
+        "driver_peak_mb": _peak_mb(),
+        "worker_peak_mb": max(workers.values()) if workers else float("nan"),
+    }
+
+
+def m_relion(relion_bin: str, folder: str, out: str) -> dict:
+    """One round of relion_ctf_refine --fit_aniso; its M from the output's optics table."""
+    from cryomag.io import read_star
+
+    dt, peak = run_relion_ctf_refine(Path(relion_bin), Path(folder), Path(out), BOX, APIX,
+                                     ["--fit_aniso"])  # fmt: skip
+    ps = read_star(Path(out) / "particles_ctf_refine.star")
+    mag = ps.mag_matrix(ps.groups_used()[0])
+    return {"wall_s": dt, "peak_mb": peak, "mag": np.asarray(mag).tolist()}
+
+
+def one(what: str, src: str | None = None, **kw) -> dict:
+    """One measurement in a fresh process (``src``: import cryomag from this folder)."""
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src
+    kw["t_exec"] = time.time()
+    cmd = [sys.executable, __file__, "--one", json.dumps({"what": what, **kw})]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "cryomag-bench")
+    ap.add_argument("--relion-bin", type=Path, default=os.environ.get("RELION_BIN"))
+    ap.add_argument("--local", action="store_true",
+                    help="also --fit scale,aniso,particle,micrograph,defocus")  # fmt: skip
+    ap.add_argument("--pads", default="0", help="window paddings to run (0 = automatic)")
+    ap.add_argument("--baseline-src", help="also the defaults with cryomag imported from this "
+                    "folder (e.g. an older checkout's src), interleaved in the same run")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        kw = json.loads(a.one)
+        what, t_exec = kw.pop("what"), kw.pop("t_exec")
+        if what == "floor":
+            out = {"wall_s": floor_seconds(Path(kw["folder"]))}
+        elif what == "relion":
+            out = m_relion(**kw)
+        else:
+            out = m_cryomag(**kw, t_exec=t_exec)
+        print(json.dumps(out))
+        return 0
+    from cryomag.simulation.simulator import load_truth
+
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, cores {os.cpu_count()}, "
+          f"load {os.getloadavg()}")  # fmt: skip
+    folder = dataset(a.cache, a.n)
+    truth = np.asarray(load_truth(folder)["M_group"][0])
+    runs: dict[str, list[dict]] = {"floor": []}
+    cases = [(f"cryomag pad {'auto' if p == 0 else p}", GROUP_FIT, p, None)
+             for p in (int(x) for x in a.pads.split(","))]  # fmt: skip
+    if a.baseline_src:
+        cases.append(("cryomag baseline", GROUP_FIT, 0, a.baseline_src))
+    if a.local:
+        cases.append(("cryomag local models", LOCAL_FIT, 0, None))
+    for name, *_ in cases:
+        runs[name] = []
+    if a.relion_bin:
+        runs["relion"] = []
+    work = Path(tempfile.mkdtemp(prefix="cryomag-speed-"))
+    for _ in range(a.repeat):  # interleaved: the machine's load affects every tool alike
+        runs["floor"].append(one("floor", folder=str(folder)))
+        for name, fit, pad, src in cases:
+            runs[name].append(one("cryomag", src, folder=str(folder), fit=list(fit),
+                                  window_pad=pad))  # fmt: skip
+        if a.relion_bin:
+            runs["relion"].append(one("relion", relion_bin=str(a.relion_bin),
+                                      folder=str(folder), out=str(work / "relion")))  # fmt: skip
+    floor = _median(runs["floor"], "wall_s")
+    print(f"{a.n} particles, box {BOX} at {APIX} A, medians of {a.repeat} run(s)")
+    print(f"floor (read + rfft2, 1 thread): {floor:.3f} s")
+    ref_name = cases[0][0]
+    se = np.asarray(runs[ref_name][-1]["se"])
+    summary: dict = {"n": a.n, "floor_s": floor}
+    for name, *_ in cases:
+        rr = runs[name]
+        wall = _median(rr, "wall_s")
+        last = rr[-1]
+        parts = {k: _median(rr, k) for k in ("python_start_s", "imports_s", "estimate_s",
+                                               "statistics_s")}  # fmt: skip
+        print(f"{name}: {wall:.1f} s ({wall / floor:.0f}x floor; python start "
+              f"{parts['python_start_s']:.1f} + imports {parts['imports_s']:.1f} + estimate "
+              f"{parts['estimate_s']:.1f} s, of which statistics passes "
+              f"{parts['statistics_s']:.1f} s); passes {last['passes']}; peak RSS driver "
+              f"{last['driver_peak_mb']:.0f} MB, worker {last['worker_peak_mb']:.0f} MB; "
+              f"max |M - truth| {last['max_abs_error']:.1e} = {last['err_over_se']:.2f} SE "
+              f"(SE {last['max_se']:.1e})")  # fmt: skip
+        summary[name] = {"wall_s": wall, "floor_ratio": wall / floor, **parts, "last": last}
+    if a.baseline_src:
+        b = summary["cryomag baseline"]
+        now = summary[ref_name]
+        dm = np.abs(np.subtract(now["last"]["mag"], b["last"]["mag"]))
+        print(f"defaults now / baseline: wall {now['wall_s'] / b['wall_s']:.2f}, statistics "
+              f"passes {now['statistics_s'] / b['statistics_s']:.2f}; M now - baseline: max "
+              f"{dm.max():.1e} = {np.max(dm / se):.2f} SE")  # fmt: skip
+    if a.local:
+        ratio = summary["cryomag local models"]["wall_s"] / summary[ref_name]["wall_s"]
+        st = (summary["cryomag local models"]["statistics_s"]
+              / summary[ref_name]["statistics_s"])  # fmt: skip
+        print(f"local models / group fit: wall {ratio:.2f}, statistics passes {st:.2f}")
+        summary["local_over_group"] = ratio
+    if a.relion_bin:
+        rel = _median(runs["relion"], "wall_s")
+        mag = np.asarray(runs["relion"][-1]["mag"])
+        err = mag - truth
+        ours = summary[ref_name]["wall_s"]
+        print(f"RELION ctf_refine --fit_aniso --j 2: {rel:.1f} s ({rel / floor:.0f}x floor); "
+              f"peak RSS {runs['relion'][-1]['peak_mb']:.0f} MB; max |M - truth| "
+              f"{np.abs(err).max():.1e} = {np.max(np.abs(err) / se):.2f} SE (cryomag's)")
+        print(f"cryomag / RELION: {ours / rel:.2f}"
+              + (f" (baseline {summary['cryomag baseline']['wall_s'] / rel:.2f})"
+                 if a.baseline_src else ""))  # fmt: skip
+        summary["relion"] = {"wall_s": rel, "floor_ratio": rel / floor,
+                             "mag": mag.tolist(), "cryomag_over_relion": ours / rel}
+    else:
+        print("RELION: not run (set RELION_BIN to a RELION 5 build's bin folder)")
+    print(f"load at end {os.getloadavg()}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

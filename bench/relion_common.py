@@ -1,0 +1,106 @@
+"""Helpers shared by the benchmarks that run RELION beside cryomag on the same data.
+
+- :func:`floor_seconds`: the read + rfft2 floor of a particle stack (one thread);
+- :func:`write_postprocess`: a PostProcess-like STAR that relion_ctf_refine needs for its
+  frequency weights (FSC 0.99: the simulations' references are exact);
+- :func:`run_relion_ctf_refine`: one round of relion_ctf_refine on a simulated folder
+  (``particles.star`` + ``ref.mrc``), its wall time in seconds and its peak RSS (MB).
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["floor_seconds", "run_relion_ctf_refine", "write_postprocess"]
+
+
+def floor_seconds(folder: Path, chunk: int = 1024) -> float:
+    """Read every image of ``folder/particles.star`` and rfft2 it (float32, one thread).
+
+    Returns
+    -------
+    float
+        Wall time (s).
+    """
+    import scipy.fft as sfft
+
+    from cryomag.io import ImageSource, read_particles
+
+    ps = read_particles(folder / "particles.star")
+    src = ImageSource(ps)
+    t0 = time.perf_counter()
+    for lo in range(0, len(ps), chunk):
+        imgs = src.read(np.arange(lo, min(len(ps), lo + chunk))).astype(np.float32)
+        sfft.rfft2(imgs, axes=(-2, -1), workers=1)
+    return time.perf_counter() - t0
+
+
+def write_postprocess(folder: Path, box: int, apix: float) -> Path:
+    """A PostProcess-like STAR for relion_ctf_refine's frequency weights (FSC 0.99).
+
+    Parameters
+    ----------
+    folder : Path
+        Where to write ``postprocess_bench.star``.
+    box : int
+        Particle box (px).
+    apix : float
+        Pixel size (A).
+    """
+    lines = ["data_general", "", "_rlnFinalResolution 2.5", "", "data_fsc", "", "loop_",
+             "_rlnSpectralIndex #1", "_rlnResolution #2", "_rlnAngstromResolution #3",
+             "_rlnFourierShellCorrelationCorrected #4"]  # fmt: skip
+    for i in range(box // 2 + 1):
+        res = i / (box * apix)
+        ang = 1 / res if i else 999.0
+        lines.append(f"{i} {res:.6f} {ang:.4f} 0.99")
+    path = folder / "postprocess_bench.star"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, apix: float,
+                          fit: list[str], threads: int = 2) -> tuple[float, float]:  # fmt: skip
+    """One round of relion_ctf_refine on ``folder`` (particles.star, ref.mrc as both halves).
+
+    Parameters
+    ----------
+    relion_bin : Path
+        A RELION 5 build's bin folder.
+    folder : Path
+        The simulated data set.
+    out : Path
+        Output folder (replaced).
+    box, apix : int, float
+        Particle box (px) and pixel size (A), for the PostProcess STAR.
+    fit : list of str
+        The fit's flags, e.g. ``["--fit_aniso"]`` or ``["--fit_defocus", "--fit_mode",
+        "fpmff", "--kmin_defocus", "30"]``.
+    threads : int
+        ``--j``.
+
+    Returns
+    -------
+    (float, float)
+        Wall time (s) and the child's peak RSS (MB, ru_maxrss of the children).
+    """
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    pp = write_postprocess(out, box, apix)
+    cmd = [str(relion_bin / "relion_ctf_refine"), "--i", "particles.star", "--f", str(pp),
+           "--m1", "ref.mrc", "--m2", "ref.mrc", "--o", str(out) + "/", *fit,
+           "--j", str(threads)]  # fmt: skip
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise RuntimeError(f"relion_ctf_refine failed:\n{run.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return elapsed, peak
