@@ -184,6 +184,8 @@ def main() -> int:
         cases.append(("cryomag baseline", GROUP_FIT, 0, a.baseline_src))
     if a.local:
         cases.append(("cryomag local models", LOCAL_FIT, 0, None))
+        if a.baseline_src:
+            cases.append(("cryomag baseline local models", LOCAL_FIT, 0, a.baseline_src))
     for name, *_ in cases:
         runs[name] = []
     if a.relion_bin:
@@ -230,6 +232,11 @@ def main() -> int:
               / summary[ref_name]["statistics_s"])  # fmt: skip
         print(f"local models / group fit: wall {ratio:.2f}, statistics passes {st:.2f}")
         summary["local_over_group"] = ratio
+        if a.baseline_src:
+            bl, bg = summary["cryomag baseline local models"], summary["cryomag baseline"]
+            print(f"baseline local models / baseline group fit: wall "
+                  f"{bl['wall_s'] / bg['wall_s']:.2f}; local models now / baseline: wall "
+                  f"{summary['cryomag local models']['wall_s'] / bl['wall_s']:.2f}")  # fmt: skip
     if a.relion_bin:
         rel = _median(runs["relion"], "wall_s")
         mag = np.asarray(runs["relion"][-1]["mag"])
