@@ -143,6 +143,27 @@ def joint_system(stats: GroupStatistics, ctf_moves: bool = False, n_aberration: 
     return h, b
 
 
+def _ctf_cross(stats: GroupStatistics) -> np.ndarray:
+    """Each particle's profiled cross terms between the joint system's columns (M through
+    the reference and the CTF's defocus term, dA) and M through the CTF's defocus term
+    alone, shape (N, 7, 4) (:func:`joint_system` with ``ctf_moves``)."""
+    lay = stats.layout
+    ncol = stats.hgg.shape[-1]
+    left = np.zeros((ncol, 7))
+    left[0:4, 0:4] = np.eye(4)
+    left[4:8, 0:4] = np.eye(4)
+    if lay["defocus"] is not None:
+        left[lay["defocus"], 4:7] = np.eye(3)
+    right = np.zeros((ncol, 4))
+    right[4:8, :] = np.eye(4)
+    ok = stats.pp > 0
+    pp = np.where(ok, stats.pp, 1.0)
+    h = np.einsum("ia,nij,jb->nab", left, stats.hgg, right)
+    h -= (stats.hpg @ left)[:, :, None] * (stats.hpg @ right)[:, None, :] / pp[:, None, None]
+    h[~ok] = 0
+    return h
+
+
 @dataclass
 class JointSolution:
     """One Gauss-Newton step of M and the defocus of one optics group.
@@ -499,13 +520,36 @@ def unit_mag_fits(
     units, theta, cov, gain
         As :func:`cryomag.fit.local.unit_fits`.
     """
-    h, b = joint_system(stats, ctf_moves)
+    own = ctf_moves and unit == "particle" and stats.layout["mag_ctf"] is not None
+    h, b = joint_system(stats, own)
     n = len(stats.rows)
     shift = np.zeros((n, 7))
     shift[:, :4] = (np.asarray(m_group, float) - np.asarray(m_lin, float)).reshape(4)
     if defocus_shift is not None:
         shift[:, 4:] = defocus_shift
     b = b - np.einsum("nij,nj->ni", h, shift)
+    mbar = None
+    if own:
+        # The micrograph's defocus was measured (and refined) on its own images: it already
+        # holds the CTF change of the micrograph's mean magnification. A particle's CTF moves
+        # only with its deviation from that mean: model J_ref d + J_ctf (d - dbar_mic). dbar
+        # from the fit with the CTF held (which reads every particle's M from the reference
+        # term), then the data's offset J_ctf dbar moves into b.
+        units0, theta0, cov0, _ = unit_mag_fits(
+            stats, m_lin, m_group, labels, micrographs, levels, isotropic, unit,
+            deviation=deviation, prior=prior, defocus_shift=defocus_shift, ctf_moves=False,
+        )  # fmt: skip
+        mag_cols0 = np.asarray(m_group, float).reshape(4, 1) if isotropic else np.eye(4)
+        lookup = np.searchsorted(units0, np.asarray(labels))
+        dm = np.nan_to_num(theta0[lookup] @ mag_cols0.T)  # (n, 4) each particle's dM
+        wgt = 1.0 / np.clip(np.nan_to_num(np.einsum("nii->n", cov0[lookup]), nan=np.inf),
+                            1e-30, None)  # fmt: skip
+        mics_u, mics_inv = np.unique(np.asarray(micrographs), return_inverse=True)
+        wsum = np.bincount(mics_inv, wgt, minlength=len(mics_u))
+        mbar = np.stack([np.bincount(mics_inv, wgt * dm[:, j], minlength=len(mics_u))
+                         for j in range(4)], 1) / np.where(wsum > 0, wsum, 1)[:, None]
+        mbar = mbar[mics_inv]  # (n, 4)
+        b = b + np.einsum("nij,nj->ni", _ctf_cross(stats), mbar)
     chi2 = stats.chi2_per_pixel()
     c2 = chi2 / 2.0
     bm_, bp_ = levels.basis("micrograph"), levels.basis("particle")
@@ -535,10 +579,13 @@ def unit_mag_fits(
             delta_a = delta_a + (bm_ @ sol["phi"][:, d:].T).T[inv]
         defocus_out["delta_a"] = delta_a
         defocus_out["deviation"] = sol["psi"]
-        if ctf_moves and unit == "particle" and isotropic:
-            # the particle's CTF moves with its own M = (1 + theta) M_g: with the group's M
-            # written, its defocus matrix is (1 + theta)^2 (A + delta_a)
-            defocus_out["own_scale"] = (1.0 + sol["phi"][inv, 0]) ** 2
+        if own and isotropic:
+            # the particle's CTF moves with its deviation from its micrograph's mean M:
+            # with the group's M written, its defocus matrix is (1 + theta - theta_mic)^2
+            # (A + delta_a)
+            iso_bar = mbar @ np.asarray(m_group, float).reshape(4) / float(
+                np.sum(np.asarray(m_group, float) ** 2))  # fmt: skip
+            defocus_out["own_scale"] = (1.0 + sol["phi"][inv, 0] - iso_bar) ** 2
     theta = sol["phi"][:, :d]
     # each unit alone (the group held): its own information, no Schur term of theta
     cov = sol["cov_phi"][:, :d, :d]
