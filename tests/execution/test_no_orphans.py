@@ -20,25 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulation.simulator import simulate_dataset
+from tests.tiny import tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("orphans") / "data"
-    cfg = SimulationConfig(seed=5)
-    cfg.optics_groups = [
-        OpticsGroupConfig(
-            pixel_size_A=2.0, aniso=None, box=32, n_particles=40, particles_per_micrograph=10
-        )
-    ]
-    cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.0
-    cfg.noise.snr = 1.0
-    cfg.phantom.diameter_A, cfg.phantom.n_atoms = 40.0, 300
-    cfg.render.n_workers = 1
-    simulate_dataset(cfg, folder, progress=False)
-    return folder
+    return tiny_dataset(tmp_path_factory.mktemp("orphans") / "data", 40)
 
 
 def _marked(mark: str) -> list[tuple[int, str]]:

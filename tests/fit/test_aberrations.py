@@ -149,7 +149,7 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
     from cryomag.fit.defocus import DefocusLevels, solve_joint
     from cryomag.fit.statistics import GroupStatistics
     from cryomag.physics.forward import ParticleGeometry, predict
-    from tests.fit.test_defocus import BOX, crb_setup
+    from tests.fit.test_defocus import BOX, crb_setup, fisher_with_scales
 
     rng, ref, optics, band, geom, scale = crb_setup(7)
     n = len(geom)
@@ -176,18 +176,7 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
         cols.append((model(dab=d) - model(dab=-d)) / (2 * h))
     p_unit = clean / scale[:, None]
     ns = 4 + k
-    fisher = np.zeros((ns + n, ns + n))
-
-    def re(a, b):
-        return 2.0 / sigma**2 * float(np.sum(a.real * b.real + a.imag * b.imag))
-
-    for i, a in enumerate(cols):
-        for j, b in enumerate(cols):
-            fisher[i, j] = re(a, b)
-        for p in range(n):
-            fisher[i, ns + p] = fisher[ns + p, i] = re(a[p], p_unit[p])
-    for p in range(n):
-        fisher[ns + p, ns + p] = re(p_unit[p], p_unit[p])
+    fisher = fisher_with_scales(cols, p_unit, sigma)
     crb = np.sqrt(np.diag(np.linalg.inv(fisher))[4:ns])
     noise = sigma / np.sqrt(2) * (rng.standard_normal(clean.shape)
                                   + 1j * rng.standard_normal(clean.shape))  # fmt: skip

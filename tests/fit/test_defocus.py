@@ -81,6 +81,26 @@ def crb_setup(seed: int, n: int = 40):
     return rng, ref, optics, band, _geometry(n, rng), rng.uniform(0.8, 1.2, n)
 
 
+def fisher_with_scales(cols, p_unit, sigma: float) -> np.ndarray:
+    """Fisher information of shared parameters (derivatives ``cols``, each (N, npix)) and one
+    contrast scale per particle (unit-scale predictions ``p_unit``), complex white noise of
+    power sigma^2: the shared ones first, then the N scales."""
+    ns, n = len(cols), len(p_unit)
+    fisher = np.zeros((ns + n, ns + n))
+
+    def re(a, b):
+        return 2.0 / sigma**2 * float(np.sum(a.real * b.real + a.imag * b.imag))
+
+    for i, a in enumerate(cols):
+        for j, b in enumerate(cols):
+            fisher[i, j] = re(a, b)
+        for p in range(n):
+            fisher[i, ns + p] = fisher[ns + p, i] = re(a[p], p_unit[p])
+    for p in range(n):
+        fisher[ns + p, ns + p] = re(p_unit[p], p_unit[p])
+    return fisher
+
+
 def test_joint_standard_errors_are_the_cramer_rao_bound():
     """One micrograph of 40 particles: the standard error of its isotropic magnification with
     its defocus and astigmatism fitted jointly (and the scales profiled) equals the Cramer-Rao
@@ -106,19 +126,7 @@ def test_joint_standard_errors_are_the_cramer_rao_bound():
     # parameters: 4 shared (m, a00, a01, a11) and one scale per particle
     shared = [d_m, *d_a]
     nf = 4 + n
-    fisher = np.zeros((nf, nf))
-
-    def re(a, b):
-        return 2.0 / sigma**2 * float(np.sum(a.real * b.real + a.imag * b.imag))
-
-    for i, a in enumerate(shared):
-        for j, b in enumerate(shared):
-            fisher[i, j] = re(a, b)
-        for p in range(n):
-            v = re(a[p], p_unit[p])
-            fisher[i, 4 + p] = fisher[4 + p, i] = v
-    for p in range(n):
-        fisher[4 + p, 4 + p] = re(p_unit[p], p_unit[p])
+    fisher = fisher_with_scales(shared, p_unit, sigma)
     crb_free = np.sqrt(np.linalg.inv(fisher)[0, 0])
     keep = [0] + list(range(4, nf))
     crb_known = np.sqrt(np.linalg.inv(fisher[np.ix_(keep, keep)])[0, 0])
