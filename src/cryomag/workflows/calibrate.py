@@ -91,8 +91,8 @@ def _map_geometry(ps, st, centre_A, pixel_size_A: float | None, box: int | None)
     group's particles, and holding the model (with its potential's tails)."""
     from cryomag.calibration.density import model_extent
 
-    apix = ps.optics["rlnImagePixelSize"].to_numpy(float)
-    boxes = ps.optics["rlnImageSize"].to_numpy(float)
+    apix = ps.pixel_sizes_A()
+    boxes = ps.boxes_px().astype(float)
     a = float(pixel_size_A) if pixel_size_A else float(apix.min())
     if box is None:
         need = float((boxes * apix).max()) / a
@@ -171,8 +171,7 @@ def calibrate(
     st = read_model(model_path)
     ps = read_particles(particles_path, angpix=angpix, passthrough=passthrough)
     if centre_A is None:
-        first = ps.optics.iloc[0]
-        c = (int(first["rlnImageSize"]) // 2) * float(first["rlnImagePixelSize"])
+        c = (int(ps.boxes_px()[0]) // 2) * float(ps.pixel_sizes_A()[0])
         centre_A = (c, c, c)
     centre_A = tuple(float(v) for v in centre_A)
     a, box = _map_geometry(ps, st, centre_A, map_pixel_size_A, map_box)
@@ -199,8 +198,7 @@ def calibrate(
                        **{"fit": ("scale", "aniso"), **options})  # fmt: skip
         groups = []
         for gr in res.groups:
-            row = ps.optics.iloc[ps.group_row(gr.group)]
-            declared = float(row["rlnImagePixelSize"])
+            declared = float(ps.pixel_sizes_A()[ps.group_row(gr.group)])
             p, se = pixel_size_with_error(declared, gr.mag, gr.covariance)
             pol = polar(gr.mag).as_dict()
             limits = _limits(gr, info, b_used, a, box, se, p)

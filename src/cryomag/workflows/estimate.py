@@ -500,9 +500,9 @@ def _write_refined_defocus(out: ParticleSet, ps: ParticleSet, fits: dict, rows: 
     :func:`cryomag.fit.defocus.unit_mag_fits`)."""
     from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
 
-    cols = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-    for col in cols:
-        out.particles[f"cmag{col[3:]}Input"] = ps.column(col)
+    dz_input = ps.defocus_uva()
+    for j, name in enumerate(("DefocusU", "DefocusV", "DefocusAngle")):
+        out.particles[f"cmag{name}Input"] = dz_input[:, j]
     dz_se = np.full(len(ps), np.nan)
     for g, f in fits.items():
         value = f.defocus
@@ -516,10 +516,9 @@ def _write_refined_defocus(out: ParticleSet, ps: ParticleSet, fits: dict, rows: 
             if "own_scale" in updates[g]:  # a particle's CTF moves with its own M
                 a *= updates[g]["own_scale"][:, None, None]
             value = np.stack(defocus_from_matrix(a), axis=1)
-        for j, col in enumerate(cols):
-            arr = out.column(col)
-            arr[rows[g]] = value[:, j]
-            out.particles[col] = arr
+        arr = out.defocus_uva()
+        arr[rows[g]] = value
+        out.set_defocus_uva(arr)
         if f.defocus_solution is not None:
             dz_se[rows[g]] = f.defocus_solution.defocus_se
     out.particles["cmagDefocusChange"] = out.defocus_mean_A() - ps.defocus_mean_A()
