@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryomag.physics.aberrations import even_index_to_mn, odd_index_to_mn, zernike_cart
+
 __all__ = [
     "ABERRATION_GROUPS",
     "AberrationTerms",
@@ -61,6 +63,13 @@ _SHORTCUTS = {
     "all": ("tilt", "trefoil", "cs", "tetrafoil", "astig4"),
     "none": (),
 }
+
+
+def _tilt_phase(ux: np.ndarray, uy: np.ndarray, lam_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """RELION's beam-tilt phase per mm of Cs and per mrad of tilt x and y:
+    -2 pi (1e7 A/mm) lambda^2 |u|^2 u (1e-3 rad/mrad) (``TiltHelper::insertTilt``)."""
+    c = -2 * np.pi * 1e7 * lam_A**2 * 1e-3 * (ux * ux + uy * uy)
+    return c * ux, c * uy
 
 
 def parse_aberrations(spec: str | tuple | list | None) -> tuple[str, ...]:
@@ -145,24 +154,15 @@ class AberrationTerms:
                         f"beam tilt needs a spherical aberration > 0 (Cs = {cs_mm} mm): its "
                         "phase is -2 pi Cs lambda^2 |u|^2 (u . tilt)"
                     )
-                c = -2 * np.pi * cs_mm * 1e7 * lam_A**2 * 1e-3  # per mrad
-                rows.append(c * u2 * (ux if name.endswith("x") else uy))
-            elif name == "odd_zernike_2":  # Z(-3,3)
-                rows.append(3 * ux * ux * uy - uy**3)
-            elif name == "odd_zernike_5":  # Z(3,3)
-                rows.append(ux**3 - 3 * ux * uy * uy)
+                rows.append(cs_mm * _tilt_phase(ux, uy, lam_A)[0 if name.endswith("x") else 1])
             elif name == "cs":
                 rows.append(-0.5 * np.pi * 1e7 * lam_A**3 * u2 * u2)
-            elif name == "even_zernike_4":  # Z(-4,4)
-                rows.append(-(4 * ux**3 * uy - 4 * ux * uy**3))
-            elif name == "even_zernike_8":  # Z(4,4)
-                rows.append(-(ux**4 - 6 * ux * ux * uy * uy + uy**4))
-            elif name == "even_zernike_5":  # Z(-2,4)
-                rows.append(-(4 * u2 - 3) * 2 * ux * uy)
-            elif name == "even_zernike_7":  # Z(2,4)
-                rows.append(-(4 * u2 - 3) * (ux * ux - uy * uy))
-            else:  # pragma: no cover - the table above is complete
-                raise AssertionError(name)
+            else:  # odd_zernike_i: + Z_i (the phase's factor); even_zernike_i: - Z_i (chi)
+                kind, i = name.rsplit("_", 1)[0], int(name.rsplit("_", 1)[1])
+                if kind == "odd_zernike":
+                    rows.append(zernike_cart(*odd_index_to_mn(i), ux, uy))
+                else:
+                    rows.append(-zernike_cart(*even_index_to_mn(i), ux, uy))
         return np.stack(rows) if rows else np.zeros((0, len(ux)))
 
     def parts(self, ux: np.ndarray, uy: np.ndarray, lam_A: float, cs_mm: float,
@@ -183,23 +183,9 @@ class AberrationTerms:
         odd = np.where(odd_mask[:, None], b, 0.0)
         tx, ty = (float(v) for v in beam_tilt_mrad)
         if (tx or ty) and "cs" in self.names:
-            ux = np.asarray(ux, float)
-            uy = np.asarray(uy, float)
-            u2 = ux * ux + uy * uy
-            j = self.names.index("cs")
-            odd[j] = -2 * np.pi * 1e7 * lam_A**2 * 1e-3 * u2 * (ux * tx + uy * ty)
+            px, py = _tilt_phase(np.asarray(ux, float), np.asarray(uy, float), lam_A)
+            odd[self.names.index("cs")] = tx * px + ty * py
         return even, odd
-
-    def basis_gradient(self, ux: np.ndarray, uy: np.ndarray, lam_A: float,
-                       cs_mm: float, eps: float = 1e-6) -> np.ndarray:  # fmt: skip
-        """d basis / d u_a, shape (K, 2, npix), by central differences in u (1/A); the
-        basis functions are polynomials of degree <= 4, so the error is O(eps^2)."""
-        out = np.empty((len(self), 2) + np.shape(ux))
-        out[:, 0] = (self.basis(ux + eps, uy, lam_A, cs_mm)
-                     - self.basis(ux - eps, uy, lam_A, cs_mm)) / (2 * eps)  # fmt: skip
-        out[:, 1] = (self.basis(ux, uy + eps, lam_A, cs_mm)
-                     - self.basis(ux, uy - eps, lam_A, cs_mm)) / (2 * eps)  # fmt: skip
-        return out
 
     def apply(self, optics, delta: np.ndarray):
         """``optics`` with the parameters changed by ``delta`` (K,), each in its unit.

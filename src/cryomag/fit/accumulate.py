@@ -345,13 +345,15 @@ class _Kernel:
 
     def _aberration_basis(self) -> tuple[np.ndarray, np.ndarray]:
         """The fitted aberrations' (even, odd) parts at u = M0 k on the model's pixels,
-        float32 (K, npix) each (:meth:`cryomag.fit.aberrations.AberrationTerms.parts`)."""
+        float32 (K, npix) each (:meth:`cryomag.fit.aberrations.AberrationTerms.parts`), and
+        which parameters have a non-zero part of each kind, (K,) each."""
         if self._abasis is None:
             kx, ky = self.model_k
             m = self.m0
             ux, uy = m[0, 0] * kx + m[0, 1] * ky, m[1, 0] * kx + m[1, 1] * ky
             even, odd = self.aberr.parts(ux, uy, self.lam, self.cs_mm, self.beam_tilt)
-            self._abasis = (even.astype(_F32), odd.astype(_F32))
+            self._abasis = (even.astype(_F32), odd.astype(_F32),
+                            np.any(even, axis=1), np.any(odd, axis=1))  # fmt: skip
         return self._abasis
 
     def _aberration_columns(self, pt, slope, v_model) -> list[np.ndarray]:
@@ -360,13 +362,13 @@ class _Kernel:
         factor)."""
         if self.aberr is None:
             return []
-        even, odd = self._aberration_basis()
+        even, odd, has_even, has_odd = self._aberration_basis()
         cols = []
         for j in range(len(self.aberr)):
             col = None
-            if np.any(even[j]):
+            if has_even[j]:
                 col = slope * even[j] * v_model
-            if np.any(odd[j]):
+            if has_odd[j]:
                 o = _C64(1j) * odd[j] * pt
                 col = o if col is None else col + o
             cols.append(col if col is not None else np.zeros_like(pt))
