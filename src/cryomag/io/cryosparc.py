@@ -160,6 +160,19 @@ _REQUIRED = {
 }
 
 
+def _warn_varying(path, differ: np.ndarray, codes: np.ndarray, group_names, what: str,
+                  kept: str, stacklevel: int) -> None:  # fmt: skip
+    """Warn that a per-group value ``what`` varies within the optics groups of the particles
+    ``differ`` (bool, (N,)): each group's first particle's is used."""
+    if differ.any():
+        bad_groups = sorted({group_names[c] for c in codes[differ]})
+        warnings.warn(
+            f"{path}: {what} between particles of optics group(s) {bad_groups}; using each "
+            f"group's first particle (RELION keeps {kept} per optics group)",
+            stacklevel=stacklevel,
+        )
+
+
 # ------------------------------------------------------------------------------- loading
 def _plain_structured(rec) -> np.ndarray:
     """A plain (non-record) structured ndarray with the same fields."""
@@ -427,14 +440,8 @@ def read_cs(
     if "ctf/anisomag" in names:
         aniso = _to_float64(arr["ctf/anisomag"]).reshape(n, 4)
         differ = np.abs(aniso - aniso[first[codes]]).max(axis=1) > 1e-6
-        if differ.any():
-            bad_groups = sorted({group_names[c] for c in codes[differ]})
-            warnings.warn(
-                f"{path}: ctf/anisomag differs between particles of optics group(s) "
-                f"{bad_groups}; using each group's first particle (RELION keeps one matrix "
-                "per optics group)",
-                stacklevel=2,
-            )
+        _warn_varying(path, differ, codes, group_names, "ctf/anisomag differs", "one matrix",
+                      stacklevel=3)  # fmt: skip
         mats = np.linalg.inv(np.eye(2) + aniso[first].reshape(n_groups, 2, 2))
         for j, col in enumerate(("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")):
             optics[col] = mats.reshape(n_groups, 4)[:, j]
@@ -631,14 +638,9 @@ def _read_aberrations(arr: np.ndarray, path: Path, first: np.ndarray, codes: np.
     differ = np.zeros(n, bool)
     for v in vals.values():
         differ |= np.abs(v - v[first[codes]]).max(axis=1) > 1e-6 * max(np.abs(v).max(), 1e-30)
-    if differ.any():
-        bad_groups = sorted({group_names[c] for c in codes[differ]})
-        warnings.warn(
-            f"{path}: the aberration fields ({', '.join(present)}) differ between particles "
-            f"of optics group(s) {bad_groups}; using each group's first particle (RELION keeps "
-            "one set per optics group)",
-            stacklevel=3,
-        )
+    _warn_varying(path, differ, codes, group_names,
+                  f"the aberration fields ({', '.join(present)}) differ", "one set",
+                  stacklevel=4)  # fmt: skip
     tilts, odds, evens = [], [], []
     for g, r in enumerate(first):
         tilt, odd, even = cs_to_relion_aberrations(
