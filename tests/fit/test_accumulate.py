@@ -356,6 +356,48 @@ def test_defocus_columns_match_the_definition(setup, pad):
             assert np.abs(g_ - w_).max() <= 2e-3 * np.abs(w_).max(), (pad, got.ndim)
 
 
+@pytest.mark.parametrize("pad", [1, 2])
+def test_extended_columns_match_the_definition(setup, pad):
+    """With the CTF moving with M, the reference columns plus the extended ones (through the
+    CTF's defocus term; the windowed kernel forms these and the defocus columns from three
+    windowed quadratic-monomial columns) are the model's derivative with respect to M, and
+    the defocus columns its derivative with respect to the defocus matrix: kernel vs
+    float64 central differences, every block of hpg, bg and hgg."""
+    ref, optics, band, geom, spectra, power = setup
+    geom = ParticleGeometry(**{**_at(geom, np.asarray(geom.mag)).__dict__, "ctf_mag": None})
+    st = chunk_statistics(
+        ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+        KernelOptions(window_pad=pad, exact_gradient=True, extended=True, defocus=True),
+    )  # fmt: skip
+    assert st.hgg.shape[1:] == (11, 11)
+    # kernel columns (ref 0-3, extended 4-7, defocus 8-10) -> (dM 0-3, defocus 4-6)
+    sel = np.zeros((11, 7))
+    sel[np.arange(4), np.arange(4)] = sel[4 + np.arange(4), np.arange(4)] = 1
+    sel[8 + np.arange(3), 4 + np.arange(3)] = 1
+    m0 = np.asarray(geom.mag)
+    z = np.zeros((2, 2))
+    w = 1.0 / power[band.shell]
+    y = spectra.reshape(len(spectra), -1)[:, np.flatnonzero(band.mask.ravel())]
+    p = _model(ref, geom, optics, band, m0, z, pad)
+    hm, ha = 1e-5, 0.5
+    e = np.eye(4).reshape(4, 2, 2)
+    ea = [np.array(a, float) for a in ([[1, 0], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [0, 1]])]
+    cols = [
+        (_model(ref, geom, optics, band, m0 + hm * e[i], z, pad)
+         - _model(ref, geom, optics, band, m0 - hm * e[i], z, pad)) / (2 * hm)
+        for i in range(4)
+    ] + [
+        (_model(ref, geom, optics, band, m0, ha * ea[i], pad)
+         - _model(ref, geom, optics, band, m0, -ha * ea[i], pad)) / (2 * ha)
+        for i in range(3)
+    ]  # fmt: skip
+    want_hpg, want_bg, want_hgg = _definition_sums(p, y, np.stack(cols, -1), w)
+    got_hpg, got_bg = st.hpg @ sel, st.bg @ sel
+    got_hgg = np.einsum("ia,nij,jb->nab", sel, st.hgg, sel)
+    for got, want in ((got_hpg, want_hpg), (got_bg, want_bg), (got_hgg, want_hgg)):
+        assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (pad, got.ndim)
+
+
 #: Fixed aberrations the aberration columns are tested at (besides the ones moved).
 FIXED = {"beam_tilt_mrad": (0.3, -0.2), "odd_zernike": (0.0, 0.0, 2.0, 0.0, 0.0, -3.0),
          "even_zernike": (0.0, 0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, -8.0)}  # fmt: skip

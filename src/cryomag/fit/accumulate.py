@@ -44,7 +44,7 @@ from cryomag.physics.reference import MapReference, slice_values
 from .aberrations import AberrationTerms
 from .statistics import Band, ChunkStatistics
 
-__all__ = ["KernelOptions", "chunk_statistics", "geom_subset"]
+__all__ = ["KernelOptions", "chunk_statistics", "geom_subset", "gradient_taper"]
 
 #: Points per 3D evaluation (finufft call): ~320 MB of points and values in single precision
 #: (a chunk of 1,024 box-128 particles in one call, in two with the window padding 2).
@@ -179,6 +179,36 @@ def chunk_statistics(
     return ChunkStatistics.from_blocks(parts, rows)
 
 
+def gradient_taper(k: np.ndarray, kmax: float, nyquist: float) -> np.ndarray:
+    """Taper of the slice before its image-based derivatives, float32, same shape as ``k``.
+
+    The derivative dV/du of a central slice is taken as the transform of -2 pi i x q(x), q
+    the slice's real image. Cut sharply at the grid's Nyquist disc, q has slowly decaying
+    (jinc) tails that wrap around the box, and x q(x) is then wrong near the disc's edge:
+    1-3 % rms per shell in the band. Tapered smoothly to zero between the band's edge and
+    Nyquist (raised cosine), the image is compact and the derivatives at the band's pixels
+    (where the taper is 1) are within 0.1-0.4 % of the exact 3D gradient (box 128 at
+    1.25 A, band to 0.86 Nyquist; bench/RESULTS.md, issue 14). Used by the box-periodic
+    model only.
+
+    Parameters
+    ----------
+    k : ndarray
+        |k| of the pixels (1/A).
+    kmax : float
+        The band's upper edge (1/A): the taper is 1 up to it.
+    nyquist : float
+        The grid's Nyquist frequency (1/A): the taper is 0 beyond it.
+    """
+    k = np.asarray(k, float)
+    k0 = min(float(kmax), float(nyquist))
+    width = float(nyquist) - k0
+    if width <= 0:
+        return (k <= nyquist).astype(_F32)
+    t = np.clip((k - k0) / width, 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(_F32)
+
+
 def geom_subset(geom: ParticleGeometry, sl: slice | np.ndarray) -> ParticleGeometry:
     """The particles ``sl`` (a slice or indices) of a :class:`ParticleGeometry` (group-wide
     matrices kept)."""
@@ -256,6 +286,14 @@ class _Kernel:
         disc1 = np.hypot(kx1, ky1) <= 0.5 / apix
         self.disc1_flat = np.flatnonzero(disc1.ravel())
         self.kx1, self.ky1 = kx1[disc1], ky1[disc1]
+        # box-periodic model: the slice-image derivatives are taken of the slice tapered
+        # beyond the band (:func:`gradient_taper`; the model's own values are not). Not
+        # with a window: the padded columns' values between the band and Nyquist reach
+        # the band through the cut, and the taper would change them.
+        self.taper = (
+            gradient_taper(np.hypot(self.kxd, self.kyd), band.kmax, 0.5 / apix) if pad == 1
+            else None
+        )  # fmt: skip
         self.band_idx = np.flatnonzero(band.mask.ravel())
         # band pixels inside the big grid (row j -> pad j mod big, column i -> pad i)
         rows_b, cols_b = np.divmod(self.band_idx, box // 2 + 1)
@@ -374,6 +412,34 @@ class _Kernel:
             cols.append(col if col is not None else np.zeros_like(pt))
         return cols
 
+    #: Whether the defocus term's columns (extended, defocus) are formed from the three
+    #: columns of the quadratic monomials (:data:`_QUAD`) rather than one by one.
+    quadratic_basis = False
+
+    def _hdef_coefficients(self, adef: np.ndarray) -> np.ndarray:
+        """The extended columns (d chi_defocus / du_a) k_b (dCTF/dchi) V on the quadratic
+        monomials: d chi_defocus / du_a = 2 pi lambda (Adef C k)_a with d = C k (C the CTF
+        frame), so column (a, b) is sum_e 2 pi lambda (Adef C)_ae k_e k_b; shape (b, 4, 3)."""
+        c = self.m0 if self.cm is None else self.cm
+        ac = 2 * np.pi * self.lam * (adef @ c)
+        out = np.zeros((len(adef), 4, 3))
+        for a in range(2):
+            for b in range(2):
+                for e in range(2):
+                    out[:, 2 * a + b, _QUAD[e][b]] += ac[:, a, e]
+        return out
+
+    def _dq_coefficients(self) -> np.ndarray:
+        """The defocus columns pi lambda dq_i (dCTF/dchi) V on the quadratic monomials
+        (dq = d_x^2, 2 d_x d_y, d_y^2 with d = C k); shape (3, 3)."""
+        c = self.m0 if self.cm is None else self.cm
+        (c00, c01), (c10, c11) = c
+        return np.pi * self.lam * np.array([
+            [c00 * c00, 2 * c00 * c01, c01 * c01],
+            [2 * c00 * c10, 2 * (c00 * c11 + c01 * c10), 2 * c01 * c11],
+            [c10 * c10, 2 * c10 * c11, c11 * c11],
+        ])  # fmt: skip
+
     def _model_values(self, val: np.ndarray) -> np.ndarray:
         """The slice values (on the disc) at the model's pixels."""
         raise NotImplementedError
@@ -451,8 +517,10 @@ class _Kernel:
             if not self.exact:
                 du = self._derivatives(q_box, 1, self.model_pick, padded=True)
         elif not self.exact or self.second:
+            # the slice on the (padded) grid, tapered for pad 1: only its derivatives are
+            # taken
             f_big = np.zeros((nb, self.big * (self.big // 2 + 1)), _C64)
-            f_big[:, self.disc_flat] = val
+            f_big[:, self.disc_flat] = val if self.taper is None else val * self.taper
             f_big = f_big.reshape(nb, self.big, self.big // 2 + 1)
         # first derivatives in u on the model grid (band for pad 1, disc otherwise)
         if self.exact:
@@ -472,18 +540,28 @@ class _Kernel:
             ctf * du_model[a] + (slope * grid.gcs[a].astype(_F32)) * v_model for a in range(2)
         ]
         hdef = None
-        if self.extended or self.ctf_moves:
-            # the defocus term's derivative
-            hdef = [slope * g * v_model for g in grid.chi_defocus_grad(adef)]
-            if self.extended:
-                hcols += hdef
         dcols = []
-        if self.defocus:
-            # d/da_i of C V through chi_defocus = pi lambda (a00, a01, a11) . dq
-            c = np.pi * self.lam
-            dcols = [slope * (c * grid.dq[i]).astype(_F32) * v_model for i in range(3)]
+        quad = []
+        if self.quadratic_basis:
+            # the windowed model: the defocus term's columns are combinations of three
+            # windowed columns (see _QUAD)
+            if self.extended:
+                quad.append(self._hdef_coefficients(adef))
+            if self.defocus:
+                quad.append(np.broadcast_to(self._dq_coefficients(), (nb, 3, 3)))
+        else:
+            if self.extended or self.ctf_moves:
+                # the defocus term's derivative
+                hdef = [slope * g * v_model for g in grid.chi_defocus_grad(adef)]
+                if self.extended:
+                    hcols += hdef
+            if self.defocus:
+                # d/da_i of C V through chi_defocus = pi lambda (a00, a01, a11) . dq
+                c = np.pi * self.lam
+                dcols = [slope * (c * grid.dq[i]).astype(_F32) * v_model for i in range(3)]
         dcols += self._aberration_columns(pt, slope, v_model)
-        out = self._first_order(sub, pt, hcols, y, hdef, dcols)
+        out = self._first_order(sub, pt, hcols, y, hdef, dcols,
+                                (quad, slope * v_model) if quad else None)  # fmt: skip
         out["pix_aberr"] = (
             self._aberration_maps(sub, pt, slope * v_model, y, out)
             if self.aberr is not None
@@ -594,7 +672,7 @@ class PeriodicKernel(_Kernel):
     def _on_band(self, arr):
         return arr
 
-    def _first_order(self, sub, pt, hcols, y, hdef, dcols):
+    def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None):
         return self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None, dcols)
 
     def _aberration_maps(self, sub, pt, dv, y, out):
@@ -745,6 +823,9 @@ class WindowedKernel(_Kernel):
         self.model_pick = self.disc_flat
         self.model_k = (self.kxd, self.kyd)
         self._window = WindowCut(self.box, self.pad, self.disc_flat, self.band_idx)
+        kx, ky = self.kxd.astype(_F32), self.kyd.astype(_F32)
+        self._kd32 = (kx, ky)
+        self._quad_monomials = (kx * kx, kx * ky, ky * ky)  # the order of _QUAD
 
     def _model_values(self, val):
         return val
@@ -752,8 +833,10 @@ class WindowedKernel(_Kernel):
     def _on_band(self, arr):
         return arr[:, self.band_in_disc]
 
-    def _first_order(self, sub, pt, hcols, y, hdef, dcols):
-        return self._stats_windowed(sub, pt, hcols, y, dcols)
+    quadratic_basis = True
+
+    def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None):
+        return self._stats_windowed(sub, pt, hcols, y, dcols, quad)
 
     def _aberration_maps(self, sub, pt, dv, y, out):
         """Per-pixel sums of the phase- and amplitude-error maps of the windowed model
@@ -771,15 +854,38 @@ class WindowedKernel(_Kernel):
             (s * s) @ (np.abs(d_band) ** 2),
         ]).astype(float)  # fmt: skip
 
-    def _stats_windowed(self, sub, pt, hcols, y, dcols=()):
+    def _stats_windowed(self, sub, pt, hcols, y, dcols=(), quad=None):
+        """The windowed model's sums. ``quad``: (coefficient arrays (b, n, 3), (dCTF/dchi)
+        V) of the columns formed from the windowed quadratic monomials (the extended
+        columns, then the defocus ones), placed after the columns of ``hcols``."""
         amp = self.amp
         phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(amp)
-        kx, ky = self.kxd.astype(_F32), self.kyd.astype(_F32)
-        cols = [self._window(phase * pt)]
+        kx, ky = self._kd32
+        padded = [phase * pt]
         for h in hcols:
             hp = phase * h
-            cols += [self._window(hp * kx), self._window(hp * ky)]
-        cols += [self._window(phase * dc) for dc in dcols]
+            padded += [hp * kx, hp * ky]
+        n_direct = len(padded)
+        if quad is not None:
+            sv = phase * quad[1]
+            padded += [sv * m for m in self._quad_monomials]
+        padded += [phase * dc for dc in dcols]
+        # one window cut per column (batching them all is slower: the grid leaves the cache)
+        cut = [self._window(c) for c in padded]
+        cols = cut[:n_direct]
+        if quad is not None:
+            basis = cut[n_direct : n_direct + 3]
+            for coef in quad[0]:
+                c32 = np.asarray(coef, _F32)
+                cols += [
+                    c32[:, i, 0, None] * basis[0]
+                    + c32[:, i, 1, None] * basis[1]
+                    + c32[:, i, 2, None] * basis[2]
+                    for i in range(c32.shape[1])
+                ]
+            cols += cut[n_direct + 3 :]
+        else:
+            cols += cut[n_direct:]
         z = np.stack(cols, 1)  # (b, 1 + nc, npix): P, then dP/dM columns, then defocus
         f = _F32view
         zf = f(z)
@@ -819,7 +925,8 @@ class WindowedKernel(_Kernel):
         }
         out["_g"] = g
         out["_z"] = z
-        out["_nk"] = 2 * len(hcols)  # the columns of M (k-expanded)
+        # the columns of M (k-expanded): the reference's, and the extended ones
+        out["_nk"] = 2 * len(hcols) + (4 if self.extended else 0)
         return out
 
     # ------------------------------------------------------------------ second order
@@ -867,6 +974,12 @@ class WindowedKernel(_Kernel):
 
 
 _AC = ((0, 0), (0, 1), (1, 1))
+
+#: Index of the quadratic monomial k_e k_b among (kx^2, kx ky, ky^2), by (e, b). The
+#: columns through the CTF's defocus term are (dCTF/dchi) V times a quadratic form of k, with
+#: per-particle coefficients: in the windowed model, three window cuts make all of them
+#: (the cut is linear).
+_QUAD = ((0, 1), (1, 2))
 
 
 class _Mono:
