@@ -110,7 +110,8 @@ def estimate_cmd(
             "--exact-gradient/--image-gradient",
             help="the reference's frequency gradient by three more 3D transforms, or from the "
             "slice image (faster; the group fit converges to the same solution); default: "
-            "exact when local models (particle, micrograph, defocus) are fitted",
+            "exact when local models (particle, micrograph, defocus) are fitted on boxes "
+            "below 96 px",
             show_default=False,
         ),
     ] = None,

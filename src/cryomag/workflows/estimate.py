@@ -62,6 +62,18 @@ FITS = ("scale", "aniso", "particle", "micrograph", "defocus")
 WORKER_PRELOAD = ("cryomag.fit.accumulate",)
 
 
+#: Below this box (px) local models use the exact 3D gradient by default (see
+#: ``EstimateOptions.exact_gradient``).
+EXACT_GRADIENT_BELOW_BOX = 96
+
+
+def default_exact_gradient(fit: tuple, boxes_px: np.ndarray) -> bool:
+    """Whether the exact 3D gradient is the default: local models fitted on a box below
+    :data:`EXACT_GRADIENT_BELOW_BOX` px (``EstimateOptions.exact_gradient``)."""
+    local = bool(set(fit) & set(LOCAL_FITS))
+    return local and int(np.min(boxes_px)) < EXACT_GRADIENT_BELOW_BOX
+
+
 @dataclass
 class EstimateOptions:
     """Settings of an estimation run.
@@ -127,6 +139,11 @@ class EstimateOptions:
         The warm-start passes use the box-periodic model whatever the window padding (default
         True): they only choose where the full passes linearise, and the full (window-aware)
         passes end at the same fixed point (bench/RESULTS.md, issue 14).
+    warm_window_pass : bool
+        With ``warm_periodic``, one more subset pass with the window before the full passes
+        (its residuals weight them). False (default): the full passes start from the
+        periodic warm start, weighted by its residuals (M within 0.003 standard errors of
+        the other way on 5,000 particles of box 128; bench/RESULTS.md, issue 14).
     lean_warm : bool
         Warm-start passes compute only what the group fit of M needs, without the exact
         gradient and the local-model and defocus columns (default True; those come from the
@@ -142,10 +159,13 @@ class EstimateOptions:
         How the reference's frequency gradient is evaluated. False: from the slice image
         (one 3D transform per particle; the group fit iterates to the same fixed point and its
         standard errors agree with the exact ones within 2 %). True: exactly, with three more
-        3D transforms (about 1.5-2x slower). None (default): exact when local models
-        (particle, micrograph, defocus) are fitted: they are single linear steps from the
-        group solution, and the image-based gradient reads their deviations about 1 % low
-        (measured: per-micrograph slope on the truth 0.981 vs 0.991 exact; box 48, pad 2).
+        3D transforms (the local models' passes about 1.7x slower). None (default): exact
+        only when local models (particle, micrograph, defocus) are fitted on a box below
+        :data:`EXACT_GRADIENT_BELOW_BOX` px: local models are single linear steps from the
+        group solution, and on small boxes the image-based gradient reads their deviations
+        low. Measured, per-micrograph slope on the truth (100 micrographs, the same data
+        both ways): box 48, window pad 2: 0.980 image vs 0.985 exact; box 128 at SNR 0.05:
+        1.0027 vs 1.0032 (bench/RESULTS.md, issue 14).
     relinearise : bool
         Full passes also accumulate second-order statistics, and Gauss-Newton re-predicts at
         each updated M from them (:mod:`cryomag.fit.relinearise`) until the update is below
@@ -195,6 +215,7 @@ class EstimateOptions:
     warm_start: int = 500
     warm_tol: float = 1e-4
     warm_periodic: bool = True
+    warm_window_pass: bool = False
     lean_warm: bool = True
     upsample_slices: bool = True
     exact_gradient: bool | None = None
@@ -252,6 +273,7 @@ class EstimateOptions:
             defocus_tol_A=self.defocus_tol_A,
             aberrations=AberrationTerms(self.aberrations),
             warm_periodic=self.warm_periodic,
+            warm_window_pass=self.warm_window_pass,
             lean_warm=self.lean_warm,
         )
 
@@ -355,7 +377,8 @@ def run_estimate(
     """
     opts = options or EstimateOptions()
     if opts.exact_gradient is None:  # resolved here, so results.json records what was used
-        opts = dataclasses.replace(opts, exact_gradient=bool(set(opts.fit) & set(LOCAL_FITS)))
+        exact = default_exact_gradient(opts.fit, particles.boxes_px())
+        opts = dataclasses.replace(opts, exact_gradient=exact)
     levels = opts.defocus_levels()  # "auto" resolved, so results.json records what was used
     opts = dataclasses.replace(opts, defocus=levels.defocus, astigmatism=levels.astigmatism)
     ps = particles
