@@ -152,6 +152,29 @@ def test_executor_config_validation_and_factory():
         ExecutorConfig(cores=2, processes=3)
 
 
+def test_chunks_are_balanced_for_one_two_or_four_workers():
+    """Equal chunks, their number a multiple of 4 (else 2) while chunks keep >= 128
+    particles, within the chunk size, every particle once, in order, per optics group."""
+    def sizes(n, size, groups=1):
+        labels = np.repeat(np.arange(groups), n)
+        chunks = make_chunks(labels, size)
+        rows = np.concatenate([c.rows for c in chunks])
+        assert np.array_equal(rows, np.arange(n * groups))
+        assert [c.index for c in chunks] == list(range(len(chunks)))
+        assert all(len(set(labels[list(c.rows)])) == 1 for c in chunks)
+        return [len(c) for c in chunks]
+
+    assert sizes(5000, 1024) == [625] * 8  # 4 rounds of 625 on 2 workers, not 3 of 1,000
+    assert sizes(20000, 1024) == [1000] * 20
+    assert sizes(800, 1024) == [200] * 4  # small sets keep both workers busy
+    assert sizes(500, 250) == [250] * 2  # 4 chunks would be below 128 particles
+    assert sizes(300, 1024) == [150] * 2
+    assert sizes(200, 1024) == [200]
+    assert sizes(40, 4) == [4] * 10  # tiny chunks as asked
+    assert sizes(5000, 1024, groups=2) == [625] * 16
+    assert max(sizes(4099, 1024)) <= 1024
+
+
 # ------------------------------------------------------------------------------ determinism
 def test_local_cluster_of_two_processes_equals_the_synchronous_run(inputs, reference):
     """Through a scheduler address (--scheduler), as for a cluster started elsewhere."""
