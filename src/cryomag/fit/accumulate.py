@@ -34,8 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import scipy.fft as sfft
 
+from cryomag.physics import fft as _fft
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, amplitude_factor
 from cryomag.physics.fourier import rfft_freqs
 from cryomag.physics.grid import GridCTF, WindowCut, padded_rfft2, shift_phase32
@@ -477,7 +477,7 @@ class _Kernel:
             if padded:
                 spec = padded_rfft2(q * fac, self.big).reshape(nb, -1)[:, pick]
             else:
-                spec = sfft.rfft2(q * fac, axes=(-2, -1), workers=1).reshape(nb, -1)[:, pick]
+                spec = _fft.rfft2(q * fac).reshape(nb, -1)[:, pick]
             spec *= _C64(c)
             out.append(spec)
         return out
@@ -486,7 +486,7 @@ class _Kernel:
     def _image(f_grid) -> np.ndarray:
         """The real image (unshifted) of a spectrum on a full rfft grid, float32."""
         n = f_grid.shape[-2]
-        return sfft.irfft2(f_grid, s=(n, n), axes=(-2, -1), workers=1)
+        return _fft.irfft2(f_grid, n)
 
     def _box_hessian(self, f_big, q_big=None):
         """d2V/du2 (xx, xy, yy) at the band from the box-grid samples of the slice (with

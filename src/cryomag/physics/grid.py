@@ -19,8 +19,8 @@ pixel. Each piece is tested against the double-precision reference
 from __future__ import annotations
 
 import numpy as np
-import scipy.fft as sfft
 
+from cryomag.physics import fft as _fft
 from cryomag.physics.aberrations import has_aberration, zernike_phase
 from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
 
@@ -253,14 +253,14 @@ class WindowCut:
         """``values`` (b, n_disc) complex64 -> (b, n_band) complex64."""
         nb = len(values)
         big, box = self.big, self.box
-        cols = sfft.ifft(self.grid(values), axis=-2, workers=1, overwrite_x=True)
-        img = sfft.irfft(cols[:, self._rows], n=big, axis=-1, workers=1, overwrite_x=True)
+        cols = _fft.ifft(self.grid(values), axis=-2)
+        img = _fft.irfft(cols[:, self._rows], n=big, axis=-1)
         # the centred box of an unshifted image: its four corners (rows already cut)
         lo, hi = box - box // 2, box // 2  # x >= 0 and x < 0 parts
         cut = np.empty((nb, box, box), img.dtype)
         cut[:, :, :lo] = img[:, :, :lo]
         cut[:, :, lo:] = img[:, :, big - hi :]
-        spec = sfft.rfft2(cut, axes=(-2, -1), workers=1, overwrite_x=True)
+        spec = _fft.rfft2(cut)
         return spec.reshape(nb, -1)[:, self.band_idx]
 
 
@@ -292,7 +292,7 @@ def padded_rfft2(q: np.ndarray, big: int) -> np.ndarray:
     rows = np.zeros((nb, box, big), q.dtype)
     rows[:, :, :lo] = q[:, :, :lo]
     rows[:, :, big - hi :] = q[:, :, lo:]
-    half = sfft.rfft(rows, axis=-1, workers=1, overwrite_x=True)
+    half = _fft.rfft(rows, axis=-1)
     out = np.zeros((nb, big, big // 2 + 1), half.dtype)
     out[:, _corner_rows(box, big)] = half
-    return sfft.fft(out, axis=-2, workers=1, overwrite_x=True)
+    return _fft.fft(out, axis=-2)
