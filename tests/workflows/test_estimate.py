@@ -373,8 +373,13 @@ def test_relinearised_full_pass_matches_real_passes(simulated):
         )
     g1, g0 = res[True].groups[0], res[False].groups[0]
     # measured: 0.0198 standard errors with window-aware warm passes, 0.021 with the
-    # box-periodic warm start (issue 14: a different linearisation point of the full passes)
-    assert np.all(np.abs(g1.mag - g0.mag) < 0.03 * g0.mag_error), (g1.mag - g0.mag) / g0.mag_error
+    # box-periodic warm start (issue 14: a different linearisation point of the full passes),
+    # 0.052 without the windowed warm subset pass: the one re-linearised full pass is then
+    # weighted by the periodic warm passes' residuals, the real passes after the first by
+    # the window-aware ones (at this high SNR the periodic model's misfit adds to the noise
+    # estimate; 0.003 standard errors at SNR 0.05, bench/RESULTS.md). Both weightings are
+    # unbiased; the issue's bound for an approximation is 0.3 standard errors.
+    assert np.all(np.abs(g1.mag - g0.mag) < 0.08 * g0.mag_error), (g1.mag - g0.mag) / g0.mag_error
     np.testing.assert_allclose(g1.mag_error, g0.mag_error, rtol=0.01)
     real1 = [h for h in g1.history if h["particles"] == 800 and not h["relinearised"]]
     real0 = [h for h in g0.history if h["particles"] == 800]
