@@ -201,7 +201,7 @@ def main() -> int:
                                       folder=str(folder), out=str(work / "relion")))  # fmt: skip
     floor = _median(runs["floor"], "wall_s")
     print(f"{a.n} particles, box {BOX} at {APIX} A, medians of {a.repeat} run(s)")
-    print(f"floor (read + rfft2, 1 thread): {floor:.3f} s")
+    print(f"floor (read + rfft2, 1 thread, median of 3 reads per run): {floor:.3f} s")
     ref_name = cases[0][0]
     se = np.asarray(runs[ref_name][-1]["se"])
     summary: dict = {"n": a.n, "floor_s": floor}
