@@ -548,7 +548,7 @@ class _Kernel:
             if self.extended:
                 quad.append(self._hdef_coefficients(adef))
             if self.defocus:
-                quad.append(np.broadcast_to(self._dq_coefficients(), (nb, 3, 3)))
+                quad.append(np.broadcast_to(self._dq_coef, (nb, 3, 3)))
         else:
             if self.extended or self.ctf_moves:
                 # the defocus term's derivative
@@ -679,15 +679,7 @@ class PeriodicKernel(_Kernel):
         """Per-pixel sums of the phase- and amplitude-error maps
         (:data:`cryomag.fit.statistics.ABERRATION_MAPS`), shape (4, npix_band)."""
         yt = y * shift_phase32(sub.origin_A, self.kx_b, self.ky_b).conj()
-        ok = out["pp"] > 0
-        sa = np.where(ok, out["py"] / np.where(ok, out["pp"], 1), 0.0) * self.amp  # s * amp
-        r = yt - sa.astype(_F32)[:, None] * pt
-        return np.stack([
-            sa @ (np.conj(pt) * yt).imag,
-            (sa * sa) @ (np.abs(pt) ** 2),
-            sa @ (np.conj(dv) * r).real,
-            (sa * sa) @ (np.abs(dv) ** 2),
-        ]).astype(float)  # fmt: skip
+        return _aberration_map_sums(_scale(out) * self.amp, pt, yt, dv)  # s * amp
 
     def _stats_periodic(self, sub, pt, hcols, y, hdef, dcols=()):
         amp = self.amp
@@ -826,6 +818,7 @@ class WindowedKernel(_Kernel):
         kx, ky = self.kxd.astype(_F32), self.kyd.astype(_F32)
         self._kd32 = (kx, ky)
         self._quad_monomials = (kx * kx, kx * ky, ky * ky)  # the order of _QUAD
+        self._dq_coef = self._dq_coefficients()
 
     def _model_values(self, val):
         return val
@@ -842,17 +835,7 @@ class WindowedKernel(_Kernel):
         """Per-pixel sums of the phase- and amplitude-error maps of the windowed model
         (:data:`cryomag.fit.statistics.ABERRATION_MAPS`), shape (4, npix_band)."""
         phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(self.amp)
-        p_band = out["_z"][:, 0]
-        d_band = self._window(phase * dv)
-        ok = out["pp"] > 0
-        s = np.where(ok, out["py"] / np.where(ok, out["pp"], 1), 0.0)
-        r = y - s.astype(_F32)[:, None] * p_band
-        return np.stack([
-            s @ (np.conj(p_band) * y).imag,
-            (s * s) @ (np.abs(p_band) ** 2),
-            s @ (np.conj(d_band) * r).real,
-            (s * s) @ (np.abs(d_band) ** 2),
-        ]).astype(float)  # fmt: skip
+        return _aberration_map_sums(_scale(out), out["_z"][:, 0], y, self._window(phase * dv))
 
     def _stats_windowed(self, sub, pt, hcols, y, dcols=(), quad=None):
         """The windowed model's sums. ``quad``: (coefficient arrays (b, n, 3), (dCTF/dchi)
@@ -997,6 +980,26 @@ class _Mono:
 
     def dot(self, prod: np.ndarray) -> np.ndarray:
         return np.stack([prod @ c for c in self.cols], axis=-1)
+
+
+def _scale(out: dict) -> np.ndarray:
+    """Each particle's least-squares scale py / pp of a block's sums (0 where pp is 0)."""
+    ok = out["pp"] > 0
+    return np.where(ok, out["py"] / np.where(ok, out["pp"], 1), 0.0)
+
+
+def _aberration_map_sums(s, p, y, dv) -> np.ndarray:
+    """Per-pixel sums of the phase- and amplitude-error maps
+    (:data:`cryomag.fit.statistics.ABERRATION_MAPS`) from each particle's scale ``s`` (b,),
+    its model ``p``, data ``y`` and the model's derivative ``dv`` through chi (b, npix), all
+    in the same phase frame; shape (4, npix)."""
+    r = y - s.astype(_F32)[:, None] * p
+    return np.stack([
+        s @ (np.conj(p) * y).imag,
+        (s * s) @ (np.abs(p) ** 2),
+        s @ (np.conj(dv) * r).real,
+        (s * s) @ (np.abs(dv) ** 2),
+    ]).astype(float)  # fmt: skip
 
 
 def _F32view(z: np.ndarray) -> np.ndarray:
