@@ -319,17 +319,9 @@ def _definition_sums(p, y, j, w):
     return hpg, bg, hgg
 
 
-@pytest.mark.parametrize("pad", [1, 2])
-def test_defocus_columns_match_the_definition(setup, pad):
-    """The 3 defocus columns (d/d a00, a01, a11 of the defocus matrix in the CTF's frame)
-    and their cross terms with M, kernel vs float64 central differences, both kernels."""
-    ref, optics, band, geom, spectra, power = setup
-    geom = _at(geom, np.asarray(geom.mag))
-    st = chunk_statistics(
-        ref, spectra, geom, optics, band, power, np.arange(len(geom)),
-        KernelOptions(window_pad=pad, exact_gradient=True, defocus=True),
-    )  # fmt: skip
-    assert st.hgg.shape[1:] == (7, 7)
+def _dm_defocus_sums(ref, geom, optics, band, spectra, power, pad):
+    """hpg, bg, hgg by their definitions for the 4 columns of M and the 3 of the defocus
+    matrix (a00, a01, a11), derivatives by float64 central differences of the model."""
     m0 = np.asarray(geom.mag)
     z = np.zeros((2, 2))
     w = 1.0 / power[band.shell]
@@ -347,8 +339,21 @@ def test_defocus_columns_match_the_definition(setup, pad):
          - _model(ref, geom, optics, band, m0, -ha * ea[i], pad)) / (2 * ha)
         for i in range(3)
     ]  # fmt: skip
-    j = np.stack(cols, -1)
-    want_hpg, want_bg, want_hgg = _definition_sums(p, y, j, w)
+    return _definition_sums(p, y, np.stack(cols, -1), w)
+
+
+@pytest.mark.parametrize("pad", [1, 2])
+def test_defocus_columns_match_the_definition(setup, pad):
+    """The 3 defocus columns (d/d a00, a01, a11 of the defocus matrix in the CTF's frame)
+    and their cross terms with M, kernel vs float64 central differences, both kernels."""
+    ref, optics, band, geom, spectra, power = setup
+    geom = _at(geom, np.asarray(geom.mag))
+    st = chunk_statistics(
+        ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+        KernelOptions(window_pad=pad, exact_gradient=True, defocus=True),
+    )  # fmt: skip
+    assert st.hgg.shape[1:] == (7, 7)
+    want_hpg, want_bg, want_hgg = _dm_defocus_sums(ref, geom, optics, band, spectra, power, pad)
     for got, want in ((st.hpg, want_hpg), (st.bg, want_bg), (st.hgg, want_hgg)):
         d = slice(4, 7)  # every block that involves a defocus column
         for block in ((Ellipsis, d),) if got.ndim == 2 else ((Ellipsis, d, slice(None)),):
@@ -374,24 +379,7 @@ def test_extended_columns_match_the_definition(setup, pad):
     sel = np.zeros((11, 7))
     sel[np.arange(4), np.arange(4)] = sel[4 + np.arange(4), np.arange(4)] = 1
     sel[8 + np.arange(3), 4 + np.arange(3)] = 1
-    m0 = np.asarray(geom.mag)
-    z = np.zeros((2, 2))
-    w = 1.0 / power[band.shell]
-    y = spectra.reshape(len(spectra), -1)[:, np.flatnonzero(band.mask.ravel())]
-    p = _model(ref, geom, optics, band, m0, z, pad)
-    hm, ha = 1e-5, 0.5
-    e = np.eye(4).reshape(4, 2, 2)
-    ea = [np.array(a, float) for a in ([[1, 0], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [0, 1]])]
-    cols = [
-        (_model(ref, geom, optics, band, m0 + hm * e[i], z, pad)
-         - _model(ref, geom, optics, band, m0 - hm * e[i], z, pad)) / (2 * hm)
-        for i in range(4)
-    ] + [
-        (_model(ref, geom, optics, band, m0, ha * ea[i], pad)
-         - _model(ref, geom, optics, band, m0, -ha * ea[i], pad)) / (2 * ha)
-        for i in range(3)
-    ]  # fmt: skip
-    want_hpg, want_bg, want_hgg = _definition_sums(p, y, np.stack(cols, -1), w)
+    want_hpg, want_bg, want_hgg = _dm_defocus_sums(ref, geom, optics, band, spectra, power, pad)
     got_hpg, got_bg = st.hpg @ sel, st.bg @ sel
     got_hgg = np.einsum("ia,nij,jb->nab", sel, st.hgg, sel)
     for got, want in ((got_hpg, want_hpg), (got_bg, want_bg), (got_hgg, want_hgg)):
