@@ -149,7 +149,7 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
     from cryomag.fit.defocus import DefocusLevels, solve_joint
     from cryomag.fit.statistics import GroupStatistics
     from cryomag.physics.forward import ParticleGeometry, predict
-    from tests.fit.test_defocus import BOX, crb_setup, fisher_with_scales
+    from tests.fit.test_defocus import crb_setup, fisher_with_scales, noisy_spectra
 
     rng, ref, optics, band, geom, scale = crb_setup(7)
     n = len(geom)
@@ -178,12 +178,7 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
     ns = 4 + k
     fisher = fisher_with_scales(cols, p_unit, sigma)
     crb = np.sqrt(np.diag(np.linalg.inv(fisher))[4:ns])
-    noise = sigma / np.sqrt(2) * (rng.standard_normal(clean.shape)
-                                  + 1j * rng.standard_normal(clean.shape))  # fmt: skip
-    full = np.zeros((n, BOX * (BOX // 2 + 1)), complex)
-    full[:, np.flatnonzero(band.mask.ravel())] = clean + noise
-    spectra = full.reshape(n, BOX, BOX // 2 + 1)
-    power = np.full(band.n_shells + 1, sigma**2)
+    spectra, power = noisy_spectra(clean, band, sigma, rng)
     st = GroupStatistics.reduce(
         [chunk_statistics(ref, spectra, geom, dataclasses.replace(optics), band, power,
                           np.arange(n), KernelOptions(exact_gradient=True, aberrations=terms))]
@@ -197,7 +192,7 @@ def test_aberration_standard_errors_are_the_cramer_rao_bound(groups):
 #: The issue's aberrations: beam tilt 0.5 mrad, a trefoil of 0.3 rad at 3 A (Z(3,3)
 #: coefficient 0.3 * 27 = 8.1 rad A^3), Cs written 2 % high.
 TILT = (0.5, -0.3)
-TREFOIL = 8.1
+TREFOIL = 8.1  # Z(3,3): 0.3 rad at 3 A
 
 
 def _simulate_aberrated(folder: Path, seed: int, n: int = 1500) -> Path:
@@ -212,12 +207,29 @@ def _simulate_aberrated(folder: Path, seed: int, n: int = 1500) -> Path:
     cfg.phantom.diameter_A, cfg.phantom.n_atoms = 70.0, 1500
     cfg.render.n_workers = 1
     simulate_dataset(cfg, folder, progress=False)
+    assert read_star(folder / "particles.star").aberrations(1)[0] == pytest.approx(TILT)
+    return hide_aberrations(folder)
+
+
+def hide_aberrations(folder: Path) -> Path:
+    """``folder/unknown.star``: the simulated particles without their beam tilt and Zernike
+    terms, and with Cs written 2 % high; returns ``folder``."""
     ps = read_star(folder / "particles.star")
-    assert ps.aberrations(1)[0] == pytest.approx(TILT)
     ps.set_aberrations(1, beam_tilt_mrad=(0.0, 0.0), odd=(), even=())
     ps.optics["rlnSphericalAberration"] = ps.optics["rlnSphericalAberration"] * 1.02
     write_star(ps, folder / "unknown.star")
     return folder
+
+
+def found_and_truth(gr) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """A group's fitted aberration parameters (names, values, truth, standard errors) for a
+    set simulated with TILT, TREFOIL and Cs 2.7 mm."""
+    terms = gr.aberration_terms
+    got = terms.values(gr.optics)
+    se = np.sqrt(np.diag(gr.aberration_cov))
+    truth = {"beam_tilt_x": TILT[0], "beam_tilt_y": TILT[1], "odd_zernike_2": 0.0,
+             "odd_zernike_5": TREFOIL, "cs": 2.7}  # fmt: skip
+    return terms.names, got, np.array([truth[n] for n in terms.names]), se
 
 
 def test_tilt_trefoil_and_cs_are_recovered(tmp_path):
@@ -229,22 +241,17 @@ def test_tilt_trefoil_and_cs_are_recovered(tmp_path):
                            aberrations="tilt,trefoil,cs", **{**FAST, "plots": True})  # fmt: skip
     gr = res.groups[0]
     assert res.verdict == "ok" and gr.converged
-    terms = gr.aberration_terms
-    got = terms.values(gr.optics)
-    se = np.sqrt(np.diag(gr.aberration_cov))
-    truth = {"beam_tilt_x": TILT[0], "beam_tilt_y": TILT[1], "odd_zernike_2": 0.0,
-             "odd_zernike_5": TREFOIL, "cs": 2.7}  # fmt: skip
-    want = np.array([truth[n] for n in terms.names])
+    names, got, want, se = found_and_truth(gr)
     z = (got - want) / se
-    assert np.all(np.abs(z) < 2.5), dict(zip(terms.names, zip(got, se, strict=True),
+    assert np.all(np.abs(z) < 2.5), dict(zip(names, zip(got, se, strict=True),
                                               strict=True))  # fmt: skip
-    assert se[terms.names.index("beam_tilt_x")] < 0.1  # mrad
+    assert se[names.index("beam_tilt_x")] < 0.1  # mrad
     m_err = np.abs(gr.mag - load_truth(sim)["M_group"][0])
     assert np.all(m_err < 3 * gr.mag_error), (m_err, gr.mag_error)
     out = read_star(tmp_path / "run" / "particles.star")
     tilt, odd, _ = out.aberrations(1)
     assert tilt == pytest.approx(tuple(got[:2]), rel=1e-9)
-    assert odd[5] == pytest.approx(got[terms.names.index("odd_zernike_5")], rel=1e-9)
+    assert odd[5] == pytest.approx(got[names.index("odd_zernike_5")], rel=1e-9)
     assert (tmp_path / "run" / "plots" / "aberrations_group001.png").exists()
 
 

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 import cryomag
-from cryomag.io import read_star, write_star
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import load_truth, simulate_dataset
+from tests.fit.test_aberrations import TILT, TREFOIL, found_and_truth, hide_aberrations
 
 pytestmark = pytest.mark.slow
 
-TILT = (0.5, -0.3)
-TREFOIL = 8.1  # Z(3,3): 0.3 rad at 3 A
 
 
 def test_full_size_tilt_trefoil_cs(tmp_path):
@@ -31,22 +29,13 @@ def test_full_size_tilt_trefoil_cs(tmp_path):
     cfg.noise.snr = 0.05
     cfg.phantom.diameter_A, cfg.phantom.n_atoms = 120.0, 5000
     simulate_dataset(cfg, tmp_path / "sim", progress=False)
-    sim = tmp_path / "sim"
-    ps = read_star(sim / "particles.star")
-    ps.set_aberrations(1, beam_tilt_mrad=(0.0, 0.0), odd=(), even=())
-    ps.optics["rlnSphericalAberration"] = ps.optics["rlnSphericalAberration"] * 1.02
-    write_star(ps, sim / "unknown.star")
+    sim = hide_aberrations(tmp_path / "sim")
     res = cryomag.estimate(sim / "unknown.star", sim / "ref.mrc", None,
                            aberrations="tilt,trefoil,cs", progress=False, plots=False)  # fmt: skip
     gr = res.groups[0]
-    terms = gr.aberration_terms
-    got = terms.values(gr.optics)
-    se = np.sqrt(np.diag(gr.aberration_cov))
-    truth = {"beam_tilt_x": TILT[0], "beam_tilt_y": TILT[1], "odd_zernike_2": 0.0,
-             "odd_zernike_5": TREFOIL, "cs": 2.7}  # fmt: skip
-    want = np.array([truth[n] for n in terms.names])
+    names, got, want, se = found_and_truth(gr)
     m_true = load_truth(sim)["M_group"][0]
-    for n, g, w, s, c in zip(terms.names, got, want, se, gr.aberration_mag_corr, strict=True):
+    for n, g, w, s, c in zip(names, got, want, se, gr.aberration_mag_corr, strict=True):
         print(f"{n}: {g:.5g} +- {s:.2g} (truth {w:g}, {(g - w) / s:+.2f} SE; corr iso M {c:+.2f})")
     print("M error", (gr.mag - m_true).ravel(), "SE", gr.mag_error.ravel(),
           "time", res.timings["statistics_s"])  # fmt: skip

@@ -81,6 +81,17 @@ def crb_setup(seed: int, n: int = 40):
     return rng, ref, optics, band, _geometry(n, rng), rng.uniform(0.8, 1.2, n)
 
 
+def noisy_spectra(clean, band, sigma: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Band values ``clean`` (N, npix) plus complex white noise of power sigma^2 as spectra
+    (N, box, box // 2 + 1), and that noise power per shell."""
+    n, box = len(clean), band.box
+    noise = sigma / np.sqrt(2) * (rng.standard_normal(clean.shape)
+                                  + 1j * rng.standard_normal(clean.shape))  # fmt: skip
+    full = np.zeros((n, box * (box // 2 + 1)), complex)
+    full[:, np.flatnonzero(band.mask.ravel())] = clean + noise
+    return full.reshape(n, box, box // 2 + 1), np.full(band.n_shells + 1, sigma**2)
+
+
 def fisher_with_scales(cols, p_unit, sigma: float) -> np.ndarray:
     """Fisher information of shared parameters (derivatives ``cols``, each (N, npix)) and one
     contrast scale per particle (unit-scale predictions ``p_unit``), complex white noise of
@@ -132,12 +143,7 @@ def test_joint_standard_errors_are_the_cramer_rao_bound():
     crb_known = np.sqrt(np.linalg.inv(fisher[np.ix_(keep, keep)])[0, 0])
     assert 1.0 <= crb_free / crb_known < 1.3
     # the estimator's standard error on noisy data (white noise of known power)
-    noise = sigma / np.sqrt(2) * (rng.standard_normal(clean.shape)
-                                  + 1j * rng.standard_normal(clean.shape))  # fmt: skip
-    full = np.zeros((n, BOX * (BOX // 2 + 1)), complex)
-    full[:, np.flatnonzero(band.mask.ravel())] = clean + noise
-    spectra = full.reshape(n, BOX, BOX // 2 + 1)
-    power = np.full(band.n_shells + 1, sigma**2)
+    spectra, power = noisy_spectra(clean, band, sigma, rng)
     st = GroupStatistics.reduce(
         [chunk_statistics(ref, spectra, geom, optics, band, power, np.arange(n),
                           KernelOptions(exact_gradient=True, defocus=True))]  # fmt: skip
