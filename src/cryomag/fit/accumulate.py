@@ -416,30 +416,6 @@ class _Kernel:
     #: columns of the quadratic monomials (:data:`_QUAD`) rather than one by one.
     quadratic_basis = False
 
-    def _hdef_coefficients(self, adef: np.ndarray) -> np.ndarray:
-        """The extended columns (d chi_defocus / du_a) k_b (dCTF/dchi) V on the quadratic
-        monomials: d chi_defocus / du_a = 2 pi lambda (Adef C k)_a with d = C k (C the CTF
-        frame), so column (a, b) is sum_e 2 pi lambda (Adef C)_ae k_e k_b; shape (b, 4, 3)."""
-        c = self.m0 if self.cm is None else self.cm
-        ac = 2 * np.pi * self.lam * (adef @ c)
-        out = np.zeros((len(adef), 4, 3))
-        for a in range(2):
-            for b in range(2):
-                for e in range(2):
-                    out[:, 2 * a + b, _QUAD[e][b]] += ac[:, a, e]
-        return out
-
-    def _dq_coefficients(self) -> np.ndarray:
-        """The defocus columns pi lambda dq_i (dCTF/dchi) V on the quadratic monomials
-        (dq = d_x^2, 2 d_x d_y, d_y^2 with d = C k); shape (3, 3)."""
-        c = self.m0 if self.cm is None else self.cm
-        (c00, c01), (c10, c11) = c
-        return np.pi * self.lam * np.array([
-            [c00 * c00, 2 * c00 * c01, c01 * c01],
-            [2 * c00 * c10, 2 * (c00 * c11 + c01 * c10), 2 * c01 * c11],
-            [c10 * c10, 2 * c10 * c11, c11 * c11],
-        ])  # fmt: skip
-
     def _model_values(self, val: np.ndarray) -> np.ndarray:
         """The slice values (on the disc) at the model's pixels."""
         raise NotImplementedError
@@ -830,6 +806,30 @@ class WindowedKernel(_Kernel):
 
     def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None):
         return self._stats_windowed(sub, pt, hcols, y, dcols, quad)
+
+    def _hdef_coefficients(self, adef: np.ndarray) -> np.ndarray:
+        """The extended columns (d chi_defocus / du_a) k_b (dCTF/dchi) V on the quadratic
+        monomials: d chi_defocus / du_a = 2 pi lambda (Adef C k)_a with d = C k (C the CTF
+        frame), so column (a, b) is sum_e 2 pi lambda (Adef C)_ae k_e k_b; shape (b, 4, 3)."""
+        c = self.m0 if self.cm is None else self.cm
+        ac = 2 * np.pi * self.lam * (adef @ c)
+        out = np.zeros((len(adef), 4, 3))
+        for a in range(2):
+            for b in range(2):
+                for e in range(2):
+                    out[:, 2 * a + b, _QUAD[e][b]] += ac[:, a, e]
+        return out
+
+    def _dq_coefficients(self) -> np.ndarray:
+        """The defocus columns pi lambda dq_i (dCTF/dchi) V on the quadratic monomials
+        (dq = d_x^2, 2 d_x d_y, d_y^2 with d = C k); shape (3, 3)."""
+        c = self.m0 if self.cm is None else self.cm
+        (c00, c01), (c10, c11) = c
+        return np.pi * self.lam * np.array([
+            [c00 * c00, 2 * c00 * c01, c01 * c01],
+            [2 * c00 * c10, 2 * (c00 * c11 + c01 * c10), 2 * c01 * c11],
+            [c10 * c10, 2 * c10 * c11, c11 * c11],
+        ])  # fmt: skip
 
     def _aberration_maps(self, sub, pt, dv, y, out):
         """Per-pixel sums of the phase- and amplitude-error maps of the windowed model
