@@ -511,7 +511,8 @@ def unit_mag_fits(
         for its micrograph, at the group's M).
     defocus_out : dict, optional
         Receives ``"delta_a"`` (N, 3): each particle's defocus change (a00, a01, a11, A) in
-        this joint fit, from the pass's state, and ``"deviation"`` (N, k_p); with
+        this joint fit, from the pass's state moved by ``defocus_shift`` (the state after
+        the group's last step), and ``"deviation"`` (N, k_p); with
         ``ctf_moves`` for isotropic particle units also ``"own_scale"`` (N,): the factor
         (1 + theta)^2 of the defocus matrix that goes with the group's M.
 
@@ -528,6 +529,10 @@ def unit_mag_fits(
     if defocus_shift is not None:
         shift[:, 4:] = defocus_shift
     b = b - np.einsum("nij,nj->ni", h, shift)
+    if own:
+        # the group's step moved the reference, not the measured CTF (as
+        # :func:`cryomag.fit.local.unit_fits`): h's M columns also carry the CTF's part
+        b = b + np.einsum("nij,nj->ni", _ctf_cross(stats), shift[:, :4])
     mbar = None
     if own:
         # The micrograph's defocus was measured (and refined) on its own images: it already

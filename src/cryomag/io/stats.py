@@ -9,8 +9,10 @@ without reading an image. Layout of ``OUT/stats``:
     plus ``mag`` (the fitted M, (2, 2)), ``mag_in`` (the input's M), ``mag_lin`` (the M the
     statistics were linearised at), ``group`` (the number), ``defocus_mean_A`` (the mean
     defocus of each particle as the run's CTF gives it -- the refined one when the defocus was
-    refined --, A, shape (N,)) and, with the defocus refined, ``defocus_deviation`` (N, k) and
-    ``defocus_prior`` (k, k) (:class:`cryomag.fit.defocus.JointSolution`).
+    refined --, A, shape (N,)) and, with the defocus refined, ``defocus_deviation`` (N, k),
+    ``defocus_prior`` (k, k) and ``defocus_last_step`` (N, 3), each particle's defocus change
+    (a00, a01, a11, A) in the step after the statistics' pass
+    (:class:`cryomag.fit.defocus.JointSolution`; runs before it have none: no change).
 ``options.json``
     the options of the run (as in results.json).
 
@@ -42,10 +44,12 @@ __all__ = [
     "write_options",
 ]
 
-#: Arrays stored beside the statistics in group_NNN.npz (the last two only when the defocus
-#: was refined: the particles' deviations from their micrograph and their prior covariance).
+#: Arrays stored beside the statistics in group_NNN.npz (the last three only when the
+#: defocus was refined: the particles' deviations from their micrograph, their prior
+#: covariance and the last step's defocus change).
 EXTRA_FIELDS = (
     "mag", "mag_in", "mag_lin", "group", "defocus_mean_A", "defocus_deviation", "defocus_prior",
+    "defocus_last_step",
 )
 
 
@@ -138,7 +142,7 @@ def load_run(run: str | os.PathLike, group_numbers) -> tuple[dict, dict, dict]:
     mags : dict of int to (M_in, M_lin, M)
     defocus : dict of int to dict
         ``"mean_A"``: mean defocus per particle (A) or None; with the defocus refined also
-        ``"deviation"`` and ``"prior"``.
+        ``"deviation"``, ``"prior"`` and ``"last_step"`` (None for runs before it).
     """
     folder = Path(run) / "stats"
     if not folder.is_dir():
@@ -157,6 +161,7 @@ def load_run(run: str | os.PathLike, group_numbers) -> tuple[dict, dict, dict]:
             "mean_A": ex.get("defocus_mean_A"),
             "deviation": ex.get("defocus_deviation"),
             "prior": ex.get("defocus_prior"),
+            "last_step": ex.get("defocus_last_step"),
         }
     if not stats:
         raise ParticleFileError(f"{folder}: no group_NNN.npz files for the run's optics groups")

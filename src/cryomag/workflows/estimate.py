@@ -466,7 +466,9 @@ def run_estimate(
             joint = {}
             for g in good:
                 sol = fits[g].defocus_solution
-                joint[g] = (levels, sol.particle, sol.prior)
+                # the last joint step's defocus change: the local fits start from the
+                # defocus after it, not from the pass's
+                joint[g] = (levels, sol.particle, sol.prior, sol.delta_a)
         local = fit_local(
             out,
             {g: st for g, st in stats.items() if g in good},

@@ -70,17 +70,19 @@ def true_defocus(
 
 def _fitter(stats, m_lin, m_g, mics, joint, unit, capture=None):
     """``fit(labels, isotropic) -> (units, theta, cov, gain)``: the plain per-unit fit, or,
-    with the defocus refined (``joint`` = (levels, deviation, prior)), the one that refits
-    the unit's defocus with its magnification (:func:`cryomag.fit.defocus.unit_mag_fits`);
+    with the defocus refined (``joint`` = (levels, deviation, prior, last step)), the one
+    that refits the unit's defocus with its magnification
+    (:func:`cryomag.fit.defocus.unit_mag_fits`);
     ``capture`` (a dict) then receives the defocus change of the isotropic fit."""
     if joint is None:
         # a particle's defocus was measured for its micrograph: its CTF moves with it
         moves = unit == "particle"
         return lambda labels, iso: unit_fits(stats, m_lin, m_g, labels, iso, moves)
-    levels, deviation, prior = joint
+    levels, deviation, prior, last_step = joint
     return lambda labels, iso: unit_mag_fits(
         stats, m_lin, m_g, labels, mics, levels, iso, unit, deviation=deviation, prior=prior,
-        defocus_out=capture if iso else None, ctf_moves=unit == "particle",
+        defocus_shift=last_step, defocus_out=capture if iso else None,
+        ctf_moves=unit == "particle",
     )  # fmt: skip
 
 
@@ -137,9 +139,11 @@ def fit_local(
         the particle's isotropic magnification relative to M_in as the model predicts it
         (:func:`true_defocus`). False: the defocus is already in the specimen frame.
     joint : dict, optional
-        Optics group number -> (DefocusLevels, deviation (N, k_p), prior T (k_p, k_p)) where
-        the defocus was refined with M (the particles' deviations from their micrograph and
-        their prior, :class:`cryomag.fit.defocus.JointSolution`): every local model then
+        Optics group number -> (DefocusLevels, deviation (N, k_p), prior T (k_p, k_p),
+        last step (N, 3) or None) where the defocus was refined with M (the particles'
+        deviations from their micrograph, their prior and each particle's defocus change
+        (a00, a01, a11, A) in the step after the statistics' pass,
+        :class:`cryomag.fit.defocus.JointSolution`): every local model then
         refits the defocus at its level with the magnification
         (:func:`cryomag.fit.defocus.unit_mag_fits`); ``defocus_A`` should be the refined
         defocus.

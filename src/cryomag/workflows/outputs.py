@@ -218,6 +218,7 @@ def save_statistics(res, folder: Path, options: dict | None = None) -> None:
             extra = {
                 "defocus_deviation": gr.defocus_solution.particle,
                 "defocus_prior": gr.defocus_solution.prior,
+                "defocus_last_step": gr.defocus_solution.delta_a,
             }
         store.save_group(
             store.group_path(folder, gr.group),

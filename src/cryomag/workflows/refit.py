@@ -66,7 +66,9 @@ def refit(run, fits: tuple, out=None, plots: bool = True, defocus: str | None = 
             mean_dz[st.rows] = stored
     joint = None
     if levels.active:
-        joint = {g: (levels, dz[g]["deviation"], dz[g]["prior"]) for g in stats}
+        joint = {
+            g: (levels, dz[g]["deviation"], dz[g]["prior"], dz[g]["last_step"]) for g in stats
+        }
     measured = run_opts.get("defocus_frame", "measured") != "true"
     # runs before the image-based gradient existed carry no key: they used the exact one
     small = int(ps.boxes_px().min()) < EXACT_GRADIENT_BELOW_BOX
