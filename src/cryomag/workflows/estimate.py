@@ -148,6 +148,13 @@ class EstimateOptions:
         Warm-start passes compute only what the group fit of M needs, without the exact
         gradient and the local-model and defocus columns (default True; those come from the
         full passes alone).
+    periodic_first_pass : bool
+        With the defocus or aberrations refined and a window, the first full pass uses the
+        box-periodic model (default True): it takes the large first defocus step at about a
+        third of a window-aware pass's cost; the window-aware passes after it end at the
+        same fixed point, and the first of them may end the fit with a step of up to
+        :data:`cryomag.fit.gauss_newton.FINAL_STEP_AFTER_PERIODIC` tolerances
+        (bench/RESULTS.md, issue 14).
     upsample_slices : bool
         The window-aware model (``window_pad`` > 1) evaluates the reference on the
         particle's own grid and upsamples the slice to the padded grid by zero-padding its
@@ -217,6 +224,7 @@ class EstimateOptions:
     warm_periodic: bool = True
     warm_window_pass: bool = False
     lean_warm: bool = True
+    periodic_first_pass: bool = True
     upsample_slices: bool = True
     exact_gradient: bool | None = None
     relinearise: bool = True
@@ -275,6 +283,7 @@ class EstimateOptions:
             warm_periodic=self.warm_periodic,
             warm_window_pass=self.warm_window_pass,
             lean_warm=self.lean_warm,
+            periodic_first_pass=self.periodic_first_pass,
         )
 
 
