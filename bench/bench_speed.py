@@ -14,7 +14,11 @@ simulation is cached in ``--cache``) it prints, in one run:
   ``RELION_BIN`` (or ``--relion-bin``) points at a RELION 5 build's bin folder, its peak RSS
   and its M's error in cryomag's standard errors;
 - optionally (``--local``) ``--fit scale,aniso,particle,micrograph,defocus`` against the
-  group fit on the same data, and (``--pads``) other window paddings;
+  group fit on the same data: by default (``--local-ctf micrograph``) a second data set
+  with real-like CTF input (the same particles' parameters, but one defocus per micrograph
+  written with a 50 A estimation error, the particles at heights spread 200 A), on which
+  both run; ``--local-ctf exact`` runs them on the main data set (each particle's exact
+  defocus); and (``--pads``) other window paddings;
 
 each a median of ``--repeat`` runs, and the ratios cryomag / floor, RELION / floor and
 cryomag / RELION.
@@ -22,6 +26,7 @@ cryomag / RELION.
 Usage::
 
     python bench/bench_speed.py [--n 5000] [--repeat 3] [--relion-bin DIR] [--local]
+        [--local-ctf micrograph|exact]
 """
 
 from __future__ import annotations
@@ -48,12 +53,13 @@ GROUP_FIT = ("scale", "aniso")
 LOCAL_FIT = ("scale", "aniso", "particle", "micrograph", "defocus")
 
 
-def dataset(cache: Path, n: int, seed: int = 14) -> Path:
-    """The cached simulated data set of ``n`` particles (see the module docstring)."""
+def dataset(cache: Path, n: int, seed: int = 14, ctf: str = "exact") -> Path:
+    """The cached simulated data set of ``n`` particles (see the module docstring); ``ctf``
+    "micrograph": one defocus per micrograph written, with a 50 A estimation error."""
     from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
     from cryomag.simulation.simulator import simulate_dataset
 
-    folder = cache / f"speed_box{BOX}_n{n}_s{seed}"
+    folder = cache / f"speed_box{BOX}_n{n}_s{seed}{'_mic50' if ctf == 'micrograph' else ''}"
     if not (folder / "done.json").is_file():
         cfg = SimulationConfig(seed=seed)
         cfg.optics_groups = [
@@ -61,6 +67,8 @@ def dataset(cache: Path, n: int, seed: int = 14) -> Path:
                               box=BOX, n_particles=n, particles_per_micrograph=100)  # fmt: skip
         ]
         cfg.defocus.min_um, cfg.defocus.max_um = 0.5, 1.5
+        if ctf == "micrograph":  # heights: the default spread of 200 A
+            cfg.defocus.written, cfg.defocus.estimation_error_A = "micrograph", 50.0
         cfg.noise.snr = 0.05
         cfg.render.n_workers = 2
         t0 = time.perf_counter()
@@ -155,6 +163,8 @@ def main() -> int:
     ap.add_argument("--relion-bin", type=Path, default=os.environ.get("RELION_BIN"))
     ap.add_argument("--local", action="store_true",
                     help="also --fit scale,aniso,particle,micrograph,defocus")  # fmt: skip
+    ap.add_argument("--local-ctf", choices=("micrograph", "exact"), default="micrograph",
+                    help="the local models' data: real-like CTF input (default) or exact")
     ap.add_argument("--pads", default="0", help="window paddings to run (0 = automatic)")
     ap.add_argument("--baseline-src", help="also the defaults with cryomag imported from this "
                     "folder (e.g. an older checkout's src), interleaved in the same run")
@@ -178,14 +188,20 @@ def main() -> int:
     folder = dataset(a.cache, a.n)
     truth = np.asarray(load_truth(folder)["M_group"][0])
     runs: dict[str, list[dict]] = {"floor": []}
-    cases = [(f"cryomag pad {'auto' if p == 0 else p}", GROUP_FIT, p, None)
+    cases = [(f"cryomag pad {'auto' if p == 0 else p}", GROUP_FIT, p, None, folder)
              for p in (int(x) for x in a.pads.split(","))]  # fmt: skip
     if a.baseline_src:
-        cases.append(("cryomag baseline", GROUP_FIT, 0, a.baseline_src))
+        cases.append(("cryomag baseline", GROUP_FIT, 0, a.baseline_src, folder))
+    local_group = cases[0][0]  # the group fit the local models are compared with
     if a.local:
-        cases.append(("cryomag local models", LOCAL_FIT, 0, None))
+        lf = folder
+        if a.local_ctf == "micrograph":
+            lf = dataset(a.cache, a.n, ctf="micrograph")
+            local_group = "cryomag group fit, real-like CTF"
+            cases.append((local_group, GROUP_FIT, 0, None, lf))
+        cases.append(("cryomag local models", LOCAL_FIT, 0, None, lf))
         if a.baseline_src:
-            cases.append(("cryomag baseline local models", LOCAL_FIT, 0, a.baseline_src))
+            cases.append(("cryomag baseline local models", LOCAL_FIT, 0, a.baseline_src, lf))
     for name, *_ in cases:
         runs[name] = []
     if a.relion_bin:
@@ -193,8 +209,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cryomag-speed-"))
     for _ in range(a.repeat):  # interleaved: the machine's load affects every tool alike
         runs["floor"].append(one("floor", folder=str(folder)))
-        for name, fit, pad, src in cases:
-            runs[name].append(one("cryomag", src, folder=str(folder), fit=list(fit),
+        for name, fit, pad, src, data in cases:
+            runs[name].append(one("cryomag", src, folder=str(data), fit=list(fit),
                                   window_pad=pad))  # fmt: skip
         if a.relion_bin:
             runs["relion"].append(one("relion", relion_bin=str(a.relion_bin),
@@ -227,16 +243,19 @@ def main() -> int:
               f"passes {now['statistics_s'] / b['statistics_s']:.2f}; M now - baseline: max "
               f"{dm.max():.1e} = {np.max(dm / se):.2f} SE")  # fmt: skip
     if a.local:
-        ratio = summary["cryomag local models"]["wall_s"] / summary[ref_name]["wall_s"]
+        ratio = summary["cryomag local models"]["wall_s"] / summary[local_group]["wall_s"]
         st = (summary["cryomag local models"]["statistics_s"]
-              / summary[ref_name]["statistics_s"])  # fmt: skip
-        print(f"local models / group fit: wall {ratio:.2f}, statistics passes {st:.2f}")
+              / summary[local_group]["statistics_s"])  # fmt: skip
+        print(f"local models / group fit ({a.local_ctf} CTF): wall {ratio:.2f}, statistics "
+              f"passes {st:.2f}")  # fmt: skip
         summary["local_over_group"] = ratio
         if a.baseline_src:
             bl, bg = summary["cryomag baseline local models"], summary["cryomag baseline"]
-            print(f"baseline local models / baseline group fit: wall "
-                  f"{bl['wall_s'] / bg['wall_s']:.2f}; local models now / baseline: wall "
-                  f"{summary['cryomag local models']['wall_s'] / bl['wall_s']:.2f}")  # fmt: skip
+            if a.local_ctf == "exact":  # the baseline's group fit ran on the same data
+                print(f"baseline local models / baseline group fit: wall "
+                      f"{bl['wall_s'] / bg['wall_s']:.2f}")  # fmt: skip
+            print(f"local models now / baseline: wall "
+                  f"{summary['cryomag local models']['wall_s'] / bl['wall_s']:.2f}")
     if a.relion_bin:
         rel = _median(runs["relion"], "wall_s")
         mag = np.asarray(runs["relion"][-1]["mag"])
