@@ -52,3 +52,13 @@ def test_padded_transform_is_the_transform_of_the_padded_image(backend):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown FFT backend"):
         fft.use_backend("mkl")
+
+
+def test_the_environment_chooses_the_backend_or_says_why_not():
+    assert fft.backend_from_environment(None, True) == ("ducc0", None)
+    assert fft.backend_from_environment("scipy", True) == ("scipy", None)
+    assert fft.backend_from_environment(None, False) == ("scipy", None)
+    name, why = fft.backend_from_environment("mkl", True)
+    assert name == "ducc0" and "CRYOMAG_FFT='mkl'" in why and "ducc0 or scipy" in why
+    name, why = fft.backend_from_environment("ducc0", False)
+    assert name == "scipy" and "not installed" in why

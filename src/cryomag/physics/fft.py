@@ -15,6 +15,7 @@ this module; the simulator and the reconstruction keep scipy.fft.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import scipy.fft as sfft
@@ -24,15 +25,35 @@ try:  # pragma: no cover - the backend present decides
 except ImportError:  # pragma: no cover
     _ducc = None
 
-__all__ = ["BACKEND", "fft", "ifft", "irfft", "irfft2", "rfft", "rfft2", "use_backend"]
+__all__ = [
+    "BACKEND", "backend_from_environment", "fft", "ifft", "irfft", "irfft2", "rfft", "rfft2",
+    "use_backend",
+]
+
+
+
+def backend_from_environment(value: str | None, have_ducc: bool) -> tuple[str, str | None]:
+    """The backend that ``CRYOMAG_FFT=value`` selects, and a warning when the value cannot
+    be followed (unknown, or ducc0 asked for but not installed); None: the default (ducc0
+    when installed)."""
+    default = "ducc0" if have_ducc else "scipy"
+    if value is None or value == "":
+        return default, None
+    if value not in ("ducc0", "scipy"):
+        return default, (
+            f"CRYOMAG_FFT={value!r} is not an FFT backend (expected ducc0 or scipy): "
+            f"using {default}"
+        )
+    if value == "ducc0" and not have_ducc:
+        return "scipy", "CRYOMAG_FFT=ducc0, but ducc0 is not installed: using scipy"
+    return value, None
+
 
 #: The backend in use: "ducc0" or "scipy" (the environment variable ``CRYOMAG_FFT`` sets
 #: it; default ducc0 when installed).
-BACKEND = "ducc0" if _ducc is not None else "scipy"
-if os.environ.get("CRYOMAG_FFT") in ("ducc0", "scipy") and not (
-    os.environ["CRYOMAG_FFT"] == "ducc0" and _ducc is None
-):
-    BACKEND = os.environ["CRYOMAG_FFT"]
+BACKEND, _problem = backend_from_environment(os.environ.get("CRYOMAG_FFT"), _ducc is not None)
+if _problem:  # pragma: no cover - depends on the environment
+    warnings.warn(_problem, RuntimeWarning, stacklevel=2)
 
 
 def use_backend(name: str) -> str:
