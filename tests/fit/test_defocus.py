@@ -450,3 +450,31 @@ def test_periodic_first_pass_ends_where_the_window_aware_fit_converges(tmp_path)
     full = [h for h in gs.history if h["particles"] == gs.n_particles]
     assert full[0]["box_periodic"] and full[0]["defocus_step_A"] > 10.0 and len(full) >= 3
     assert full[-1]["max_step"] < 1e-5 and full[-1]["defocus_step_A"] < 1.0
+
+
+def test_which_passes_are_box_periodic():
+    """Only a joint fit's first full pass with a window, and never the last pass max_iter
+    allows; a warm start's passes are box-periodic as before."""
+    import dataclasses
+
+    from cryomag.fit.aberrations import AberrationTerms
+    from cryomag.fit.gauss_newton import GaussNewtonSettings, GroupFit
+
+    n = 10
+    kw = {"rows": np.arange(n), "micrographs": np.zeros(n, int),
+          "defocus": np.tile([9000.0, 8800.0, 10.0], (n, 1))}  # fmt: skip
+    joint = GaussNewtonSettings(levels=DefocusLevels("micrograph", "fixed"))
+
+    def first_full_pad(settings, pad, **extra):
+        fit = GroupFit(1, n, np.eye(2), np.ones(4), pad, settings, **{**kw, **extra})
+        return fit.group_pass().window_pad
+
+    assert first_full_pad(joint, 2) == 1
+    assert first_full_pad(joint, 1) == 1
+    assert first_full_pad(GaussNewtonSettings(), 2) == 2  # M alone: no joint step
+    assert first_full_pad(dataclasses.replace(joint, max_iter=1), 2) == 2
+    assert first_full_pad(dataclasses.replace(joint, periodic_first_pass=False), 2) == 2
+    optics = OpticsParams(APIX, BOX, 300.0, 2.7, 0.1)
+    aberr = GaussNewtonSettings(aberrations=AberrationTerms(("tilt",)))
+    assert first_full_pad(aberr, 3, optics=optics) == 1
+    assert first_full_pad(GaussNewtonSettings(), 2, warm=True) == 1  # a warm start's pass
