@@ -529,12 +529,11 @@ def unit_mag_fits(
     if defocus_shift is not None:
         shift[:, 4:] = defocus_shift
     b = b - np.einsum("nij,nj->ni", h, shift)
+    mbar = None
     if own:
         # the group's step moved the reference, not the measured CTF (as
         # :func:`cryomag.fit.local.unit_fits`): h's M columns also carry the CTF's part
         b = b + np.einsum("nij,nj->ni", _ctf_cross(stats), shift[:, :4])
-    mbar = None
-    if own:
         # The micrograph's defocus was measured (and refined) on its own images: it already
         # holds the CTF change of the micrograph's mean magnification. A particle's CTF moves
         # only with its deviation from that mean: model J_ref d + J_ctf (d - dbar_mic). dbar

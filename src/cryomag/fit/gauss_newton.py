@@ -279,10 +279,9 @@ class GroupFit:
         self.counts = {"warm": 0, "full": 0}
         # the last warm pass uses the window (settings.warm_periodic, window_pad > 1)
         self.warm_windowed = False
-        self.last_pass_periodic = False  # the last pass was a joint fit's box-periodic one
-        # a joint fit's full passes start box-periodic (settings.periodic_first_pass)
-        self.coarse = bool(settings.periodic_first_pass and settings.joint and window_pad > 1)
-        self.linear_start = False  # that pass's defocus step was in the linear range
+        # the next step may end the fit at FINAL_STEP_AFTER_PERIODIC tolerances: it follows
+        # a box-periodic pass whose defocus step was in the linear range
+        self.relaxed_next = False
         self.update: MagUpdate | None = None
         self.stats: GroupStatistics | None = None  # the last full pass
         self.first_stats: GroupStatistics | None = None  # the first pass (at the input M)
@@ -338,10 +337,14 @@ class GroupFit:
         (``settings.periodic_first_pass``): its large defocus step only brings the
         window-aware passes after it into their linear range. Never the last pass
         ``max_iter`` allows."""
-        return (
-            self.coarse
+        s = self.settings
+        return bool(
+            s.periodic_first_pass
+            and s.joint
+            and self.window_pad > 1
             and self.phase == "full"
-            and self.counts["full"] < self.settings.max_iter - 1
+            and self.counts["full"] == 0
+            and s.max_iter > 1
         )
 
     # ---------------------------------------------------------------- one step
@@ -350,10 +353,8 @@ class GroupFit:
         particles, and decide whether the group is done."""
         s = self.settings
         coarse = self.coarse_pass_next
-        # the first window-aware pass after the box-periodic one may end the fit with a step
-        # of up to FINAL_STEP_AFTER_PERIODIC tolerances (its remainder is a few % of it)
-        reach = FINAL_STEP_AFTER_PERIODIC if self.last_pass_periodic and self.linear_start else 1.0
-        self.last_pass_periodic = coarse
+        reach = FINAL_STEP_AFTER_PERIODIC if self.relaxed_next else 1.0
+        self.relaxed_next = False
         st_joint = st
         if len(s.aberrations) and self.phase == "full":  # the pass had their columns
             st = st.without_aberrations(len(s.aberrations))
@@ -386,13 +387,13 @@ class GroupFit:
                 done = done and dz_step < reach * s.defocus_tol_A
             else:
                 dz_step = None
-            done = done and not coarse
             if coarse:
-                self.coarse = False  # one box-periodic pass: the window-aware ones from here
-                # it started in the linear range: its defocus step was small (else the
-                # window-aware passes keep the strict tolerances: with large defocus errors
+                # never the end; the window-aware passes from here. From a linear start (a
+                # small defocus step) the first of them may end the fit at the relaxed
+                # tolerances; else they keep the strict ones (with large defocus errors
                 # Gauss-Newton converges slowly, measured 0.2-0.3x per pass)
-                self.linear_start = not s.levels.active or (
+                done = False
+                self.relaxed_next = not s.levels.active or (
                     dz_step < FINAL_STEP_AFTER_PERIODIC * s.defocus_tol_A
                 )
         elif kind == "full" and st.has_second_order:

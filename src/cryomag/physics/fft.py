@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 
-
 def backend_from_environment(value: str | None, have_ducc: bool) -> tuple[str, str | None]:
     """The backend that ``CRYOMAG_FFT=value`` selects, and a warning when the value cannot
     be followed (unknown, or ducc0 asked for but not installed); None: the default (ducc0
