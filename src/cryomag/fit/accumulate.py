@@ -42,6 +42,7 @@ from cryomag.physics.grid import GridCTF, WindowCut, padded_rfft2, shift_phase32
 from cryomag.physics.reference import MapReference, slice_values
 
 from .aberrations import AberrationTerms
+from .defocus_profile import RingProfile, ring_sums, search
 from .statistics import Band, ChunkStatistics
 
 __all__ = ["KernelOptions", "chunk_statistics", "geom_subset", "gradient_taper"]
@@ -102,6 +103,10 @@ class KernelOptions:
         0.03-1 % rms per shell below 0.9 Nyquist (the map's density beyond the box and
         finufft's own error); the fitted M by a small fraction of its standard error
         (bench/RESULTS.md, issue 14).
+    defocus_profile : bool
+        Box-periodic model with ``defocus`` only: also search each particle's isotropic
+        defocus on its exact likelihood (:mod:`cryomag.fit.defocus_profile`): the best
+        change from the pass's state and the curvature there (``dz_profile``).
     """
 
     window_pad: int = 1
@@ -113,6 +118,7 @@ class KernelOptions:
     defocus: bool = False
     aberrations: AberrationTerms | None = None
     upsample_slices: bool = False
+    defocus_profile: bool = False
 
 
 def chunk_statistics(
@@ -165,6 +171,8 @@ def chunk_statistics(
             )  # fmt: skip
         return ChunkStatistics.concatenate(parts, rows)
     rows = np.asarray(rows)
+    if opts.defocus_profile and (max(int(opts.window_pad), 1) > 1 or not opts.defocus):
+        raise ValueError("the defocus search needs the box-periodic model and the defocus columns")
     kernel = PeriodicKernel if max(int(opts.window_pad), 1) == 1 else WindowedKernel
     kern = kernel(reference, geom, optics, band, noise_power, opts)
     val, grad = kern.slices(geom)
@@ -313,6 +321,7 @@ class _Kernel:
         self.cm = None if geom.ctf_mag is None else np.asarray(geom.ctf_mag, float)
         self.amp = float(amplitude_factor(self.m0, reference.pixel_size_A, optics.pixel_size_A)[0])
         w = (1.0 / noise_power[band.shell]).astype(float)
+        self.w = w
         kx, ky = band.kx, band.ky
         self.kx_b, self.ky_b = kx, ky
         # monomials w k^n on the band, repeated for the (re, im) float view
@@ -337,6 +346,7 @@ class _Kernel:
         }
         self.ctf_band = GridCTF(kx, ky, self.m0, self.cm, *optics_args, **self.aberrations)
         self.lam = self.ctf_band.lam
+        self.rings: RingProfile | None = None  # the defocus search (box-periodic only)
         # the Cs term's chi derivatives on the band, float32 (second-order sums)
         g = [self.ctf_band.gcs[a].astype(_F32) for a in range(2)]
         self.so_shared = {
@@ -543,6 +553,15 @@ class _Kernel:
             if self.aberr is not None
             else np.zeros(0)
         )
+        out["dz_profile"] = (
+            search(
+                ring_sums(self.rings, ctf, slope, v_model, out["_yt"], self.w),
+                self.rings.rate,
+                out["rr"] / out["npix"],
+            )
+            if self.rings is not None
+            else np.zeros((nb, 2))
+        )
         if self.second:
             q_hess = q_box if self.upsample else q_big
             out.update(self._second_order(sub, rows, f_big, q_hess, val, du, adef, (ctf, slope),
@@ -636,11 +655,14 @@ class PeriodicKernel(_Kernel):
     """The box-periodic model (RELION's): predicted on the particle's own grid, at the band
     pixels only; the shift phase is moved onto the data."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, reference, geom, optics, band, noise_power, opts):
+        super().__init__(reference, geom, optics, band, noise_power, opts)
         self.model_ctf = self.ctf_band
         self.model_pick = self.band_idx
         self.model_k = (self.kx_b, self.ky_b)
+        if opts.defocus_profile:
+            dq = self.ctf_band.dq
+            self.rings = RingProfile(dq[0] + dq[2], self.lam)
 
     def _model_values(self, val):
         return val[:, self.band_in_disc]

@@ -242,6 +242,7 @@ def solve_joint(
     em_iterations: int = 100,
     em_tol: float = 1e-4,
     n_aberration: int = 0,
+    profile: np.ndarray | None = None,
 ) -> JointSolution:
     """The joint Gauss-Newton step of M and the defocus parts (see the module docstring).
 
@@ -268,9 +269,17 @@ def solve_joint(
     n_aberration : int
         K group-level aberration parameters in the last columns of the statistics, fitted
         with M (after M in the group-level vector).
+    profile : ndarray, shape (N, 2), optional
+        The pass's defocus search (:mod:`cryomag.fit.defocus_profile`): each particle's
+        best isotropic defocus change dz* and the curvature h* of its likelihood there.
+        Along the isotropic direction e = (1, 0, 1) of dA the particle's system is then
+        the quadratic around dz* (e^T h e = h*, e^T b = h* dz*: a Laplace approximation)
+        instead of the tangent at the pass's state; particles with h* = 0 keep theirs.
     """
     na = int(n_aberration)
     h, b = joint_system(stats, ctf_moves, na, need_defocus=levels.active)
+    if profile is not None:
+        h, b = _laplace_along_defocus(h, b, np.asarray(profile, float))
     n = len(stats.rows)
     if mag_shift is not None:
         b = b - h[:, :, :4] @ np.asarray(mag_shift, float).reshape(4)
@@ -393,6 +402,21 @@ def solve_joint(
             else None
         ),
     )
+
+
+def _laplace_along_defocus(h: np.ndarray, b: np.ndarray, profile: np.ndarray):
+    """``h``, ``b`` (N, 7 + K (, 7 + K)) with each particle's isotropic-defocus part
+    replaced by the quadratic around its searched optimum (see :func:`solve_joint`):
+    h += (h* - e^T h e) e e^T / 4, b += (h* dz* - e^T b) e / 2 on the dA columns."""
+    e = np.zeros(h.shape[-1])
+    e[4:7] = (1.0, 0.0, 1.0)
+    dz, curv = profile[:, 0], profile[:, 1]
+    use = curv > 0
+    h_ee = np.einsum("i,nij,j->n", e, h, e)
+    b_e = b @ e
+    alpha = np.where(use, (curv - h_ee) / 4.0, 0.0)
+    beta = np.where(use, (curv * dz - b_e) / 2.0, 0.0)
+    return h + alpha[:, None, None] * np.outer(e, e)[None], b + beta[:, None] * e[None]
 
 
 def _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2) -> dict:

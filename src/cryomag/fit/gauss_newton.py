@@ -104,6 +104,10 @@ class GaussNewtonSettings:
         and the first window-aware pass after it ends the fit when its step is below
         :data:`FINAL_STEP_AFTER_PERIODIC` tolerances. The result is the window-aware fixed
         point (tests/fit/test_defocus.py); never the last pass ``max_iter`` allows.
+    defocus_search : bool
+        With the defocus per particle, the first full pass (box-periodic) also searches each
+        particle's isotropic defocus on its likelihood and the joint step starts from each
+        particle's optimum (:mod:`cryomag.fit.defocus_profile`); the fixed point is the same.
     """
 
     fit_aniso: bool = True
@@ -122,6 +126,7 @@ class GaussNewtonSettings:
     lean_warm: bool = True
     warm_window_pass: bool = False
     periodic_first_pass: bool = True
+    defocus_search: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -329,6 +334,21 @@ class GroupFit:
             optics=self.optics if len(s.aberrations) else None,
             aberrations=s.aberrations if aberr else None,
             lean=s.lean_warm and self.phase == "warm",
+            defocus_profile=self.defocus_search_next and (periodic or self.window_pad == 1),
+        )
+
+    @property
+    def defocus_search_next(self) -> bool:
+        """The next pass searches each particle's defocus on its likelihood
+        (``settings.defocus_search``, :mod:`cryomag.fit.defocus_profile`): the first full pass
+        of a fit with the defocus per particle, when box-periodic (with a window: the coarse
+        pass; without one: every pass is)."""
+        s = self.settings
+        return bool(
+            s.defocus_search
+            and s.levels.defocus == "particle"
+            and self.phase == "full"
+            and self.counts["full"] == 0
         )
 
     @property
@@ -486,6 +506,8 @@ class GroupFit:
             ctf_moves=s.ctf_moves,
             deviation=self.deviation,
             n_aberration=k,
+            # a pass with the defocus search (zeros in the others)
+            profile=st.dz_profile if np.any(st.dz_profile[:, 1] > 0) else None,
         )
         ab_done = True
         if k:

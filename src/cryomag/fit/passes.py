@@ -75,6 +75,9 @@ class GroupPass:
         Only what the group fit of M needs (a warm-start pass): none of the pass's exact
         gradient, defocus columns or extended columns (those only when the CTF moves with
         M, which the group fit needs), whatever :class:`PassSpec` asks for.
+    defocus_profile : bool
+        Also search each particle's isotropic defocus on its likelihood (box-periodic,
+        with the defocus columns; :mod:`cryomag.fit.defocus_profile`).
     """
 
     mag: np.ndarray
@@ -87,6 +90,7 @@ class GroupPass:
     optics: OpticsParams | None = None
     aberrations: AberrationTerms | None = None
     lean: bool = False
+    defocus_profile: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class StatisticsPass:
             defocus=self.spec.defocus and not lean,
             aberrations=gp.aberrations,
             upsample_slices=self.spec.upsample_slices,
+            defocus_profile=gp.defocus_profile and self.spec.defocus and not lean,
         )
         out = []
         halves = self.halves[rows]

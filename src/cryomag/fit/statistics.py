@@ -59,7 +59,7 @@ import numpy as np
 
 from cryomag.physics.fourier import rfft_freqs
 
-PARTICLE_FIELDS = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg")
+PARTICLE_FIELDS = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "dz_profile")
 #: Second-order statistics of the group model (cryomag.fit.relinearise); shape (N, 0, ...)
 #: when a pass did not compute them.
 SECOND_ORDER_FIELDS = ("jp", "jy", "jj", "kyy", "kp", "jk")
@@ -200,6 +200,10 @@ class _StatisticsArrays:
     #: (4, npix_band) with aberrations fitted (else size 0): the per-pixel sums of the
     #: phase-error and amplitude-error maps (:data:`ABERRATION_MAPS`).
     pix_aberr: np.ndarray | None = None
+    #: (N, 2) the defocus search of a box-periodic pass (:mod:`cryomag.fit.defocus_profile`):
+    #: each particle's best isotropic defocus change from the pass's state (A) and the
+    #: curvature of rr / 2 there; zeros where not searched.
+    dz_profile: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -208,6 +212,8 @@ class _StatisticsArrays:
                 setattr(self, f, v)
         if self.pix_aberr is None:
             self.pix_aberr = np.zeros(0)
+        if self.dz_profile is None:
+            self.dz_profile = np.zeros((n, 2))
 
     @property
     def layout(self) -> dict[str, slice | None]:

@@ -155,6 +155,11 @@ class EstimateOptions:
         same fixed point, and the first of them may end the fit with a step of up to
         :data:`cryomag.fit.gauss_newton.FINAL_STEP_AFTER_PERIODIC` tolerances
         (bench/RESULTS.md, issue 14).
+    defocus_search : bool
+        With the defocus refined per particle, the first full pass (box-periodic) searches
+        each particle's isotropic defocus on its likelihood and the joint step starts from
+        there (default True; :mod:`cryomag.fit.defocus_profile`): particles far from their
+        micrograph's written defocus no longer crawl there one linear step per pass.
     upsample_slices : bool
         The window-aware model (``window_pad`` > 1) evaluates the reference on the
         particle's own grid and upsamples the slice to the padded grid by zero-padding its
@@ -225,6 +230,7 @@ class EstimateOptions:
     warm_window_pass: bool = False
     lean_warm: bool = True
     periodic_first_pass: bool = True
+    defocus_search: bool = True
     upsample_slices: bool = True
     exact_gradient: bool | None = None
     relinearise: bool = True
@@ -284,6 +290,7 @@ class EstimateOptions:
             warm_window_pass=self.warm_window_pass,
             lean_warm=self.lean_warm,
             periodic_first_pass=self.periodic_first_pass,
+            defocus_search=self.defocus_search,
         )
 
 
