@@ -107,7 +107,7 @@ def test_search_without_signal_keeps_gauss_newton():
     sums = np.zeros((2, 5, 8))
     sums[1, 0] = 1.0
     sums[1, 2] = 2.0
-    out = search(sums, np.linspace(1e-4, 1e-3, 8), np.ones(2))
+    out = search(sums, RingProfile(np.linspace(0.0, 0.1, 8), 0.0197, n_rings=8), np.ones(2))
     assert out[0, 1] == 0.0 and out[0, 0] == 0.0
 
 

@@ -556,7 +556,7 @@ class _Kernel:
         out["dz_profile"] = (
             search(
                 ring_sums(self.rings, ctf, slope, v_model, out["_yt"], self.w),
-                self.rings.rate,
+                self.rings,
                 out["rr"] / out["npix"],
             )
             if self.rings is not None

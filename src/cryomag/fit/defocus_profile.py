@@ -75,9 +75,21 @@ class RingProfile:
         mean = np.where(count > 0, total / np.maximum(count, 1), centre)
         #: d theta / d dz of each ring (rad / A)
         self.rate = np.pi * float(lam) * mean
+        self._tables: dict = {}
         self.members = sp.csr_matrix(
             (np.ones(len(d2)), (np.arange(len(d2)), idx)), shape=(len(d2), n_rings)
         )
+
+    def tables(self, half_width_A: float, step_A: float) -> tuple[np.ndarray, ...]:
+        """The coarse grid of the search and its trigonometric tables (m, n_rings): dz,
+        cos, sin, cos^2, 2 cos sin, sin^2 (built once per set of rings and grid)."""
+        key = (float(half_width_A), float(step_A))
+        if key not in self._tables:
+            grid = np.arange(-half_width_A, half_width_A + 0.5 * step_A, step_A)
+            th = grid[:, None] * self.rate[None, :]
+            co, si = np.cos(th), np.sin(th)
+            self._tables[key] = (grid, co, si, co * co, 2.0 * co * si, si * si)
+        return self._tables[key]
 
     def sums(self, values: np.ndarray) -> np.ndarray:
         """Per-ring sums of ``values`` (b, npix) -> (b, n_rings), float64."""
@@ -114,13 +126,12 @@ def ring_sums(profile: RingProfile, ctf: np.ndarray, slope: np.ndarray, v: np.nd
     return np.stack([profile.sums(p) for p in parts], axis=1)
 
 
-def _rr_part(sums: np.ndarray, rate: np.ndarray, dz: np.ndarray) -> np.ndarray:
-    """-py(dz)^2 / pp(dz) for each particle and dz (b, m): rr(dz) - yy."""
-    th = dz[:, None] * rate[None, :]  # (m, rings)
-    co, si = np.cos(th), np.sin(th)
+def _rr_part(sums: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
+    """-py(dz)^2 / pp(dz) for each particle and dz of the grid (b, m): rr(dz) - yy."""
+    _, co, si, co2, cosi2, si2 = tables
     a, b, c, d, e = (sums[:, i] for i in range(5))
     py = a @ co.T + b @ si.T
-    pp = c @ (co * co).T + 2.0 * d @ (co * si).T + e @ (si * si).T
+    pp = c @ co2.T + d @ cosi2.T + e @ si2.T
     return -(py * py) / np.where(pp > 0, pp, np.inf)
 
 
@@ -134,7 +145,7 @@ def _rr_part_each(sums: np.ndarray, rate: np.ndarray, dz: np.ndarray) -> np.ndar
     return -(py * py) / np.where(pp > 0, pp, np.inf)
 
 
-def search(sums: np.ndarray, rate: np.ndarray, chi2: np.ndarray,
+def search(sums: np.ndarray, rings: RingProfile, chi2: np.ndarray,
            half_width_A: float = SEARCH_HALF_WIDTH_A, step_A: float = SEARCH_STEP_A,
            prior_A: float = SEARCH_PRIOR_A) -> np.ndarray:  # fmt: skip
     """Each particle's best isotropic defocus change and the curvature there.
@@ -143,8 +154,8 @@ def search(sums: np.ndarray, rate: np.ndarray, chi2: np.ndarray,
     ----------
     sums : ndarray, shape (b, 5, n_rings)
         :func:`ring_sums`.
-    rate : ndarray, shape (n_rings,)
-        :attr:`RingProfile.rate` (rad / A).
+    rings : RingProfile
+        The rings the sums were formed on.
     chi2 : ndarray, shape (b,)
         The residual power per pixel at the pass's state (the likelihood's scale:
         log L = -rr / chi2).
@@ -165,9 +176,11 @@ def search(sums: np.ndarray, rate: np.ndarray, chi2: np.ndarray,
     out = np.zeros((b, 2))
     if b == 0:
         return out
+    rate = rings.rate
     chi2 = np.where(np.asarray(chi2, float) > 0, chi2, 1.0)
-    grid = np.arange(-half_width_A, half_width_A + 0.5 * step_A, step_A)
-    cost = _rr_part(sums, rate, grid) / chi2[:, None] + grid[None] ** 2 / (2 * prior_A**2)
+    tables = rings.tables(half_width_A, step_A)
+    grid = tables[0]
+    cost = _rr_part(sums, tables) / chi2[:, None] + grid[None] ** 2 / (2 * prior_A**2)
     best = grid[np.argmin(cost, axis=1)]
     # the likelihood's own optimum in that basin (the Gaussian only chose the basin)
     fine = best[:, None] + np.linspace(-step_A, step_A, 33)[None, :]
