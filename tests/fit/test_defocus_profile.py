@@ -12,7 +12,7 @@ import pytest
 
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.defocus import joint_system
-from cryomag.fit.defocus_profile import RingProfile, ring_sums, search
+from cryomag.fit.defocus_profile import RingProfile, choose_basin, ring_sums, search
 from cryomag.physics.grid import GridCTF, shift_phase32
 from tests.fit import test_accumulate as acc
 from tests.fit.test_accumulate import _at, _with_defocus
@@ -130,3 +130,15 @@ def test_gridctf_phase_rate_is_the_isotropic_defocus_term():
     dchi = np.angle(np.exp(1j * (np.arctan2(c1, s1) - np.arctan2(c0, s0))))
     rate = np.pi * grid.lam * (grid.dq[0] + grid.dq[2])
     np.testing.assert_allclose(dchi[0], rate * dz, atol=1e-5)
+
+
+def test_the_search_keeps_the_pass_basin_unless_another_is_clearly_better():
+    """Downhill from the start to its local minimum; another basin only when lower by more
+    than the margin."""
+    cost = np.array([
+        [5.0, 4.0, 3.0, 4.0, 5.0, 1.0, 6.0],  # the other basin 2 lower: taken
+        [5.0, 4.0, 3.0, 4.0, 5.0, 2.5, 6.0],  # 0.5 lower: kept
+        [0.0, 1.0, 2.0, 3.0, 2.0, 1.0, 0.5],  # downhill on both sides: the left one, 0
+        [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0],  # no minimum inside: the edge
+    ])  # fmt: skip
+    np.testing.assert_array_equal(choose_basin(cost, 3, 1.0), [5, 2, 0, 6])
