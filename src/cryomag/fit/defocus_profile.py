@@ -131,8 +131,9 @@ def ring_sums(profile: RingProfile, ctf: np.ndarray, slope: np.ndarray, v: np.nd
     s = np.asarray(slope, float)
     vy = w * (v.real * y.real + v.imag * y.imag)
     vv = w * (v.real * v.real + v.imag * v.imag)
-    parts = [c * vy, s * vy, c * c * vv, c * s * vv, s * s * vv]
-    return np.stack([profile.sums(p) for p in parts], axis=1)
+    b, npix = c.shape
+    parts = np.stack([c * vy, s * vy, c * c * vv, c * s * vv, s * s * vv], axis=1)
+    return profile.sums(parts.reshape(5 * b, npix)).reshape(b, 5, -1)
 
 
 def _rr_part(sums: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -144,13 +145,21 @@ def _rr_part(sums: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
     return -(py * py) / np.where(pp > 0, pp, np.inf)
 
 
-def _rr_part_each(sums: np.ndarray, rate: np.ndarray, dz: np.ndarray) -> np.ndarray:
-    """-py^2 / pp of particle i at dz[i, j], shape (b, m)."""
-    th = dz[:, :, None] * rate[None, None, :]  # (b, m, rings)
-    co, si = np.cos(th), np.sin(th)
-    a, b, c, d, e = (sums[:, i, None, :] for i in range(5))
-    py = (a * co + b * si).sum(-1)
-    pp = (c * co * co + 2.0 * d * co * si + e * si * si).sum(-1)
+def _rr_part_around(sums: np.ndarray, rate: np.ndarray, centre: np.ndarray,
+                    offsets: np.ndarray) -> np.ndarray:  # fmt: skip
+    """-py^2 / pp of particle i at centre[i] + offsets[j], shape (b, m): the sums rotated
+    to each particle's centre (cos(a + o) = cos a cos o - sin a sin o), then one table of
+    the offsets for all particles."""
+    a = centre[:, None] * rate[None, :]  # (b, rings)
+    ca, sa, c2a, s2a = np.cos(a), np.sin(a), np.cos(2 * a), np.sin(2 * a)
+    s_a, s_b, s_c, s_d, s_e = (sums[:, i] for i in range(5))
+    # py: A cos(t) + B sin(t); pp: (C + E) / 2 + (C - E) / 2 cos(2t) + D sin(2t)
+    ra, rb = s_a * ca + s_b * sa, s_b * ca - s_a * sa
+    half = 0.5 * (s_c - s_e)
+    rc, rd = half * c2a + s_d * s2a, s_d * c2a - half * s2a
+    o = offsets[:, None] * rate[None, :]  # (m, rings)
+    py = ra @ np.cos(o).T + rb @ np.sin(o).T
+    pp = (0.5 * (s_c + s_e)).sum(1)[:, None] + rc @ np.cos(2 * o).T + rd @ np.sin(2 * o).T
     return -(py * py) / np.where(pp > 0, pp, np.inf)
 
 
@@ -211,13 +220,12 @@ def search(sums: np.ndarray, rings: RingProfile, chi2: np.ndarray,
     cost = _rr_part(sums, tables) / chi2[:, None] + grid[None] ** 2 / (2 * prior_A**2)
     best = grid[choose_basin(cost, int(np.argmin(np.abs(grid))), BASIN_MARGIN)]
     # the likelihood's own optimum in that basin (the Gaussian only chose the basin)
-    fine = best[:, None] + np.linspace(-step_A, step_A, 33)[None, :]
-    dz = fine[np.arange(b), np.argmin(_rr_part_each(sums, rate, fine), axis=1)]
+    offsets = np.linspace(-step_A, step_A, 33)
+    dz = best + offsets[np.argmin(_rr_part_around(sums, rate, best, offsets), axis=1)]
     # the likelihood's own curvature at dz (without the search's Gaussian), central
     # differences of rr / 2
     h = 0.25 * step_A
-    tri = dz[:, None] + np.array([-h, 0.0, h])[None, :]
-    f = 0.5 * _rr_part_each(sums, rate, tri)
+    f = 0.5 * _rr_part_around(sums, rate, dz, np.array([-h, 0.0, h]))
     curv = (f[:, 0] - 2 * f[:, 1] + f[:, 2]) / (h * h)
     ok = np.isfinite(curv) & (curv > 0) & (sums[:, 2].sum(1) > 0)
     out[:, 0] = np.where(ok, dz, 0.0)
