@@ -31,7 +31,10 @@ as above, 4..7 the derivatives through the CTF's defocus term (a particle whose 
 with its own magnification); the group fit uses the first 4. With defocus statistics (the
 defocus refined, :mod:`cryomag.fit.defocus`) 3 more columns follow: the derivatives with
 respect to the particle's defocus matrix (a00, a01, a11) in the frame of the CTF's defocus
-term (7 or 11 columns in all; :func:`column_layout`).
+term (7 or 11 columns in all; :func:`column_layout`). A box-periodic pass that searched each
+particle's defocus (:mod:`cryomag.fit.defocus_profile`) also has
+    dz_profile  the best isotropic defocus change (A) and the curvature of rr / 2 there,
+                shape (N, 2); zeros in every other pass.
 
 Second order (full passes of the group fit; size 0 in the second axis otherwise), unit
 scale, for the group model's J_i = dP/dM_i and K_ij = d2P/dM_i dM_j:
