@@ -456,11 +456,19 @@ def test_killed_run_resumes_with_only_the_unfinished_chunks(data, tmp_path, cli_
     _compare_outputs(out, cli_reference)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action. A test runner started as a background job of
+    a non-interactive shell has SIGINT ignored, and a child inherits that (Python then never
+    raises KeyboardInterrupt): the run would finish as if no Ctrl-C had come."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_a_local_cluster_leaves_a_resumable_state(data, tmp_path, cli_reference):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        _cli(data, out, "--j", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        _cli(data, out, "--j", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint,
+    )  # fmt: skip
     # interrupt early in the first pass: the rest of the run (two more passes, the outputs)
     # must not have finished before the signal arrives
     _wait_for_chunks(proc, out / ".chunks", 1, 1)
