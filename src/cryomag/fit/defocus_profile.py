@@ -84,21 +84,20 @@ class RingProfile:
         mean = np.where(count > 0, total / np.maximum(count, 1), centre)
         #: d theta / d dz of each ring (rad / A)
         self.rate = np.pi * float(lam) * mean
-        self._tables: dict = {}
+        self._trig: dict = {}
         self.members = sp.csr_matrix(
             (np.ones(len(d2)), (np.arange(len(d2)), idx)), shape=(len(d2), n_rings)
         )
 
-    def tables(self, half_width_A: float, step_A: float) -> tuple[np.ndarray, ...]:
-        """The coarse grid of the search and its trigonometric tables (m, n_rings): dz,
-        cos, sin, cos^2, 2 cos sin, sin^2 (built once per set of rings and grid)."""
-        key = (float(half_width_A), float(step_A))
-        if key not in self._tables:
-            grid = np.arange(-half_width_A, half_width_A + 0.5 * step_A, step_A)
-            th = grid[:, None] * self.rate[None, :]
-            co, si = np.cos(th), np.sin(th)
-            self._tables[key] = (grid, co, si, co * co, 2.0 * co * si, si * si)
-        return self._tables[key]
+    def trig(self, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+        """cos and sin of theta and of 2 theta on every ring for the changes ``offsets``
+        (A, shape (m,)): four arrays (m, n_rings), built once per set of offsets."""
+        offsets = np.asarray(offsets, float)
+        key = offsets.tobytes()
+        if key not in self._trig:
+            th = offsets[:, None] * self.rate[None, :]
+            self._trig[key] = (np.cos(th), np.sin(th), np.cos(2 * th), np.sin(2 * th))
+        return self._trig[key]
 
     def sums(self, values: np.ndarray) -> np.ndarray:
         """Per-ring sums of ``values`` (b, npix) -> (b, n_rings), float64."""
@@ -136,30 +135,23 @@ def ring_sums(profile: RingProfile, ctf: np.ndarray, slope: np.ndarray, v: np.nd
     return profile.sums(parts.reshape(5 * b, npix)).reshape(b, 5, -1)
 
 
-def _rr_part(sums: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
-    """-py(dz)^2 / pp(dz) for each particle and dz of the grid (b, m): rr(dz) - yy."""
-    _, co, si, co2, cosi2, si2 = tables
-    a, b, c, d, e = (sums[:, i] for i in range(5))
-    py = a @ co.T + b @ si.T
-    pp = c @ co2.T + d @ cosi2.T + e @ si2.T
-    return -(py * py) / np.where(pp > 0, pp, np.inf)
-
-
-def _rr_part_around(sums: np.ndarray, rate: np.ndarray, centre: np.ndarray,
-                    offsets: np.ndarray) -> np.ndarray:  # fmt: skip
-    """-py^2 / pp of particle i at centre[i] + offsets[j], shape (b, m): the sums rotated
-    to each particle's centre (cos(a + o) = cos a cos o - sin a sin o), then one table of
-    the offsets for all particles."""
-    a = centre[:, None] * rate[None, :]  # (b, rings)
-    ca, sa, c2a, s2a = np.cos(a), np.sin(a), np.cos(2 * a), np.sin(2 * a)
-    s_a, s_b, s_c, s_d, s_e = (sums[:, i] for i in range(5))
-    # py: A cos(t) + B sin(t); pp: (C + E) / 2 + (C - E) / 2 cos(2t) + D sin(2t)
-    ra, rb = s_a * ca + s_b * sa, s_b * ca - s_a * sa
-    half = 0.5 * (s_c - s_e)
-    rc, rd = half * c2a + s_d * s2a, s_d * c2a - half * s2a
-    o = offsets[:, None] * rate[None, :]  # (m, rings)
-    py = ra @ np.cos(o).T + rb @ np.sin(o).T
-    pp = (0.5 * (s_c + s_e)).sum(1)[:, None] + rc @ np.cos(2 * o).T + rd @ np.sin(2 * o).T
+def _rr_part(sums: np.ndarray, rings: RingProfile, offsets: np.ndarray,
+             centre: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """-py^2 / pp, i.e. rr - yy, of particle i at dz = centre[i] + offsets[j] (centre None:
+    0), shape (b, m). py = A cos(t) + B sin(t), pp = (C + E) / 2 + (C - E) / 2 cos(2t) +
+    D sin(2t) summed over the rings; with a centre the sums are first rotated to it
+    (cos(a + o) = cos a cos o - sin a sin o), so that one table of the offsets serves every
+    particle."""
+    s_a, s_b, s_d = sums[:, 0], sums[:, 1], sums[:, 3]
+    half = 0.5 * (sums[:, 2] - sums[:, 4])
+    if centre is not None:
+        a = centre[:, None] * rings.rate[None, :]  # (b, rings)
+        ca, sa, c2a, s2a = np.cos(a), np.sin(a), np.cos(2 * a), np.sin(2 * a)
+        s_a, s_b = s_a * ca + s_b * sa, s_b * ca - s_a * sa
+        half, s_d = half * c2a + s_d * s2a, s_d * c2a - half * s2a
+    co, si, co2, si2 = rings.trig(offsets)
+    py = s_a @ co.T + s_b @ si.T
+    pp = (0.5 * (sums[:, 2] + sums[:, 4])).sum(1)[:, None] + half @ co2.T + s_d @ si2.T
     return -(py * py) / np.where(pp > 0, pp, np.inf)
 
 
@@ -213,19 +205,17 @@ def search(sums: np.ndarray, rings: RingProfile, chi2: np.ndarray,
     out = np.zeros((b, 2))
     if b == 0:
         return out
-    rate = rings.rate
     chi2 = np.where(np.asarray(chi2, float) > 0, chi2, 1.0)
-    tables = rings.tables(half_width_A, step_A)
-    grid = tables[0]
-    cost = _rr_part(sums, tables) / chi2[:, None] + grid[None] ** 2 / (2 * prior_A**2)
+    grid = np.arange(-half_width_A, half_width_A + 0.5 * step_A, step_A)
+    cost = _rr_part(sums, rings, grid) / chi2[:, None] + grid[None] ** 2 / (2 * prior_A**2)
     best = grid[choose_basin(cost, int(np.argmin(np.abs(grid))), BASIN_MARGIN)]
     # the likelihood's own optimum in that basin (the Gaussian only chose the basin)
     offsets = np.linspace(-step_A, step_A, 33)
-    dz = best + offsets[np.argmin(_rr_part_around(sums, rate, best, offsets), axis=1)]
+    dz = best + offsets[np.argmin(_rr_part(sums, rings, offsets, best), axis=1)]
     # the likelihood's own curvature at dz (without the search's Gaussian), central
     # differences of rr / 2
     h = 0.25 * step_A
-    f = 0.5 * _rr_part_around(sums, rate, dz, np.array([-h, 0.0, h]))
+    f = 0.5 * _rr_part(sums, rings, np.array([-h, 0.0, h]), dz)
     curv = (f[:, 0] - 2 * f[:, 1] + f[:, 2]) / (h * h)
     ok = np.isfinite(curv) & (curv > 0) & (sums[:, 2].sum(1) > 0)
     out[:, 0] = np.where(ok, dz, 0.0)
