@@ -13,11 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cryomag.fit.accumulate import KernelOptions, chunk_statistics
+from cryomag.fit.accumulate import KernelOptions, chunk_statistics, geom_subset
 from cryomag.fit.relinearise import relinearised_fit
 from cryomag.fit.statistics import Band, GroupStatistics, column_layout
+from cryomag.physics.ctf import delocalisation_A
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import rfft_freqs
+from cryomag.physics.grid import GridCTF, padded_box_px
 from cryomag.physics.reference import MapReference
 
 BOX, APIX = 48, 1.6
@@ -505,3 +507,59 @@ def test_upsampled_slices_match_the_padded_evaluation(setup, exact):
     for f in ("hpg", "hgg", "bg", "jp", "jy", "jj", "kyy", "kp", "jk"):
         x, y = getattr(a, f), getattr(b, f)
         assert np.abs(y - x).max() <= 5e-3 * np.abs(x).max(), f
+
+
+def test_adaptive_window_holds_each_particles_delocalised_signal(setup):
+    """Each particle predicted on the smallest padded grid its own delocalisation needs
+    (box + D / pixel at its larger defocus): its statistics are those of a grid three times
+    the box within a small fraction of the error of a grid too small for the signal, and
+    they are exactly those of its own grid's kernel, in the chunk's particle order."""
+    ref, optics, band, geom, spectra, power = setup
+    rows = np.arange(len(geom))
+    base = {"second_order": 1, "upsample_slices": True, "window_pad": 3}
+
+    def run(sel=slice(None), **kw):
+        g = geom_subset(geom, sel)
+        return chunk_statistics(ref, spectra[sel], g, optics, band, power, rows[sel],
+                                KernelOptions(**base, **kw))  # fmt: skip
+
+    # the rule: the defocus term at the particle's larger defocus plus the group's Cs and
+    # aberration terms, at the band's pixels
+    ctf = GridCTF(band.kx, band.ky, geom.mag, geom.ctf_mag, optics.voltage_kv, optics.cs_mm,
+                  optics.amplitude_contrast, even_zernike=optics.even_coefficients(),
+                  odd_zernike=optics.odd_coefficients())  # fmt: skip
+    dz = np.maximum(geom.defocus_u_A, geom.defocus_v_A)
+    d = delocalisation_A(dz, ctf.lam, 0.0, band.kmax) + ctf.reach_A
+    sizes = padded_box_px(BOX, APIX, d, 3 * BOX)
+    assert len(np.unique(sizes)) > 1 and sizes.max() < 3 * BOX
+    exact, adaptive = run(), run(adaptive_window=True)
+    small = 2 * int(np.ceil((BOX + d.max() / 3 / APIX) / 2))  # a third of the delocalisation
+    too_small = run(padded_box=small)
+    np.testing.assert_array_equal(adaptive.rows, rows)
+
+    def error(st):
+        return max(
+            np.abs(getattr(st, f) - getattr(exact, f)).max() / np.abs(getattr(exact, f)).max()
+            for f in ("pp", "py", "hgg", "bg", "jj", "jy")
+        )
+
+    print("relative error adaptive", error(adaptive), "too small", error(too_small))
+    assert error(adaptive) < 0.05 * error(too_small)
+    assert error(adaptive) < 2e-3
+    for size in np.unique(sizes):
+        sel = np.flatnonzero(sizes == size)
+        own = run(sel, padded_box=int(size))
+        for f in ("pp", "py", "rr", "hgg", "bg", "jj", "jy", "kyy", "jk"):
+            want = getattr(own, f)
+            np.testing.assert_allclose(getattr(adaptive, f)[sel], want, rtol=1e-6,
+                                       atol=1e-9 * np.abs(want).max(), err_msg=f)  # fmt: skip
+
+
+def test_adaptive_window_needs_the_upsampled_slice(setup):
+    ref, optics, band, geom, spectra, power = setup
+    with pytest.raises(ValueError, match="upsample_slices"):
+        chunk_statistics(ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+                         KernelOptions(window_pad=2, adaptive_window=True))  # fmt: skip
+    with pytest.raises(ValueError, match="upsample_slices"):
+        chunk_statistics(ref, spectra, geom, optics, band, power, np.arange(len(geom)),
+                         KernelOptions(window_pad=2, padded_box=72))  # fmt: skip

@@ -12,7 +12,7 @@ import scipy.fft as sfft
 
 from cryomag.physics.ctf import ctf_split_frames
 from cryomag.physics.fourier import rfft_freqs, shift_phase
-from cryomag.physics.grid import GridCTF, WindowCut, shift_phase32
+from cryomag.physics.grid import GridCTF, WindowCut, padded_box_px, shift_phase32
 
 RNG = np.random.default_rng(7)
 
@@ -114,10 +114,11 @@ def test_shift_phase32_matches_the_reference_phase():
     np.testing.assert_allclose(got, shift_phase(kx, ky, origin), atol=3e-6)
 
 
-def test_window_cut_equals_pad_crop_transform():
-    """values on the padded grid's disc -> real space -> centred box -> band pixels."""
-    box, pad, apix = 32, 2, 1.5
-    big = pad * box
+@pytest.mark.parametrize("big", [64, 48, 42])
+def test_window_cut_equals_pad_crop_transform(big):
+    """values on the padded grid's disc -> real space -> centred box -> band pixels, for a
+    padded grid twice the box and for sizes that are not multiples of it."""
+    box, apix = 32, 1.5
     kxb, kyb = rfft_freqs(big, apix)
     disc = np.hypot(kxb, kyb) <= 0.5 / apix
     disc_flat = np.flatnonzero(disc.ravel())
@@ -126,7 +127,7 @@ def test_window_cut_equals_pad_crop_transform():
     band_idx = np.flatnonzero(band.ravel())
     vals = (RNG.normal(size=(3, disc_flat.size)) + 1j * RNG.normal(size=(3, disc_flat.size)))
     vals = vals.astype(np.complex64)
-    got = WindowCut(box, pad, disc_flat, band_idx)(vals)
+    got = WindowCut(box, big, disc_flat, band_idx)(vals)
     # reference: the centred padded image, its central box, transformed with the phase
     # origin at the box centre
     spec = np.zeros((3, big * (big // 2 + 1)), complex)
@@ -136,3 +137,43 @@ def test_window_cut_equals_pad_crop_transform():
     cut = img[:, lo : lo + box, lo : lo + box]
     want = sfft.rfft2(sfft.ifftshift(cut, axes=(-2, -1))).reshape(3, -1)[:, band_idx]
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("big", [32, 45])
+def test_window_cut_refuses_a_grid_not_above_the_box_or_odd(big):
+    with pytest.raises(ValueError, match="even size above the box"):
+        WindowCut(32, big, np.arange(3), np.arange(2))
+
+
+def test_padded_box_holds_the_delocalisation_on_fast_sizes():
+    """box + D / pixel, rounded up to an even size with prime factors <= 5, at most max_box."""
+    box, apix = 128, 1.25
+    d = np.array([0.0, 10.0, 42.0, 60.0, 86.0, 108.0, 110.0, 500.0])
+    got = padded_box_px(box, apix, d, 2 * box)
+    need = box + d / apix
+    assert np.all((got >= need) | (got == 2 * box))
+    assert np.all(got > box) and np.all(got <= 2 * box) and np.all(got % 2 == 0)
+    for n in got[got < 2 * box]:
+        m = int(n)
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        assert m == 1, n
+    assert np.all(np.diff(got) >= 0)
+    np.testing.assert_array_equal(got[[0, 2, 5, 7]], [144, 162, 216, 256])
+    # the smallest such size: nothing between the need and it
+    assert padded_box_px(box, apix, 25.0 * apix, 2 * box) == 160  # 153 -> 160 (no 154-158)
+    # the cap need not be a fast size
+    assert padded_box_px(196, 1.0, 1000.0, 392) == 392
+
+
+def test_reach_of_the_aberration_terms():
+    """Without aberrations the reach is the Cs term's, Cs lambda^3 k^3 at the largest |k|;
+    a beam tilt (an odd phase: a shift of the wave packets) adds its own."""
+    kx, ky = (a.ravel() for a in rfft_freqs(64, 1.3))
+    plain = GridCTF(kx, ky, np.eye(2), None, 300.0, 2.7, 0.1)
+    kmax = np.hypot(kx, ky).max()
+    assert plain.reach_A == pytest.approx(2.7e7 * plain.lam**3 * kmax**3, rel=1e-9)
+    tilted = GridCTF(kx, ky, np.eye(2), None, 300.0, 2.7, 0.1,
+                     odd_zernike=(0.0, 0.0, 5.0, 0.0, 0.0, 0.0))  # fmt: skip
+    assert tilted.reach_A > plain.reach_A

@@ -13,6 +13,7 @@ from cryomag.physics.ctf import (
     ctf_values,
     defocus_from_matrix,
     defocus_matrix,
+    delocalisation_A,
     electron_wavelength_A,
     transform_astigmatism,
 )
@@ -282,6 +283,32 @@ def test_ctf_physical_properties():
     val = ctf_values(np.array([k0]), np.zeros(1), 10000, 10000, 0, 300, 0.0, q0)[0, 0]
     assert abs(val) < 1e-9
     assert lam == pytest.approx(0.019687, abs=1e-6)  # 300 kV
+
+
+def test_ctf_delocalises_a_point_by_the_phase_slope():
+    """A point's image through the CTF, band-limited to a thin ring at k0: its signal sits on
+    a ring of radius |d chi / dk| / (2 pi) = lambda dz k0 - Cs lambda^3 k0^3 (stationary
+    phase), which :func:`delocalisation_A` bounds (it adds the two terms)."""
+    n, apix, dz, cs, k0 = 512, 1.0, 15000.0, 2.7, 0.25
+    kx, ky = rfft_freqs(n, apix)
+    ring = np.exp(-0.5 * ((np.hypot(kx, ky) - k0) / 0.008) ** 2)
+    ctf = ctf_values(kx.ravel(), ky.ravel(), dz, dz, 0.0, 300.0, cs, 0.0)[0].reshape(kx.shape)
+    img = np.fft.fftshift(np.fft.irfft2(ctf * ring, s=(n, n)))
+    x = np.arange(n) - n // 2
+    r = np.hypot(x[:, None], x[None, :]) * apix
+    profile = np.bincount(np.rint(r).astype(int).ravel(), (img**2).ravel())
+    profile /= np.bincount(np.rint(r).astype(int).ravel())
+    lam = float(electron_wavelength_A(300.0))
+    slope = lam * dz * k0 - cs * 1e7 * lam**3 * k0**3
+    energy = profile * np.arange(len(profile))  # per unit radius
+    sel = slice(20, 200)  # beyond the in-focus remainder at the centre
+    mean_r = np.sum(energy[sel] * np.arange(len(profile))[sel]) / energy[sel].sum()
+    assert abs(mean_r - slope) <= 1.5, (mean_r, slope)
+    bound = float(delocalisation_A(dz, lam, cs, k0))
+    assert slope <= bound == pytest.approx(lam * dz * k0 + cs * 1e7 * lam**3 * k0**3)
+    # the energy beyond the bound (plus the ring's own width, 1 / (2 pi 0.008) = 20 A) is
+    # negligible
+    assert energy[int(bound + 3 * 20) :].sum() < 1e-3 * energy.sum()
 
 
 def test_defocus_angle_direction():

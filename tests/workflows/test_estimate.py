@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import cryomag
 from cryomag.cli.main import app
+from cryomag.fit.bands import auto_window_pad, make_bands
 from cryomag.io import read_cs, read_star
 from cryomag.physics.ctf import ctf_values
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
@@ -277,6 +278,23 @@ def test_window_aware_prediction_removes_box_bias(tmp_path):
         print("pad", pad, "max |M - I|", out[pad][0], "se", out[pad][1])
     assert out[1][0] > 5 * out[1][1]
     assert out[5][0] < 4 * out[5][1]
+
+
+def test_adaptive_window_lands_where_the_fixed_padding_does(simulated, estimated):
+    """Each particle on the smallest padded grid its delocalisation needs (the default)
+    against every particle on the group's window padding: M within 0.3 standard errors,
+    the same standard errors and scales (issue 14's tolerance for faster paths)."""
+    res, _ = estimated
+    ps = read_star(simulated / "particles.star")
+    band = make_bands(ps, 0.5 / 1.3, res.options.low_res_A, res.options.high_res_A)[1]
+    assert res.options.adaptive_window and auto_window_pad(ps, 1, band) == 2
+    fixed = cryomag.estimate(simulated / "particles.star", simulated / "ref.mrc",
+                             adaptive_window=False, progress=False)  # fmt: skip
+    a, b = res.groups[0], fixed.groups[0]
+    print("adaptive - fixed (SE)", ((a.mag - b.mag) / b.mag_error).ravel())
+    assert np.all(np.abs(a.mag - b.mag) < 0.3 * b.mag_error)
+    np.testing.assert_allclose(a.mag_error, b.mag_error, rtol=0.01)
+    np.testing.assert_allclose(res.scales.normalised, fixed.scales.normalised, atol=2e-3)
 
 
 def test_true_frame_defocus_input(tmp_path):

@@ -36,9 +36,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cryomag.physics import fft as _fft
+from cryomag.physics.ctf import delocalisation_A
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, amplitude_factor
 from cryomag.physics.fourier import rfft_freqs
-from cryomag.physics.grid import GridCTF, WindowCut, padded_rfft2, shift_phase32
+from cryomag.physics.grid import GridCTF, WindowCut, padded_box_px, padded_rfft2, shift_phase32
 from cryomag.physics.reference import MapReference, slice_values
 
 from .aberrations import AberrationTerms
@@ -107,6 +108,17 @@ class KernelOptions:
         Box-periodic model with ``defocus`` only: also search each particle's isotropic
         defocus on its exact likelihood (:mod:`cryomag.fit.defocus_profile`): the best
         change from the pass's state and the curvature there (``dz_profile``).
+    padded_box : int
+        Window-aware model only: the padded grid's size (px, even, above the box); 0:
+        ``window_pad`` times the box. A size that is not a multiple of the box needs
+        ``upsample_slices``.
+    adaptive_window : bool
+        Window-aware model with ``upsample_slices`` only: each particle predicted on the
+        smallest padded grid that holds its own CTF-delocalised signal
+        (:func:`cryomag.fit.bands.padded_box_px` at its largest defocus), at most
+        ``window_pad`` times the box, instead of the group's largest. The prediction on
+        a larger grid is the same where nothing wraps around it; the cost of a particle
+        grows with the grid's area.
     """
 
     window_pad: int = 1
@@ -119,6 +131,8 @@ class KernelOptions:
     aberrations: AberrationTerms | None = None
     upsample_slices: bool = False
     defocus_profile: bool = False
+    padded_box: int = 0
+    adaptive_window: bool = False
 
 
 def chunk_statistics(
@@ -173,18 +187,54 @@ def chunk_statistics(
     rows = np.asarray(rows)
     if opts.defocus_profile and (max(int(opts.window_pad), 1) > 1 or not opts.defocus):
         raise ValueError("the defocus search needs the box-periodic model and the defocus columns")
-    kernel = PeriodicKernel if max(int(opts.window_pad), 1) == 1 else WindowedKernel
+    windowed = max(int(opts.window_pad), 1) > 1
+    kernel = WindowedKernel if windowed else PeriodicKernel
     kern = kernel(reference, geom, optics, band, noise_power, opts)
     val, grad = kern.slices(geom)
     y_all = np.asarray(spectra).reshape(n, -1)[:, kern.band_idx].astype(_C64)
-    step = max(int(opts.block) // (kern.pad * kern.pad), 1)
+    if not (windowed and opts.adaptive_window):
+        return ChunkStatistics.from_blocks(
+            _blocks(kern, geom, np.arange(n), val, grad, y_all, rows, opts.block), rows
+        )
+    if not kern.upsample:
+        raise ValueError("adaptive_window needs upsample_slices")
+    # each particle on the smallest padded grid that holds its delocalised signal: one 3D
+    # evaluation on the particle grid (above), one kernel per padded size
+    sizes = padded_box_px(kern.box, kern.apix, _delocalisation(geom, kern), kern.big)
+    parts, order = [], []
+    for size in np.unique(sizes):
+        idx = np.flatnonzero(sizes == size)
+        k_s = kern if size == kern.big else kernel(
+            reference, geom, optics, band, noise_power, replace(opts, padded_box=int(size))
+        )
+        parts += _blocks(k_s, geom, idx, val, grad, y_all, rows, opts.block)
+        order.append(idx)
+    order = np.concatenate(order)
+    return ChunkStatistics.from_blocks(parts, rows[order]).take(np.argsort(order))
+
+
+def _blocks(kern, geom, idx, val, grad, y_all, rows, block: int) -> list[dict]:
+    """The block statistics of the chunk's particles ``idx`` (in that order) by ``kern``,
+    in blocks of ``block`` particles at the box's size (fewer on a padded grid)."""
+    step = max(int(block) * kern.box**2 // kern.big**2, 1)
     parts = []
-    for lo in range(0, n, step):
-        sl = slice(lo, min(n, lo + step))
+    for lo in range(0, len(idx), step):
+        sl = idx[lo : lo + step]
+        if sl[-1] - sl[0] == len(sl) - 1:
+            sl = slice(int(sl[0]), int(sl[-1]) + 1)  # contiguous: views, not copies
         parts.append(
             kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl], rows[sl])
         )
-    return ChunkStatistics.from_blocks(parts, rows)
+    return parts
+
+
+def _delocalisation(geom: ParticleGeometry, kern: _Kernel) -> np.ndarray:
+    """How far each particle's CTF moves signal in the band at most (A): the defocus term
+    at its larger defocus and the band's highest frequency
+    (:func:`cryomag.physics.ctf.delocalisation_A`) plus the group's Cs and aberration terms
+    (:attr:`cryomag.physics.grid.GridCTF.reach_A`)."""
+    dz = np.maximum(np.abs(geom.defocus_u_A), np.abs(geom.defocus_v_A))
+    return delocalisation_A(dz, kern.lam, 0.0, kern.band.kmax) + kern.ctf_band.reach_A
 
 
 def gradient_taper(k: np.ndarray, kmax: float, nyquist: float) -> np.ndarray:
@@ -252,6 +302,25 @@ def _slices_batched(reference, geom, kx, ky, gradient: bool):
     return val, grad
 
 
+def _padded_size(box: int, opts: KernelOptions) -> int:
+    """The model grid's size (px): the box (box-periodic), ``padded_box``, or ``window_pad``
+    times the box."""
+    pad = max(int(opts.window_pad), 1)
+    if pad == 1:
+        return int(box)
+    return int(opts.padded_box) if opts.padded_box else pad * int(box)
+
+
+def _positions(flat: np.ndarray, disc_flat: np.ndarray, size: int) -> np.ndarray:
+    """Index of each flat grid pixel ``flat`` among the disc's pixels ``disc_flat``."""
+    pos = np.full(size, -1)
+    pos[disc_flat] = np.arange(len(disc_flat))
+    out = pos[flat]
+    if (out < 0).any():
+        raise ValueError("band pixels beyond Nyquist")
+    return out
+
+
 def _x_uncentred(box: int, pixel_size_A: float) -> np.ndarray:
     """Real-space coordinate (A) of each index of an unshifted (origin at 0) image axis."""
     i = np.arange(box)
@@ -282,14 +351,21 @@ class _Kernel:
         self.beam_tilt = tuple(float(v) for v in getattr(optics, "beam_tilt_mrad", (0.0, 0.0)))
         box, apix = band.box, band.pixel_size_A
         self.box, self.apix = box, apix
-        self.pad = pad = max(int(opts.window_pad), 1)
-        self.big = big = pad * box
+        self.big = big = _padded_size(box, opts)
+        # the model's grid is `pad` times the box's (1: box-periodic; 0: a padded size that
+        # is not a multiple of the box, whose pixels then do not hold the box grid's)
+        self.pad = pad = big // box if big % box == 0 else 0
         kxb, kyb = rfft_freqs(big, apix)
         self.disc = np.hypot(kxb, kyb) <= 0.5 / apix
         self.disc_flat = np.flatnonzero(self.disc.ravel())
         self.kxd, self.kyd = kxb[self.disc], kyb[self.disc]
         # the disc of the particle's own grid (the 3D evaluation when upsampling)
-        self.upsample = pad > 1 and bool(opts.upsample_slices)
+        self.upsample = big > box and bool(opts.upsample_slices)
+        if pad == 0 and not self.upsample:
+            raise ValueError(
+                f"a padded grid of {big} px is not a multiple of the box ({box} px): "
+                "it needs upsample_slices"
+            )
         kx1, ky1 = rfft_freqs(box, apix)
         disc1 = np.hypot(kx1, ky1) <= 0.5 / apix
         self.disc1_flat = np.flatnonzero(disc1.ravel())
@@ -303,19 +379,20 @@ class _Kernel:
             else None
         )  # fmt: skip
         self.band_idx = np.flatnonzero(band.mask.ravel())
-        # band pixels inside the big grid (row j -> pad j mod big, column i -> pad i)
         rows_b, cols_b = np.divmod(self.band_idx, box // 2 + 1)
         fy = np.rint(np.fft.fftfreq(box) * box).astype(int)
-        big_flat = ((pad * fy[rows_b]) % big) * (big // 2 + 1) + pad * cols_b
-        disc_pos = np.full(big * (big // 2 + 1), -1)
-        disc_pos[self.disc_flat] = np.arange(len(self.disc_flat))
-        self.band_in_disc = disc_pos[big_flat]
-        if (self.band_in_disc < 0).any():
-            raise ValueError("band pixels beyond Nyquist")
-        # the box grid inside the big grid (its rows and columns), for the box-periodic
-        # second derivatives of a padded model
-        self.box_rows = (pad * fy) % big
-        self.box_cols = pad * np.arange(box // 2 + 1)
+        # band pixels inside the particle grid's disc (the upsampled models' box values)
+        self.band_in_disc1 = _positions(rows_b * (box // 2 + 1) + cols_b, self.disc1_flat,
+                                        box * (box // 2 + 1))  # fmt: skip
+        self.band_in_disc = self.box_rows = self.box_cols = None
+        if pad:
+            # band pixels inside the big grid (row j -> pad j mod big, column i -> pad i)
+            big_flat = ((pad * fy[rows_b]) % big) * (big // 2 + 1) + pad * cols_b
+            self.band_in_disc = _positions(big_flat, self.disc_flat, big * (big // 2 + 1))
+            # the box grid inside the big grid (its rows and columns), for the box-periodic
+            # second derivatives of a padded model
+            self.box_rows = (pad * fy) % big
+            self.box_cols = pad * np.arange(box // 2 + 1)
         self.m0 = np.asarray(geom.mag, float)
         self.minv = np.linalg.inv(self.m0)
         self.cm = None if geom.ctf_mag is None else np.asarray(geom.ctf_mag, float)
@@ -490,8 +567,9 @@ class _Kernel:
         sub = geom_subset(geom, sl)
         nb = len(val)
         f_big = q_big = None
-        q_box = None
+        q_box = box_vals = None
         if self.upsample:
+            box_vals = (val, grad)  # on the particle grid's disc
             # the box image of the slice: derivatives from it, padded (no big inverse FFT)
             val, q_box = self._upsample(val)
             if grad is not None:
@@ -565,7 +643,7 @@ class _Kernel:
         if self.second:
             q_hess = q_box if self.upsample else q_big
             out.update(self._second_order(sub, rows, f_big, q_hess, val, du, adef, (ctf, slope),
-                                          out, y))  # fmt: skip
+                                          out, y, box_vals))  # fmt: skip
         return out
 
     def _shells(self, p_rr, p_yy, ss, n: int) -> dict[str, np.ndarray]:
@@ -579,7 +657,21 @@ class _Kernel:
         }
 
     # ------------------------------------------------------------------ second order
-    def _second_order(self, sub, rows, f_big, q_big, val, du, adef, model_ctf, first, y):
+    def _band_slice(self, pick, val, du, box_vals, q_box):
+        """The slice V and its first derivatives dV/du at the band pixels (the box grid) of
+        the block's particles ``pick``: from the model grid where it holds the box grid's
+        pixels, else from the particle grid's values ``box_vals`` (values, exact gradient or
+        None) and the box image ``q_box``."""
+        if self.band_in_disc is not None:
+            return val[pick][:, self.band_in_disc], [self._on_band(d[pick]) for d in du]
+        v1, g1 = box_vals
+        v = v1[pick][:, self.band_in_disc1]
+        if g1 is not None:
+            return v, [g1[pick][:, self.band_in_disc1, a] for a in range(2)]
+        return v, self._derivatives(q_box[pick], 1, self.band_idx)
+
+    def _second_order(self, sub, rows, f_big, q_big, val, du, adef, model_ctf, first, y,
+                      box_vals=None):  # fmt: skip
         """Second-order statistics of the group model (see :mod:`cryomag.fit.relinearise`).
 
         jp, jy, jj (first derivatives) for every particle; kyy, kp, jk (through the second
@@ -605,8 +697,7 @@ class _Kernel:
         sub = geom_subset(sub, pick)
         hk = self._box_hessian(None if f_big is None else f_big[pick],
                                None if q_big is None else q_big[pick])  # fmt: skip
-        v = val[pick][:, self.band_in_disc]
-        dub = [self._on_band(d[pick]) for d in du]
+        v, dub = self._band_slice(pick, val, du, box_vals, q_big)
         if self.ctf_band.odd is not None:  # V -> exp(i phase_odd(u)) V, to second order
             v, dub, hk = self.ctf_band.apply_odd(v, dub, hk)
         hu = {(0, 0): hk[0], (0, 1): hk[1], (1, 1): hk[2]}
@@ -812,7 +903,7 @@ class WindowedKernel(_Kernel):
                                  **self.aberrations)  # fmt: skip
         self.model_pick = self.disc_flat
         self.model_k = (self.kxd, self.kyd)
-        self._window = WindowCut(self.box, self.pad, self.disc_flat, self.band_idx)
+        self._window = WindowCut(self.box, self.big, self.disc_flat, self.band_idx)
         kx, ky = self.kxd.astype(_F32), self.kyd.astype(_F32)
         self._kd32 = (kx, ky)
         self._quad_monomials = (kx * kx, kx * ky, ky * ky)  # the order of _QUAD

@@ -65,7 +65,8 @@ def make_bands(
 def auto_window_pad(ps: ParticleSet, group: int, band: Band, cap: int = 3) -> int:
     """Padding factor that keeps the CTF-delocalised signal of a group in the model.
 
-    The CTF moves signal at frequency k by D = lambda dz k + Cs lambda^3 k^3 (A); D_max at
+    The CTF moves signal at frequency k by up to D = lambda dz k + Cs lambda^3 k^3 (A), plus
+    what the aberration terms add (:attr:`cryomag.physics.grid.GridCTF.reach_A`); D_max at
     the group's largest defocus and the band's k_max. A particle of diameter d <= L
     (L = box * pixel size) then reaches d / 2 + D_max from the box centre. The prediction is
     periodic with period pad * L, so nothing wraps back into the cut-out box while
@@ -76,16 +77,18 @@ def auto_window_pad(ps: ParticleSet, group: int, band: Band, cap: int = 3) -> in
     read the isotropic magnification 0.58 % high (12 sigma), pad 2 0.32 %, pad 6 -0.003 %
     (0.4 sigma). Set the padding explicitly for such extreme boxes.
     """
-    from cryomag.physics.ctf import electron_wavelength_A
+    from cryomag.physics.ctf import delocalisation_A
+    from cryomag.physics.grid import GridCTF
 
     o = ps.optics_params(group)
     rows = ps.group_rows(group)
-    dz = ps.defocus_uva()[rows, :2].max(axis=1)
+    dz = np.abs(ps.defocus_uva()[rows, :2]).max(axis=1)
     if not len(dz):
         return 1
-    lam = float(electron_wavelength_A(o.voltage_kv))
-    k = band.kmax
-    d_max = lam * float(np.max(np.abs(dz))) * k + o.cs_mm * 1e7 * lam**3 * k**3
+    ctf = GridCTF(band.kx, band.ky, ps.mag_matrix(group), None, o.voltage_kv, o.cs_mm,
+                  o.amplitude_contrast, even_zernike=o.even_coefficients(),
+                  odd_zernike=o.odd_coefficients())  # fmt: skip
+    d_max = float(delocalisation_A(dz.max(), ctf.lam, 0.0, band.kmax)) + ctf.reach_A
     length = o.box * o.pixel_size_A
     if d_max < length / 4:
         return 1

@@ -115,6 +115,10 @@ class PassSpec:
     upsample_slices : bool
         The window-aware model's padded-grid slice values upsampled from the particle grid
         (:class:`cryomag.fit.accumulate.KernelOptions`).
+    adaptive_window : bool
+        With ``upsample_slices``: each particle's window-aware prediction on the smallest
+        padded grid that holds its delocalised signal, at most the group's ``window_pad``
+        times the box (:class:`cryomag.fit.accumulate.KernelOptions`).
     """
 
     groups: dict
@@ -124,6 +128,7 @@ class PassSpec:
     nthreads: int = 0
     defocus: bool = False
     upsample_slices: bool = False
+    adaptive_window: bool = False
 
 
 def reference_for(refs: dict, half: int):
@@ -182,6 +187,7 @@ class StatisticsPass:
             defocus=self.spec.defocus and not lean,
             aberrations=gp.aberrations,
             upsample_slices=self.spec.upsample_slices,
+            adaptive_window=self.spec.adaptive_window and self.spec.upsample_slices,
             defocus_profile=gp.defocus_profile and self.spec.defocus and not lean,
         )
         out = []

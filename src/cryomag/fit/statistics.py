@@ -246,6 +246,15 @@ class ChunkStatistics(_StatisticsArrays):
         """The statistics of consecutive sub-chunks as one chunk."""
         return cls.from_blocks([p.__dict__ for p in parts], rows)
 
+    def take(self, order: np.ndarray) -> ChunkStatistics:
+        """The same statistics with the particles in the order ``order`` (indices into
+        this chunk's particles; the summed fields unchanged)."""
+        per = PARTICLE_FIELDS + (SECOND_ORDER_FIELDS if len(self.jk) == len(self.rows) else ())
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        out.update({f: out[f][order] for f in per})
+        out["rows"] = self.rows[order]
+        return type(self)(**out)
+
 
 @dataclass
 class GroupStatistics(_StatisticsArrays):

@@ -20,6 +20,29 @@ def electron_wavelength_A(voltage_kv: float | np.ndarray) -> np.ndarray:
     return 12.2643247 / np.sqrt(v * (1.0 + 0.978466e-6 * v))
 
 
+def delocalisation_A(defocus_A, wavelength_A: float, cs_mm: float, k: float) -> np.ndarray:
+    """How far the CTF moves signal of frequency ``k`` in the image (A).
+
+    The CTF's phase chi(k) = pi lambda dz k^2 - (pi/2) Cs lambda^3 k^4 shifts a wave packet of
+    frequency k by |d chi / dk| / (2 pi) = lambda |dz| k + Cs lambda^3 k^3 (at most, the two
+    terms taken with the same sign): stationary phase, the distance the signal of a point
+    spreads to (Downing & Glaeser 2008).
+
+    Parameters
+    ----------
+    defocus_A : float or ndarray
+        Defocus (A; its magnitude is used).
+    wavelength_A : float
+        Electron wavelength lambda (A).
+    cs_mm : float
+        Spherical aberration (mm).
+    k : float
+        Spatial frequency (1/A).
+    """
+    lam = float(wavelength_A)
+    return lam * np.abs(np.asarray(defocus_A, float)) * k + abs(cs_mm) * 1e7 * lam**3 * k**3
+
+
 def defocus_matrix(defocus_u_A, defocus_v_A, angle_deg) -> np.ndarray:
     """Astigmatic defocus as a symmetric matrix, Adef = Q^T diag(DfU, DfV) Q, shape (N, 2, 2), A.
 

@@ -12,8 +12,9 @@ pixel. Each piece is tested against the double-precision reference
   term (with the even Zernike terms) at the true frequency u = M k, and its derivatives with
   respect to u; the odd aberrations' factor exp(+i phase_odd(u)) and its derivatives;
 - :func:`shift_phase32`: RELION's origin shift exp(+2 pi i k . t);
-- :class:`WindowCut`: a spectrum predicted on a box ``pad`` times larger -> real space -> the
-  particle box cut out -> back to the particle's band pixels (the box window).
+- :class:`WindowCut`: a spectrum predicted on a larger box (any even size) -> real space -> the
+  particle box cut out -> back to the particle's band pixels (the box window);
+  :func:`padded_box_px`: how large that box must be for a given delocalisation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cryomag.physics import fft as _fft
 from cryomag.physics.aberrations import has_aberration, zernike_phase
 from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
 
-__all__ = ["GridCTF", "WindowCut", "padded_rfft2", "shift_phase32"]
+__all__ = ["GridCTF", "WindowCut", "padded_box_px", "padded_rfft2", "shift_phase32"]
 
 _F32 = np.float32
 _C64 = np.complex64
@@ -110,6 +111,16 @@ class GridCTF:
         if has_aberration(odd_zernike):
             ph, self.godd, self.hodd = zernike_phase(odd_zernike, ux, uy, "odd", derivatives=2)
             self.odd = np.exp(1j * ph).astype(_C64)
+
+    @property
+    def reach_A(self) -> float:
+        """How far the Cs, even and odd aberration terms move signal at most over these
+        pixels (A): max of (|d chi_cs / du| + |d phase_odd / du|) / (2 pi) (stationary
+        phase; the defocus term's part is :func:`cryomag.physics.ctf.delocalisation_A`)."""
+        g = np.hypot(self.gcs[0], self.gcs[1])
+        if self.godd is not None:
+            g = g + np.hypot(self.godd[0], self.godd[1])
+        return float(g.max() / (2 * np.pi)) if g.size else 0.0
 
     def __call__(self, defocus_u_A, defocus_v_A, angle_deg, phase_shift_deg, bfactor_A2,
                  scale):  # fmt: skip
@@ -210,8 +221,8 @@ def shift_phase32(origin_A: np.ndarray, kx: np.ndarray, ky: np.ndarray) -> np.nd
 class WindowCut:
     """Spectra on the disc of a padded grid -> the particle box's band pixels.
 
-    A model predicted on a grid ``pad`` times larger than the particle box (every frequency
-    up to the particle's Nyquist, the disc) is taken to real space, the centred box is cut
+    A model predicted on a larger grid than the particle box (``big`` px, every frequency up
+    to the particle's Nyquist, the disc) is taken to real space, the centred box is cut
     out, and the cut is transformed back and sampled at the band pixels: the signal the CTF
     moves out of the box is then missing from the prediction as it is from the data.
 
@@ -224,17 +235,20 @@ class WindowCut:
     ----------
     box : int
         Particle box (px).
-    pad : int
-        Padding factor (the padded grid is ``pad * box``).
+    big : int
+        The padded grid's size (px), even and > ``box``; any such size, not only multiples
+        of the box.
     disc_flat : ndarray of int
         Flat rfft indices of the disc pixels on the padded grid.
     band_idx : ndarray of int
         Flat rfft indices of the band pixels on the particle grid.
     """
 
-    def __init__(self, box: int, pad: int, disc_flat: np.ndarray, band_idx: np.ndarray):
+    def __init__(self, box: int, big: int, disc_flat: np.ndarray, band_idx: np.ndarray):
         self.box = int(box)
-        self.big = int(pad) * int(box)
+        self.big = int(big)
+        if self.big <= self.box or self.big % 2:
+            raise ValueError(f"padded grid {big} px: expected an even size above the box {box}")
         self.disc_flat = disc_flat
         self.band_idx = band_idx
         big = self.big
@@ -262,6 +276,47 @@ class WindowCut:
         cut[:, :, lo:] = img[:, :, big - hi :]
         spec = _fft.rfft2(cut)
         return spec.reshape(nb, -1)[:, self.band_idx]
+
+
+def padded_box_px(box: int, pixel_size_A: float, delocalisation_A, max_box: int) -> np.ndarray:
+    """The smallest padded grid (px) that holds a particle's CTF-delocalised signal.
+
+    A particle of diameter d <= L (L = box x pixel size) whose CTF moves signal by up to D
+    (:func:`cryomag.physics.ctf.delocalisation_A`) reaches d / 2 + D from the box centre.
+    Predicted on a grid of B px (period B x pixel size), nothing wraps back into the cut-out
+    box while d / 2 + D < B x pixel size - L / 2, i.e. B >= box + D / pixel size for a
+    particle that fills the box. The size is rounded up to an even number with no prime
+    factor above 5 (fast transforms), and is at most ``max_box`` (and at least the next such
+    size above the box).
+
+    Parameters
+    ----------
+    box : int
+        Particle box (px).
+    pixel_size_A : float
+        Pixel size (A).
+    delocalisation_A : float or ndarray
+        D of each particle (A).
+    max_box : int
+        Largest padded size (px), e.g. the group's window padding times the box.
+
+    Returns
+    -------
+    ndarray of int, the shape of ``delocalisation_A``
+    """
+    box, max_box = int(box), int(max_box)
+    need = box + np.ceil(np.asarray(delocalisation_A, float) / float(pixel_size_A))
+    sizes = np.array([n for n in range(box + 1, max_box) if n % 2 == 0 and _smooth(n)] + [max_box])
+    pos = np.searchsorted(sizes, need)
+    return sizes[np.minimum(pos, len(sizes) - 1)]
+
+
+def _smooth(n: int) -> bool:
+    """Whether n has no prime factor above 5."""
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    return n == 1
 
 
 def _corner_rows(box: int, big: int) -> np.ndarray:

@@ -167,6 +167,11 @@ class EstimateOptions:
         (default True). Measured on 5,000 particles of box 128 (pad 2): M moved by at most
         0.07 standard errors against the 3D evaluation on the padded grid, the fit 1.35x
         faster (bench/RESULTS.md, issue 14). False: the padded grid's 3D evaluation.
+    adaptive_window : bool
+        With ``upsample_slices``: each particle is predicted on the smallest padded grid
+        that holds its own delocalised signal (its defocus; at most ``window_pad`` times the
+        box; :func:`cryomag.physics.grid.padded_box_px`) instead of the group's largest
+        (default True). False: every particle on ``window_pad`` times the box.
     exact_gradient : bool or None
         How the reference's frequency gradient is evaluated. False: from the slice image
         (one 3D transform per particle; the group fit iterates to the same fixed point and its
@@ -232,6 +237,7 @@ class EstimateOptions:
     periodic_first_pass: bool = True
     defocus_search: bool = True
     upsample_slices: bool = True
+    adaptive_window: bool = True
     exact_gradient: bool | None = None
     relinearise: bool = True
     curvature_every: int = 4
@@ -415,6 +421,7 @@ def run_estimate(
         nthreads=opts.nthreads,
         defocus=levels.active,
         upsample_slices=opts.upsample_slices,
+        adaptive_window=opts.adaptive_window,
     )
     images = StatisticsPass(ps, refs, image_source, bands, spec)  # for the first noise model
     full = make_chunks(labels, opts.chunk_size)
