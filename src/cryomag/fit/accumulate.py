@@ -4,10 +4,11 @@ The quantities are defined in :mod:`cryomag.fit.statistics`; this module compute
 
 - one 3D evaluation per particle and pass: the central slice V(M k) on the disc of the
   (padded) observed grid, batched over the chunk in as few non-uniform FFTs as memory
-  allows (:data:`MAX_POINTS` points each; finufft's FFT of the upsampled map, which
-  dominates small calls, is paid once per call); with ``upsample_slices`` the window-aware
-  model evaluates the particle's own grid and upsamples the slice by zero-padding its image
-  (pad^2 times fewer 3D points);
+  allows (:data:`MAX_POINTS` points each; the map keeps its upsampled grid, so a call only
+  interpolates); with ``upsample_slices`` the window-aware model evaluates the particle's own
+  grid and upsamples the slice by zero-padding its image (pad^2 times fewer 3D points), and
+  with ``adaptive_window`` each particle's padded grid is as large as its own
+  delocalisation needs;
 - everything else is 2D, in single precision, in blocks of particles: the slice's frequency
   gradient (and, for the second-order statistics, its Hessian) as transforms of
   (-2 pi i x)^n q(x), q the slice's real image; the CTF, the shift phase and the box window

@@ -94,9 +94,9 @@ class EstimateOptions:
     tol : float
         Stop when every element of every group's update is below this.
     chunk_size : int
-        Particles per chunk (see :mod:`cryomag.fit.passes` for the memory). Each
-        chunk's 3D transform pays finufft's FFT of the upsampled map once (~0.1 s for a
-        128^3 map), so chunks of about a thousand particles amortise it.
+        Particles per chunk (see :mod:`cryomag.fit.passes` for the memory). The map's
+        upsampled grid is made once per worker (:class:`cryomag.physics.reference.MapReference`),
+        so chunks only need to be large enough to amortise a task's overhead.
     joint_scale : bool
         Fit M jointly with the per-particle scales (True) or with scales held (RELION).
     eps : float
