@@ -438,6 +438,28 @@ def test_fast_warm_start_lands_where_the_exact_one_does(simulated):
         assert np.nanmax(np.abs(b - a) / se) < 0.05, (col, np.nanmax(np.abs(b - a) / se))
 
 
+def test_warm_start_hands_over_when_its_next_step_is_predicted_small(simulated):
+    """The warm start ends one subset pass early when its contracting steps predict the
+    next below warm_tol (step^2 / last step, with a factor 2 to spare): the full passes
+    then end where they end after the complete warm start (M within 0.05 standard
+    errors)."""
+    res = {}
+    for predicted in (True, False):
+        res[predicted] = cryomag.estimate(
+            simulated / "particles.star", simulated / "ref.mrc", fit=("scale", "aniso"),
+            warm_start=200, warm_predicted_stop=predicted, progress=False,
+        )  # fmt: skip
+    g1, g0 = res[True].groups[0], res[False].groups[0]
+    sub1 = [h["max_step"] for h in g1.history if h["particles"] == 200]
+    sub0 = [h["max_step"] for h in g0.history if h["particles"] == 200]
+    print("subset steps", sub1, sub0)
+    tol = res[True].options.warm_tol
+    assert len(sub1) == len(sub0) - 1 and sub0[-1] < tol <= sub1[-1]
+    assert 2 * sub1[-1] ** 2 / sub1[-2] < tol and sub1[-1] < 0.5 * sub1[-2]
+    np.testing.assert_array_equal(sub1, sub0[:-1])
+    assert np.all(np.abs(g1.mag - g0.mag) < 0.05 * g0.mag_error), (g1.mag - g0.mag) / g0.mag_error
+
+
 def test_cli_warm_start_option(simulated, tmp_path):
     """--warm-start N: the first iterations use N particles, then all of them."""
     args = ["estimate", "--particles", str(simulated / "particles.star")]

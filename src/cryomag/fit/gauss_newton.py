@@ -109,6 +109,11 @@ class GaussNewtonSettings:
         With the defocus per particle, the first full pass (box-periodic) also searches each
         particle's isotropic defocus on its likelihood and the joint step starts from each
         particle's optimum (:mod:`cryomag.fit.defocus_profile`); the fixed point is the same.
+    warm_predicted_stop : bool
+        The warm start also hands over when its steps contract (each below half the last)
+        and the next one, predicted as step^2 / last step, would be below ``warm_tol`` with
+        a factor 2 to spare: one subset pass fewer (the warm passes only choose where the
+        full passes linearise; their own first step is larger than the difference).
     """
 
     fit_aniso: bool = True
@@ -128,6 +133,7 @@ class GaussNewtonSettings:
     warm_window_pass: bool = False
     periodic_first_pass: bool = True
     defocus_search: bool = True
+    warm_predicted_stop: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -283,6 +289,7 @@ class GroupFit:
         self.phase = "warm" if warm else "full"
         self.history: list[dict] = []
         self.counts = {"warm": 0, "full": 0}
+        self.warm_step = np.inf  # the last warm pass's step
         # the last warm pass uses the window (settings.warm_periodic, window_pad > 1)
         self.warm_windowed = False
         # the next step may end the fit at FINAL_STEP_AFTER_PERIODIC tolerances: it follows
@@ -467,9 +474,17 @@ class GroupFit:
             )
         step = steps[-1]
         if kind == "warm":
+            limit = max(s.warm_tol, s.tol)
+            last, self.warm_step = self.warm_step, step
+            contracting = np.isfinite(last) and step < 0.5 * last
+            predicted = 2 * step * step / last if contracting else np.inf
             if self.warm_windowed:
                 self.phase = "full"
-            elif step < max(s.warm_tol, s.tol) or self.counts["warm"] >= s.max_iter:
+            elif (
+                step < limit
+                or (s.warm_predicted_stop and predicted < limit)
+                or self.counts["warm"] >= s.max_iter
+            ):
                 if s.warm_periodic and self.window_pad > 1 and s.warm_window_pass:
                     self.warm_windowed = True  # one subset pass with the window, then full
                 else:

@@ -144,6 +144,10 @@ class EstimateOptions:
         (its residuals weight them). False (default): the full passes start from the
         periodic warm start, weighted by its residuals (M within 0.003 standard errors of
         the other way on 5,000 particles of box 128; bench/RESULTS.md, issue 14).
+    warm_predicted_stop : bool
+        The warm start hands over one subset pass early when its contracting steps
+        predict the next below ``warm_tol`` (default True;
+        :class:`cryomag.fit.gauss_newton.GaussNewtonSettings`).
     lean_warm : bool
         Warm-start passes compute only what the group fit of M needs, without the exact
         gradient and the local-model and defocus columns (default True; those come from the
@@ -233,6 +237,7 @@ class EstimateOptions:
     warm_tol: float = 1e-4
     warm_periodic: bool = True
     warm_window_pass: bool = False
+    warm_predicted_stop: bool = True
     lean_warm: bool = True
     periodic_first_pass: bool = True
     defocus_search: bool = True
@@ -294,6 +299,7 @@ class EstimateOptions:
             aberrations=AberrationTerms(self.aberrations),
             warm_periodic=self.warm_periodic,
             warm_window_pass=self.warm_window_pass,
+            warm_predicted_stop=self.warm_predicted_stop,
             lean_warm=self.lean_warm,
             periodic_first_pass=self.periodic_first_pass,
             defocus_search=self.defocus_search,
