@@ -40,3 +40,23 @@ def test_multivariate_scatter():
     x = truth + rng.normal(0, 2e-3, (n, d))
     res = shrink(x, v)
     np.testing.assert_allclose(np.diag(res.between), np.diag(t), atol=1.2e-6)
+
+
+def test_accelerated_em_reaches_plain_ems_fixed_point_in_fewer_updates():
+    """SQUAREM against plain EM run to convergence: the same mu, T and posteriors (to the
+    convergence tolerance's scale), in a fraction of the updates; with no real scatter (EM's
+    slow case) and with some."""
+    rng = np.random.default_rng(3)
+    n, d = 400, 2
+    a = rng.normal(size=(n, d, d)) * 1e-3
+    v = a @ np.swapaxes(a, 1, 2) + np.eye(d) * 1e-6
+    for tau in (0.0, 5e-4):
+        x = np.array([rng.multivariate_normal([0.01, -0.02], v[i] + tau**2 * np.eye(d))
+                      for i in range(n)])  # fmt: skip
+        plain = shrink(x, v, accelerate=False, max_iter=200_000, tol=1e-15)
+        fast = shrink(x, v)
+        print("updates", tau, plain.iterations, fast.iterations)
+        assert plain.iterations < 200_000 and fast.iterations < 0.2 * plain.iterations
+        np.testing.assert_allclose(fast.between, plain.between, atol=1e-3 * np.abs(v).max())
+        np.testing.assert_allclose(fast.mean, plain.mean, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(fast.posterior, plain.posterior, rtol=0, atol=1e-7)
