@@ -116,7 +116,7 @@ class KernelOptions:
     adaptive_window : bool
         Window-aware model with ``upsample_slices`` only: each particle predicted on the
         smallest padded grid that holds its own CTF-delocalised signal
-        (:func:`cryomag.fit.bands.padded_box_px` at its largest defocus), at most
+        (:func:`cryomag.physics.grid.padded_box_px` at its largest defocus), at most
         ``window_pad`` times the box, instead of the group's largest. The prediction on
         a larger grid is the same where nothing wraps around it; the cost of a particle
         grows with the grid's area.
