@@ -2,7 +2,7 @@
 
 Each unit i (a particle or a micrograph) has an estimate x_i (d parameters) with covariance
 V_i from its own normal equations. The model x_i ~ N(mu, T + V_i) has a between-unit
-covariance T (the real scatter) estimated from the data by maximum likelihood (EM); the
+covariance T (the real scatter) estimated from the data by maximum likelihood; the
 posterior mean of unit i is mu + T (T + V_i)^-1 (x_i - mu). With no real scatter T -> 0 and
 everything shrinks to mu.
 """
@@ -62,9 +62,9 @@ def shrink(
     cov: np.ndarray,
     max_iter: int = 500,
     tol: float = 1e-12,
-    accelerate: bool = True,
+    method: str = "likelihood",
 ) -> Shrinkage:
-    """Estimate mu and T by EM and return the shrunk estimates.
+    """Estimate mu and T by maximum likelihood and return the shrunk estimates.
 
     Parameters
     ----------
@@ -73,16 +73,20 @@ def shrink(
     cov : ndarray, shape (n, d, d) or (n,)
         Their covariances (variances for d = 1).
     max_iter : int
-        EM updates at most.
+        Iterations at most (quasi-Newton steps or EM updates).
     tol : float
-        Converged when an update moves T by at most ``tol`` max(1, |T|) and mu by at most
-        1e-14.
-    accelerate : bool
-        SQUAREM (Varadhan & Roland 2008, scheme S3): two EM updates extrapolated along their
-        difference, then one more EM update, kept only when the likelihood did not fall.
-        EM crawls when T is small against the units' own variances (no real scatter: 500
-        updates did not converge on 5,000 particles); the accelerated iteration reaches the
-        same fixed point in a fraction of the updates. False: plain EM.
+        EM only: converged when an update moves T by at most ``tol`` max(1, |T|) and mu by
+        at most 1e-14.
+    method : str
+        ``"likelihood"`` (default): the marginal likelihood of T maximised directly, T = L
+        L^T (Cholesky factor, so T stays positive semi-definite), mu profiled (its GLS mean
+        at T), by L-BFGS with the analytic gradient d log L / dT = (1/2) sum_i (S_i r_i r_i^T
+        S_i - S_i), S_i = (T + V_i)^-1. ``"em"``: expectation-maximisation, which crawls
+        where T is small against the units' variances (a component near zero grows by a
+        factor ~(1 + T/V) per update): on 5,000 particles' anisotropic magnifications it
+        stopped at 500 updates 1.2 standard errors from its own fixed point, and its fixed
+        point after 1,300 accelerated updates was 5.8 log-likelihood units below the
+        maximum this method finds in 35 evaluations.
     """
     x = np.asarray(x, float)
     v = np.asarray(cov, float)
@@ -94,52 +98,24 @@ def shrink(
     xs, vs = x[ok], v[ok]
     if len(xs) == 0:
         raise ValueError("no finite estimates to pool")
+    if method not in ("likelihood", "em"):
+        raise ValueError(f"method {method!r}: expected 'likelihood' or 'em'")
     prec = np.linalg.inv(vs)
     mu = np.linalg.solve(prec.sum(0), np.einsum("nij,nj->i", prec, xs))
     t = np.cov(xs.T).reshape(d, d) - vs.mean(0)
     t = _clip_psd(t)
-    n_iter = 0
-
-    def em(mu_t):
-        nonlocal n_iter
-        n_iter += 1
-        return _em_update(xs, vs, mu_t[1])
-
-    def converged(a, b):
-        return np.abs(b[1] - a[1]).max() <= tol * max(1.0, np.abs(a[1]).max()) and np.allclose(
-            b[0], a[0], rtol=0, atol=1e-14
-        )
-
-    cur = (mu, t)
-    while n_iter < max_iter:
-        one = em(cur)
-        if converged(cur, one):
-            cur = one
-            break
-        if not accelerate or n_iter >= max_iter:
-            cur = one
-            continue
-        two = em(one)
-        if converged(one, two):
-            cur = two
-            break
-        r = [one[i] - cur[i] for i in range(2)]
-        w = [two[i] - 2 * one[i] + cur[i] for i in range(2)]
-        norm_r = np.sqrt(sum(float(np.sum(a * a)) for a in r))
-        norm_w = np.sqrt(sum(float(np.sum(a * a)) for a in w))
-        nxt = two
-        if norm_w > 0 and n_iter < max_iter:
-            alpha = min(-norm_r / norm_w, -1.0)
-            t_x = cur[1] - 2 * alpha * r[1] + alpha * alpha * w[1]
-            mu_x = cur[0] - 2 * alpha * r[0] + alpha * alpha * w[0]
-            jump = em((mu_x, _clip_psd(0.5 * (t_x + t_x.T))))
-            if _log_likelihood(xs, vs, jump[1]) >= _log_likelihood(xs, vs, two[1]):
-                nxt = jump
-        done = converged(cur, nxt)
-        cur = nxt
-        if done:
-            break
-    mu, t = cur
+    if method == "likelihood":
+        mu, t, n_iter = _max_likelihood(xs, vs, t, max_iter)
+    else:
+        n_iter = 0
+        for n_iter in range(1, max_iter + 1):  # noqa: B007 (the count is reported)
+            mu_new, t_new = _em_update(xs, vs, t)
+            done = np.abs(t_new - t).max() <= tol * max(1.0, np.abs(t).max()) and np.allclose(
+                mu_new, mu, rtol=0, atol=1e-14
+            )
+            t, mu = t_new, mu_new
+            if done:
+                break
     s = np.linalg.inv(t[None] + v[ok])
     kgain = t[None] @ s
     post = np.full((n, d), np.nan)
@@ -151,6 +127,48 @@ def shrink(
     # Fisher information of the diagonal of T (each parameter on its own)
     se = np.array([np.sqrt(2.0 / np.sum(1.0 / (t[j, j] + vs[:, j, j]) ** 2)) for j in range(d)])
     return Shrinkage(mu, t, se, post, pcov, weight, n_iter)
+
+
+def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
+                    max_iter: int) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """(mu, T, evaluations) maximising the marginal likelihood, T = L L^T by L-BFGS.
+
+    L is scaled by the units' typical standard deviation (parameters of order one) and
+    starts from the moment estimate ``t0`` plus a ridge of 1 % of that variance (L = 0 is a
+    stationary point of the factorised likelihood).
+    """
+    from scipy.optimize import minimize
+
+    d = xs.shape[1]
+    lower = np.tril_indices(d)
+    scale = float(np.sqrt(np.median(np.diagonal(vs, axis1=1, axis2=2))))
+    scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+
+    def factor(p: np.ndarray) -> np.ndarray:
+        f = np.zeros((d, d))
+        f[lower] = p
+        return f * scale
+
+    def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
+        f = factor(p)
+        a = f @ f.T + vs
+        c = np.linalg.cholesky(a)
+        s = np.linalg.inv(a)
+        mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))
+        sr = np.einsum("nij,nj->ni", s, xs - mu)
+        logdet = 2 * np.log(np.diagonal(c, axis1=1, axis2=2)).sum()
+        ll = -0.5 * (logdet + np.einsum("ni,ni->", xs - mu, sr))
+        g = 0.5 * (sr.T @ sr - s.sum(0))  # d log L / dT (mu profiled: its own gradient is 0)
+        return -ll, -(2 * g @ f * scale)[lower]
+
+    start = np.linalg.cholesky(t0 + (0.1 * scale) ** 2 * np.eye(d)) / scale
+    res = minimize(objective, start[lower], jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-10})  # fmt: skip
+    f = factor(res.x)
+    t = f @ f.T
+    s = np.linalg.inv(t[None] + vs)
+    mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))
+    return mu, t, int(res.nfev)
 
 
 def _em_update(xs: np.ndarray, vs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
