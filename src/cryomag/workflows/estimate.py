@@ -119,7 +119,8 @@ class EstimateOptions:
         1: box-periodic prediction (RELION's). 2 (or more): window-aware prediction, made on a
         box that many times larger and cut to the particle box in real space, so that the
         signal the CTF delocalises out of the box is modelled (a pass at pad 2 costs about
-        2.6x the box-periodic one with ``upsample_slices``, 3.8x without; box 128, issue 14).
+        2.3x the box-periodic one with the defaults, ``upsample_slices`` and
+        ``adaptive_window``: box 128 at 0.5-1.6 um; 3.8x with neither; issue 14).
         0 (default): automatic per optics group, see :func:`auto_window_pad`. The
         box-periodic model biases magnification when the CTF moves signal out of the box:
         measured on simulated data (box 48 at 1.6 A, defocus 0.3-1.2 um) it recovered only
