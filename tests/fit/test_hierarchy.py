@@ -69,3 +69,19 @@ def test_likelihood_maximum_is_ems_fixed_point_or_above_it():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method"):
         shrink(np.zeros(3), np.ones(3), method="newton")
+
+
+def test_a_unit_whose_covariance_is_not_positive_definite_is_left_out():
+    """Covariances from inverted normal matrices can be indefinite (rounding, a nearly
+    undetermined unit): such a unit carries no valid weight and is left out of the pooling
+    like a non-finite one (its inverse would weight it negatively: the mean moved by 7 of
+    its standard errors here)."""
+    rng = np.random.default_rng(4)
+    n = 300
+    v = np.tile(np.eye(2) * 1e-6, (n, 1, 1))
+    x = rng.normal(0, 1e-3, (n, 2))
+    v[0] = [[1e-6, 1.1e-6], [1.1e-6, 1e-6]]  # eigenvalues 2.1e-6, -1e-7
+    got, rest = shrink(x, v), shrink(x[1:], v[1:])
+    np.testing.assert_allclose(got.mean, rest.mean, rtol=1e-12)
+    np.testing.assert_allclose(got.between, rest.between, rtol=1e-9, atol=1e-18)
+    assert np.all(np.isnan(got.posterior[0])) and np.isnan(got.weight[0])

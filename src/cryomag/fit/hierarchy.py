@@ -94,6 +94,9 @@ def shrink(
         x = x[:, None]
         v = v[:, None, None]
     ok = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(v), axis=(1, 2))
+    # a covariance that is not positive definite (rounding of a nearly undetermined unit)
+    # carries no valid weight: the unit is left out of the pooling like a non-finite one
+    ok[ok] = np.linalg.eigvalsh(0.5 * (v[ok] + np.swapaxes(v[ok], 1, 2)))[:, 0] > 0
     n, d = x.shape
     xs, vs = x[ok], v[ok]
     if len(xs) == 0:
@@ -152,19 +155,21 @@ def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
     def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
         f = factor(p)
         a = f @ f.T + vs
-        c = np.linalg.cholesky(a)
         s = np.linalg.inv(a)
         mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))
         sr = np.einsum("nij,nj->ni", s, xs - mu)
-        logdet = 2 * np.log(np.diagonal(c, axis1=1, axis2=2)).sum()
+        logdet = np.linalg.slogdet(a)[1].sum()
         ll = -0.5 * (logdet + np.einsum("ni,ni->", xs - mu, sr))
         g = 0.5 * (sr.T @ sr - s.sum(0))  # d log L / dT (mu profiled: its own gradient is 0)
         return -ll, -(2 * g @ f * scale)[lower]
 
-    start = np.linalg.cholesky(t0 + (0.1 * scale) ** 2 * np.eye(d)) / scale
-    res = minimize(objective, start[lower], jac=True, method="L-BFGS-B",
+    start = (np.linalg.cholesky(t0 + (0.1 * scale) ** 2 * np.eye(d)) / scale)[lower]
+    res = minimize(objective, start, jac=True, method="L-BFGS-B",
                    options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-10})  # fmt: skip
-    f = factor(res.x)
+    p = res.x
+    if not (np.isfinite(res.fun) and res.fun <= objective(start)[0]):
+        p = start  # never worse than the start (a failed line search, a non-finite value)
+    f = factor(p)
     t = f @ f.T
     s = np.linalg.inv(t[None] + vs)
     mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))

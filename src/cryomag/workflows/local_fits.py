@@ -90,9 +90,8 @@ def _shrunk_iso(fit, labels):
     units, theta, var, _ = fit(labels, True)
     ok = np.isfinite(theta[:, 0])
     res = shrink(theta[ok, 0], var[ok, 0, 0])
-    post = np.full(len(units), 0.0)
-    post[ok] = res.posterior[:, 0]
-    post[~ok] = res.mean[0]
+    post = np.full(len(units), float(res.mean[0]))  # units without a valid estimate: the mean
+    post[ok] = np.where(np.isfinite(res.posterior[:, 0]), res.posterior[:, 0], res.mean[0])
     return units, theta[:, 0], np.sqrt(var[:, 0, 0]), post, res
 
 
@@ -103,7 +102,8 @@ def _shrunk_aniso(fit, labels):
     res = None
     if ok.sum() >= 3:
         res = shrink(theta[ok], cov[ok])
-        out[ok] = res.posterior
+        valid = np.all(np.isfinite(res.posterior), axis=1)  # shrink leaves non-PD units out
+        out[ok] = np.where(valid[:, None], res.posterior, res.mean)
         out[~ok] = res.mean
     return units, out, res
 
