@@ -26,8 +26,8 @@ except ImportError:  # pragma: no cover
     _ducc = None
 
 __all__ = [
-    "BACKEND", "backend_from_environment", "fft", "ifft", "irfft", "irfft2", "rfft", "rfft2",
-    "use_backend",
+    "BACKEND", "backend_from_environment", "fft", "ifft", "irfft", "irfft2", "next_fast_even",
+    "rfft", "rfft2", "use_backend",
 ]
 
 
@@ -114,3 +114,18 @@ def ifft(x: np.ndarray, axis: int = -1, workers: int = 1) -> np.ndarray:
         return _ducc.c2c(x, axes=(_axis(x, axis),), forward=False, inorm=2, out=x,
                          nthreads=workers)  # fmt: skip
     return sfft.ifft(x, axis=axis, workers=workers, overwrite_x=True)
+
+
+def next_fast_even(n: int) -> int:
+    """The smallest even size >= n with no prime factor above 5: fast transforms with either
+    backend (a padded prediction grid, a map's upsampled grid)."""
+    m = max(int(n), 2)
+    m += m % 2
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 2

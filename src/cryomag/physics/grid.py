@@ -306,17 +306,9 @@ def padded_box_px(box: int, pixel_size_A: float, delocalisation_A, max_box: int)
     """
     box, max_box = int(box), int(max_box)
     need = box + np.ceil(np.asarray(delocalisation_A, float) / float(pixel_size_A))
-    sizes = np.array([n for n in range(box + 1, max_box) if n % 2 == 0 and _smooth(n)] + [max_box])
-    pos = np.searchsorted(sizes, need)
-    return sizes[np.minimum(pos, len(sizes) - 1)]
-
-
-def _smooth(n: int) -> bool:
-    """Whether n has no prime factor above 5."""
-    for p in (2, 3, 5):
-        while n % p == 0:
-            n //= p
-    return n == 1
+    values, inverse = np.unique(np.maximum(need, box + 1), return_inverse=True)
+    sizes = np.array([min(_fft.next_fast_even(int(v)), max_box) for v in values], int)
+    return sizes[inverse].reshape(need.shape)
 
 
 def _corner_rows(box: int, big: int) -> np.ndarray:

@@ -24,6 +24,7 @@ import finufft
 import numpy as np
 import scipy.fft as sfft
 
+from cryomag.physics.fft import next_fast_even
 from cryomag.physics.geometry import euler_to_matrix
 
 __all__ = ["FINE_GRID_CACHE_BYTES", "MapReference", "direct_fourier", "slice_values"]
@@ -289,15 +290,7 @@ class MapReference:
 def _fine_size(n: int, upsampfac: float) -> int:
     """The upsampled grid's size: the smallest even size with no prime factor above 5 that
     is at least ``upsampfac`` n and holds the widest kernel (2 x 16 points)."""
-    m = max(int(np.ceil(upsampfac * n)), 32)
-    while True:
-        k = m
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        if k == 1 and m % 2 == 0:
-            return m
-        m += 1
+    return next_fast_even(max(int(np.ceil(upsampfac * n)), 32))
 
 
 def _kernel_series(n: int, nf: int, eps: float, upsampfac: float) -> np.ndarray:
