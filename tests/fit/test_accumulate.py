@@ -16,7 +16,6 @@ import pytest
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics, geom_subset
 from cryomag.fit.relinearise import relinearised_fit
 from cryomag.fit.statistics import Band, GroupStatistics, column_layout
-from cryomag.physics.ctf import delocalisation_A
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import rfft_freqs
 from cryomag.physics.grid import GridCTF, padded_box_px
@@ -529,7 +528,7 @@ def test_adaptive_window_holds_each_particles_delocalised_signal(setup):
                   optics.amplitude_contrast, even_zernike=optics.even_coefficients(),
                   odd_zernike=optics.odd_coefficients())  # fmt: skip
     dz = np.maximum(geom.defocus_u_A, geom.defocus_v_A)
-    d = delocalisation_A(dz, ctf.lam, 0.0, band.kmax) + ctf.reach_A
+    d = ctf.delocalisation_A(dz, band.kmax)
     sizes = padded_box_px(BOX, APIX, d, 3 * BOX)
     assert len(np.unique(sizes)) > 1 and sizes.max() < 3 * BOX
     exact, adaptive = run(), run(adaptive_window=True)

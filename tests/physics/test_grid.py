@@ -177,3 +177,7 @@ def test_reach_of_the_aberration_terms():
     tilted = GridCTF(kx, ky, np.eye(2), None, 300.0, 2.7, 0.1,
                      odd_zernike=(0.0, 0.0, 5.0, 0.0, 0.0, 0.0))  # fmt: skip
     assert tilted.reach_A > plain.reach_A
+    # with a defocus: its term at the frequency given, plus the reach
+    assert tilted.delocalisation_A(15000.0, 0.3) == pytest.approx(
+        tilted.lam * 15000.0 * 0.3 + tilted.reach_A, rel=1e-12
+    )

@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cryomag.physics import fft as _fft
-from cryomag.physics.ctf import delocalisation_A
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, amplitude_factor
 from cryomag.physics.fourier import rfft_freqs
 from cryomag.physics.grid import GridCTF, WindowCut, padded_box_px, padded_rfft2, shift_phase32
@@ -231,11 +230,10 @@ def _blocks(kern, geom, idx, val, grad, y_all, rows, block: int) -> list[dict]:
 
 def _delocalisation(geom: ParticleGeometry, kern: _Kernel) -> np.ndarray:
     """How far each particle's CTF moves signal in the band at most (A): the defocus term
-    at its larger defocus and the band's highest frequency
-    (:func:`cryomag.physics.ctf.delocalisation_A`) plus the group's Cs and aberration terms
-    (:attr:`cryomag.physics.grid.GridCTF.reach_A`)."""
+    at its larger defocus and the band's highest frequency plus the group's Cs and
+    aberration terms (:meth:`cryomag.physics.grid.GridCTF.delocalisation_A`)."""
     dz = np.maximum(np.abs(geom.defocus_u_A), np.abs(geom.defocus_v_A))
-    return delocalisation_A(dz, kern.lam, 0.0, kern.band.kmax) + kern.ctf_band.reach_A
+    return kern.ctf_band.delocalisation_A(dz, kern.band.kmax)
 
 
 def gradient_taper(k: np.ndarray, kmax: float, nyquist: float) -> np.ndarray:

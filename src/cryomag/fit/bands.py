@@ -77,7 +77,6 @@ def auto_window_pad(ps: ParticleSet, group: int, band: Band, cap: int = 3) -> in
     read the isotropic magnification 0.58 % high (12 sigma), pad 2 0.32 %, pad 6 -0.003 %
     (0.4 sigma). Set the padding explicitly for such extreme boxes.
     """
-    from cryomag.physics.ctf import delocalisation_A
     from cryomag.physics.grid import GridCTF
 
     o = ps.optics_params(group)
@@ -88,7 +87,7 @@ def auto_window_pad(ps: ParticleSet, group: int, band: Band, cap: int = 3) -> in
     ctf = GridCTF(band.kx, band.ky, ps.mag_matrix(group), None, o.voltage_kv, o.cs_mm,
                   o.amplitude_contrast, even_zernike=o.even_coefficients(),
                   odd_zernike=o.odd_coefficients())  # fmt: skip
-    d_max = float(delocalisation_A(dz.max(), ctf.lam, 0.0, band.kmax)) + ctf.reach_A
+    d_max = float(ctf.delocalisation_A(dz.max(), band.kmax))
     length = o.box * o.pixel_size_A
     if d_max < length / 4:
         return 1

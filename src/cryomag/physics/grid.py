@@ -23,7 +23,7 @@ import numpy as np
 
 from cryomag.physics import fft as _fft
 from cryomag.physics.aberrations import has_aberration, zernike_phase
-from cryomag.physics.ctf import defocus_matrix, electron_wavelength_A
+from cryomag.physics.ctf import defocus_matrix, delocalisation_A, electron_wavelength_A
 
 __all__ = ["GridCTF", "WindowCut", "padded_box_px", "padded_rfft2", "shift_phase32"]
 
@@ -121,6 +121,12 @@ class GridCTF:
         if self.godd is not None:
             g = g + np.hypot(self.godd[0], self.godd[1])
         return float(g.max() / (2 * np.pi)) if g.size else 0.0
+
+    def delocalisation_A(self, defocus_A, k: float) -> np.ndarray:
+        """How far the CTF with a defocus ``defocus_A`` (A, its magnitude) moves signal at
+        most (A), the defocus term taken at frequency ``k`` (1/A): lambda |dz| k
+        (:func:`cryomag.physics.ctf.delocalisation_A`) plus :attr:`reach_A`."""
+        return delocalisation_A(defocus_A, self.lam, 0.0, k) + self.reach_A
 
     def __call__(self, defocus_u_A, defocus_v_A, angle_deg, phase_shift_deg, bfactor_A2,
                  scale):  # fmt: skip
