@@ -154,13 +154,7 @@ def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
 
     def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
         f = factor(p)
-        a = f @ f.T + vs
-        s = np.linalg.inv(a)
-        mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))
-        sr = np.einsum("nij,nj->ni", s, xs - mu)
-        logdet = np.linalg.slogdet(a)[1].sum()
-        ll = -0.5 * (logdet + np.einsum("ni,ni->", xs - mu, sr))
-        g = 0.5 * (sr.T @ sr - s.sum(0))  # d log L / dT (mu profiled: its own gradient is 0)
+        ll, g, _ = _profiled_likelihood(xs, vs, f @ f.T)
         return -ll, -(2 * g @ f * scale)[lower]
 
     start = (np.linalg.cholesky(t0 + (0.1 * scale) ** 2 * np.eye(d)) / scale)[lower]
@@ -171,9 +165,19 @@ def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
         p = start  # never worse than the start (a failed line search, a non-finite value)
     f = factor(p)
     t = f @ f.T
-    s = np.linalg.inv(t[None] + vs)
+    return _profiled_likelihood(xs, vs, t)[2], t, int(res.nfev)
+
+
+def _profiled_likelihood(xs: np.ndarray, vs: np.ndarray,
+                         t: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:  # fmt: skip
+    """The marginal log-likelihood of T up to a constant, its gradient d log L / dT, (d, d),
+    and mu, all with mu profiled (its GLS mean at T, where its own gradient is 0)."""
+    a = t[None] + vs
+    s = np.linalg.inv(a)
     mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))
-    return mu, t, int(res.nfev)
+    sr = np.einsum("nij,nj->ni", s, xs - mu)
+    ll = -0.5 * (np.linalg.slogdet(a)[1].sum() + np.einsum("ni,ni->", xs - mu, sr))
+    return float(ll), 0.5 * (sr.T @ sr - s.sum(0)), mu
 
 
 def _em_update(xs: np.ndarray, vs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,16 +192,6 @@ def _em_update(xs: np.ndarray, vs: np.ndarray, t: np.ndarray) -> tuple[np.ndarra
     post_cov = t[None] - kgain @ t[None]
     t_new = (np.einsum("ni,nj->ij", post_mean, post_mean) + post_cov.sum(0)) / len(xs)
     return mu_new, _clip_psd(0.5 * (t_new + t_new.T))
-
-
-def _log_likelihood(xs: np.ndarray, vs: np.ndarray, t: np.ndarray) -> float:
-    """The marginal log-likelihood of T (mu profiled: its GLS mean), up to a constant."""
-    c = np.linalg.cholesky(t[None] + vs)
-    s = np.linalg.inv(t[None] + vs)
-    mu = np.linalg.solve(s.sum(0), np.einsum("nij,nj->i", s, xs))
-    r = xs - mu
-    logdet = 2 * np.log(np.diagonal(c, axis1=1, axis2=2)).sum()
-    return float(-0.5 * (logdet + np.einsum("ni,nij,nj->", r, s, r)))
 
 
 def _clip_psd(m: np.ndarray) -> np.ndarray:
