@@ -88,10 +88,9 @@ def _fitter(stats, m_lin, m_g, mics, joint, unit, capture=None):
 
 def _shrunk_iso(fit, labels):
     units, theta, var, _ = fit(labels, True)
-    ok = np.isfinite(theta[:, 0])
-    res = shrink(theta[ok, 0], var[ok, 0, 0])
-    post = np.full(len(units), float(res.mean[0]))  # units without a valid estimate: the mean
-    post[ok] = np.where(np.isfinite(res.posterior[:, 0]), res.posterior[:, 0], res.mean[0])
+    res = shrink(theta[:, 0], var[:, 0, 0])
+    # units shrink left out (no finite estimate, a variance <= 0): the mean
+    post = np.where(np.isfinite(res.posterior[:, 0]), res.posterior[:, 0], res.mean[0])
     return units, theta[:, 0], np.sqrt(var[:, 0, 0]), post, res
 
 
@@ -101,10 +100,10 @@ def _shrunk_aniso(fit, labels):
     out = np.tile(np.zeros(4), (len(units), 1))
     res = None
     if ok.sum() >= 3:
-        res = shrink(theta[ok], cov[ok])
-        valid = np.all(np.isfinite(res.posterior), axis=1)  # shrink leaves non-PD units out
-        out[ok] = np.where(valid[:, None], res.posterior, res.mean)
-        out[~ok] = res.mean
+        res = shrink(theta, cov)
+        # units shrink left out (no finite estimate, a covariance not positive definite)
+        valid = np.all(np.isfinite(res.posterior), axis=1)
+        out = np.where(valid[:, None], res.posterior, res.mean)
     return units, out, res
 
 
