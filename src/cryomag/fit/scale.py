@@ -46,7 +46,8 @@ def fit_scales(group_stats: dict[int, GroupStatistics], n_particles: int) -> Sca
         raw[st.rows] = st.scale()
         err[st.rows] = st.scale_error()
         group_mean[g] = float(np.nanmean(st.scale()))
-    mean = np.nanmean(raw)
+    # no group's statistics (every group failed): no mean, and no warning of an empty mean
+    mean = np.nanmean(raw) if not np.all(np.isnan(raw)) else np.nan
     if not np.isfinite(mean) or mean == 0:
         mean = 1.0
     return ScaleResult(raw, raw / mean, err / abs(mean), group_mean)
