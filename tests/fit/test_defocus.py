@@ -408,7 +408,36 @@ def test_particle_magnification_with_particle_defocus_is_calibrated(tmp_path):
 
 
 # ------------------------------------------- the box-periodic first pass of the joint fit
-def test_periodic_first_pass_ends_where_the_window_aware_fit_converges(tmp_path):
+@pytest.fixture(scope="module")
+def own_defocus(tmp_path_factory):
+    """Each particle's defocus as input (heights 50 A), and the window-aware fit of it
+    iterated to 1e-8 (warm start on 200 particles): (folder, estimate options, result)."""
+    sim = tmp_path_factory.mktemp("dz_own")
+    cfg = _config(23, written="particle", particle_std_A=50.0)
+    cfg.defocus.min_um, cfg.defocus.max_um = 0.3, 0.8
+    simulate_dataset(cfg, sim, progress=False)
+    opts = {**FAST, "warm_start": 200, "fit": ("scale", "aniso", "particle", "micrograph")}
+    ref = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, tol=1e-8,
+                           defocus_tol_A=1e-3, periodic_first_pass=False, **opts)  # fmt: skip
+    return sim, opts, ref
+
+
+def _same_fit(a, b, mag=0.05, mic=0.05, particle=0.1, defocus=0.1) -> None:
+    """Two fits' M, micrograph and particle magnification and defocus agree within these
+    fractions of ``b``'s standard errors."""
+    ga, gb = a.groups[0], b.groups[0]
+    assert np.all(np.abs(ga.mag - gb.mag) < mag * gb.mag_error), (ga.mag - gb.mag)
+    pa, pb = a.particles, b.particles
+
+    def off(col, se_col):
+        return np.max(np.abs(pa.column(col) - pb.column(col)) / pb.column(se_col))
+
+    assert off("cmagMicrographMagRaw", "cmagMicrographMagError") < mic
+    assert off("cmagParticleMagRaw", "cmagParticleMagError") < particle
+    assert off("cmagDefocusChange", "cmagDefocusError") < defocus
+
+
+def test_periodic_first_pass_ends_where_the_window_aware_fit_converges(own_defocus):
     """A joint fit's first full pass is box-periodic (its defocus step brings the
     window-aware passes into their linear range); when that step was small (below 10
     defocus tolerances), the first window-aware step after it ends the fit when below 10
@@ -416,17 +445,12 @@ def test_periodic_first_pass_ends_where_the_window_aware_fit_converges(tmp_path)
     local models, which start from the state after that last step, not the pass's -- equals
     the window-aware fit iterated to 1e-8 within small fractions of the standard errors
     (each particle's defocus as input, heights 50 A, window pad 2; tolerances 2e-5 and 2 A,
-    so that the box-periodic step of ~19 A counts as small here)."""
-    sim = tmp_path / "sim"
-    cfg = _config(23, written="particle", particle_std_A=50.0)
-    cfg.defocus.min_um, cfg.defocus.max_um = 0.3, 0.8
-    simulate_dataset(cfg, sim, progress=False)
-    fit = ("scale", "aniso", "particle", "micrograph")
-    opts = {**FAST, "warm_start": 200, "fit": fit}
+    so that the box-periodic step of ~19 A counts as small here; without the warm start's
+    probe, which would leave the box-periodic pass out on this input)."""
+    sim, opts, ref = own_defocus
+    opts = {**opts, "linear_start_probe": False}
     fast = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, tol=2e-5,
                             defocus_tol_A=2.0, **opts)  # fmt: skip
-    ref = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, tol=1e-8,
-                           defocus_tol_A=1e-3, periodic_first_pass=False, **opts)  # fmt: skip
     gf, gr = fast.groups[0], ref.groups[0]
     full = [h for h in gf.history if h["particles"] == gf.n_particles]
     # one box-periodic pass, then one window-aware pass whose step (> tol) was accepted
@@ -434,15 +458,7 @@ def test_periodic_first_pass_ends_where_the_window_aware_fit_converges(tmp_path)
     assert full[-1]["max_step"] > 2e-5 or full[-1]["defocus_step_A"] > 2.0
     assert all(not h.get("box_periodic") for h in gr.history) and len(gr.history) > 5
     assert gf.converged and fast.verdict == "ok"
-    assert np.all(np.abs(gf.mag - gr.mag) < 0.05 * gr.mag_error), (gf.mag - gr.mag)
-    a, b = fast.particles, ref.particles
-
-    def off(col, se_col):
-        return np.max(np.abs(a.column(col) - b.column(col)) / b.column(se_col))
-
-    assert off("cmagMicrographMagRaw", "cmagMicrographMagError") < 0.05
-    assert off("cmagParticleMagRaw", "cmagParticleMagError") < 0.1
-    assert off("cmagDefocusChange", "cmagDefocusError") < 0.1
+    _same_fit(fast, ref)
     # with the default tolerances that box-periodic step was large: the window-aware passes
     # keep the strict ones
     strict = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, **opts)
@@ -450,6 +466,49 @@ def test_periodic_first_pass_ends_where_the_window_aware_fit_converges(tmp_path)
     full = [h for h in gs.history if h["particles"] == gs.n_particles]
     assert full[0]["box_periodic"] and full[0]["defocus_step_A"] > 10.0 and len(full) >= 3
     assert full[-1]["max_step"] < 1e-5 and full[-1]["defocus_step_A"] < 1.0
+
+
+def test_linear_start_leaves_the_box_periodic_pass_out(own_defocus, heights):
+    """The warm start probes the input defocus (each subset particle's defocus searched on
+    its likelihood, GaussNewtonSettings.linear_start_probe). Each particle's own defocus as
+    input: the changes are within the noise (rms 0.68 standard errors, below
+    LINEAR_START_Z), no box-periodic pass is made, and the first window-aware pass ends
+    the fit when its steps are below 30 (M) and 10 (defocus) tolerances (here 6.2e-4 and
+    19 A against 2.5e-5 and 2.5 A; the next step measured 2.0e-6 and 0.56 A). The result
+    equals the window-aware fit iterated to 1e-8 as closely as the box-periodic route's
+    does (test above). A micrograph's defocus with a 50 A error and heights of 150 A: the
+    probe sees it (rms >> 2) and the box-periodic pass with the search stays."""
+    from cryomag.fit.gauss_newton import LINEAR_START_Z
+
+    sim, opts, ref = own_defocus
+    fast = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, tol=2.5e-5,
+                            defocus_tol_A=2.5, **opts)  # fmt: skip
+    g = fast.groups[0]
+    warm = [h for h in g.history if h["particles"] < g.n_particles]
+    full = [h for h in g.history if h["particles"] == g.n_particles]
+    assert all(h["defocus_probe_z"] < LINEAR_START_Z for h in warm), g.history
+    assert len(full) == 1 and not full[0].get("box_periodic"), g.history
+    assert full[0]["max_step"] > 2.5e-5 and full[0]["defocus_step_A"] > 2.5  # accepted
+    assert g.converged and fast.verdict == "ok"
+    _same_fit(fast, ref)
+    # a real-like input: the probe keeps the box-periodic pass
+    far = cryomag.estimate(heights / "particles.star", heights / "ref.mrc", None,
+                           **{**opts, "warm_start": 200, "max_iter": 2})  # fmt: skip
+    g = far.groups[0]
+    warm = [h for h in g.history if h["particles"] < g.n_particles]
+    full = [h for h in g.history if h["particles"] == g.n_particles]
+    assert warm[-1]["defocus_probe_z"] > 2 * LINEAR_START_Z, g.history
+    assert full[0].get("box_periodic"), g.history
+
+
+def test_defocus_probe_z():
+    """The probe's statistic: rms of change x sqrt(curvature) over the particles with a
+    search result; NaN without any."""
+    from cryomag.fit.gauss_newton import defocus_probe_z
+
+    prof = np.array([[10.0, 0.01], [-30.0, 0.04], [500.0, 0.0]])
+    assert defocus_probe_z(prof) == pytest.approx(np.sqrt((1.0 + 36.0) / 2))
+    assert np.isnan(defocus_probe_z(np.zeros((3, 2))))
 
 
 def test_which_passes_are_box_periodic():
@@ -478,6 +537,20 @@ def test_which_passes_are_box_periodic():
     aberr = GaussNewtonSettings(aberrations=AberrationTerms(("tilt",)))
     assert first_full_pad(aberr, 3, optics=optics) == 1
     assert first_full_pad(GaussNewtonSettings(), 2, warm=True) == 1  # a warm start's pass
+
+    # the warm start's probe of the input defocus: only where the box-periodic first pass
+    # would search each particle's defocus
+    def probes(settings, pad=2):
+        fit = GroupFit(1, n, np.eye(2), np.ones(4), pad, settings, warm=True, **kw)
+        return fit.group_pass().defocus_profile
+
+    per_particle = GaussNewtonSettings(levels=DefocusLevels("particle", "fixed"))
+    assert probes(per_particle)
+    assert not probes(per_particle, pad=1)  # no window: every full pass searches anyway
+    assert not probes(joint)  # per micrograph: no search
+    assert not probes(dataclasses.replace(per_particle, linear_start_probe=False))
+    assert not probes(dataclasses.replace(per_particle, periodic_first_pass=False))
+    assert not probes(dataclasses.replace(per_particle, defocus_search=False))
 
 
 def test_defocus_search_lands_where_gauss_newton_converges(heights):

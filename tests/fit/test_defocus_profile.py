@@ -111,6 +111,17 @@ def test_search_without_signal_keeps_gauss_newton():
     assert out[0, 1] == 0.0 and out[0, 0] == 0.0
 
 
+def test_the_search_needs_no_defocus_columns(setup):
+    """A lean pass (no defocus columns: the warm start's probe of the input defocus,
+    GaussNewtonSettings.linear_start_probe) searches exactly as a pass with them."""
+    n = len(setup[3])
+    start = np.linspace(-200.0, 300.0, n)
+    full = _stats(setup, start, KernelOptions(window_pad=1, defocus=True, defocus_profile=True))
+    lean = _stats(setup, start, KernelOptions(window_pad=1, defocus_profile=True))
+    assert np.all(full.dz_profile[:, 1] > 0)
+    np.testing.assert_array_equal(lean.dz_profile, full.dz_profile)
+
+
 def test_the_search_needs_the_periodic_model(setup):
     with pytest.raises(ValueError, match="box-periodic"):
         _stats(setup, np.zeros(len(setup[3])),

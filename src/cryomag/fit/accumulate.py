@@ -105,9 +105,11 @@ class KernelOptions:
         finufft's own error); the fitted M by a small fraction of its standard error
         (bench/RESULTS.md, issue 14).
     defocus_profile : bool
-        Box-periodic model with ``defocus`` only: also search each particle's isotropic
-        defocus on its exact likelihood (:mod:`cryomag.fit.defocus_profile`): the best
-        change from the pass's state and the curvature there (``dz_profile``).
+        Box-periodic model only: also search each particle's isotropic defocus on its exact
+        likelihood (:mod:`cryomag.fit.defocus_profile`): the best change from the pass's
+        state and the curvature there (``dz_profile``). It needs no defocus columns: a
+        warm-start pass without them uses it to see whether the input defocus is within the
+        noise (:attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.linear_start_probe`).
     padded_box : int
         Window-aware model only: the padded grid's size (px, even, above the box); 0:
         ``window_pad`` times the box. A size that is not a multiple of the box needs
@@ -185,8 +187,8 @@ def chunk_statistics(
             )  # fmt: skip
         return ChunkStatistics.concatenate(parts, rows)
     rows = np.asarray(rows)
-    if opts.defocus_profile and (max(int(opts.window_pad), 1) > 1 or not opts.defocus):
-        raise ValueError("the defocus search needs the box-periodic model and the defocus columns")
+    if opts.defocus_profile and max(int(opts.window_pad), 1) > 1:
+        raise ValueError("the defocus search needs the box-periodic model (window_pad 1)")
     windowed = max(int(opts.window_pad), 1) > 1
     kernel = WindowedKernel if windowed else PeriodicKernel
     kern = kernel(reference, geom, optics, band, noise_power, opts)

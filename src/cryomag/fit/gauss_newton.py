@@ -27,7 +27,14 @@ from cryomag.fit.quality import FitQuality, assess_group
 from cryomag.fit.relinearise import relinearised_fit
 from cryomag.fit.statistics import Band, GroupStatistics
 
-__all__ = ["GaussNewtonSettings", "GroupFit", "GroupResult", "iterate", "warm_subsets"]
+__all__ = [
+    "GaussNewtonSettings",
+    "GroupFit",
+    "GroupResult",
+    "defocus_probe_z",
+    "iterate",
+    "warm_subsets",
+]
 
 log = logging.getLogger("cryomag")
 
@@ -44,6 +51,21 @@ log = logging.getLogger("cryomag")
 #: large and the next one is not yet that small (measured 5.97 A after a 200 A step, with
 #: the defocus search; bench/RESULTS.md, issue 14): the tolerances then stay as they are.
 FINAL_STEP_AFTER_PERIODIC = 10.0
+
+#: The warm start's probe of the input defocus (:attr:`GaussNewtonSettings.linear_start_probe`):
+#: the input is within the window-aware passes' linear range when the rms over the last warm
+#: subset of each particle's searched defocus change (:mod:`cryomag.fit.defocus_profile`) in
+#: its own standard errors is below this. Measured on the warm subsets (500 particles, box
+#: 128, SNR 0.05) of the speed benchmark: 0.75 with each particle's defocus as input, 11.3
+#: with one defocus per micrograph written with a 50 A error and heights spread 200 A.
+LINEAR_START_Z = 2.0
+#: After a linear start the first (window-aware) full pass ends the fit when its M step is
+#: below this many ``tol`` (its defocus step: :data:`FINAL_STEP_AFTER_PERIODIC` defocus
+#: tolerances). Its step from the warm start is the full set's correction plus the window's
+#: (2.2e-4 on the benchmark, each particle's defocus as input, against tol 1e-5); the step
+#: after it measured 8.9e-7 (M, 0.004x) and 0.11 A (defocus after 4.2 A): Gauss-Newton's
+#: remainder grows as the step squared, 1.7e-6 at 30 tol.
+FINAL_M_STEP_AFTER_LINEAR_START = 30.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,17 @@ class GaussNewtonSettings:
         and the next one, predicted as step^2 / last step, would be below ``warm_tol`` with
         a factor 2 to spare: one subset pass fewer (the warm passes only choose where the
         full passes linearise; their own first step is larger than the difference).
+    linear_start_probe : bool
+        With the box-periodic first pass and its defocus search (``periodic_first_pass``,
+        ``defocus_search``, the defocus per particle) after a box-periodic warm start: the
+        warm passes also search each subset particle's defocus (no defocus columns, ~10 %
+        of their cost). When the input defocus is within the noise (rms of the changes in
+        their standard errors below :data:`LINEAR_START_Z`: each particle's defocus as
+        input, e.g. after a per-particle CTF refinement), the box-periodic first pass is
+        left out -- it would only bring the window-aware passes into the linear range they
+        are in -- and the first window-aware pass ends the fit when its steps are below
+        :data:`FINAL_M_STEP_AFTER_LINEAR_START` (M) and :data:`FINAL_STEP_AFTER_PERIODIC`
+        (defocus) tolerances; else the fit goes on as without the probe.
     """
 
     fit_aniso: bool = True
@@ -134,6 +167,7 @@ class GaussNewtonSettings:
     periodic_first_pass: bool = True
     defocus_search: bool = True
     warm_predicted_stop: bool = True
+    linear_start_probe: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -295,6 +329,11 @@ class GroupFit:
         # the next step may end the fit at FINAL_STEP_AFTER_PERIODIC tolerances: it follows
         # a box-periodic pass whose defocus step was in the linear range
         self.relaxed_next = False
+        # the warm start's probe of the input defocus (settings.linear_start_probe): the rms
+        # of the last probe's changes in standard errors, and whether it found the input
+        # within the linear range (then no box-periodic first pass)
+        self.probe_z = np.nan
+        self.linear_start = False
         self.update: MagUpdate | None = None
         self.stats: GroupStatistics | None = None  # the last full pass
         self.first_stats: GroupStatistics | None = None  # the first pass (at the input M)
@@ -342,7 +381,24 @@ class GroupFit:
             optics=self.optics if len(s.aberrations) else None,
             aberrations=s.aberrations if aberr else None,
             lean=s.lean_warm and self.phase == "warm",
-            defocus_profile=self.defocus_search_next,
+            defocus_profile=self.defocus_search_next or (periodic and self.probe_next),
+        )
+
+    @property
+    def probe_next(self) -> bool:
+        """The next (warm, box-periodic) pass probes the input defocus with the defocus
+        search (``settings.linear_start_probe``): the fit would make a box-periodic first
+        full pass with the search."""
+        s = self.settings
+        return bool(
+            s.linear_start_probe
+            and s.periodic_first_pass
+            and s.defocus_search
+            and s.levels.defocus == "particle"
+            and self.phase == "warm"
+            and not self.warm_windowed
+            and self.window_pad > 1
+            and s.max_iter > 1
         )
 
     @property
@@ -374,6 +430,7 @@ class GroupFit:
             and self.phase == "full"
             and self.counts["full"] == 0
             and s.max_iter > 1
+            and not self.linear_start
         )
 
     # ---------------------------------------------------------------- one step
@@ -382,8 +439,9 @@ class GroupFit:
         particles, and decide whether the group is done."""
         s = self.settings
         coarse = self.coarse_pass_next
-        reach = FINAL_STEP_AFTER_PERIODIC if self.relaxed_next else 1.0
-        self.relaxed_next = False
+        relaxed, self.relaxed_next = self.relaxed_next, False
+        reach_dz = FINAL_STEP_AFTER_PERIODIC if relaxed else 1.0
+        reach = FINAL_M_STEP_AFTER_LINEAR_START if relaxed and self.linear_start else reach_dz
         st_joint = st
         if len(s.aberrations) and self.phase == "full":  # the pass had their columns
             st = st.without_aberrations(len(s.aberrations))
@@ -413,7 +471,7 @@ class GroupFit:
                 and ab_done
             )
             if s.levels.active:
-                done = done and dz_step < reach * s.defocus_tol_A
+                done = done and dz_step < reach_dz * s.defocus_tol_A
             else:
                 dz_step = None
             if coarse:
@@ -474,12 +532,15 @@ class GroupFit:
             )
         step = steps[-1]
         if kind == "warm":
+            if st.dz_profile is not None and np.any(st.dz_profile[:, 1] > 0):
+                self.probe_z = defocus_probe_z(st.dz_profile)
+                self.history[-1]["defocus_probe_z"] = self.probe_z
             limit = max(s.warm_tol, s.tol)
             last, self.warm_step = self.warm_step, step
             contracting = np.isfinite(last) and step < 0.5 * last
             predicted = 2 * step * step / last if contracting else np.inf
             if self.warm_windowed:
-                self.phase = "full"
+                self._start_full()
             elif (
                 step < limit
                 or (s.warm_predicted_stop and predicted < limit)
@@ -488,7 +549,7 @@ class GroupFit:
                 if s.warm_periodic and self.window_pad > 1 and s.warm_window_pass:
                     self.warm_windowed = True  # one subset pass with the window, then full
                 else:
-                    self.phase = "full"
+                    self._start_full()
             return
         self.update = upd
         if done:
@@ -506,6 +567,21 @@ class GroupFit:
                 s.tol,
             )
             self.converged = False
+
+    def _start_full(self) -> None:
+        """Hand over from the warm start to the full passes; after a probe that found the
+        input defocus within the noise (:data:`LINEAR_START_Z`), without the box-periodic
+        first pass, the first full pass at the relaxed tolerances."""
+        self.phase = "full"
+        if self.probe_z < LINEAR_START_Z:  # False for NaN: no probe
+            self.linear_start = True
+            self.relaxed_next = True
+            log.info(
+                "group %d: the input defocus is within the noise of the warm subset (rms %.2f "
+                "standard errors): no box-periodic first pass",
+                self.group,
+                self.probe_z,
+            )
 
     def _joint_step(self, st: GroupStatistics) -> tuple[MagUpdate, float, bool]:
         """One joint step of M, the defocus and the aberrations
@@ -619,6 +695,18 @@ class GroupFit:
             optics_in=self.optics_in,
             aberration_maps=self.aberration_maps,
         )
+
+
+def defocus_probe_z(profile: np.ndarray) -> float:
+    """The rms of the particles' searched defocus changes in their own standard errors:
+    ``profile`` (N, 2) of (change (A), curvature of rr / 2 there (1/A^2)) from
+    :func:`cryomag.fit.defocus_profile.search`; particles without a result (curvature 0)
+    are left out (NaN when none has one)."""
+    dz, curv = np.asarray(profile, float).T
+    use = curv > 0
+    if not np.any(use):
+        return float("nan")
+    return float(np.sqrt(np.mean(dz[use] ** 2 * curv[use])))
 
 
 def warm_subsets(group_rows: dict[int, np.ndarray], size: int, seed: int = 20261126) -> dict:

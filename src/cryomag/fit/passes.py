@@ -188,7 +188,7 @@ class StatisticsPass:
             aberrations=gp.aberrations,
             upsample_slices=self.spec.upsample_slices,
             adaptive_window=self.spec.adaptive_window and self.spec.upsample_slices,
-            defocus_profile=gp.defocus_profile and self.spec.defocus and not lean,
+            defocus_profile=gp.defocus_profile and self.spec.defocus,
         )
         out = []
         halves = self.halves[rows]

@@ -165,6 +165,11 @@ class EstimateOptions:
         each particle's isotropic defocus on its likelihood and the joint step starts from
         there (default True; :mod:`cryomag.fit.defocus_profile`): particles far from their
         micrograph's written defocus no longer crawl there one linear step per pass.
+    linear_start_probe : bool
+        With those two: the warm start's passes also search their particles' defocus, and
+        when the input defocus is within the noise (e.g. each particle's own, after a
+        per-particle CTF refinement) the box-periodic first pass is left out (default True;
+        :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.linear_start_probe`).
     upsample_slices : bool
         The window-aware model (``window_pad`` > 1) evaluates the reference on the
         particle's own grid and upsamples the slice to the padded grid by zero-padding its
@@ -242,6 +247,7 @@ class EstimateOptions:
     lean_warm: bool = True
     periodic_first_pass: bool = True
     defocus_search: bool = True
+    linear_start_probe: bool = True
     upsample_slices: bool = True
     adaptive_window: bool = True
     exact_gradient: bool | None = None
@@ -304,6 +310,7 @@ class EstimateOptions:
             lean_warm=self.lean_warm,
             periodic_first_pass=self.periodic_first_pass,
             defocus_search=self.defocus_search,
+            linear_start_probe=self.linear_start_probe,
         )
 
 
