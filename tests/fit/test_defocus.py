@@ -503,12 +503,19 @@ def test_linear_start_leaves_the_box_periodic_pass_out(own_defocus, heights):
 
 def test_defocus_probe_z():
     """The probe's statistic: rms of change x sqrt(curvature) over the particles with a
-    search result; NaN without any."""
+    search result, or of each micrograph's weighted mean change in its standard error when
+    larger (weak particles sharing one micrograph's error); NaN without any result."""
     from cryomag.fit.gauss_newton import defocus_probe_z
 
     prof = np.array([[10.0, 0.01], [-30.0, 0.04], [500.0, 0.0]])
     assert defocus_probe_z(prof) == pytest.approx(np.sqrt((1.0 + 36.0) / 2))
+    assert defocus_probe_z(prof, np.array(["a", "b", "a"])) == pytest.approx(np.sqrt(18.5))
     assert np.isnan(defocus_probe_z(np.zeros((3, 2))))
+    # 16 weak particles (SE 100 A) of one micrograph 60 A off: each within its noise
+    # (z 0.6), their micrograph 2.4 standard errors off
+    weak = np.tile([60.0, 1e-4], (16, 1))
+    assert defocus_probe_z(weak) == pytest.approx(0.6)
+    assert defocus_probe_z(weak, np.zeros(16)) == pytest.approx(2.4)
 
 
 def test_which_passes_are_box_periodic():

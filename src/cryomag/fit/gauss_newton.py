@@ -55,9 +55,11 @@ FINAL_STEP_AFTER_PERIODIC = 10.0
 #: The warm start's probe of the input defocus (:attr:`GaussNewtonSettings.linear_start_probe`):
 #: the input is within the window-aware passes' linear range when the rms over the last warm
 #: subset of each particle's searched defocus change (:mod:`cryomag.fit.defocus_profile`) in
-#: its own standard errors is below this. Measured on the warm subsets (500 particles, box
-#: 128, SNR 0.05) of the speed benchmark: 0.75 with each particle's defocus as input, 11.3
-#: with one defocus per micrograph written with a 50 A error and heights spread 200 A.
+#: its own standard errors, and that of each micrograph's mean change in its standard error,
+#: are below this (:func:`defocus_probe_z`). Measured on the warm subsets (500 particles, box
+#: 128, SNR 0.05, 50 micrographs) of the speed benchmark: 0.75 and 0.78 with each particle's
+#: defocus as input, 11.3 and 12.1 with one defocus per micrograph written with a 50 A error
+#: and heights spread 200 A.
 LINEAR_START_Z = 2.0
 #: After a linear start the first (window-aware) full pass ends the fit when its M step is
 #: below this many ``tol`` (its defocus step: :data:`FINAL_STEP_AFTER_PERIODIC` defocus
@@ -141,7 +143,8 @@ class GaussNewtonSettings:
         ``defocus_search``, the defocus per particle) after a box-periodic warm start: the
         warm passes also search each subset particle's defocus (no defocus columns, ~10 %
         of their cost). When the input defocus is within the noise (rms of the changes in
-        their standard errors below :data:`LINEAR_START_Z`: each particle's defocus as
+        their standard errors, per particle and per micrograph, below
+        :data:`LINEAR_START_Z`: each particle's defocus as
         input, e.g. after a per-particle CTF refinement), the box-periodic first pass is
         left out -- it would only bring the window-aware passes into the linear range they
         are in -- and the first window-aware pass ends the fit when its steps are below
@@ -533,7 +536,12 @@ class GroupFit:
         step = steps[-1]
         if kind == "warm":
             if st.dz_profile is not None and np.any(st.dz_profile[:, 1] > 0):
-                self.probe_z = defocus_probe_z(st.dz_profile)
+                mics = None
+                if self.micrographs is not None and self.rows is not None:
+                    order = np.argsort(self.rows, kind="stable")
+                    pos = order[np.searchsorted(self.rows[order], st.rows)]
+                    mics = np.asarray(self.micrographs)[pos]
+                self.probe_z = defocus_probe_z(st.dz_profile, mics)
                 self.history[-1]["defocus_probe_z"] = self.probe_z
             limit = max(s.warm_tol, s.tol)
             last, self.warm_step = self.warm_step, step
@@ -697,16 +705,25 @@ class GroupFit:
         )
 
 
-def defocus_probe_z(profile: np.ndarray) -> float:
-    """The rms of the particles' searched defocus changes in their own standard errors:
-    ``profile`` (N, 2) of (change (A), curvature of rr / 2 there (1/A^2)) from
-    :func:`cryomag.fit.defocus_profile.search`; particles without a result (curvature 0)
-    are left out (NaN when none has one)."""
+def defocus_probe_z(profile: np.ndarray, micrographs: np.ndarray | None = None) -> float:
+    """How far the input defocus is from the data's, in standard errors: the rms of the
+    particles' searched defocus changes in their own standard errors, and (``micrographs``
+    given, (N,)) the rms of each micrograph's precision-weighted mean change in its
+    standard error, whichever is larger -- a micrograph's error stays visible when its
+    particles are weak (each alone within its noise). ``profile`` (N, 2) of (change (A),
+    curvature of rr / 2 there (1/A^2)) from :func:`cryomag.fit.defocus_profile.search`;
+    particles without a result (curvature 0) are left out (NaN when none has one)."""
     dz, curv = np.asarray(profile, float).T
     use = curv > 0
     if not np.any(use):
         return float("nan")
-    return float(np.sqrt(np.mean(dz[use] ** 2 * curv[use])))
+    z = float(np.sqrt(np.mean(dz[use] ** 2 * curv[use])))
+    if micrographs is not None:
+        _, inv = np.unique(np.asarray(micrographs)[use], return_inverse=True)
+        w = np.bincount(inv, curv[use])
+        z_mic = np.bincount(inv, curv[use] * dz[use]) / np.sqrt(w)
+        z = max(z, float(np.sqrt(np.mean(z_mic**2))))
+    return z
 
 
 def warm_subsets(group_rows: dict[int, np.ndarray], size: int, seed: int = 20261126) -> dict:
