@@ -44,6 +44,7 @@ from cryomag.physics.reference import MapReference, slice_values
 
 from .aberrations import AberrationTerms
 from .defocus_profile import RingProfile, ring_sums, search
+from .projection import sandwich
 from .statistics import Band, ChunkStatistics
 
 __all__ = ["KernelOptions", "chunk_statistics", "geom_subset", "gradient_taper"]
@@ -1039,7 +1040,7 @@ class WindowedKernel(_Kernel):
             sel[4:, :4] = np.eye(4)
         jp[:] = g[:, 0, 1 : 1 + nc] @ sel
         jy[:] = g[:, 1 : 1 + nc, -1] @ sel
-        jj[:] = np.einsum("ia,nij,jb->nab", sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
+        jj[:] = sandwich(sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
 
     def _band_ctf(self, sub, pick, model_ctf):
         ctf, slope, _ = self.ctf_band.of(sub)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryomag.fit.projection import sandwich
 from cryomag.fit.statistics import GroupStatistics
 
 
@@ -78,7 +79,7 @@ def per_particle_system(
     pp = np.where(ok, stats.pp, 1.0)
     if stats.layout["mag_ctf"] is not None and ctf_moves:
         proj = np.vstack([np.eye(4), np.eye(4)])  # (8, 4)
-        hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg[:, :8, :8], proj)
+        hgg = sandwich(proj, stats.hgg[:, :8, :8], proj)
         hpg = stats.hpg[:, :8] @ proj
         bg = stats.bg[:, :8] @ proj
     else:

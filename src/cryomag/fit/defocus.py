@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cryomag.fit.projection import sandwich
 from cryomag.fit.statistics import GroupStatistics, column_layout
 
 __all__ = [
@@ -134,7 +135,7 @@ def joint_system(stats: GroupStatistics, ctf_moves: bool = False, n_aberration: 
         proj[lay["aberration"], 7:] = np.eye(k)
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)
-    hgg = np.einsum("ia,nij,jb->nab", proj, stats.hgg, proj)
+    hgg = sandwich(proj, stats.hgg, proj)
     hpg = stats.hpg @ proj
     b = stats.bg @ proj
     h = hgg - hpg[:, :, None] * hpg[:, None, :] / pp[:, None, None]
@@ -158,7 +159,7 @@ def _ctf_cross(stats: GroupStatistics) -> np.ndarray:
     right[4:8, :] = np.eye(4)
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)
-    h = np.einsum("ia,nij,jb->nab", left, stats.hgg, right)
+    h = sandwich(left, stats.hgg, right)
     h -= (stats.hpg @ left)[:, :, None] * (stats.hpg @ right)[:, None, :] / pp[:, None, None]
     h[~ok] = 0
     return h
@@ -302,7 +303,7 @@ def solve_joint(
     jmap[4:7, nmag_a + kg + km :] = bp_
     nmag_ = nmag  # M's columns; the group defocus parameters start at nmag_a
     nmag = nmag_a
-    hh = np.einsum("ia,nij,jb->nab", jmap, h, jmap)
+    hh = sandwich(jmap, h, jmap)
     bb = b @ jmap
     t_, m_, p_ = slice(0, nmag + kg), slice(nmag + kg, nmag + kg + km), slice(nmag + kg + km, dim)
     units, inv = np.unique(np.asarray(micrographs), return_inverse=True)
@@ -593,7 +594,7 @@ def unit_mag_fits(
     if unit == "micrograph" and bm_.shape[1]:
         jm[4:, d:nm] = bm_
     jm[4:, nm:] = bp_
-    hh = np.einsum("ia,nij,jb->nab", jm, h, jm)
+    hh = sandwich(jm, h, jm)
     bb = b @ jm
     units, inv = np.unique(np.asarray(labels), return_inverse=True)
     dev = np.zeros((n, kp)) if deviation is None else np.asarray(deviation, float).reshape(n, kp)
