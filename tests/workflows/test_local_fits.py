@@ -142,6 +142,14 @@ def test_refit_from_statistics_matches_and_writes_star(kappa_run, tmp_path):
     assert k_refit == pytest.approx(res.local[1]["defocus"]["kappa_percent_per_um"], rel=1e-6)
     ps = read_star(tmp_path / "refit" / "particles.star")
     assert "cmagMicrographMag" in ps.particles.columns
+    # with plots, a subset of the run's fits (its particle columns stay in the table)
+    r = CliRunner().invoke(
+        app, ["refit", str(run_dir), "--fit", "micrograph", "--out", str(tmp_path / "mic")]
+    )
+    assert r.exit_code == 0, r.output
+    plots = sorted(p.name for p in (tmp_path / "mic" / "plots").iterdir())
+    assert "micrograph_mag_group001.png" in plots, plots
+    assert not any(p.startswith("shrinkage") for p in plots), plots
     r = CliRunner().invoke(app, ["refit", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "nothing" in r.output
 

@@ -35,12 +35,15 @@ def plot_local(ps, summary: dict, folder: Path) -> list[Path]:
         if info is None:
             continue
         sel = gidx == g
-        if "cmagParticleMagRaw" in t.columns or "defocus" in info:
+        # what this fit made (a refit's table may still carry an earlier run's columns)
+        particle = "particle" in info and "cmagParticleMagRaw" in t.columns
+        micrograph = "micrograph" in info and "cmagMicrographMagRaw" in t.columns
+        if particle or "defocus" in info:
             fig, ax = plt.subplots(figsize=(6, 4))
-            if "cmagParticleMagRaw" in t.columns:
+            if particle:
                 raw = t["cmagParticleMagRaw"].to_numpy(float)[sel]
                 ax.plot(dz[sel], 100 * (raw - 1), ".", ms=2, alpha=0.3, label="particle (raw)")
-            if "cmagMicrographMagRaw" in t.columns:
+            if micrograph:
                 mic = t["cmagMicrographMagRaw"].to_numpy(float)[sel]
                 names = ps.micrographs()[sel]
                 _, first = np.unique(names, return_index=True)
@@ -76,7 +79,7 @@ def plot_local(ps, summary: dict, folder: Path) -> list[Path]:
                 f"Optics group {num}: per-micrograph magnification (real scatter {100 * sc:.3f} %)"
             )
             paths.append(_save(fig, folder / f"micrograph_mag_group{int(num):03d}.png"))
-        if "cmagParticleMagRaw" in t.columns:
+        if particle:
             raw = t["cmagParticleMagRaw"].to_numpy(float)[sel]
             shr = t["cmagParticleMag"].to_numpy(float)[sel]
             fig, ax = plt.subplots(figsize=(5, 4))
