@@ -302,7 +302,7 @@ class GroupFit:
     warm : bool
         Start with passes over the warm-start subset.
     rows : ndarray, shape (n,), optional
-        The group's particle rows (needed when the defocus is refined).
+        The group's particle rows, sorted (needed when the defocus is refined).
     micrographs : ndarray, shape (n,), optional
         Each particle's micrograph (the defocus levels).
     defocus : ndarray, shape (n, 3), optional
@@ -538,9 +538,7 @@ class GroupFit:
             if st.dz_profile is not None and np.any(st.dz_profile[:, 1] > 0):
                 mics = None
                 if self.micrographs is not None and self.rows is not None:
-                    order = np.argsort(self.rows, kind="stable")
-                    pos = order[np.searchsorted(self.rows[order], st.rows)]
-                    mics = np.asarray(self.micrographs)[pos]
+                    mics = np.asarray(self.micrographs)[np.searchsorted(self.rows, st.rows)]
                 self.probe_z = defocus_probe_z(st.dz_profile, mics)
                 self.history[-1]["defocus_probe_z"] = self.probe_z
             limit = max(s.warm_tol, s.tol)
