@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics, geom_subset
-from cryomag.fit.relinearise import relinearised_fit
+from cryomag.fit.relinearise import reduced_system_at, relinearised_fit, subset_check
 from cryomag.fit.statistics import Band, GroupStatistics, column_layout
 from cryomag.physics.forward import OpticsParams, ParticleGeometry, predict
 from cryomag.physics.fourier import rfft_freqs
@@ -562,3 +562,44 @@ def test_adaptive_window_needs_the_upsampled_slice(setup):
     with pytest.raises(ValueError, match="upsample_slices"):
         chunk_statistics(ref, spectra, geom, optics, band, power, np.arange(len(geom)),
                          KernelOptions(window_pad=2, padded_box=72))  # fmt: skip
+
+
+@pytest.mark.parametrize("window_pad", [1, 2])
+def test_subset_check_estimates_the_next_full_pass_step(setup, window_pad):
+    """The check pass (issue 14): a pass at the re-linearised M over the particles with
+    curvature sums, compared with their second-order prediction, gives the step a real full
+    pass there would take -- exactly when the subset is every particle (stride 1), within
+    its sampling error from every second particle."""
+    ref, optics, band, geom, spectra, power = setup
+    rows = np.arange(len(geom))
+    start = np.asarray(geom.mag, float)
+
+    def stats(m, stride, pick=rows):
+        opts = KernelOptions(second_order=stride, window_pad=window_pad,
+                             upsample_slices=window_pad > 1)  # fmt: skip
+        g = geom_subset(_at(geom, m), pick)
+        return GroupStatistics.reduce(
+            [chunk_statistics(ref, spectra[pick], g, optics, band, power, pick, opts)]
+        )
+
+    for stride in (1, 2):
+        st0 = stats(start, stride)
+        rel = relinearised_fit(st0, tol=1e-9)
+        m1 = start + rel.delta
+        h, b = reduced_system_at(stats(m1, stride), np.zeros((2, 2)))
+        real = np.linalg.pinv(h, rcond=1e-12) @ b  # the full pass's step at m1
+        sub = rows[rows % stride == 0]
+        chk = subset_check(st0, stats(m1, stride, sub), rel.delta, stride)
+        assert chk.n_used == len(sub)
+        if stride == 1:
+            np.testing.assert_allclose(chk.step, real, rtol=1e-8, atol=1e-14)
+            assert np.all(chk.step_error == 0)
+        else:
+            # six particles stand for twelve, in the remainder and in the curvature sums:
+            # within the sampling error the check reports
+            err = np.abs(chk.step - real)
+            assert np.all(err <= 3 * chk.step_error), (chk.step, real, chk.step_error)
+    with pytest.raises(ValueError, match="row % 2"):
+        subset_check(st0, stats(m1, 2, rows[:3]), rel.delta, 2)
+    with pytest.raises(ValueError, match="not all in the full pass"):
+        subset_check(stats(start, 2, rows[:4]), stats(m1, 2, rows[4:8:2]), rel.delta, 2)

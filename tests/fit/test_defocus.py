@@ -20,6 +20,7 @@ import cryomag
 from cryomag.cli.main import app
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.defocus import DefocusLevels, solve_joint, unit_mag_fits
+from cryomag.fit.gauss_newton import check_subsets
 from cryomag.fit.statistics import Band, GroupStatistics
 from cryomag.io import read_cs, read_star
 from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
@@ -582,3 +583,47 @@ def test_defocus_search_lands_where_gauss_newton_converges(heights):
                     ("cmagParticleMagRaw", "cmagParticleMagError"),
                     ("cmagDefocusChange", "cmagDefocusError")):  # fmt: skip
         assert np.max(np.abs(a.column(col) - b.column(col)) / b.column(se)) < 0.05, col
+
+
+def test_check_subset_replaces_the_second_full_pass(heights):
+    """Issue 14: with micrograph-level defocus the re-linearised M of the first full pass
+    is not trusted by its remainder estimate; a pass over a subset at that M measures the
+    remainder (cryomag.fit.relinearise.subset_check). When the step it estimates, with
+    twice its sampling error, is below tol the fit ends there, one full pass earlier, within
+    0.1 standard errors of Gauss-Newton iterated to 1e-8 (measured 0.058: the converged
+    fit's later passes are weighted by the window-aware residuals, the check's by the
+    warm start's); when not, a full pass follows and the fit ends as without the check."""
+    data = (heights / "particles.star", heights / "ref.mrc", None)
+    opts = {**FAST, "warm_start": 100}
+    ref = cryomag.estimate(*data, tol=1e-8, check_subset=0, **opts).groups[0]
+    runs = {}
+    for name, kw in {
+        "accepted": {"tol": 2e-5, "curvature_every": 1, "check_subset": 200},
+        "without": {"tol": 2e-5, "curvature_every": 1, "check_subset": 0},
+        "refused": {"check_subset": 100},  # tol 1e-5, curvature on every 4th particle
+    }.items():
+        runs[name] = cryomag.estimate(*data, **kw, **opts)
+    acc = runs["accepted"].groups[0]
+    kinds = acc.step_kinds()
+    assert kinds[-1] == "check" and acc.converged and runs["accepted"].verdict == "ok", kinds
+    assert acc.history[-1]["check_bound"] < 2e-5
+    assert kinds.count("full") == runs["without"].groups[0].step_kinds().count("full") - 1
+    assert np.all(np.abs(acc.mag - ref.mag) < 0.1 * ref.mag_error), (acc.mag - ref.mag)
+    np.testing.assert_allclose(acc.mag_error, ref.mag_error, rtol=0.01)
+    from cryomag.workflows.outputs import results_dict
+
+    assert results_dict(runs["accepted"])["groups"][0]["passes"]["check"] == 1
+    ref_kinds = runs["refused"].groups[0].step_kinds()
+    i = ref_kinds.index("check")
+    assert ref_kinds[i + 1] == "full" and runs["refused"].groups[0].converged, ref_kinds
+    assert np.all(np.abs(runs["refused"].groups[0].mag - ref.mag) < 0.02 * ref.mag_error)
+
+
+def test_check_subsets():
+    rows = {1: np.arange(10, 1010), 2: np.arange(1010, 1100)}
+    sub = check_subsets(rows, 100, 4)
+    assert list(sub) == [1]  # group 2 has fewer than twice 100 particles
+    assert len(sub[1]) == 100 and np.all(sub[1] % 4 == 0) and np.all(np.diff(sub[1]) > 0)
+    assert sub[1][0] == 12 and sub[1][-1] == 1008  # spread over the whole group
+    assert check_subsets(rows, 0, 4) == {}
+    assert check_subsets({1: np.arange(300)}, 100, 4) == {}  # 75 rows with curvature sums

@@ -170,3 +170,109 @@ def relinearised_fit(
         path=path,
         normal_matrix=h,
     )
+
+
+@dataclass
+class SubsetCheck:
+    """A re-linearised fit checked by a real pass over a subset of its particles
+    (:func:`subset_check`).
+
+    Attributes
+    ----------
+    step : ndarray, shape (4,)
+        The Gauss-Newton step from the re-linearised M that a pass over every particle
+        would take, estimated from the subset (M = M0 + delta + step).
+    step_error : ndarray, shape (4,)
+        Its sampling standard error (the subset stands for every particle).
+    n_used : int
+        Subset particles with signal in both passes.
+    """
+
+    step: np.ndarray
+    step_error: np.ndarray
+    n_used: int
+
+
+def subset_check(
+    full: GroupStatistics,
+    check: GroupStatistics,
+    delta: np.ndarray,
+    stride: int,
+    joint_scale: bool = True,
+) -> SubsetCheck:
+    """The step a full pass at the re-linearised M would take, from a pass over a subset.
+
+    ``full``: a full pass's second-order statistics at M0 (curvature sums on the particles
+    of row ``% stride == 0``, multiplied by ``stride``); ``delta`` (2, 2): the re-linearised
+    fit's increment from M0; ``check``: a pass at M0 + delta with the same noise weights
+    over a subset of the particles whose curvature sums ``full`` holds (first-order sums
+    needed; its second-order ones are not used).
+
+    Each subset particle's real system at M0 + delta (from ``check``) differs from the one
+    its own second-order statistics predict there (from ``full``) by the model's remainder:
+    the third-order terms and, with a window, the box-periodic second derivatives. The
+    difference is deterministic and smooth (the same particle and data on both sides: its
+    noise cancels), so the subset's sum scaled to every particle estimates the remainder of
+    the whole group; added to the predicted system of every particle it gives the real
+    full pass's step. With every particle in the subset and ``stride`` 1 the result is that
+    pass's step exactly.
+    """
+    d = np.asarray(delta, float).reshape(4)
+    stride = max(int(stride), 1)
+    idx = np.searchsorted(full.rows, check.rows)
+    if np.any(idx >= len(full.rows)) or np.any(full.rows[np.minimum(idx, len(full.rows) - 1)]
+                                               != check.rows):  # fmt: skip
+        raise ValueError("the check pass's particles are not all in the full pass")
+    if np.any(check.rows % stride):
+        raise ValueError(f"the check pass's particles must have row % {stride} == 0")
+    h_all, b_all = reduced_system_at(full, d, joint_scale)
+    # every particle with curvature sums, each with its own (not the sample's weight)
+    sampled = np.flatnonzero(full.rows % stride == 0)
+    own = _subset(full, sampled, 1.0 / stride)
+    h_own, b_own = _terms(own, d, joint_scale)
+    _, b_lin = _terms(_subset(full, sampled, 0.0), d, joint_scale)
+    at = np.searchsorted(full.rows[sampled], check.rows)
+    h_real, b_real = _terms(check, np.zeros(4), joint_scale)
+    ok = (own.pp[at] > 0) & (check.pp > 0)
+    n_used = int(ok.sum())
+    if n_used == 0:
+        nan = np.full(4, np.nan)
+        return SubsetCheck(nan, nan, 0)
+    n_all = int((full.pp > 0).sum())
+    rho = n_all / n_used
+    db = b_real[ok] - b_own[at][ok]
+    dh = h_real[ok] - h_own[at][ok]
+    h = h_all + rho * dh.sum(axis=0)
+    hinv = np.linalg.pinv(h, rcond=1e-12)
+    step = hinv @ (b_all + rho * db.sum(axis=0))
+    # sampling errors (finite populations: none when the sample is every particle): the
+    # subset's remainder scaled to every particle, and the curvature sums' own sample (every
+    # stride-th particle stands for all in the prediction b_all)
+    cov = rho * rho * n_used * (1.0 - n_used / n_all) * _cov(db)
+    curv = (b_own - b_lin)[own.pp > 0]
+    n_curv = len(curv)
+    if n_curv and n_curv < n_all:
+        cov = cov + n_all * n_all * (1.0 - n_curv / n_all) / n_curv * _cov(curv)
+    step_error = np.sqrt(np.clip(np.diag(hinv @ cov @ hinv.T), 0, None))
+    return SubsetCheck(step, step_error, n_used)
+
+
+#: The per-particle fields of :class:`GroupStatistics` (the rest are sums over the group).
+_PER_PARTICLE = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "jp", "jy", "jj", "kyy",
+                 "kp", "jk", "dz_profile")  # fmt: skip
+
+
+def _subset(st: GroupStatistics, idx: np.ndarray, curvature: float) -> GroupStatistics:
+    """The statistics of the particles ``idx`` with their curvature sums times
+    ``curvature``."""
+    arrays = st.as_arrays()
+    arrays.update({f: arrays[f][idx] for f in _PER_PARTICLE})
+    for f in ("kyy", "kp", "jk"):
+        arrays[f] = arrays[f] * curvature
+    arrays["rows"] = st.rows[idx]
+    return type(st)(**arrays)
+
+
+def _cov(x: np.ndarray) -> np.ndarray:
+    """Sample covariance of the rows of ``x`` (n, 4); zeros for fewer than two rows."""
+    return np.cov(x, rowvar=False) if len(x) > 1 else np.zeros((x.shape[1],) * 2)

@@ -46,11 +46,12 @@ def results_dict(res: EstimateResult) -> dict:
                 "cryosparc_anisomag": np.asarray(relion_to_cryosparc(gr.mag)).tolist(),
                 "polar": p.as_dict(),
                 "iterations": gr.iterations,
-                # passes over the images (subset and all particles) and Gauss-Newton steps
-                # re-linearised from the stored second-order statistics
+                # passes over the images (warm subset, all particles, check subset) and
+                # Gauss-Newton steps re-linearised from the stored second-order statistics
                 "passes": {
                     "subset": kinds.count("subset"),
                     "full": kinds.count("full"),
+                    "check": kinds.count("check"),
                     "relinearised_steps": kinds.count("relinearised"),
                 },
                 "band_A": [float(gr.band_A[0]), float(gr.band_A[1])],
