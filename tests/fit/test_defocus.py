@@ -627,3 +627,13 @@ def test_check_subsets():
     assert sub[1][0] == 12 and sub[1][-1] == 1008  # spread over the whole group
     assert check_subsets(rows, 0, 4) == {}
     assert check_subsets({1: np.arange(300)}, 100, 4) == {}  # 75 rows with curvature sums
+
+
+def test_refused_check_after_the_last_full_pass_is_not_converged(heights):
+    """A check that cannot confirm the re-linearised M after the last full pass max_iter
+    allows ends the fit not converged (a failed verdict), never with the unchecked M."""
+    res = cryomag.estimate(heights / "particles.star", heights / "ref.mrc", None,
+                           **{**FAST, "warm_start": 100}, check_subset=100, max_iter=1)
+    g = res.groups[0]
+    assert g.step_kinds()[-1] == "check" and g.history[-1]["check_bound"] > 1e-5
+    assert not g.converged and res.verdict == "failed"
