@@ -105,6 +105,54 @@ def run_chunk(chunk: Any, payload: Blob, *parts: Blob) -> Any:
 
 
 # ------------------------------------------------------------------ worker processes
+#: True while :meth:`DaskExecutor.local` forks its workers (read in the child: see
+#: :func:`_after_fork_in_child`).
+_FORKING_WORKERS = False
+_AT_FORK_REGISTERED = False
+
+
+def _after_fork_in_child() -> None:
+    """In a worker forked by :meth:`DaskExecutor.local`: the signal handlers a spawned
+    worker starts with. The command line turns SIGTERM into an interruption of its main
+    thread (:func:`cryomag.cli.main.sigterm_as_interrupt`); a worker inheriting that
+    handler would not end when its nanny terminates it."""
+    if not _FORKING_WORKERS:
+        return
+    import signal
+
+    with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to undo
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # the start blocks them in the driver (start_in_background); a worker takes them
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_SIGNALS)
+
+
+def _start_signals() -> set:
+    import signal
+
+    return {signal.SIGINT, signal.SIGTERM}
+
+
+#: Signals held back while the forked workers start (see :meth:`DaskExecutor.start_in_background`).
+_START_SIGNALS = _start_signals()
+
+
+@contextlib.contextmanager
+def _forking_workers():
+    """Within the block, processes forked from this one are cluster workers."""
+    global _FORKING_WORKERS, _AT_FORK_REGISTERED
+    import os
+
+    if not _AT_FORK_REGISTERED:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _AT_FORK_REGISTERED = True
+    _FORKING_WORKERS = True
+    try:
+        yield
+    finally:
+        _FORKING_WORKERS = False
+
+
 def _child_pids() -> set[int]:
     """Pids of this process's descendants."""
     try:
@@ -244,11 +292,13 @@ class DaskExecutor(Executor):
             from distributed import Client, LocalCluster
 
             before = _child_pids()
-            how = (
-                dask.config.set({"distributed.worker.multiprocessing-method": method})
-                if method
-                else contextlib.nullcontext()
-            )
+            how = contextlib.ExitStack()
+            if method:
+                how.enter_context(
+                    dask.config.set({"distributed.worker.multiprocessing-method": method})
+                )
+                if method == "fork":
+                    how.enter_context(_forking_workers())
             with warnings.catch_warnings(), how:
                 # no dashboard; its HTTP server moves off a busy port 8787 with a warning
                 warnings.filterwarnings("ignore", message=".*[Pp]ort .* is already in use.*")
@@ -369,11 +419,21 @@ class DaskExecutor(Executor):
                 return
             if self.fork_start:
                 self.fork_start = False  # only this first, early start forks
+                # Ctrl-C / SIGTERM wait the ~0.1 s until the cluster is whole (and close()
+                # can stop it): an interruption inside its construction would leave it
+                # half-started, out of reach
+                import signal
+
+                main = threading.current_thread() is threading.main_thread()
+                old = signal.pthread_sigmask(signal.SIG_BLOCK, _START_SIGNALS) if main else None
                 try:
                     self._client, self._cluster = self._start("fork")
                     return
                 except Exception as exc:
                     log.warning("forked local workers did not start (%s): spawning them", exc)
+                finally:
+                    if old is not None:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, old)
             # import here, in the caller's thread: two threads importing distributed at once
             # can meet a partially initialised module
             import distributed  # noqa: F401
