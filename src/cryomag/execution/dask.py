@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
 import threading
 import warnings
@@ -118,8 +120,6 @@ def _after_fork_in_child() -> None:
     handler would not end when its nanny terminates it."""
     if not _FORKING_WORKERS:
         return
-    import signal
-
     with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to undo
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -127,22 +127,14 @@ def _after_fork_in_child() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_SIGNALS)
 
 
-def _start_signals() -> set:
-    import signal
-
-    return {signal.SIGINT, signal.SIGTERM}
-
-
 #: Signals held back while the forked workers start (see :meth:`DaskExecutor.start_in_background`).
-_START_SIGNALS = _start_signals()
+_START_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @contextlib.contextmanager
 def _forking_workers():
     """Within the block, processes forked from this one are cluster workers."""
     global _FORKING_WORKERS, _AT_FORK_REGISTERED
-    import os
-
     if not _AT_FORK_REGISTERED:
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _AT_FORK_REGISTERED = True
@@ -422,8 +414,6 @@ class DaskExecutor(Executor):
                 # Ctrl-C / SIGTERM wait the ~0.1 s until the cluster is whole (and close()
                 # can stop it): an interruption inside its construction would leave it
                 # half-started, out of reach
-                import signal
-
                 main = threading.current_thread() is threading.main_thread()
                 old = signal.pthread_sigmask(signal.SIG_BLOCK, _START_SIGNALS) if main else None
                 try:
