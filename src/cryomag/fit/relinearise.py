@@ -257,20 +257,13 @@ def subset_check(
     return SubsetCheck(step, step_error, n_used)
 
 
-#: The per-particle fields of :class:`GroupStatistics` (the rest are sums over the group).
-_PER_PARTICLE = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "jp", "jy", "jj", "kyy",
-                 "kp", "jk", "dz_profile")  # fmt: skip
-
-
 def _subset(st: GroupStatistics, idx: np.ndarray, curvature: float) -> GroupStatistics:
     """The statistics of the particles ``idx`` with their curvature sums times
     ``curvature``."""
-    arrays = st.as_arrays()
-    arrays.update({f: arrays[f][idx] for f in _PER_PARTICLE})
+    sub = st.take(idx)
     for f in ("kyy", "kp", "jk"):
-        arrays[f] = arrays[f] * curvature
-    arrays["rows"] = st.rows[idx]
-    return type(st)(**arrays)
+        setattr(sub, f, getattr(sub, f) * curvature)
+    return sub
 
 
 def _cov(x: np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -227,6 +227,15 @@ class _StatisticsArrays:
         """All fields as a dict of arrays (the storage format, :mod:`cryomag.io.stats`)."""
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
+    def take(self, order: np.ndarray) -> Self:
+        """The same statistics with the particles ``order`` (indices into these statistics'
+        particles: a new order or a subset; the summed fields unchanged), of the same type."""
+        per = PARTICLE_FIELDS + (SECOND_ORDER_FIELDS if len(self.jk) == len(self.rows) else ())
+        out = self.as_arrays()
+        out.update({f: out[f][order] for f in per})
+        out["rows"] = self.rows[order]
+        return type(self)(**out)
+
 
 @dataclass
 class ChunkStatistics(_StatisticsArrays):
@@ -245,15 +254,6 @@ class ChunkStatistics(_StatisticsArrays):
     def concatenate(cls, parts: list[ChunkStatistics], rows: np.ndarray) -> ChunkStatistics:
         """The statistics of consecutive sub-chunks as one chunk."""
         return cls.from_blocks([p.__dict__ for p in parts], rows)
-
-    def take(self, order: np.ndarray) -> ChunkStatistics:
-        """The same statistics with the particles in the order ``order`` (indices into
-        this chunk's particles; the summed fields unchanged)."""
-        per = PARTICLE_FIELDS + (SECOND_ORDER_FIELDS if len(self.jk) == len(self.rows) else ())
-        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        out.update({f: out[f][order] for f in per})
-        out["rows"] = self.rows[order]
-        return type(self)(**out)
 
 
 @dataclass

@@ -406,6 +406,17 @@ def load_references(
     return refs, res
 
 
+def _subset_chunks(subsets: dict, n: int, size: int, chunk_size: int) -> list:
+    """The chunks of each group's subset (``subsets``: group number -> rows of ``n``
+    particles, e.g. :func:`warm_subsets`), two per subset of ``size``: both workers of a
+    small cluster busy, one 3D transform each."""
+    labels = np.full(n, -1)
+    for g, sub in subsets.items():
+        labels[sub] = g
+    per_chunk = max(1, min(chunk_size, -(-size // 2)))
+    return [c for c in make_chunks(labels, per_chunk) if c.group >= 0]
+
+
 def run_estimate(
     particles: ParticleSet,
     refs: dict[int, MapReference],
@@ -454,22 +465,13 @@ def run_estimate(
     warm = warm_subsets(rows, opts.warm_start) if settings.fit_aniso else {}
     mics_all = ps.micrographs()
     dz_in = ps.defocus_uva()
-    warm_labels = np.full(len(ps), -1)
-    for g, sub in warm.items():
-        warm_labels[sub] = g
-    # two chunks per subset: both workers of a small cluster busy, one 3D transform each
-    warm_size = max(1, min(opts.chunk_size, -(-opts.warm_start // 2)))
-    warm_chunks = [c for c in make_chunks(warm_labels, warm_size) if c.group >= 0]
+    warm_chunks = _subset_chunks(warm, len(ps), opts.warm_start, opts.chunk_size)
     check = (
         check_subsets(rows, settings.check_subset, settings.curvature_every)
         if settings.fit_aniso and settings.relinearise and not settings.joint
         else {}
     )
-    check_labels = np.full(len(ps), -1)
-    for g, sub in check.items():
-        check_labels[sub] = g
-    check_size = max(1, min(opts.chunk_size, -(-settings.check_subset // 2)))
-    check_chunks = [c for c in make_chunks(check_labels, check_size) if c.group >= 0]
+    check_chunks = _subset_chunks(check, len(ps), settings.check_subset, opts.chunk_size)
     chunks, fits = {}, {}
     for g in groups:
         chunks[g] = {
