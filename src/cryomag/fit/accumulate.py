@@ -433,6 +433,39 @@ class _Kernel:
             "gg": {(a, c): g[a] * g[c] for a, c in _AC},
             "hm": {ac: self.ctf_band.hcs[i].astype(_F32) for i, ac in enumerate(_AC)},
         }
+        # w g_i g_j on the band (pairs _CHI_PAIRS), g the phase derivatives of the joint
+        # fit's parameters, repeated for the float view (_chi_curvature)
+        self._chi_w = None
+        if self.defocus:
+            gcs, dq = self.ctf_band.gcs, self.ctf_band.dq
+            k = (kx, ky)
+            g = [gcs[a] * k[b] for a in range(2) for b in range(2)]
+            g += [np.pi * self.lam * dq[i] for i in range(3)]
+            self._chi_w = np.repeat(
+                np.stack([w * g[i] * g[j] for i, j in _CHI_PAIRS], 1), 2, axis=0
+            ).astype(_F32)
+
+    def _chi_curvature(self, p: np.ndarray, r: np.ndarray, factor: np.ndarray) -> np.ndarray:
+        """The residual's term of the second derivative of rr / 2 through the CTF's phase,
+        which Gauss-Newton leaves out, in the joint fit's parameters (M00, M01, M10, M11,
+        a00, a01, a11), shape (b, 7, 7).
+
+        The parameters move the phase by g_i = d chi / d theta_i (M through the Cs term,
+        g = (d chi_Cs / du_a) k_b; the defocus matrix through chi_defocus, g = pi lambda dq_i),
+        and d2 CTF / d chi2 = -CTF, so d2P / d theta_i d theta_j contains -g_i g_j P, whose
+        term -s sum w Re(conj(d2P) r) is ``factor`` sum w g_i g_j Re(conj(p) r), with ``p``
+        the prediction on the band (b, npix) whose scale times ``factor`` (b,) is s P, and
+        ``r`` the residual. Left out: the terms through the reference's second derivatives
+        and through dCTF/dchi times the reference's gradient. Zeros without defocus columns.
+        """
+        out = np.zeros((len(p), 7, 7))
+        if self._chi_w is None:
+            return out
+        c = ((_F32view(p) * _F32view(r)) @ self._chi_w).astype(float)
+        c *= np.asarray(factor, float)[:, None]
+        for k, (i, j) in enumerate(_CHI_PAIRS):
+            out[:, i, j] = out[:, j, i] = c[:, k]
+        return out
 
     def slices(self, geom):
         """3D evaluation of the chunk on the disc of the (padded) grid; with
@@ -844,6 +877,7 @@ class PeriodicKernel(_Kernel):
             "pix_a": pix_a,
             "pix_b": pix_b,
         }
+        out["chi_curv"] = self._chi_curvature(pt, r, sa)
         out["_pt"] = pt  # unit-amplitude model without phase, for the second-order sums
         out["_yt"] = yt
         out["_hg"] = hcols[:2] if hdef is None else [hcols[a] + hdef[a] for a in range(2)]
@@ -1021,6 +1055,7 @@ class WindowedKernel(_Kernel):
             ),
             "pix_b": np.stack([_pairsum((f(h[a]) * f(r)).sum(0)) for a in range(2)]),
         }
+        out["chi_curv"] = self._chi_curvature(z[:, 0], r, s)
         out["_g"] = g
         out["_z"] = z
         # the columns of M (k-expanded): the reference's, and the extended ones
@@ -1072,6 +1107,9 @@ class WindowedKernel(_Kernel):
 
 
 _AC = ((0, 0), (0, 1), (1, 1))
+
+#: The unique pairs (i, j) of the joint fit's 7 parameters (M's 4 elements, a00, a01, a11).
+_CHI_PAIRS = tuple((i, j) for i in range(7) for j in range(i, 7))
 
 #: Index of the quadratic monomial k_e k_b among (kx^2, kx ky, ky^2), by (e, b). The
 #: columns through the CTF's defocus term are (dCTF/dchi) V times a quadratic form of k, with

@@ -35,6 +35,11 @@ term (7 or 11 columns in all; :func:`column_layout`). A box-periodic pass that s
 particle's defocus (:mod:`cryomag.fit.defocus_profile`) also has
     dz_profile  the best isotropic defocus change (A) and the curvature of rr / 2 there,
                 shape (N, 2); zeros in every other pass.
+A pass with defocus columns also has the residual's part of the second derivative of rr / 2
+through the CTF's phase (a term Gauss-Newton leaves out; :func:`cryomag.fit.defocus.solve_joint`):
+    chi_curv    s sum w g_i g_j Re(conj(P) r), g_i = d chi / d theta_i for the joint fit's
+                parameters theta = (M00, M01, M10, M11, a00, a01, a11) (M through the Cs
+                term), shape (N, 7, 7); zeros without defocus columns.
 
 Second order (full passes of the group fit; size 0 in the second axis otherwise), unit
 scale, for the group model's J_i = dP/dM_i and K_ij = d2P/dM_i dM_j:
@@ -62,7 +67,9 @@ import numpy as np
 
 from cryomag.physics.fourier import rfft_freqs
 
-PARTICLE_FIELDS = ("npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "dz_profile")
+PARTICLE_FIELDS = (
+    "npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "dz_profile", "chi_curv"
+)  # fmt: skip
 #: Second-order statistics of the group model (cryomag.fit.relinearise); shape (N, 0, ...)
 #: when a pass did not compute them.
 SECOND_ORDER_FIELDS = ("jp", "jy", "jj", "kyy", "kp", "jk")
@@ -207,6 +214,9 @@ class _StatisticsArrays:
     #: each particle's best isotropic defocus change from the pass's state (A) and the
     #: curvature of rr / 2 there; zeros where not searched.
     dz_profile: np.ndarray | None = None
+    #: (N, 7, 7) the residual's term of the second derivative through the CTF's phase
+    #: (module docstring); zeros without defocus columns.
+    chi_curv: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -217,6 +227,8 @@ class _StatisticsArrays:
             self.pix_aberr = np.zeros(0)
         if self.dz_profile is None:
             self.dz_profile = np.zeros((n, 2))
+        if self.chi_curv is None:
+            self.chi_curv = np.zeros((n, 7, 7))
 
     @property
     def layout(self) -> dict[str, slice | None]:

@@ -178,6 +178,14 @@ class EstimateOptions:
         :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.check_subset`). Measured on
         5,000 particles of box 128 with micrograph-level defocus: 0.035 standard errors
         from the two-pass result, the fit 1.6x faster (bench/RESULTS.md, issue 14).
+    newton_defocus : bool
+        With the defocus fitted per group or micrograph (none per particle), the joint
+        steps add the Hessian's terms through the CTF's phase (the particles' heights,
+        residuals of such a model, made Gauss-Newton's steps ~0.56 times too short); same
+        fixed point and standard errors, fewer passes (default True; False: Gauss-Newton;
+        :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.newton_defocus`). Measured on
+        5,000 particles of box 128 with micrograph-level defocus and heights, the defocus
+        per micrograph: 8 -> 3 full passes (bench/RESULTS.md, issue 14).
     upsample_slices : bool
         The window-aware model (``window_pad`` > 1) evaluates the reference on the
         particle's own grid and upsamples the slice to the padded grid by zero-padding its
@@ -257,6 +265,7 @@ class EstimateOptions:
     defocus_search: bool = True
     linear_start_probe: bool = True
     check_subset: int = 500
+    newton_defocus: bool = True
     upsample_slices: bool = True
     adaptive_window: bool = True
     exact_gradient: bool | None = None
@@ -323,6 +332,7 @@ class EstimateOptions:
             defocus_search=self.defocus_search,
             linear_start_probe=self.linear_start_probe,
             check_subset=self.check_subset,
+            newton_defocus=self.newton_defocus,
         )
 
 
