@@ -17,7 +17,9 @@ simulation is cached in ``--cache``) it prints, in one run:
   group fit on the same data: by default (``--local-ctf micrograph``) a second data set
   with real-like CTF input (the same particles' parameters, but one defocus per micrograph
   written with a 50 A estimation error, the particles at heights spread 200 A), on which
-  both run; ``--local-ctf exact`` runs them on the main data set (each particle's exact
+  both run, and the group fit with the defocus refined per micrograph (``--defocus
+  micrograph``, what the held fit's warning there asks for); ``--local-ctf exact`` runs
+  them on the main data set (each particle's exact
   defocus); and (``--pads``) other window paddings;
 
 each a median of ``--repeat`` runs, and the ratios cryomag / floor, RELION / floor and
@@ -85,10 +87,12 @@ def _peak_mb() -> float:
     return float("nan")
 
 
-def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float) -> dict:
+def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
+              options: dict | None = None) -> dict:  # fmt: skip
     """One ``cryomag estimate`` in this (fresh) process, as the CLI runs it by default.
 
-    ``t_exec``: the parent's clock when it started this process (imports are counted).
+    ``t_exec``: the parent's clock when it started this process (imports are counted);
+    ``options``: more keyword arguments of ``cryomag.estimate`` (e.g. the defocus level).
     """
     t_imp = time.time()
     import cryomag
@@ -101,7 +105,8 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float) -> di
     ex = make_executor(ExecutorConfig(j=0), WORKER_PRELOAD)
     try:
         res = cryomag.estimate(folder / "particles.star", folder / "ref.mrc", fit=tuple(fit),
-                               window_pad=window_pad, progress=False, executor=ex)  # fmt: skip
+                               window_pad=window_pad, progress=False, executor=ex,
+                               **(options or {}))  # fmt: skip
         t1 = time.time()
         workers = ex.client.run(_peak_mb) if hasattr(ex, "client") else {}
     finally:
@@ -117,6 +122,7 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float) -> di
         "statistics_s": res.timings["statistics_s"],
         "particle_passes": res.timings["particle_passes"],
         "passes": [h["particles"] for h in g.history if not h.get("relinearised")],
+        "verdict": res.verdict,
         "mag": g.mag.tolist(),
         "err_over_se": float(np.max(np.abs(err) / g.mag_error)),
         "max_abs_error": float(np.abs(err).max()),
@@ -188,20 +194,24 @@ def main() -> int:
     folder = dataset(a.cache, a.n)
     truth = np.asarray(load_truth(folder)["M_group"][0])
     runs: dict[str, list[dict]] = {"floor": []}
-    cases = [(f"cryomag pad {'auto' if p == 0 else p}", GROUP_FIT, p, None, folder)
+    cases = [(f"cryomag pad {'auto' if p == 0 else p}", GROUP_FIT, p, None, folder, None)
              for p in (int(x) for x in a.pads.split(","))]  # fmt: skip
     if a.baseline_src:
-        cases.append(("cryomag baseline", GROUP_FIT, 0, a.baseline_src, folder))
+        cases.append(("cryomag baseline", GROUP_FIT, 0, a.baseline_src, folder, None))
     local_group = cases[0][0]  # the group fit the local models are compared with
     if a.local:
         lf = folder
         if a.local_ctf == "micrograph":
             lf = dataset(a.cache, a.n, ctf="micrograph")
             local_group = "cryomag group fit, real-like CTF"
-            cases.append((local_group, GROUP_FIT, 0, None, lf))
-        cases.append(("cryomag local models", LOCAL_FIT, 0, None, lf))
+            cases.append((local_group, GROUP_FIT, 0, None, lf, None))
+            # the group fit with the defocus refined per micrograph (what its warning asks for)
+            cases.append(("cryomag group fit + micrograph defocus, real-like CTF", GROUP_FIT, 0,
+                          None, lf, {"defocus": "micrograph"}))  # fmt: skip
+        cases.append(("cryomag local models", LOCAL_FIT, 0, None, lf, None))
         if a.baseline_src:
-            cases.append(("cryomag baseline local models", LOCAL_FIT, 0, a.baseline_src, lf))
+            cases.append(("cryomag baseline local models", LOCAL_FIT, 0, a.baseline_src, lf,
+                          None))  # fmt: skip
     for name, *_ in cases:
         runs[name] = []
     if a.relion_bin:
@@ -209,9 +219,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cryomag-speed-"))
     for _ in range(a.repeat):  # interleaved: the machine's load affects every tool alike
         runs["floor"].append(one("floor", folder=str(folder)))
-        for name, fit, pad, src, data in cases:
+        for name, fit, pad, src, data, options in cases:
+            kw = {"options": options} if options else {}
             runs[name].append(one("cryomag", src, folder=str(data), fit=list(fit),
-                                  window_pad=pad))  # fmt: skip
+                                  window_pad=pad, **kw))  # fmt: skip
         if a.relion_bin:
             runs["relion"].append(one("relion", relion_bin=str(a.relion_bin),
                                       folder=str(folder), out=str(work / "relion")))  # fmt: skip
@@ -233,7 +244,7 @@ def main() -> int:
               f"{parts['statistics_s']:.1f} s); passes {last['passes']}; peak RSS driver "
               f"{last['driver_peak_mb']:.0f} MB, worker {last['worker_peak_mb']:.0f} MB; "
               f"max |M - truth| {last['max_abs_error']:.1e} = {last['err_over_se']:.2f} SE "
-              f"(SE {last['max_se']:.1e})")  # fmt: skip
+              f"(SE {last['max_se']:.1e}); verdict {last.get('verdict', '?')}")  # fmt: skip
         summary[name] = {"wall_s": wall, "floor_ratio": wall / floor, **parts, "last": last}
     if a.baseline_src:
         b = summary["cryomag baseline"]

@@ -399,6 +399,41 @@ def test_refit_keeps_the_run_levels_and_refuses_others(heights, tmp_path):
 
 
 # --------------------------------------------------- the local models on real-like CTF input
+def test_held_defocus_that_disagrees_with_the_particles_is_a_warning(heights, own_defocus):
+    """The group fit holds the defocus by default. A micrograph's defocus with a 50 A error
+    and heights of 150 A: the held fit's M is 4.5 standard errors from the truth (its errors
+    leave the defocus's out), and the warm start's probe sees the input 7.8 standard errors
+    from the particles: verdict "warning", naming the remedy; refined per group the same
+    data give M within 2 standard errors and no warning. The probe changes nothing else (M
+    and its errors bit-identical without it). Each particle's own defocus as input: the
+    probe finds it within the noise (0.7), verdict ok."""
+    from cryomag.fit.gauss_newton import HELD_DEFOCUS_Z
+
+    opts = {**FAST, "fit": ("scale", "aniso"), "warm_start": 200}
+    star, ref = heights / "particles.star", heights / "ref.mrc"
+    held = cryomag.estimate(star, ref, None, **opts)
+    g = held.groups[0]
+    warm = [h for h in g.history if h["particles"] < g.n_particles]
+    assert warm and warm[-1]["defocus_probe_z"] > 2 * HELD_DEFOCUS_Z, g.history
+    assert held.verdict == "warning" and g.converged
+    assert any("--defocus group" in p for p in held.problems), held.problems
+    truth = load_truth(heights)["M_group"][0]
+    assert np.abs(g.mag - truth).max() > 3 * g.mag_error.min()  # what the warning is about
+    quiet = cryomag.estimate(star, ref, None, held_defocus_probe=False, **opts)
+    assert quiet.verdict == "ok"
+    assert np.array_equal(quiet.groups[0].mag, g.mag)
+    assert np.array_equal(quiet.groups[0].mag_error, g.mag_error)
+    refined = cryomag.estimate(star, ref, None, defocus="group", **opts)
+    gr = refined.groups[0]
+    assert refined.verdict == "ok", refined.problems
+    assert np.all(np.abs(gr.mag - truth) < 2 * gr.mag_error), (gr.mag - truth) / gr.mag_error
+    sim, own_opts, _ = own_defocus
+    own = cryomag.estimate(sim / "particles.star", sim / "ref.mrc", None, **opts)
+    go = own.groups[0]
+    warm = [h for h in go.history if h["particles"] < go.n_particles]
+    assert warm[-1]["defocus_probe_z"] < 1.0 and own.verdict == "ok", go.history
+
+
 def test_micrograph_defocus_newton_steps_reach_the_fixed_point(tmp_path):
     """The defocus per micrograph (none per particle) on particles at heights spread 300 A
     under micrograph values with a 50 A error: the heights are residuals of that model, and
@@ -681,7 +716,9 @@ def test_check_subset_replaces_the_second_full_pass(heights):
     fit's later passes are weighted by the window-aware residuals, the check's by the
     warm start's); when not, a full pass follows and the fit ends as without the check."""
     data = (heights / "particles.star", heights / "ref.mrc", None)
-    opts = {**FAST, "warm_start": 100}
+    # the held defocus disagrees with these particles: without its probe's warning (which
+    # changes nothing else) the verdict says whether the checked fit itself is sound
+    opts = {**FAST, "warm_start": 100, "held_defocus_probe": False}
     ref = cryomag.estimate(*data, tol=1e-8, check_subset=0, **opts).groups[0]
     runs = {}
     for name, kw in {

@@ -285,7 +285,7 @@ def solve_joint(
         each micrograph's defocus block at least :data:`NEWTON_FLOOR` times
         Gauss-Newton's. The particles' own heights are residuals of such a model, and
         Gauss-Newton's Hessian overstated the curvature of a micrograph's objective
-        (median 1 / 0.56 on 5,000 particles with 50 A micrograph errors and 150 A
+        (median 1 / 0.56 on 5,000 particles with 50 A micrograph errors and 200 A
         heights): its steps came out short, each micrograph's defocus step halving from
         pass to pass (8 full passes there; 3 with these steps; bench/RESULTS.md, issue 14).
         The fixed point and the covariances (the Fisher information, from the

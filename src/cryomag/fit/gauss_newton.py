@@ -62,6 +62,16 @@ FINAL_STEP_AFTER_PERIODIC = 10.0
 #: defocus as input, 11.3 and 12.1 with one defocus per micrograph written with a 50 A error
 #: and heights spread 200 A.
 LINEAR_START_Z = 2.0
+
+#: A group fit that holds the defocus (:attr:`GaussNewtonSettings.held_defocus_probe`) gets
+#: the verdict "warning" when the warm start's probe of the input defocus
+#: (:func:`defocus_probe_z`) is above this: the input's defocus errors are then read as
+#: magnification and M's standard errors leave them out. Measured on the speed benchmark's
+#: warm subsets (500 particles of box 128): 0.75-0.78 with each particle's defocus as input;
+#: 11-12 with one defocus per micrograph written with a 50 A error and heights spread
+#: 150-200 A, where the held fit's M was 3.2 standard errors from the truth (1.0-1.3 with
+#: the defocus refined per group or micrograph).
+HELD_DEFOCUS_Z = 3.0
 #: After a linear start the first (window-aware) full pass ends the fit when its M step is
 #: below this many ``tol`` (its defocus step: :data:`FINAL_STEP_AFTER_PERIODIC` defocus
 #: tolerances). Its step from the warm start is the full set's correction plus the window's
@@ -164,6 +174,13 @@ class GaussNewtonSettings:
         errors): the remainder bound 2.3e-5 (tol 1e-5) asked for a second full pass whose
         step was 2.7e-6; the check over 500 particles estimated 1.4e-6 +- 0.7e-6 and
         ended 0.035 standard errors from the two-pass result (bench/RESULTS.md, issue 14).
+    held_defocus_probe : bool
+        When the defocus is held (no defocus level fitted) and M is fitted, the box-periodic
+        warm passes search each subset particle's defocus (~10 % of their cost; nothing
+        else uses it), and the verdict is "warning" when the input defocus disagrees with
+        the particles beyond :data:`HELD_DEFOCUS_Z` (:func:`defocus_probe_z`): its errors
+        are read as magnification, outside M's standard errors. Needs a warm start (a group
+        of more than twice ``warm_start`` particles).
     newton_defocus : bool
         With the defocus fitted per group or micrograph (none per particle), each joint
         step adds the Hessian's terms through the CTF's phase, which Gauss-Newton leaves
@@ -171,7 +188,7 @@ class GaussNewtonSettings:
         of such a model, and Gauss-Newton's steps came out ~0.56 times too short (each
         micrograph's defocus step halving from pass to pass). Same fixed point and
         standard errors. Measured on 5,000 particles of box 128 (50 A micrograph errors,
-        150 A heights), defocus per micrograph: 8 -> 3 full passes, M 0.02 standard
+        200 A heights), defocus per micrograph: 8 -> 3 full passes, M 0.02 standard
         errors from the Gauss-Newton route's converged result; per group: 2 full passes
         either way, M 0.20 (0.34 before) standard errors and the defocus 0.09 A (1.75 A)
         from the fixed point (bench/RESULTS.md, issue 14). False: Gauss-Newton.
@@ -197,6 +214,7 @@ class GaussNewtonSettings:
     warm_predicted_stop: bool = True
     linear_start_probe: bool = True
     check_subset: int = 500
+    held_defocus_probe: bool = True
     newton_defocus: bool = True
 
     @property
@@ -430,19 +448,20 @@ class GroupFit:
     @property
     def probe_next(self) -> bool:
         """The next (warm, box-periodic) pass probes the input defocus with the defocus
-        search (``settings.linear_start_probe``): the fit would make a box-periodic first
-        full pass with the search."""
+        search: the fit would make a box-periodic first full pass with the search
+        (``settings.linear_start_probe``), or it holds the defocus
+        (``settings.held_defocus_probe``)."""
         s = self.settings
-        return bool(
+        joint = (
             s.linear_start_probe
             and s.periodic_first_pass
             and s.defocus_search
             and s.levels.defocus == "particle"
-            and self.phase == "warm"
-            and not self.warm_windowed
             and self.window_pad > 1
             and s.max_iter > 1
         )
+        held = s.held_defocus_probe and s.fit_aniso and not s.levels.active
+        return bool((joint or held) and self.phase == "warm" and not self.warm_windowed)
 
     @property
     def defocus_search_next(self) -> bool:
@@ -691,7 +710,7 @@ class GroupFit:
         input defocus within the noise (:data:`LINEAR_START_Z`), without the box-periodic
         first pass, the first full pass at the relaxed tolerances."""
         self.phase = "full"
-        if self.probe_z < LINEAR_START_Z:  # False for NaN: no probe
+        if self.settings.levels.active and self.probe_z < LINEAR_START_Z:  # NaN: no probe
             self.linear_start = True
             self.relaxed_next = True
             log.info(
@@ -784,6 +803,19 @@ class GroupFit:
             len(self.history),
             fit_aniso=self.settings.fit_aniso,
         )
+        if (
+            not self.settings.levels.active
+            and self.probe_z > HELD_DEFOCUS_Z  # False for NaN: no probe
+            and not quality.failed
+        ):
+            quality.verdict = "warning"
+            quality.problems.append(
+                f"the input defocus disagrees with the particles: the warm start's defocus "
+                f"search moved them (or their micrographs' means) by {self.probe_z:.1f} "
+                f"standard errors rms (> {HELD_DEFOCUS_Z:g}). Held fixed, its errors are read "
+                "as magnification and M's standard errors leave them out: refine it with M "
+                "(--defocus group, or micrograph)"
+            )
         if not self.settings.fit_aniso:  # M held: no error of its own
             err, cov = np.zeros((2, 2)), np.zeros((4, 4))
         elif quality.failed and upd is not None:  # no standard error from a failed fit

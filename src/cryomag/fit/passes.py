@@ -76,8 +76,9 @@ class GroupPass:
         gradient, defocus columns or extended columns (those only when the CTF moves with
         M, which the group fit needs), whatever :class:`PassSpec` asks for.
     defocus_profile : bool
-        Also search each particle's isotropic defocus on its likelihood (box-periodic,
-        with the defocus columns; :mod:`cryomag.fit.defocus_profile`).
+        Also search each particle's isotropic defocus on its likelihood (box-periodic;
+        :mod:`cryomag.fit.defocus_profile`): the joint fits' first pass and warm probes,
+        and the held-defocus probe of the group fit's warm passes.
     """
 
     mag: np.ndarray
@@ -188,7 +189,7 @@ class StatisticsPass:
             aberrations=gp.aberrations,
             upsample_slices=self.spec.upsample_slices,
             adaptive_window=self.spec.adaptive_window and self.spec.upsample_slices,
-            defocus_profile=gp.defocus_profile and self.spec.defocus,
+            defocus_profile=gp.defocus_profile,
         )
         out = []
         halves = self.halves[rows]

@@ -178,6 +178,11 @@ class EstimateOptions:
         :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.check_subset`). Measured on
         5,000 particles of box 128 with micrograph-level defocus: 0.035 standard errors
         from the two-pass result, the fit 1.6x faster (bench/RESULTS.md, issue 14).
+    held_defocus_probe : bool
+        Holding the defocus, the warm start's box-periodic passes search each subset
+        particle's defocus, and the verdict is "warning" when the input defocus disagrees
+        with the particles (default True; needs a warm start;
+        :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.held_defocus_probe`).
     newton_defocus : bool
         With the defocus fitted per group or micrograph (none per particle), the joint
         steps add the Hessian's terms through the CTF's phase (the particles' heights,
@@ -265,6 +270,7 @@ class EstimateOptions:
     defocus_search: bool = True
     linear_start_probe: bool = True
     check_subset: int = 500
+    held_defocus_probe: bool = True
     newton_defocus: bool = True
     upsample_slices: bool = True
     adaptive_window: bool = True
@@ -332,6 +338,7 @@ class EstimateOptions:
             defocus_search=self.defocus_search,
             linear_start_probe=self.linear_start_probe,
             check_subset=self.check_subset,
+            held_defocus_probe=self.held_defocus_probe,
             newton_defocus=self.newton_defocus,
         )
 
