@@ -399,6 +399,35 @@ def test_refit_keeps_the_run_levels_and_refuses_others(heights, tmp_path):
 
 
 # --------------------------------------------------- the local models on real-like CTF input
+def test_newton_steps_fall_back_to_gauss_newton_when_a_step_grows(heights, monkeypatch):
+    """The joint steps with the Hessian's phase terms leave some couplings out (the
+    reference's own second derivatives; aberrations are excluded, with Cs they diverged):
+    when a defocus step grows, the fit goes on with Gauss-Newton's steps and still converges
+    (here a step is made to grow by scaling the third step's defocus change 100x)."""
+    import cryomag.fit.gauss_newton as gn
+
+    calls = []
+    real = gn.solve_joint
+
+    def solve(*args, **kw):
+        sol = real(*args, **kw)
+        calls.append(kw["newton_defocus"])
+        if len(calls) == 3:
+            sol.delta_a = sol.delta_a * 100.0
+            sol.micrograph = sol.micrograph * 100.0
+        return sol
+
+    monkeypatch.setattr(gn, "solve_joint", solve)
+    res = cryomag.estimate(heights / "particles.star", heights / "ref.mrc", None,
+                           **{**FAST, "warm_start": 200}, fit=("scale", "aniso"),
+                           defocus="micrograph")  # fmt: skip
+    g = res.groups[0]
+    full = [h for h in g.history if h["particles"] == g.n_particles]
+    assert full[2]["defocus_step_A"] > full[1]["defocus_step_A"], full
+    assert calls[:3] == [True, True, True] and not any(calls[3:]) and len(calls) > 3, calls
+    assert g.converged and res.verdict == "ok"
+
+
 def test_held_defocus_that_disagrees_with_the_particles_is_a_warning(heights, own_defocus):
     """The group fit holds the defocus by default. A micrograph's defocus with a 50 A error
     and heights of 150 A: the held fit's M is 4.5 standard errors from the truth (its errors

@@ -279,9 +279,10 @@ def solve_joint(
         instead of the tangent at the pass's state; particles with h* = 0 keep theirs.
     newton_defocus : bool
         With the defocus fitted per group or micrograph (no per-particle part), the CTF
-        in the measured frame and no ``profile``: the step solves the system with the
-        Hessian's terms through the CTF's phase added (:func:`newton_block`: the defocus
-        block and its coupling to M through the Cs term), which Gauss-Newton leaves out;
+        in the measured frame, no aberrations fitted and no ``profile``: the step solves
+        the system with the Hessian's terms through the CTF's phase added
+        (:func:`newton_block`: the defocus block and its coupling to M through the Cs
+        term), which Gauss-Newton leaves out;
         each micrograph's defocus block at least :data:`NEWTON_FLOOR` times
         Gauss-Newton's. The particles' own heights are residuals of such a model, and
         Gauss-Newton's Hessian overstated the curvature of a micrograph's objective
@@ -289,7 +290,10 @@ def solve_joint(
         heights): its steps came out short, each micrograph's defocus step halving from
         pass to pass (8 full passes there; 3 with these steps; bench/RESULTS.md, issue 14).
         The fixed point and the covariances (the Fisher information, from the
-        Gauss-Newton system) are unchanged; only the path to it.
+        Gauss-Newton system) are unchanged; only the path to it. Not with aberrations:
+        their phase terms are left out, and with Cs fitted these steps diverged along the
+        defocus-Cs coupling (as the defocus block alone did, M's coupling left out, on a
+        box-96 set).
     """
     na = int(n_aberration)
     h, b = joint_system(stats, ctf_moves, na, need_defocus=levels.active)
@@ -343,7 +347,10 @@ def solve_joint(
     theta, cov_t = sol["theta"], sol["cov_theta"]
     phi, cov_m = sol["phi"], sol["cov_phi"]
     psi = sol["psi"]
-    newton = newton_defocus and profile is None and kp == 0 and (kg + km) > 0 and not ctf_moves
+    newton = (
+        newton_defocus and profile is None and kp == 0 and (kg + km) > 0 and not ctf_moves
+        and na == 0
+    )  # fmt: skip
     if newton:
         # the Hessian's terms Gauss-Newton leaves out, in the parameters; the defocus block
         # floored per micrograph (a particle far from its own best defocus may have no or

@@ -403,6 +403,10 @@ class GroupFit:
         self.defocus = None if defocus is None else np.asarray(defocus, float).copy()
         self.deviation = None  # the particles' deviations from their micrograph
         self.defocus_solution: JointSolution | None = None
+        # the joint steps with the Hessian's phase terms (settings.newton_defocus) until one
+        # of them does not contract; then Gauss-Newton's (a safeguard: see _joint_step)
+        self.newton = bool(settings.newton_defocus)
+        self._last_dz_step = np.inf
         if settings.levels.active and (self.rows is None or self.defocus is None):
             raise ValueError("refining the defocus needs the group's rows and defocus")
         k = len(settings.aberrations)
@@ -737,7 +741,7 @@ class GroupFit:
             n_aberration=k,
             # a pass with the defocus search (zeros in the others)
             profile=st.dz_profile if np.any(st.dz_profile[:, 1] > 0) else None,
-            newton_defocus=s.newton_defocus,
+            newton_defocus=self.newton,
         )
         ab_done = True
         if k:
@@ -766,6 +770,17 @@ class GroupFit:
             self.defocus_solution = None
             return upd, 0.0, ab_done
         upd_dz = self._defocus_update(sol)
+        if self.newton and upd_dz > self._last_dz_step:
+            # a step with the phase terms that grew: a coupling they leave out may make
+            # them overshoot; Gauss-Newton's steps from here (the same fixed point)
+            self.newton = False
+            log.info(
+                "group %d: the defocus step grew (%.3g -> %.3g A): Gauss-Newton steps from here",
+                self.group,
+                self._last_dz_step,
+                upd_dz,
+            )
+        self._last_dz_step = upd_dz
         return upd, upd_dz, ab_done
 
     def _defocus_update(self, sol: JointSolution) -> float:
