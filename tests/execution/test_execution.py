@@ -267,6 +267,12 @@ def test_a_worker_killed_mid_run_is_retried_without_loss_or_double_count(
         assert np.array_equal(st.rows, rows)  # each particle exactly once
 
 
+def _profiler_enabled() -> bool:
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
 def test_forked_local_workers_equal_spawned_ones(inputs, reference, tmp_path):
     """Issue 14: started early (``start_in_background``, before the driver's numerical work)
     a LocalCluster's workers are forked from this process (~0.1 s instead of ~0.6 s and no
@@ -283,6 +289,8 @@ def test_forked_local_workers_equal_spawned_ones(inputs, reference, tmp_path):
             pids = ex.client.run(os.getpid).values()
             forked = {tuple(psutil.Process(p).cmdline()) == me for p in pids}
             assert forked == {fork}, forked
+            # no statistical profiler in either kind of worker (WORKER_CONFIG)
+            assert set(ex.client.run(_profiler_enabled).values()) == {False}
             killing = _Killing(ex, str(tmp_path / "killed")) if fork else ex
             res[fork] = run(inputs, killing)
         finally:

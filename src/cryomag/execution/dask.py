@@ -107,6 +107,9 @@ def run_chunk(chunk: Any, payload: Blob, *parts: Blob) -> Any:
 
 
 # ------------------------------------------------------------------ worker processes
+#: Dask settings of the local cluster's workers (:meth:`DaskExecutor.local`).
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
 #: True while :meth:`DaskExecutor.local` forks its workers (read in the child: see
 #: :func:`_after_fork_in_child`).
 _FORKING_WORKERS = False
@@ -285,6 +288,10 @@ class DaskExecutor(Executor):
 
             before = _child_pids()
             how = contextlib.ExitStack()
+            # no statistical profiler in the workers: it samples their threads' stacks every
+            # 10 ms (for the dashboard, which a local cluster here does not have), and took
+            # ~5-8 % of a pass's time on 2 cores (bench/RESULTS.md, issue 14)
+            how.enter_context(dask.config.set(WORKER_CONFIG))
             if method:
                 how.enter_context(
                     dask.config.set({"distributed.worker.multiprocessing-method": method})
