@@ -456,11 +456,12 @@ class _Kernel:
         term -s sum w Re(conj(d2P) r) is ``factor`` sum w g_i g_j Re(conj(p) r), with ``p``
         the prediction on the band (b, npix) whose scale times ``factor`` (b,) is s P, and
         ``r`` the residual. Left out: the terms through the reference's second derivatives
-        and through dCTF/dchi times the reference's gradient. Zeros without defocus columns.
+        and through dCTF/dchi times the reference's gradient. Without defocus columns shape
+        (b, 0, 0): nothing is stored.
         """
-        out = np.zeros((len(p), 7, 7))
         if self._chi_w is None:
-            return out
+            return np.zeros((len(p), 0, 0))
+        out = np.zeros((len(p), 7, 7))
         c = ((_F32view(p) * _F32view(r)) @ self._chi_w).astype(float)
         c *= np.asarray(factor, float)[:, None]
         for k, (i, j) in enumerate(_CHI_PAIRS):

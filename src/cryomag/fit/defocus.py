@@ -462,11 +462,11 @@ def newton_block(stats: GroupStatistics, n_aberration: int = 0) -> np.ndarray:
     s^2 (<J_i, J_j> - <J_i, P> <J_j, P> / <P, P>). Of the second term the statistics carry
     the part through the CTF's phase (``chi_curv``): all of it for the defocus matrix, M's
     through the Cs term. For the CTF in the measured frame (M not in its defocus term).
-    Zeros for a particle without signal, and without defocus columns.
+    Zeros for a particle without signal, and without defocus columns or ``chi_curv``.
     """
     lay = column_layout(stats.hgg.shape[-1], n_aberration)
     n = len(stats.rows)
-    if lay["defocus"] is None:
+    if lay["defocus"] is None or stats.chi_curv.shape[1:] != (7, 7):
         return np.zeros((n, 7, 7))
     ok = stats.pp > 0
     pp = np.where(ok, stats.pp, 1.0)

@@ -39,7 +39,7 @@ A pass with defocus columns also has the residual's part of the second derivativ
 through the CTF's phase (a term Gauss-Newton leaves out; :func:`cryomag.fit.defocus.solve_joint`):
     chi_curv    s sum w g_i g_j Re(conj(P) r), g_i = d chi / d theta_i for the joint fit's
                 parameters theta = (M00, M01, M10, M11, a00, a01, a11) (M through the Cs
-                term), shape (N, 7, 7); zeros without defocus columns.
+                term), shape (N, 7, 7); (N, 0, 0) without defocus columns.
 
 Second order (full passes of the group fit; size 0 in the second axis otherwise), unit
 scale, for the group model's J_i = dP/dM_i and K_ij = d2P/dM_i dM_j:
@@ -215,7 +215,7 @@ class _StatisticsArrays:
     #: curvature of rr / 2 there; zeros where not searched.
     dz_profile: np.ndarray | None = None
     #: (N, 7, 7) the residual's term of the second derivative through the CTF's phase
-    #: (module docstring); zeros without defocus columns.
+    #: (module docstring); (N, 0, 0) without defocus columns.
     chi_curv: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -228,7 +228,7 @@ class _StatisticsArrays:
         if self.dz_profile is None:
             self.dz_profile = np.zeros((n, 2))
         if self.chi_curv is None:
-            self.chi_curv = np.zeros((n, 7, 7))
+            self.chi_curv = np.zeros((n, 0, 0))
 
     @property
     def layout(self) -> dict[str, slice | None]:
