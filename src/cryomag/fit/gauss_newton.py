@@ -404,7 +404,8 @@ class GroupFit:
         self.deviation = None  # the particles' deviations from their micrograph
         self.defocus_solution: JointSolution | None = None
         # the joint steps with the Hessian's phase terms (settings.newton_defocus) until one
-        # of them does not contract; then Gauss-Newton's (a safeguard: see _joint_step)
+        # of them does not contract (after the box-periodic first pass, a window-aware step
+        # against the one before); then Gauss-Newton's (a safeguard: see _joint_step)
         self.newton = bool(settings.newton_defocus)
         self._last_dz_step = np.inf
         if settings.levels.active and (self.rows is None or self.defocus is None):
@@ -535,6 +536,8 @@ class GroupFit:
         check_next = False
         if kind == "full" and s.joint:
             upd, dz_step, ab_done = self._joint_step(st_joint)
+            if coarse:  # the window-aware steps are compared among themselves
+                self._last_dz_step = np.inf
             steps, path = [float(np.abs(upd.delta).max())], [upd.delta]
             done = (
                 (steps[0] < reach * s.tol or not s.fit_aniso)
