@@ -260,6 +260,11 @@ def main() -> int:
         print(f"local models / group fit ({a.local_ctf} CTF): wall {ratio:.2f}, statistics "
               f"passes {st:.2f}")  # fmt: skip
         summary["local_over_group"] = ratio
+        mic = "cryomag group fit + micrograph defocus, real-like CTF"
+        if mic in summary:
+            r_mic = summary["cryomag local models"]["wall_s"] / summary[mic]["wall_s"]
+            print(f"local models / group fit with --defocus micrograph: wall {r_mic:.2f}")
+            summary["local_over_group_micrograph_defocus"] = r_mic
         if a.baseline_src:
             bl, bg = summary["cryomag baseline local models"], summary["cryomag baseline"]
             if a.local_ctf == "exact":  # the baseline's group fit ran on the same data
