@@ -436,7 +436,7 @@ def test_held_defocus_that_disagrees_with_the_particles_is_a_warning(heights, ow
     data give M within 2 standard errors and no warning. The probe changes nothing else (M
     and its errors bit-identical without it). Each particle's own defocus as input: the
     probe finds it within the noise (0.7), verdict ok."""
-    from cryomag.fit.gauss_newton import HELD_DEFOCUS_Z
+    from cryomag.fit.quality import HELD_DEFOCUS_Z
 
     opts = {**FAST, "fit": ("scale", "aniso"), "warm_start": 200}
     star, ref = heights / "particles.star", heights / "ref.mrc"

@@ -483,8 +483,8 @@ def newton_block(stats: GroupStatistics, n_aberration: int = 0) -> np.ndarray:
 
 
 def _floored(gn: np.ndarray, exact: np.ndarray, floor: float) -> np.ndarray:
-    """Each particle's ``exact`` block (N, k, k) with its eigenvalues relative to the
-    Gauss-Newton block ``gn`` raised to at least ``floor``: G^1/2 V max(L, floor) V^T G^1/2
+    """Each ``exact`` block (N, k, k) with its eigenvalues relative to the Gauss-Newton
+    block ``gn`` raised to at least ``floor``: G^1/2 V max(L, floor) V^T G^1/2
     for G^-1/2 exact G^-1/2 = V L V^T, on G's range (a block with G = 0 stays 0)."""
     w, q = np.linalg.eigh(gn)
     top = np.maximum(w.max(axis=1, initial=0.0), 0.0) if w.size else np.zeros(len(gn))

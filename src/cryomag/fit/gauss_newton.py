@@ -63,17 +63,6 @@ FINAL_STEP_AFTER_PERIODIC = 10.0
 #: and heights spread 200 A.
 LINEAR_START_Z = 2.0
 
-#: A group fit that holds the defocus (:attr:`GaussNewtonSettings.held_defocus_probe`) gets
-#: the verdict "warning" when the warm start's probe of the input defocus
-#: (:func:`defocus_probe_z`) is above this: the input's defocus errors are then read as
-#: magnification and M's standard errors leave them out. Measured on the speed benchmark's
-#: warm subsets (500 particles of box 128): 0.75-0.78 with each particle's defocus as input;
-#: 11-12 with one defocus per micrograph written with a 50 A error and heights spread
-#: 150-200 A, where the held fit's M was 3.2 standard errors from the truth (1.0-1.3 with
-#: the defocus refined per group or micrograph); 5.8 with heights alone (each micrograph's
-#: written defocus its particles' exact mean; 1,200 particles of box 64), the held M 3.0
-#: standard errors off (0.7-1.7 refined per group, micrograph or particle).
-HELD_DEFOCUS_Z = 3.0
 #: After a linear start the first (window-aware) full pass ends the fit when its M step is
 #: below this many ``tol`` (its defocus step: :data:`FINAL_STEP_AFTER_PERIODIC` defocus
 #: tolerances). Its step from the warm start is the full set's correction plus the window's
@@ -180,7 +169,8 @@ class GaussNewtonSettings:
         When the defocus is held (no defocus level fitted) and M is fitted, the box-periodic
         warm passes search each subset particle's defocus (~10 % of their cost; nothing
         else uses it), and the verdict is "warning" when the input defocus disagrees with
-        the particles beyond :data:`HELD_DEFOCUS_Z` (:func:`defocus_probe_z`): its errors
+        the particles beyond :data:`cryomag.fit.quality.HELD_DEFOCUS_Z`
+        (:func:`defocus_probe_z`): its errors
         are read as magnification, outside M's standard errors. Needs a warm start (a group
         of more than twice ``warm_start`` particles).
     newton_defocus : bool
@@ -407,7 +397,7 @@ class GroupFit:
         self.defocus_solution: JointSolution | None = None
         # the joint steps with the Hessian's phase terms (settings.newton_defocus) until one
         # of them does not contract (after the box-periodic first pass, a window-aware step
-        # against the one before); then Gauss-Newton's (a safeguard: see _joint_step)
+        # against the one before); then Gauss-Newton's (a safeguard, in step())
         self.newton = bool(settings.newton_defocus)
         self._last_dz_step = np.inf
         if settings.levels.active and (self.rows is None or self.defocus is None):
@@ -538,8 +528,19 @@ class GroupFit:
         check_next = False
         if kind == "full" and s.joint:
             upd, dz_step, ab_done = self._joint_step(st_joint)
-            if coarse:  # the window-aware steps are compared among themselves
-                self._last_dz_step = np.inf
+            if self.newton and dz_step > self._last_dz_step:
+                # a step with the phase terms that grew: a coupling they leave out may make
+                # them overshoot; Gauss-Newton's steps from here (the same fixed point)
+                self.newton = False
+                log.info(
+                    "group %d: the defocus step grew (%.3g -> %.3g A): Gauss-Newton steps "
+                    "from here",
+                    self.group,
+                    self._last_dz_step,
+                    dz_step,
+                )
+            # the window-aware steps are compared among themselves
+            self._last_dz_step = np.inf if coarse else dz_step
             steps, path = [float(np.abs(upd.delta).max())], [upd.delta]
             done = (
                 (steps[0] < reach * s.tol or not s.fit_aniso)
@@ -775,17 +776,6 @@ class GroupFit:
             self.defocus_solution = None
             return upd, 0.0, ab_done
         upd_dz = self._defocus_update(sol)
-        if self.newton and upd_dz > self._last_dz_step:
-            # a step with the phase terms that grew: a coupling they leave out may make
-            # them overshoot; Gauss-Newton's steps from here (the same fixed point)
-            self.newton = False
-            log.info(
-                "group %d: the defocus step grew (%.3g -> %.3g A): Gauss-Newton steps from here",
-                self.group,
-                self._last_dz_step,
-                upd_dz,
-            )
-        self._last_dz_step = upd_dz
         return upd, upd_dz, ab_done
 
     def _defocus_update(self, sol: JointSolution) -> float:
@@ -822,20 +812,9 @@ class GroupFit:
             self.converged,
             len(self.history),
             fit_aniso=self.settings.fit_aniso,
+            # the warm start's probe of a held defocus (of a refined one: the linear start)
+            held_defocus_z=np.nan if self.settings.levels.active else self.probe_z,
         )
-        if (
-            not self.settings.levels.active
-            and self.probe_z > HELD_DEFOCUS_Z  # False for NaN: no probe
-            and not quality.failed
-        ):
-            quality.verdict = "warning"
-            quality.problems.append(
-                f"the input defocus disagrees with the particles: the warm start's defocus "
-                f"search moved them (or their micrographs' means) by {self.probe_z:.1f} "
-                f"standard errors rms (> {HELD_DEFOCUS_Z:g}). Held fixed, its errors are read "
-                "as magnification and M's standard errors leave them out: refine it with M "
-                "(--defocus group, micrograph or particle)"
-            )
         if not self.settings.fit_aniso:  # M held: no error of its own
             err, cov = np.zeros((2, 2)), np.zeros((4, 4))
         elif quality.failed and upd is not None:  # no standard error from a failed fit

@@ -20,6 +20,9 @@ must not be used: no standard errors are given and the command exits non-zero). 
 - **plausibility**: the fitted M must be a magnification (singular values within
   :data:`PLAUSIBLE_SCALE`), not the end of a run-away iteration.
 - **finite numbers**: any NaN or infinity in M, its covariance or the scales fails.
+- **held defocus**: a fit that holds the input defocus, whose warm start's probe found it
+  more than :data:`HELD_DEFOCUS_Z` standard errors from the particles' (a warning: its
+  errors are read as magnification, outside M's standard errors).
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ import numpy as np
 
 from cryomag.fit.statistics import GroupStatistics
 
-__all__ = ["MIN_SIGNAL_Z", "PLAUSIBLE_SCALE", "FitQuality", "assess_group", "overall"]
+__all__ = [
+    "HELD_DEFOCUS_Z",
+    "MIN_SIGNAL_Z",
+    "PLAUSIBLE_SCALE",
+    "FitQuality",
+    "assess_group",
+    "overall",
+]
 
 #: Below this significance of the reference in the particles the fit fails.
 MIN_SIGNAL_Z = 5.0
@@ -38,6 +48,18 @@ MIN_SIGNAL_Z = 5.0
 WEAK_SIGNAL_Z = 20.0
 #: Singular values of M outside this range are not a plausible magnification.
 PLAUSIBLE_SCALE = (0.8, 1.25)
+#: A group fit that holds the defocus gets the verdict "warning" when the warm start's probe
+#: of the input defocus (:func:`cryomag.fit.gauss_newton.defocus_probe_z`,
+#: :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.held_defocus_probe`) is above this:
+#: the input's defocus errors are then read as magnification and M's standard errors leave
+#: them out. Measured on the speed benchmark's warm subsets (500 particles of box 128):
+#: 0.75-0.78 with each particle's defocus as input; 11-12 with one defocus per micrograph
+#: written with a 50 A error and heights spread 150-200 A, where the held fit's M was 3.2
+#: standard errors from the truth (1.0-1.3 with the defocus refined per group or
+#: micrograph); 5.8 with heights alone (each micrograph's written defocus its particles'
+#: exact mean; 1,200 particles of box 64), the held M 3.0 standard errors off (0.7-1.7
+#: refined per group, micrograph or particle).
+HELD_DEFOCUS_Z = 3.0
 #: The reduced normal matrix of M is degenerate beyond this condition number.
 MAX_CONDITION = 1e10
 
@@ -104,6 +126,7 @@ def assess_group(
     converged: bool,
     iterations: int,
     fit_aniso: bool = True,
+    held_defocus_z: float = float("nan"),
 ) -> FitQuality:
     """Check one group's fit (see the module docstring).
 
@@ -120,6 +143,9 @@ def assess_group(
     converged, iterations : the iteration's outcome.
     fit_aniso : bool
         Whether M was fitted (else only the signal checks apply).
+    held_defocus_z : float
+        For a fit that held the input defocus: how far its warm start's probe found it from
+        the particles', in standard errors (NaN: not probed, or the defocus was refined).
     """
     problems: list[str] = []
     failed = warn = False
@@ -182,6 +208,15 @@ def assess_group(
     if not np.isfinite(scale).any():
         failed = True
         problems.append("no particle has a finite contrast scale")
+    if not failed and held_defocus_z > HELD_DEFOCUS_Z:  # False for NaN
+        warn = True
+        problems.append(
+            f"the input defocus disagrees with the particles: the warm start's defocus "
+            f"search moved them (or their micrographs' means) by {held_defocus_z:.1f} "
+            f"standard errors rms (> {HELD_DEFOCUS_Z:g}). Held fixed, its errors are read "
+            "as magnification and M's standard errors leave them out: refine it with M "
+            "(--defocus group, micrograph or particle)"
+        )
     verdict = "failed" if failed else ("warning" if warn else "ok")
     return FitQuality(
         verdict=verdict,
