@@ -53,6 +53,8 @@ from relion_common import floor_seconds, run_relion_ctf_refine  # noqa: E402
 BOX, APIX = 128, 1.25
 GROUP_FIT = ("scale", "aniso")
 LOCAL_FIT = ("scale", "aniso", "particle", "micrograph", "defocus")
+#: The case of the group fit with the defocus refined per micrograph (``--local``, real-like).
+MIC_GROUP = "cryomag group fit + micrograph defocus, real-like CTF"
 
 
 def dataset(cache: Path, n: int, seed: int = 14, ctf: str = "exact") -> Path:
@@ -206,8 +208,7 @@ def main() -> int:
             local_group = "cryomag group fit, real-like CTF"
             cases.append((local_group, GROUP_FIT, 0, None, lf, None))
             # the group fit with the defocus refined per micrograph (what its warning asks for)
-            cases.append(("cryomag group fit + micrograph defocus, real-like CTF", GROUP_FIT, 0,
-                          None, lf, {"defocus": "micrograph"}))  # fmt: skip
+            cases.append((MIC_GROUP, GROUP_FIT, 0, None, lf, {"defocus": "micrograph"}))
         cases.append(("cryomag local models", LOCAL_FIT, 0, None, lf, None))
         if a.baseline_src:
             cases.append(("cryomag baseline local models", LOCAL_FIT, 0, a.baseline_src, lf,
@@ -260,9 +261,8 @@ def main() -> int:
         print(f"local models / group fit ({a.local_ctf} CTF): wall {ratio:.2f}, statistics "
               f"passes {st:.2f}")  # fmt: skip
         summary["local_over_group"] = ratio
-        mic = "cryomag group fit + micrograph defocus, real-like CTF"
-        if mic in summary:
-            r_mic = summary["cryomag local models"]["wall_s"] / summary[mic]["wall_s"]
+        if MIC_GROUP in summary:
+            r_mic = summary["cryomag local models"]["wall_s"] / summary[MIC_GROUP]["wall_s"]
             print(f"local models / group fit with --defocus micrograph: wall {r_mic:.2f}")
             summary["local_over_group_micrograph_defocus"] = r_mic
         if a.baseline_src:
