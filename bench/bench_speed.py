@@ -48,7 +48,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from relion_common import floor_seconds, run_relion_ctf_refine  # noqa: E402
+from relion_common import cpu_model, floor_seconds, run_relion_ctf_refine  # noqa: E402
 
 BOX, APIX = 128, 1.25
 GROUP_FIT = ("scale", "aniso")
@@ -191,7 +191,7 @@ def main() -> int:
         return 0
     from cryomag.simulation.simulator import load_truth
 
-    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, cores {os.cpu_count()}, "
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, cores {os.cpu_count()} ({cpu_model()}), "
           f"load {os.getloadavg()}")  # fmt: skip
     folder = dataset(a.cache, a.n)
     truth = np.asarray(load_truth(folder)["M_group"][0])
@@ -232,7 +232,7 @@ def main() -> int:
     print(f"floor (read + rfft2, 1 thread, median of 3 reads per run): {floor:.3f} s")
     ref_name = cases[0][0]
     se = np.asarray(runs[ref_name][-1]["se"])
-    summary: dict = {"n": a.n, "floor_s": floor}
+    summary: dict = {"n": a.n, "floor_s": floor, "cpu": cpu_model(), "cores": os.cpu_count()}
     for name, *_ in cases:
         rr = runs[name]
         wall = _median(rr, "wall_s")

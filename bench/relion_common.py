@@ -4,11 +4,14 @@
 - :func:`write_postprocess`: a PostProcess-like STAR that relion_ctf_refine needs for its
   frequency weights (FSC 0.99: the simulations' references are exact);
 - :func:`run_relion_ctf_refine`: one round of relion_ctf_refine on a simulated folder
-  (``particles.star`` + ``ref.mrc``), its wall time in seconds and its peak RSS (MB).
+  (``particles.star`` + ``ref.mrc``), its wall time in seconds and its peak RSS (MB);
+- :func:`cpu_model`: the machine's processor, printed beside the ratios (the ratio of
+  cryomag to RELION moved from 1.31 to 1.53 with the machine alone, bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import platform
 import resource
 import shutil
 import subprocess
@@ -17,7 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["floor_seconds", "run_relion_ctf_refine", "write_postprocess"]
+__all__ = ["cpu_model", "floor_seconds", "run_relion_ctf_refine", "write_postprocess"]
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what :mod:`platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def floor_seconds(folder: Path, chunk: int = 1024, repeat: int = 3) -> float:
