@@ -191,7 +191,8 @@ def main() -> int:
         return 0
     from cryomag.simulation.simulator import load_truth
 
-    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, cores {os.cpu_count()} ({cpu_model()}), "
+    cpu = cpu_model()
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, cores {os.cpu_count()} ({cpu}), "
           f"load {os.getloadavg()}")  # fmt: skip
     folder = dataset(a.cache, a.n)
     truth = np.asarray(load_truth(folder)["M_group"][0])
@@ -232,7 +233,7 @@ def main() -> int:
     print(f"floor (read + rfft2, 1 thread, median of 3 reads per run): {floor:.3f} s")
     ref_name = cases[0][0]
     se = np.asarray(runs[ref_name][-1]["se"])
-    summary: dict = {"n": a.n, "floor_s": floor, "cpu": cpu_model(), "cores": os.cpu_count()}
+    summary: dict = {"n": a.n, "floor_s": floor, "cpu": cpu, "cores": os.cpu_count()}
     for name, *_ in cases:
         rr = runs[name]
         wall = _median(rr, "wall_s")

@@ -276,14 +276,9 @@ def one(what: str, **kw) -> dict:
 
 # ------------------------------------------------------------------------------ report
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from relion_common import cpu_model  # this script's folder is on sys.path
+
+    cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {cpu}; nproc {os.cpu_count()}; "

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks that run RELION beside cryomag on the same data.
+"""Helpers shared by the benchmarks: reading + FFT floor, RELION beside cryomag, the machine.
 
 - :func:`floor_seconds`: the read + rfft2 floor of a particle stack (one thread);
 - :func:`write_postprocess`: a PostProcess-like STAR that relion_ctf_refine needs for its
