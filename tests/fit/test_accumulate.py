@@ -603,3 +603,29 @@ def test_subset_check_estimates_the_next_full_pass_step(setup, window_pad):
         subset_check(st0, stats(m1, 2, rows[:3]), rel.delta, 2)
     with pytest.raises(ValueError, match="not all in the full pass"):
         subset_check(stats(start, 2, rows[:4]), stats(m1, 2, rows[4:8:2]), rel.delta, 2)
+
+
+@pytest.mark.parametrize("window_pad", [1, 2])
+def test_pixel_maps_only_change_themselves(setup, window_pad):
+    """Without the displacement plot's per-pixel sums (every pass after a fit's first, issue
+    14) every other statistic is the same bit for bit, and the maps have no pixels."""
+    ref, optics, band, geom, spectra, power = setup
+    rows = np.arange(len(geom))
+    got = {
+        maps: chunk_statistics(
+            ref, spectra, geom, optics, band, power, rows,
+            KernelOptions(window_pad=window_pad, second_order=2, upsample_slices=window_pad > 1,
+                          pixel_maps=maps),
+        )  # fmt: skip
+        for maps in (True, False)
+    }
+    on, off = got[True], got[False]
+    assert on.pix_a.shape == (3, band.npix) and on.pix_b.shape == (2, band.npix)
+    assert off.pix_a.shape == (3, 0) and off.pix_b.shape == (2, 0)
+    # A is a sum of squares on its diagonal: the maps were formed
+    assert np.all(on.pix_a[[0, 2]] >= 0) and on.pix_a[0].sum() > 0
+    for f, v in on.as_arrays().items():
+        if f not in ("pix_a", "pix_b"):
+            np.testing.assert_array_equal(getattr(off, f), v, err_msg=f)
+    red = GroupStatistics.reduce([off, off])
+    assert red.pix_a.shape == (3, 0)

@@ -112,6 +112,11 @@ def test_outputs_written_and_reread(simulated, estimated):
     assert {"major_scale", "minor_scale", "angle_deg", "pixel_size_change"} <= set(grp["polar"])
     stats = np.load(out / "stats" / "group_001.npz")
     assert stats["hgg"].shape == (len(ps), 4, 4)
+    # the displacement plot's per-pixel sums: from the first pass (at the input M) only
+    g = res.groups[0].group
+    assert res.first_stats[g].pix_a.shape == (3, res.bands[g].npix)
+    assert np.abs(res.first_stats[g].pix_b).sum() > 0
+    assert stats["pix_a"].shape == (3, 0) and stats["pix_b"].shape == (2, 0)
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "scale_histogram.png" in pngs and any(p.startswith("displacement") for p in pngs)
     assert (out / "plots" / "estimate.pdf").stat().st_size > 1000

@@ -122,6 +122,11 @@ class KernelOptions:
         ``window_pad`` times the box, instead of the group's largest. The prediction on
         a larger grid is the same where nothing wraps around it; the cost of a particle
         grows with the grid's area.
+    pixel_maps : bool
+        Also accumulate ``pix_a`` and ``pix_b``, the per-pixel sums of the displacement
+        plot (:func:`cryomag.report.plots_estimate.displacement_images`), which shows a
+        fit's first pass. Without them (the later passes) their shapes are (3, 0) and
+        (2, 0); nothing else changes.
     """
 
     window_pad: int = 1
@@ -136,6 +141,7 @@ class KernelOptions:
     defocus_profile: bool = False
     padded_box: int = 0
     adaptive_window: bool = False
+    pixel_maps: bool = True
 
 
 def chunk_statistics(
@@ -345,6 +351,7 @@ class _Kernel:
         self.exact = bool(opts.exact_gradient)
         self.stride = max(int(opts.second_order), 0)
         self.second = self.stride > 0
+        self.pixel_maps = bool(opts.pixel_maps)
         self.ctf_moves = bool(opts.ctf_moves)
         self.aberr = opts.aberrations if opts.aberrations is not None and len(
             opts.aberrations) else None  # fmt: skip
@@ -824,8 +831,9 @@ class PeriodicKernel(_Kernel):
         hpg = np.zeros((len(pt), ncol + nd))
         bg = np.zeros((len(pt), ncol + nd))
         hgg = np.zeros((len(pt), ncol + nd, ncol + nd))
-        pix_b = np.zeros((2, len(self.kx_b)))
-        pix_a = np.zeros((3, len(self.kx_b)))
+        maps = self.pixel_maps
+        pix_b = np.zeros((2, len(self.kx_b) if maps else 0))
+        pix_a = np.zeros((3, len(self.kx_b) if maps else 0))
         sa32, sa2 = sa.astype(_F32), (sa * sa).astype(_F32)
 
         def col(ci, b):
@@ -839,13 +847,13 @@ class PeriodicKernel(_Kernel):
             for b in range(2):
                 hpg[:, col(ci, b)] = sa * amp * lin_p[:, b]
                 bg[:, col(ci, b)] = sa * (lin_y[:, b] - sa * lin_p[:, b])
-            if ci < 2:
+            if ci < 2 and maps:
                 pix_b[ci] = _pairsum(sa32 @ p_hy - sa2 @ p_ph)
             for cj in range(ci, nc):
                 p_hh = f(h) * f(hcols[cj])
                 quad = m3.dot(p_hh)
                 raw_q[ci, cj] = raw_q[cj, ci] = quad
-                if ci < 2 and cj < 2:
+                if ci < 2 and cj < 2 and maps:
                     pix_a[ci + cj] = _pairsum(sa2 @ p_hh)
                 for b in range(2):
                     for d in range(2):
@@ -1034,9 +1042,6 @@ class WindowedKernel(_Kernel):
         r = y - s.astype(_F32)[:, None] * z[:, 0]
         p_rr = f(r) * f(r)
         p_pp = zf[:, 0] * zf[:, 0]
-        kxb, kyb = self.kx_b.astype(_F32), self.ky_b.astype(_F32)
-        s32 = s.astype(_F32)[:, None]
-        h = [s32 * (z[:, 1 + 2 * a] * kxb + z[:, 2 + 2 * a] * kyb) / self.k2_f32 for a in range(2)]
         out = {
             "npix": np.full(len(z), float(self.band.npix)),
             "yy": yy.astype(float),
@@ -1047,6 +1052,25 @@ class WindowedKernel(_Kernel):
             "hgg": (s * s)[:, None, None] * g[:, 1 : 1 + nc, 1 : 1 + nc],
             "bg": s[:, None] * (g[:, 1 : 1 + nc, -1] - s[:, None] * g[:, 1 : 1 + nc, 0]),
             **self._shells(p_rr, p_yy, (s * s).astype(_F32) @ p_pp, len(z)),
+            **self._pixel_maps(z, r, s),
+        }
+        out["chi_curv"] = self._chi_curvature(z[:, 0], r, s)
+        out["_g"] = g
+        out["_z"] = z
+        # the columns of M (k-expanded): the reference's, and the extended ones
+        out["_nk"] = 2 * len(hcols) + (4 if self.extended else 0)
+        return out
+
+    def _pixel_maps(self, z, r, s) -> dict[str, np.ndarray]:
+        """``pix_a`` (3, npix_band) and ``pix_b`` (2, npix_band) from the windowed M columns
+        ``z`` and residual ``r`` (``pixel_maps``; else shapes (3, 0) and (2, 0))."""
+        if not self.pixel_maps:
+            return {"pix_a": np.zeros((3, 0)), "pix_b": np.zeros((2, 0))}
+        f = _F32view
+        kxb, kyb = self.kx_b.astype(_F32), self.ky_b.astype(_F32)
+        s32 = s.astype(_F32)[:, None]
+        h = [s32 * (z[:, 1 + 2 * a] * kxb + z[:, 2 + 2 * a] * kyb) / self.k2_f32 for a in range(2)]
+        return {
             "pix_a": np.stack(
                 [
                     _pairsum((f(h[0]) * f(h[0])).sum(0)),
@@ -1056,12 +1080,6 @@ class WindowedKernel(_Kernel):
             ),
             "pix_b": np.stack([_pairsum((f(h[a]) * f(r)).sum(0)) for a in range(2)]),
         }
-        out["chi_curv"] = self._chi_curvature(z[:, 0], r, s)
-        out["_g"] = g
-        out["_z"] = z
-        # the columns of M (k-expanded): the reference's, and the extended ones
-        out["_nk"] = 2 * len(hcols) + (4 if self.extended else 0)
-        return out
 
     # ------------------------------------------------------------------ second order
     def _moves(self, first) -> bool:

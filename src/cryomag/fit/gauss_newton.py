@@ -440,6 +440,8 @@ class GroupFit:
             aberrations=s.aberrations if aberr else None,
             lean=s.lean_warm and self.phase == "warm",
             defocus_profile=self.defocus_search_next or (periodic and self.probe_next),
+            # the displacement plot shows the first pass (at the input M)
+            pixel_maps=self.first_stats is None,
         )
 
     @property

@@ -79,6 +79,9 @@ class GroupPass:
         Also search each particle's isotropic defocus on its likelihood (box-periodic;
         :mod:`cryomag.fit.defocus_profile`): the joint fits' first pass and warm probes,
         and the held-defocus probe of the group fit's warm passes.
+    pixel_maps : bool
+        Also the per-pixel sums of the displacement plot (``pix_a``, ``pix_b``;
+        :class:`cryomag.fit.accumulate.KernelOptions`): a fit's first pass.
     """
 
     mag: np.ndarray
@@ -92,6 +95,7 @@ class GroupPass:
     aberrations: AberrationTerms | None = None
     lean: bool = False
     defocus_profile: bool = False
+    pixel_maps: bool = True
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class StatisticsPass:
             upsample_slices=self.spec.upsample_slices,
             adaptive_window=self.spec.adaptive_window and self.spec.upsample_slices,
             defocus_profile=gp.defocus_profile,
+            pixel_maps=gp.pixel_maps,
         )
         out = []
         halves = self.halves[rows]

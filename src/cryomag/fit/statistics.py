@@ -54,7 +54,8 @@ With them Gauss-Newton re-linearises at a new M without another pass
 
 Per group and radial shell (for the noise model and plots): sum |r|^2, sum |Y|^2,
 sum |s P|^2, pixel count. Per group and rfft pixel (for the displacement-field plot):
-sum Re(conj(h) h^T) (3 unique) and sum Re(conj(h) r) (2), h = s amp C phase dV/du.
+sum Re(conj(h) h^T) (3 unique) and sum Re(conj(h) r) (2), h = s amp C phase dV/du; only
+in a fit's first pass, which the plot shows (later passes: no pixels).
 """
 
 from __future__ import annotations
@@ -199,8 +200,11 @@ class _StatisticsArrays:
     shell_yy: np.ndarray
     shell_ss: np.ndarray
     shell_n: np.ndarray
-    pix_a: np.ndarray  # (3, npix_band): A00, A01, A11
-    pix_b: np.ndarray  # (2, npix_band)
+    #: (3, npix_band): A00, A01, A11 per band pixel, and (2, npix_band): b0, b1, summed over
+    #: the particles (the displacement plot); (3, 0) and (2, 0) in the passes after a fit's
+    #: first (:attr:`cryomag.fit.accumulate.KernelOptions.pixel_maps`).
+    pix_a: np.ndarray
+    pix_b: np.ndarray
     jp: np.ndarray | None = None
     jy: np.ndarray | None = None
     jj: np.ndarray | None = None
