@@ -504,3 +504,18 @@ def test_exact_gradient_by_default_only_for_local_models(simulated, tmp_path):
         simulated / "particles.star", simulated / "ref.mrc", max_iter=1, progress=False
     )
     assert res.options.exact_gradient is False
+
+
+def test_plots_without_the_first_pass_maps(estimated, tmp_path):
+    """The displacement plot needs the first pass's per-pixel sums (issue 14: later passes
+    have none); without them the other plots are still written."""
+    import dataclasses
+
+    from cryomag.report.plots_estimate import plot_estimate
+
+    res, _ = estimated
+    assert res.stats[res.groups[0].group].pix_a.size == 0  # the last pass: no pixels
+    pngs = plot_estimate(dataclasses.replace(res, first_stats={}), res.bands, tmp_path)
+    names = [p.name for p in pngs]
+    assert names and not any(n.startswith("displacement") for n in names)
+    assert "scale_histogram.png" in names

@@ -74,27 +74,33 @@ def plot_estimate(result, bands, folder: Path) -> list[Path]:
     with atomic_write(pdf_path) as tmp_pdf, PdfPages(tmp_pdf) as pdf:
         for gr in result.groups:
             # the first pass was linearised at the input M: it shows the whole distortion
-            st = result.first_stats.get(gr.group, result.stats[gr.group])
-            dx0, dy0, fx0, fy0, ext = displacement_images(st, bands[gr.group], gr.mag - gr.mag_in)
-            fig, axes = plt.subplots(2, 2, figsize=(8, 7))
-            lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
-            lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
-            for ax, img, title in zip(
-                axes.ravel(),
-                [dx0, dy0, fx0, fy0],
-                ["observed x", "observed y", "fitted x", "fitted y"],
-                strict=True,
-            ):
-                im = ax.imshow(img, origin="lower", extent=ext, cmap="RdBu_r", vmin=-lim, vmax=lim)
-                ax.set_title(f"{title} displacement (1/A)")
-                ax.set_xlabel("kx (1/A)")
-                ax.set_ylabel("ky (1/A)")
-                fig.colorbar(im, ax=ax, shrink=0.8)
-            fig.suptitle(
-                f"Optics group {gr.group}: displacement of the reference frequency, "
-                "first pass (at the input M)"
-            )
-            paths.append(_save(fig, folder / f"displacement_group{gr.group:03d}.png", pdf))
+            # (only the first pass of a fit has the per-pixel sums: later ones have no pixels)
+            st = result.first_stats.get(gr.group) or result.stats.get(gr.group)
+            if st is not None and st.pix_a.size:
+                dx0, dy0, fx0, fy0, ext = displacement_images(
+                    st, bands[gr.group], gr.mag - gr.mag_in
+                )
+                fig, axes = plt.subplots(2, 2, figsize=(8, 7))
+                lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
+                lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
+                for ax, img, title in zip(
+                    axes.ravel(),
+                    [dx0, dy0, fx0, fy0],
+                    ["observed x", "observed y", "fitted x", "fitted y"],
+                    strict=True,
+                ):
+                    im = ax.imshow(
+                        img, origin="lower", extent=ext, cmap="RdBu_r", vmin=-lim, vmax=lim
+                    )
+                    ax.set_title(f"{title} displacement (1/A)")
+                    ax.set_xlabel("kx (1/A)")
+                    ax.set_ylabel("ky (1/A)")
+                    fig.colorbar(im, ax=ax, shrink=0.8)
+                fig.suptitle(
+                    f"Optics group {gr.group}: displacement of the reference frequency, "
+                    "first pass (at the input M)"
+                )
+                paths.append(_save(fig, folder / f"displacement_group{gr.group:03d}.png", pdf))
 
             fig, ax = plt.subplots(figsize=(5, 3.5))
             steps = [h["max_step"] for h in gr.history]
