@@ -37,7 +37,9 @@ from cryomag.fit.statistics import GroupStatistics, column_layout
 __all__ = [
     "LEVELS",
     "DefocusLevels",
+    "JointCheck",
     "JointSolution",
+    "joint_check",
     "joint_system",
     "solve_joint",
 ]
@@ -245,6 +247,7 @@ def solve_joint(
     n_aberration: int = 0,
     profile: np.ndarray | None = None,
     newton_defocus: bool = True,
+    system: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> JointSolution:
     """The joint Gauss-Newton step of M and the defocus parts (see the module docstring).
 
@@ -294,9 +297,17 @@ def solve_joint(
         their phase terms are left out, and with Cs fitted these steps diverged along the
         defocus-Cs coupling (as the defocus block alone did, M's coupling left out, on a
         box-96 set).
+    system : (h, b), optional
+        Each particle's reduced system (:func:`joint_system`'s shapes) to solve instead of
+        the one of ``stats`` (whose noise level and rows are still used): the check of a
+        step (:func:`joint_check`). Whether the step had the Hessian's phase terms is in
+        ``extra["newton"]``.
     """
     na = int(n_aberration)
-    h, b = joint_system(stats, ctf_moves, na, need_defocus=levels.active)
+    if system is not None:
+        h, b = (np.asarray(a, float) for a in system)
+    else:
+        h, b = joint_system(stats, ctf_moves, na, need_defocus=levels.active)
     if profile is not None:
         h, b = _laplace_along_defocus(h, b, np.asarray(profile, float))
     n = len(stats.rows)
@@ -436,12 +447,142 @@ def solve_joint(
         aberration=aberration,
         aberration_cov=aberration_cov,
         theta_cov=cov_t,
+        extra={"newton": bool(newton)},
         # M's marginal information (the group defocus parameters profiled out)
         normal_matrix=(
             np.linalg.pinv(c2 ** -1 * cov_t[:4, :4], rcond=1e-12, hermitian=True)
             if fit_mag
             else None
         ),
+    )
+
+
+@dataclass
+class JointCheck:
+    """What a full pass at the state after a joint step would step by, estimated from a
+    pass over a subset (:func:`joint_check`).
+
+    Attributes
+    ----------
+    mag_step : ndarray, shape (2, 2)
+        M's step (zeros when M is held).
+    mag_step_error : ndarray, shape (2, 2)
+        Its sampling error (half the difference of the estimates from the subset's two
+        halves).
+    defocus_step : float
+        The defocus step (A) as the fit measures it: the largest of the group's and the
+        micrographs' parameter steps and the particles' rms deviation step (over the
+        subset).
+    n_used : int
+        Subset particles with signal.
+    """
+
+    mag_step: np.ndarray
+    mag_step_error: np.ndarray
+    defocus_step: float
+    n_used: int
+
+
+def joint_check(
+    full: GroupStatistics,
+    subset: GroupStatistics,
+    micrographs: np.ndarray,
+    levels: DefocusLevels,
+    solution: JointSolution,
+    delta_mag: np.ndarray,
+    deviation: np.ndarray | None,
+    fit_mag: bool = True,
+    ctf_moves: bool = False,
+) -> JointCheck:
+    """The step a full pass would take after the joint Gauss-Newton step ``solution`` of the
+    full pass ``full``, from a pass ``subset`` over some of its particles at the new state.
+
+    Each particle's reduced system at the new state is predicted linearly from the full pass
+    (b - h dtheta, dtheta its step: M's ``delta_mag`` and its defocus change); the subset's
+    actual systems differ from their predictions by what the linearisation left out (the
+    particles' noise cancels in the difference: the same images; their curvature is the
+    subset pass's own). Those differences, each
+    standing for its micrograph's particles (weighted by the micrograph's particles over
+    its subset particles), make the remainder of the whole group's system; the joint step
+    of that system (the prior T held at the solution's) estimates the next full pass's
+    step of M and of the group's and micrographs' defocus, and the subset's own remainders
+    alone (unweighted) the particles' deviation steps. Exact when the subset is every
+    particle (test). Only for Gauss-Newton steps (not those with the Hessian's phase terms,
+    ``solution.extra["newton"]``) and without aberrations.
+
+    Parameters
+    ----------
+    full : GroupStatistics
+        The full pass the step was taken from (with defocus columns).
+    subset : GroupStatistics
+        The pass over the subset at the state after the step, with the full pass's noise
+        weights; its rows a subset of ``full.rows``.
+    micrographs : ndarray, shape (N,)
+        Micrograph of each particle of ``full.rows``.
+    levels : DefocusLevels
+    solution : JointSolution
+        The step taken from ``full``.
+    delta_mag : ndarray, shape (2, 2)
+        M's step taken (zeros when M is held).
+    deviation : ndarray, shape (N, k_p), or None
+        The particles' deviations from their micrograph after the step (the state the
+        subset was evaluated at).
+    fit_mag, ctf_moves : bool
+        As in :func:`solve_joint`.
+
+    Returns
+    -------
+    JointCheck
+    """
+    if solution.extra.get("newton"):
+        raise ValueError("the check predicts Gauss-Newton steps only (not newton_defocus)")
+    if len(solution.aberration):
+        raise ValueError("the check does not take aberrations")
+    rows = np.asarray(full.rows)
+    pos = np.searchsorted(rows, subset.rows)
+    if np.any(pos >= len(rows)) or np.any(rows[np.minimum(pos, len(rows) - 1)] != subset.rows):
+        raise ValueError("the subset's particles are not all in the full pass")
+    h0, b0 = joint_system(full, ctf_moves)
+    n = len(rows)
+    dtheta = np.zeros((n, 7))
+    if fit_mag:
+        dtheta[:, :4] = np.asarray(delta_mag, float).reshape(4)
+    dtheta[:, 4:7] = solution.delta_a
+    b_pred = b0 - np.einsum("nij,nj->ni", h0, dtheta)
+    h1, b1 = joint_system(subset, ctf_moves)
+    used = (subset.pp > 0) & (full.pp[pos] > 0)
+    rem = np.where(used[:, None], b1 - b_pred[pos], 0.0)
+    _, inv = np.unique(np.asarray(micrographs), return_inverse=True)
+    n_mic = np.bincount(inv).astype(float)
+
+    h = h0.copy()
+    h[pos[used]] = h1[used]  # the subset's own curvature at the new state
+
+    def step(sel: np.ndarray, weighted: bool) -> JointSolution:
+        b = b_pred.copy()
+        w = np.ones(len(pos))
+        if weighted:
+            n_sub = np.bincount(inv[pos[sel]], minlength=len(n_mic)).astype(float)
+            w = n_mic[inv[pos]] / np.maximum(n_sub[inv[pos]], 1.0)
+        b[pos[sel]] += w[sel, None] * rem[sel]
+        return solve_joint(full, micrographs, levels, fit_mag=fit_mag, ctf_moves=ctf_moves,
+                           deviation=deviation, prior=solution.prior, system=(h, b),
+                           newton_defocus=False)  # fmt: skip
+
+    every = np.arange(len(pos))
+    whole = step(every, True)
+    halves = [step(every[k::2], True) for k in (0, 1)]
+    own = step(every, False)
+    parts = [np.abs(whole.group).max(initial=0.0), np.abs(whole.micrograph).max(initial=0.0)]
+    if own.particle.shape[1]:
+        dev = np.zeros_like(own.particle) if deviation is None else np.asarray(deviation)
+        d = (own.particle - dev)[pos[used]]
+        parts.append(float(np.sqrt(np.mean(d**2))) if len(d) else 0.0)
+    return JointCheck(
+        mag_step=whole.delta_mag,
+        mag_step_error=np.abs(halves[0].delta_mag - halves[1].delta_mag) / 2.0,
+        defocus_step=float(max(parts)),
+        n_used=int(used.sum()),
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from cryomag.fit.aberrations import AberrationTerms
 from cryomag.fit.anisomag import MagUpdate, solve_group
-from cryomag.fit.defocus import DefocusLevels, JointSolution, solve_joint
+from cryomag.fit.defocus import DefocusLevels, JointSolution, joint_check, solve_joint
 from cryomag.fit.passes import GroupPass, PassSpec
 from cryomag.fit.quality import FitQuality, assess_group
 from cryomag.fit.relinearise import relinearised_fit, subset_check
@@ -184,6 +184,15 @@ class GaussNewtonSettings:
         errors from the Gauss-Newton route's converged result; per group: 2 full passes
         either way, M 0.20 (0.34 before) standard errors and the defocus 0.09 A (1.75 A)
         from the fixed point (bench/RESULTS.md, issue 14). False: Gauss-Newton.
+    joint_check : bool
+        A joint fit's window-aware Gauss-Newton step (the defocus refined, no aberrations,
+        not the steps with the phase terms) that does not end the fit, but is within
+        :data:`FINAL_M_STEP_AFTER_LINEAR_START` tolerances (M) and
+        :data:`FINAL_STEP_AFTER_PERIODIC` defocus tolerances, is checked by a pass over the
+        group's check subset (``check_subset`` particles, evenly spaced) at the new state
+        instead of a full pass (:func:`cryomag.fit.defocus.joint_check`): the group is done
+        when the step a full pass would take is below ``tol`` (M, plus twice its sampling
+        error) and ``defocus_tol_A``; else a full pass follows.
     """
 
     fit_aniso: bool = True
@@ -208,6 +217,7 @@ class GaussNewtonSettings:
     check_subset: int = 500
     held_defocus_probe: bool = True
     newton_defocus: bool = True
+    joint_check: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -421,7 +431,7 @@ class GroupFit:
             if s.fit_aniso and s.relinearise and self.phase in ("full", "check") and not s.joint
             else 0
         )
-        refine = s.levels.active and self.phase == "full"
+        refine = s.levels.active and self.phase in ("full", "check")
         aberr = len(s.aberrations) and self.phase == "full"
         periodic = (s.warm_periodic and self.phase == "warm" and not self.warm_windowed) or (
             self.coarse_pass_next
@@ -500,7 +510,10 @@ class GroupFit:
         particles, and decide whether the group is done."""
         s = self.settings
         if self.phase == "check":
-            self._check_step(st)
+            if s.joint:
+                self._joint_check_step(st)
+            else:
+                self._check_step(st)
             return
         coarse = self.coarse_pass_next
         relaxed, self.relaxed_next = self.relaxed_next, False
@@ -553,6 +566,22 @@ class GroupFit:
                 done = done and dz_step < reach_dz * s.defocus_tol_A
             else:
                 dz_step = None
+            sol = self.defocus_solution
+            check_next = (
+                not done
+                and not coarse
+                and s.joint_check
+                and s.fit_aniso
+                and s.levels.active
+                and not len(s.aberrations)
+                and sol is not None
+                and not sol.extra.get("newton", False)
+                and weights_from_residuals
+                and self.check_available
+                and s.check_subset > 0
+                and steps[0] < FINAL_M_STEP_AFTER_LINEAR_START * s.tol
+                and dz_step < FINAL_STEP_AFTER_PERIODIC * s.defocus_tol_A
+            )
             if coarse:
                 # never the end; the window-aware passes from here. From a linear start (a
                 # small defocus step) the first of them may end the fit at the relaxed
@@ -641,7 +670,12 @@ class GroupFit:
                     self._start_full()
             return
         self.update = upd
-        if check_next:
+        if check_next and s.joint:
+            # a pass over the check subset at the new state decides
+            self._check_base = (st_joint, upd.delta, noise_used, self.defocus_solution)
+            self.phase = "check"
+            log.info("group %d: the joint step is checked on a subset", self.group)
+        elif check_next:
             # a pass over the check subset at the re-linearised M decides
             self._check_base = (st, rel.delta, noise_used)
             self.phase = "check"
@@ -715,6 +749,67 @@ class GroupFit:
                 s.max_iter,
                 bound,
                 s.tol,
+            )
+
+    def _joint_check_step(self, st: GroupStatistics) -> None:
+        """The check pass of a joint step (:func:`cryomag.fit.defocus.joint_check`): done
+        when the M step a full pass would take, plus twice its sampling error, is below
+        ``tol`` and its defocus step below ``defocus_tol_A`` (the state stays the joint
+        step's, as after a last full pass); else a full pass at that state."""
+        s = self.settings
+        full_st, delta, _, sol = self._check_base
+        self._check_base = None
+        self.counts["check"] += 1
+        self.phase = "full"
+        chk = joint_check(
+            full_st,
+            st,
+            self.micrographs if self.micrographs is not None else np.zeros(len(full_st.rows)),
+            s.levels,
+            sol,
+            delta,
+            self.deviation,
+            fit_mag=s.fit_aniso,
+            ctf_moves=s.ctf_moves,
+        )
+        bound = float(np.max(np.abs(chk.mag_step) + 2 * chk.mag_step_error))
+        usable = chk.n_used > 0 and np.isfinite(bound) and np.isfinite(chk.defocus_step)
+        ok = usable and bound < s.tol and chk.defocus_step < s.defocus_tol_A
+        self.history.append(
+            {
+                "iteration": len(self.history) + 1,
+                "particles": int(len(st.rows)),
+                "max_step": float(np.abs(chk.mag_step).max()) if usable else float("inf"),
+                "M": self.mag.tolist(),
+                "relinearised": False,
+                "check": True,
+                "check_bound": bound if usable else float("inf"),
+                "defocus_step_A": chk.defocus_step,
+            }
+        )
+        log.info(
+            "group %d iteration %d (check on %d particles): a full pass would step |dM| "
+            "%.2e (with twice its sampling error %.2e), the defocus by %.2f A (%s)",
+            self.group,
+            len(self.history),
+            chk.n_used,
+            float(np.abs(chk.mag_step).max()),
+            bound,
+            chk.defocus_step,
+            "converged" if ok else "another pass",
+        )
+        if ok:
+            self.done = True
+        elif self.counts["full"] >= s.max_iter:
+            self.done = True
+            self.converged = False
+            log.warning(
+                "group %d: not converged after %d passes (the check's steps: M %.1e, "
+                "defocus %.2f A)",
+                self.group,
+                s.max_iter,
+                bound,
+                chk.defocus_step,
             )
 
     def _start_full(self) -> None:
