@@ -179,8 +179,9 @@ class EstimateOptions:
         5,000 particles of box 128 with micrograph-level defocus: 0.035 standard errors
         from the two-pass result, the fit 1.6x faster (bench/RESULTS.md, issue 14).
     joint_check : bool
-        With the defocus refined (Gauss-Newton steps, no aberrations), a window-aware step
-        that does not end the fit but is near its tolerances is checked by a pass over
+        With the defocus refined in Gauss-Newton steps (the defocus per particle, or
+        ``newton_defocus`` off) and no aberrations fitted, a window-aware step that does
+        not end the fit but is near its tolerances is checked by a pass over
         ``check_subset`` particles at the new state instead of a full pass (default True;
         :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.joint_check`). Measured on
         5,000 particles of box 128 with micrograph-level defocus and heights, the local
