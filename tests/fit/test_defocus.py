@@ -894,3 +894,22 @@ def test_joint_check_replaces_the_last_full_pass(heights):
     ks = strict.groups[0].step_kinds()
     assert "check" in ks and ks[ks.index("check") + 1] == "full", ks
     assert strict.groups[0].converged and strict.groups[0].history[-1]["max_step"] < 2e-6
+
+
+def test_joint_check_subsets_see_every_micrograph():
+    from cryomag.fit.gauss_newton import joint_check_subsets
+
+    mics = np.repeat(np.arange(40), 30)  # 30 micrographs of 30 rows (group 1)
+    mics[900:] = np.repeat(np.arange(100, 150), 6)  # group 2: 50 micrographs of 6
+    rows = {1: np.arange(0, 900), 2: np.arange(900, 1200), 3: np.arange(1200, 1350)}
+    mics = np.concatenate([mics, np.arange(1000, 1150)])  # group 3: one row each
+    sub = joint_check_subsets(rows, mics, 70)
+    assert sorted(sub) == [1, 2]  # group 3: every micrograph would take more than half
+    for g, n_mic in ((1, 30), (2, 50)):
+        s = sub[g]
+        assert np.all(np.diff(s) > 0) and len(set(mics[s])) == n_mic
+        assert np.all(np.isin(s, rows[g]))
+    assert 60 <= len(sub[1]) <= 90  # each micrograph its share of 70, rounded
+    assert len(sub[2]) == 50  # more micrographs than its share: one from each
+    assert joint_check_subsets({1: np.arange(0, 120)}, mics, 70) == {}  # not twice 70
+    assert joint_check_subsets(rows, mics, 0) == {}

@@ -32,6 +32,7 @@ __all__ = [
     "GroupFit",
     "GroupResult",
     "check_subsets",
+    "joint_check_subsets",
     "defocus_probe_z",
     "iterate",
     "warm_subsets",
@@ -189,7 +190,8 @@ class GaussNewtonSettings:
         not the steps with the phase terms) that does not end the fit, but is within
         :data:`FINAL_M_STEP_AFTER_LINEAR_START` tolerances (M) and
         :data:`FINAL_STEP_AFTER_PERIODIC` defocus tolerances, is checked by a pass over the
-        group's check subset (``check_subset`` particles, evenly spaced) at the new state
+        group's check subset (about ``check_subset`` particles, from every micrograph:
+        :func:`joint_check_subsets`) at the new state
         instead of a full pass (:func:`cryomag.fit.defocus.joint_check`): the group is done
         when the step a full pass would take is below ``tol`` (M, plus twice its sampling
         error) and ``defocus_tol_A``; else a full pass follows.
@@ -994,6 +996,35 @@ def check_subsets(group_rows: dict[int, np.ndarray], size: int, stride: int) -> 
         if len(rows) > 2 * size and len(eligible) >= size:
             pick = np.unique(np.linspace(0, len(eligible) - 1, size).round().astype(int))
             out[g] = np.sort(eligible[pick])
+    return out
+
+
+def joint_check_subsets(
+    group_rows: dict[int, np.ndarray], micrographs: np.ndarray, size: int
+) -> dict:
+    """Each group's check subset for the joint fits (:attr:`GaussNewtonSettings.joint_check`):
+    from every micrograph its share of ``size`` particles, at least one (evenly spaced in its
+    rows), so that every micrograph's defocus step is seen; only for groups of more than
+    twice ``size`` particles where that takes at most half the group. {} when ``size`` is 0.
+
+    ``micrographs``: the micrograph of every particle row (all groups)."""
+    out = {}
+    if size <= 0:
+        return out
+    mics = np.asarray(micrographs)
+    for g in sorted(group_rows):
+        rows = np.sort(np.asarray(group_rows[g]))
+        if len(rows) <= 2 * size:
+            continue
+        labels, inv = np.unique(mics[rows], return_inverse=True)
+        pick = []
+        for u in range(len(labels)):
+            own = rows[inv == u]
+            k = max(1, int(round(size * len(own) / len(rows))))
+            pick.append(own[np.unique(np.linspace(0, len(own) - 1, k).round().astype(int))])
+        sub = np.sort(np.concatenate(pick))
+        if len(sub) <= len(rows) // 2:
+            out[g] = sub
     return out
 
 

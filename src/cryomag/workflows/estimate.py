@@ -34,6 +34,7 @@ from cryomag.fit.gauss_newton import (
     GroupResult,
     check_subsets,
     iterate,
+    joint_check_subsets,
     warm_subsets,
 )
 from cryomag.fit.passes import PassSpec, StatisticsPass
@@ -497,7 +498,7 @@ def run_estimate(
     check = (
         check_subsets(rows, settings.check_subset, settings.curvature_every)
         if settings.fit_aniso and settings.relinearise and not settings.joint
-        else check_subsets(rows, settings.check_subset, 1)
+        else joint_check_subsets(rows, mics_all, settings.check_subset)
         if settings.fit_aniso and settings.joint and settings.joint_check
         else {}
     )
