@@ -194,7 +194,13 @@ class GaussNewtonSettings:
         :func:`joint_check_subsets`) at the new state
         instead of a full pass (:func:`cryomag.fit.defocus.joint_check`): the group is done
         when the step a full pass would take is below ``tol`` (M, plus twice its sampling
-        error) and ``defocus_tol_A``; else a full pass follows.
+        error) and ``defocus_tol_A``; else a full pass follows. The state stays the
+        step's, as after a last full pass. Measured on 5,000 particles of box 128 (a
+        micrograph's defocus with a 50 A error, heights 200 A), the local models: the check
+        over 500 particles estimated |dM| 2.2e-6 (with twice its sampling error 8.4e-6)
+        and a defocus step of 0.79 A where the full pass it replaces stepped by 1.3e-6
+        and 0.49 A; M 0.04 standard errors and the particles' defocus 0.03 (rms, at most
+        0.43) from the three-pass result, the fit 1.4x faster (bench/RESULTS.md, issue 14).
     """
 
     fit_aniso: bool = True
