@@ -863,6 +863,7 @@ def test_joint_check_predicts_the_next_full_pass_step():
     assert half.n_used == n // 2
     assert np.all(np.abs(half.mag_step - real.delta_mag) <= 3 * half.mag_step_error + 1e-7)
     assert 0.5 * real_dz < half.defocus_step < 2 * real_dz
+    assert half.defocus_bound >= half.defocus_step
     with pytest.raises(ValueError, match="not all in the full pass"):
         joint_check(stats_at(m0, da0, np.arange(30)), stats_at(m1, da1, np.arange(30, 40)),
                     mics[:30], levels, sol, sol.delta_mag, sol.particle)  # fmt: skip
@@ -884,7 +885,8 @@ def test_joint_check_replaces_the_last_full_pass(heights):
     assert kc[-1] == "check" and "check" not in kf, (kc, kf)
     assert kc.count("full") == kf.count("full") - 1
     last = checked.groups[0].history[-1]
-    assert last["check_bound"] < 1e-5 and last["defocus_step_A"] < 1.0
+    assert last["check_bound"] < 1e-5 and last["defocus_check_bound_A"] < 1.0
+    assert last["defocus_step_A"] <= last["defocus_check_bound_A"]
     assert checked.groups[0].converged and checked.verdict == "ok"
     _same_fit(checked, full, mag=0.02, mic=0.02)  # measured 0.005, 0.008, 0.043, 0.047
     np.testing.assert_allclose(checked.groups[0].mag_error, full.groups[0].mag_error,

@@ -473,6 +473,9 @@ class JointCheck:
         The defocus step (A) as the fit measures it: the largest of the group's and the
         micrographs' parameter steps and the particles' rms deviation step (over the
         subset).
+    defocus_bound : float
+        The same with the group's and micrographs' part plus twice its sampling error (half
+        the difference of that part's estimates from the two halves).
     n_used : int
         Subset particles with signal.
     """
@@ -480,6 +483,7 @@ class JointCheck:
     mag_step: np.ndarray
     mag_step_error: np.ndarray
     defocus_step: float
+    defocus_bound: float
     n_used: int
 
 
@@ -506,7 +510,8 @@ def joint_check(
     its subset particles), make the remainder of the whole group's system; the joint step
     of that system (the prior T held at the solution's) estimates the next full pass's
     step of M and of the group's and micrographs' defocus, and the subset's own remainders
-    alone (unweighted) the particles' deviation steps. Exact when the subset is every
+    alone (unweighted) the particles' deviation steps. The sampling errors come from the
+    estimates of the subset's two halves (alternate particles). Exact when the subset is every
     particle (test). Only for Gauss-Newton steps (not those with the Hessian's phase terms,
     ``solution.extra["newton"]``) and without aberrations.
 
@@ -569,19 +574,24 @@ def joint_check(
                            deviation=deviation, prior=solution.prior, system=(h, b),
                            newton_defocus=False)  # fmt: skip
 
+    def upper(x: JointSolution) -> float:  # the group's and micrographs' defocus step
+        return float(max(np.abs(x.group).max(initial=0.0), np.abs(x.micrograph).max(initial=0.0)))
+
     every = np.arange(len(pos))
     whole = step(every, True)
     halves = [step(every[k::2], True) for k in (0, 1)]
     own = step(every, False)
-    parts = [np.abs(whole.group).max(initial=0.0), np.abs(whole.micrograph).max(initial=0.0)]
+    rms = 0.0
     if own.particle.shape[1]:
         dev = np.zeros_like(own.particle) if deviation is None else np.asarray(deviation)
         d = (own.particle - dev)[pos[used]]
-        parts.append(float(np.sqrt(np.mean(d**2))) if len(d) else 0.0)
+        rms = float(np.sqrt(np.mean(d**2))) if len(d) else 0.0
+    up, up_err = upper(whole), abs(upper(halves[0]) - upper(halves[1])) / 2.0
     return JointCheck(
         mag_step=whole.delta_mag,
         mag_step_error=np.abs(halves[0].delta_mag - halves[1].delta_mag) / 2.0,
-        defocus_step=float(max(parts)),
+        defocus_step=max(up, rms),
+        defocus_bound=max(up + 2.0 * up_err, rms),
         n_used=int(used.sum()),
     )
 

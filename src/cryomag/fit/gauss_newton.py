@@ -193,8 +193,8 @@ class GaussNewtonSettings:
         group's check subset (about ``check_subset`` particles, from every micrograph:
         :func:`joint_check_subsets`) at the new state
         instead of a full pass (:func:`cryomag.fit.defocus.joint_check`): the group is done
-        when the step a full pass would take is below ``tol`` (M, plus twice its sampling
-        error) and ``defocus_tol_A``; else a full pass follows. The state stays the
+        when the step a full pass would take, plus twice its sampling error, is below
+        ``tol`` (M) and ``defocus_tol_A``; else a full pass follows. The state stays the
         step's, as after a last full pass. Measured on 5,000 particles of box 128 (a
         micrograph's defocus with a 50 A error, heights 200 A), the local models: the check
         over 500 particles estimated |dM| 2.2e-6 (with twice its sampling error 8.4e-6)
@@ -762,8 +762,9 @@ class GroupFit:
     def _joint_check_step(self, st: GroupStatistics) -> None:
         """The check pass of a joint step (:func:`cryomag.fit.defocus.joint_check`): done
         when the M step a full pass would take, plus twice its sampling error, is below
-        ``tol`` and its defocus step below ``defocus_tol_A`` (the state stays the joint
-        step's, as after a last full pass); else a full pass at that state."""
+        ``tol`` and its defocus step (the group's and micrographs' part plus twice its
+        sampling error) below ``defocus_tol_A`` (the state stays the joint step's, as after
+        a last full pass); else a full pass at that state."""
         s = self.settings
         full_st, delta, _, sol = self._check_base
         self._check_base = None
@@ -781,8 +782,8 @@ class GroupFit:
             ctf_moves=s.ctf_moves,
         )
         bound = float(np.max(np.abs(chk.mag_step) + 2 * chk.mag_step_error))
-        usable = chk.n_used > 0 and np.isfinite(bound) and np.isfinite(chk.defocus_step)
-        ok = usable and bound < s.tol and chk.defocus_step < s.defocus_tol_A
+        usable = chk.n_used > 0 and np.isfinite(bound) and np.isfinite(chk.defocus_bound)
+        ok = usable and bound < s.tol and chk.defocus_bound < s.defocus_tol_A
         self.history.append(
             {
                 "iteration": len(self.history) + 1,
@@ -793,17 +794,19 @@ class GroupFit:
                 "check": True,
                 "check_bound": bound if usable else float("inf"),
                 "defocus_step_A": chk.defocus_step,
+                "defocus_check_bound_A": chk.defocus_bound,
             }
         )
         log.info(
             "group %d iteration %d (check on %d particles): a full pass would step |dM| "
-            "%.2e (with twice its sampling error %.2e), the defocus by %.2f A (%s)",
+            "%.2e (with twice its sampling error %.2e), the defocus by %.2f A (%.2f A) (%s)",
             self.group,
             len(self.history),
             chk.n_used,
             float(np.abs(chk.mag_step).max()),
             bound,
             chk.defocus_step,
+            chk.defocus_bound,
             "converged" if ok else "another pass",
         )
         if ok:
@@ -817,7 +820,7 @@ class GroupFit:
                 self.group,
                 s.max_iter,
                 bound,
-                chk.defocus_step,
+                chk.defocus_bound,
             )
 
     def _start_full(self) -> None:
