@@ -505,14 +505,14 @@ def joint_check(
     (b - h dtheta, dtheta its step: M's ``delta_mag`` and its defocus change); the subset's
     actual systems differ from their predictions by what the linearisation left out (the
     particles' noise cancels in the difference: the same images; their curvature is the
-    subset pass's own). Those differences, each
-    standing for its micrograph's particles (weighted by the micrograph's particles over
-    its subset particles), make the remainder of the whole group's system; the joint step
-    of that system (the prior T held at the solution's) estimates the next full pass's
-    step of M and of the group's and micrographs' defocus, and the subset's own remainders
-    alone (unweighted) the particles' deviation steps. The sampling errors come from the
-    estimates of the subset's two halves (alternate particles). Exact when the subset is every
-    particle (test). Only for Gauss-Newton steps (not those with the Hessian's phase terms,
+    subset pass's own). Those differences, each standing for its micrograph's particles
+    (weighted by the micrograph's particles over its subset particles), make the remainder
+    of the whole group's system; the joint step of that system (the prior T held at the
+    solution's) estimates the next full pass's step of M and of the group's and
+    micrographs' defocus, and, given those, each subset particle's own remainder
+    (unweighted) its deviation step. The sampling errors come from the estimates of the
+    subset's two halves (alternate particles). Exact when the subset is every particle
+    (test). Only for Gauss-Newton steps (not those with the Hessian's phase terms,
     ``solution.extra["newton"]``) and without aberrations.
 
     Parameters
@@ -563,12 +563,10 @@ def joint_check(
     h = h0.copy()
     h[pos[used]] = h1[used]  # the subset's own curvature at the new state
 
-    def step(sel: np.ndarray, weighted: bool) -> JointSolution:
+    def step(sel: np.ndarray) -> JointSolution:
         b = b_pred.copy()
-        w = np.ones(len(pos))
-        if weighted:
-            n_sub = np.bincount(inv[pos[sel]], minlength=len(n_mic)).astype(float)
-            w = n_mic[inv[pos]] / np.maximum(n_sub[inv[pos]], 1.0)
+        n_sub = np.bincount(inv[pos[sel]], minlength=len(n_mic)).astype(float)
+        w = n_mic[inv[pos]] / np.maximum(n_sub[inv[pos]], 1.0)
         b[pos[sel]] += w[sel, None] * rem[sel]
         return solve_joint(full, micrographs, levels, fit_mag=fit_mag, ctf_moves=ctf_moves,
                            deviation=deviation, prior=solution.prior, system=(h, b),
@@ -578,14 +576,28 @@ def joint_check(
         return float(max(np.abs(x.group).max(initial=0.0), np.abs(x.micrograph).max(initial=0.0)))
 
     every = np.arange(len(pos))
-    whole = step(every, True)
-    halves = [step(every[k::2], True) for k in (0, 1)]
-    own = step(every, False)
+    whole = step(every)
+    halves = [step(every[k::2]) for k in (0, 1)]
     rms = 0.0
-    if own.particle.shape[1]:
-        dev = np.zeros_like(own.particle) if deviation is None else np.asarray(deviation)
-        d = (own.particle - dev)[pos[used]]
-        rms = float(np.sqrt(np.mean(d**2))) if len(d) else 0.0
+    bp_ = levels.basis("particle")
+    kp = bp_.shape[1]
+    ps = pos[used]
+    if kp and len(ps):
+        # each subset particle's own deviation step given the group's and micrographs' steps
+        # (its unweighted remainder; _eliminate's particle equations)
+        dev = np.zeros((n, kp)) if deviation is None else np.asarray(deviation, float)
+        lam = full.chi2_per_pixel() / 2.0 * np.linalg.pinv(solution.prior, hermitian=True)
+        r7 = np.zeros((len(ps), 7))
+        r7[:, :4] = whole.delta_mag.reshape(4)
+        if len(whole.group):
+            r7[:, 4:7] += levels.basis("group") @ whole.group
+        if whole.micrograph.shape[1]:
+            r7[:, 4:7] += (levels.basis("micrograph") @ whole.micrograph.T).T[inv[ps]]
+        hi, bi = h[ps], b_pred[ps] + rem[used]
+        rhs = (bi[:, 4:7] - np.einsum("nij,nj->ni", hi[:, 4:7, :], r7)) @ bp_ - dev[ps] @ lam
+        s_i = bp_.T[None] @ hi[:, 4:7, 4:7] @ bp_[None] + lam[None]
+        d = np.einsum("nij,nj->ni", np.linalg.pinv(s_i, rcond=1e-12, hermitian=True), rhs)
+        rms = float(np.sqrt(np.mean(d**2)))
     up, up_err = upper(whole), abs(upper(halves[0]) - upper(halves[1])) / 2.0
     return JointCheck(
         mag_step=whole.delta_mag,

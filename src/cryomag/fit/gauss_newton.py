@@ -189,18 +189,19 @@ class GaussNewtonSettings:
         A joint fit's window-aware Gauss-Newton step (the defocus refined, no aberrations,
         not the steps with the phase terms) that does not end the fit, but is within
         :data:`FINAL_M_STEP_AFTER_LINEAR_START` tolerances (M) and
-        :data:`FINAL_STEP_AFTER_PERIODIC` defocus tolerances, is checked by a pass over the
-        group's check subset (about ``check_subset`` particles, from every micrograph:
-        :func:`joint_check_subsets`) at the new state
-        instead of a full pass (:func:`cryomag.fit.defocus.joint_check`): the group is done
-        when the step a full pass would take, plus twice its sampling error, is below
-        ``tol`` (M) and ``defocus_tol_A``; else a full pass follows. The state stays the
-        step's, as after a last full pass. Measured on 5,000 particles of box 128 (a
-        micrograph's defocus with a 50 A error, heights 200 A), the local models: the check
-        over 500 particles estimated |dM| 2.2e-6 (with twice its sampling error 8.4e-6)
-        and a defocus step of 0.79 A where the full pass it replaces stepped by 1.3e-6
-        and 0.49 A; M 0.04 standard errors and the particles' defocus 0.03 (rms, at most
-        0.43) from the three-pass result, the fit 1.4x faster (bench/RESULTS.md, issue 14).
+        :data:`FINAL_STEP_AFTER_PERIODIC` defocus tolerances, and whose next defocus step
+        predicted from the last two (step^2 / last step) is below its tolerance, is checked
+        by a pass over the group's check subset (about ``check_subset`` particles, from
+        every micrograph: :func:`joint_check_subsets`) at the new state instead of a full
+        pass (:func:`cryomag.fit.defocus.joint_check`): the group is done when the step a
+        full pass would take, plus twice its sampling error, is below ``tol`` (M) and
+        ``defocus_tol_A``; else a full pass follows. The state stays the step's, as after a
+        last full pass. Measured on 5,000 particles of box 128 (a micrograph's defocus with
+        a 50 A error, heights 200 A), the local models: the check over 500 particles
+        estimated |dM| 2.2e-6 (with twice its sampling error 8.4e-6) and a defocus step of
+        0.79 A where the full pass it replaces stepped by 1.3e-6 and 0.49 A; M 0.04
+        standard errors and the particles' defocus 0.03 (rms, at most 0.43) from the
+        three-pass result, the fit 1.4x faster (bench/RESULTS.md, issue 14).
     """
 
     fit_aniso: bool = True
@@ -418,6 +419,7 @@ class GroupFit:
         # against the one before); then Gauss-Newton's (a safeguard, in step())
         self.newton = bool(settings.newton_defocus)
         self._last_dz_step = np.inf
+        self._prev_joint_dz = np.inf  # the last joint full pass's defocus step (A)
         if settings.levels.active and (self.rows is None or self.defocus is None):
             raise ValueError("refining the defocus needs the group's rows and defocus")
         k = len(settings.aberrations)
@@ -575,6 +577,10 @@ class GroupFit:
             else:
                 dz_step = None
             sol = self.defocus_solution
+            # the next step predicted from the contraction of the last two (step^2 / last):
+            # the check is only worth its pass when that may end the fit
+            prev_dz, self._prev_joint_dz = self._prev_joint_dz, dz_step
+            predicted_dz = dz_step * dz_step / prev_dz if dz_step is not None else np.inf
             check_next = (
                 not done
                 and not coarse
@@ -589,6 +595,7 @@ class GroupFit:
                 and s.check_subset > 0
                 and steps[0] < FINAL_M_STEP_AFTER_LINEAR_START * s.tol
                 and dz_step < FINAL_STEP_AFTER_PERIODIC * s.defocus_tol_A
+                and predicted_dz < s.defocus_tol_A
             )
             if coarse:
                 # never the end; the window-aware passes from here. From a linear start (a
