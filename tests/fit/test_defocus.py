@@ -915,3 +915,28 @@ def test_joint_check_subsets_see_every_micrograph():
     assert len(sub[2]) == 50  # more micrographs than its share: one from each
     assert joint_check_subsets({1: np.arange(0, 120)}, mics, 70) == {}  # not twice 70
     assert joint_check_subsets(rows, mics, 0) == {}
+
+
+def test_box_periodic_first_pass_leaves_the_local_columns_out(heights, monkeypatch):
+    """A joint fit's box-periodic first pass only steps M and the defocus (issue 14): it
+    accumulates no local-model columns (M through the CTF's defocus term, unused by its
+    step), and the fit is the same bit for bit as with them."""
+    import dataclasses
+
+    from cryomag.fit.gauss_newton import GroupFit
+
+    data = (heights / "particles.star", heights / "ref.mrc", None)
+    opts = {**FAST, "fit": ("scale", "aniso", "particle", "micrograph")}
+    lean = cryomag.estimate(*data, **opts)
+    g = lean.groups[0]
+    assert g.history[0].get("box_periodic"), g.history
+    assert lean.first_stats[g.group].hgg.shape[-1] == 7  # M and the defocus matrix
+    assert lean.stats[g.group].hgg.shape[-1] == 11  # the window-aware passes: with them
+    plain = GroupFit.group_pass
+    monkeypatch.setattr(GroupFit, "group_pass",
+                        lambda self: dataclasses.replace(plain(self), extended=True))  # fmt: skip
+    full = cryomag.estimate(*data, **opts)
+    assert full.first_stats[g.group].hgg.shape[-1] == 11
+    np.testing.assert_array_equal(full.groups[0].mag, g.mag)
+    for col in ("cmagDefocusChange", "cmagParticleMagRaw", "cmagMicrographMagRaw"):
+        np.testing.assert_array_equal(full.particles.column(col), lean.particles.column(col))

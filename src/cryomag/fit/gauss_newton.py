@@ -462,6 +462,8 @@ class GroupFit:
             defocus_profile=self.defocus_search_next or (periodic and self.probe_next),
             # the displacement plot shows the first pass (at the input M)
             pixel_maps=self.first_stats is None,
+            # the box-periodic first pass's step does not use the local models' columns
+            extended=not self.coarse_pass_next,
         )
 
     @property

@@ -82,6 +82,11 @@ class GroupPass:
     pixel_maps : bool
         Also the per-pixel sums of the displacement plot (``pix_a``, ``pix_b``;
         :class:`cryomag.fit.accumulate.KernelOptions`): a fit's first pass.
+    extended : bool
+        The local models' columns (M through the CTF's defocus term) when
+        :class:`PassSpec` asks for them; False: a pass whose statistics only step the
+        group and the defocus (a joint fit's box-periodic first pass, never its last). When
+        the CTF moves with M they are the group model's own and stay.
     """
 
     mag: np.ndarray
@@ -96,6 +101,7 @@ class GroupPass:
     lean: bool = False
     defocus_profile: bool = False
     pixel_maps: bool = True
+    extended: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,7 @@ class StatisticsPass:
         lean = gp.lean
         options = KernelOptions(
             window_pad=gp.window_pad,
-            extended=self.spec.extended and (not lean or self.spec.ctf_moves),
+            extended=self.spec.extended and (self.spec.ctf_moves or (gp.extended and not lean)),
             exact_gradient=self.spec.exact_gradient and not lean,
             second_order=gp.second_order,
             ctf_moves=self.spec.ctf_moves,
