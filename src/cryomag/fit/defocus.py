@@ -227,6 +227,14 @@ class JointSolution:
     aberration_cov: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     theta_cov: np.ndarray | None = None
 
+    @property
+    def level_step(self) -> float:
+        """The largest change of the group's and the micrographs' defocus parameters (A):
+        with the particles' rms deviation change, the fit's measure of a defocus step."""
+        return float(
+            max(np.abs(self.group).max(initial=0.0), np.abs(self.micrograph).max(initial=0.0))
+        )
+
 
 def _solve_sym(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a^-1 b for a batch of small symmetric systems (pseudo-inverse where singular)."""
@@ -572,9 +580,6 @@ def joint_check(
                            deviation=deviation, prior=solution.prior, system=(h, b),
                            newton_defocus=False)  # fmt: skip
 
-    def upper(x: JointSolution) -> float:  # the group's and micrographs' defocus step
-        return float(max(np.abs(x.group).max(initial=0.0), np.abs(x.micrograph).max(initial=0.0)))
-
     every = np.arange(len(pos))
     whole = step(every)
     halves = [step(every[k::2]) for k in (0, 1)]
@@ -598,7 +603,7 @@ def joint_check(
         s_i = bp_.T[None] @ hi[:, 4:7, 4:7] @ bp_[None] + lam[None]
         d = np.einsum("nij,nj->ni", np.linalg.pinv(s_i, rcond=1e-12, hermitian=True), rhs)
         rms = float(np.sqrt(np.mean(d**2)))
-    up, up_err = upper(whole), abs(upper(halves[0]) - upper(halves[1])) / 2.0
+    up, up_err = whole.level_step, abs(halves[0].level_step - halves[1].level_step) / 2.0
     return JointCheck(
         mag_step=whole.delta_mag,
         mag_step_error=np.abs(halves[0].delta_mag - halves[1].delta_mag) / 2.0,

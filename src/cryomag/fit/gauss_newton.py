@@ -734,17 +734,7 @@ class GroupFit:
             self.update = MagUpdate(np.asarray(delta) + chk.step.reshape(2, 2), upd.covariance,
                                     upd.n_particles, upd.normal_matrix)  # fmt: skip
         step = float(np.abs(chk.step).max()) if usable else float("inf")
-        self.history.append(
-            {
-                "iteration": len(self.history) + 1,
-                "particles": int(len(st.rows)),
-                "max_step": step,
-                "M": self.mag.tolist(),
-                "relinearised": False,
-                "check": True,
-                "check_bound": bound,
-            }
-        )
+        self._record_check(len(st.rows), step, bound)
         log.info(
             "group %d iteration %d (check on %d particles): max |dM| = %.2e, with twice its "
             "sampling error %.2e (%s)",
@@ -755,17 +745,36 @@ class GroupFit:
             bound,
             "converged" if bound < s.tol else "another pass",
         )
-        if bound < s.tol:
+        self._end_check(bound < s.tol, f"the check's step {bound:.1e} > tol {s.tol:.0e}")
+
+    def _record_check(self, n: int, step: float, bound: float, **extra) -> None:
+        """The history entry of a check pass over ``n`` particles."""
+        self.history.append(
+            {
+                "iteration": len(self.history) + 1,
+                "particles": int(n),
+                "max_step": step,
+                "M": self.mag.tolist(),
+                "relinearised": False,
+                "check": True,
+                "check_bound": bound,
+                **extra,
+            }
+        )
+
+    def _end_check(self, ok: bool, why: str) -> None:
+        """After a check pass: done when ``ok``; else another full pass, or, after
+        ``max_iter`` full passes, not converged (``why`` says by how much)."""
+        if ok:
             self.done = True
-        elif self.counts["full"] >= s.max_iter:
+        elif self.counts["full"] >= self.settings.max_iter:
             self.done = True
             self.converged = False
             log.warning(
-                "group %d: not converged after %d passes (the check's step %.1e > tol %.0e)",
+                "group %d: not converged after %d passes (%s)",
                 self.group,
-                s.max_iter,
-                bound,
-                s.tol,
+                self.settings.max_iter,
+                why,
             )
 
     def _joint_check_step(self, st: GroupStatistics) -> None:
@@ -793,18 +802,12 @@ class GroupFit:
         bound = float(np.max(np.abs(chk.mag_step) + 2 * chk.mag_step_error))
         usable = chk.n_used > 0 and np.isfinite(bound) and np.isfinite(chk.defocus_bound)
         ok = usable and bound < s.tol and chk.defocus_bound < s.defocus_tol_A
-        self.history.append(
-            {
-                "iteration": len(self.history) + 1,
-                "particles": int(len(st.rows)),
-                "max_step": float(np.abs(chk.mag_step).max()) if usable else float("inf"),
-                "M": self.mag.tolist(),
-                "relinearised": False,
-                "check": True,
-                "check_bound": bound if usable else float("inf"),
-                "defocus_step_A": chk.defocus_step,
-                "defocus_check_bound_A": chk.defocus_bound,
-            }
+        self._record_check(
+            len(st.rows),
+            float(np.abs(chk.mag_step).max()) if usable else float("inf"),
+            bound if usable else float("inf"),
+            defocus_step_A=chk.defocus_step,
+            defocus_check_bound_A=chk.defocus_bound,
         )
         log.info(
             "group %d iteration %d (check on %d particles): a full pass would step |dM| "
@@ -818,19 +821,9 @@ class GroupFit:
             chk.defocus_bound,
             "converged" if ok else "another pass",
         )
-        if ok:
-            self.done = True
-        elif self.counts["full"] >= s.max_iter:
-            self.done = True
-            self.converged = False
-            log.warning(
-                "group %d: not converged after %d passes (the check's steps: M %.1e, "
-                "defocus %.2f A)",
-                self.group,
-                s.max_iter,
-                bound,
-                chk.defocus_bound,
-            )
+        self._end_check(
+            ok, f"the check's steps: M {bound:.1e}, defocus {chk.defocus_bound:.2f} A"
+        )
 
     def _start_full(self) -> None:
         """Hand over from the warm start to the full passes; after a probe that found the
@@ -909,7 +902,7 @@ class GroupFit:
         self.defocus = np.stack(defocus_from_matrix(adef), axis=1)
         self.deviation = sol.particle
         self.defocus_solution = sol
-        parts = [np.abs(sol.group).max(initial=0.0), np.abs(sol.micrograph).max(initial=0.0)]
+        parts = [sol.level_step]
         if sol.particle.shape[1]:
             prev = np.zeros_like(sol.particle) if old_dev is None else old_dev
             parts.append(float(np.sqrt(np.mean((sol.particle - prev) ** 2))))
