@@ -748,7 +748,10 @@ def test_check_subset_replaces_the_second_full_pass(heights):
     # the held defocus disagrees with these particles: without its probe's warning (which
     # changes nothing else) the verdict says whether the checked fit itself is sound
     opts = {**FAST, "warm_start": 100, "held_defocus_probe": False}
-    ref = cryomag.estimate(*data, tol=1e-8, check_subset=0, **opts).groups[0]
+    # the reference with the exact matrix for every particle (the default's lean matrix
+    # has the same fixed point; its standard errors differ by ~1 % on 600 particles)
+    ref = cryomag.estimate(*data, tol=1e-8, check_subset=0, lean_hessian=False,
+                           **opts).groups[0]  # fmt: skip
     runs = {}
     for name, kw in {
         "accepted": {"tol": 2e-5, "curvature_every": 1, "check_subset": 200},

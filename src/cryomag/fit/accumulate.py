@@ -127,6 +127,20 @@ class KernelOptions:
         plot (:func:`cryomag.report.plots_estimate.displacement_images`), which shows a
         fit's first pass. Without them (the later passes) their shapes are (3, 0) and
         (2, 0); nothing else changes.
+    lean_hessian : bool
+        Window-aware group model with second-order statistics every n > 1 particles, and
+        nothing else (no extended, defocus or aberration columns, no pixel maps, the CTF
+        held): the gradient sums exact for every particle, the Gauss-Newton matrix
+        (hpg, hgg, jp, jj) exact only for the curvature particles (row % n == 0). The
+        others' gradient comes from one cut of the prediction and one of its adjoint
+        (:meth:`cryomag.physics.grid.WindowCut.adjoint`) instead of a cut per column; their
+        matrix is a control-variate estimate: the unwindowed columns' matrix on a
+        subsample of the padded disc (the proxy, every particle) plus the mean difference
+        between the exact matrix and the proxy over the chunk's curvature particles
+        (:func:`_lean_hessian`). The sums over the chunk are unbiased; the fit's fixed
+        point (where the gradient vanishes) is the exact model's, and a step made with the
+        estimated matrix differs from the exact step by the matrix's relative error times
+        the step (bench/RESULTS.md, issue 14). Ignored where it does not apply.
     """
 
     window_pad: int = 1
@@ -142,6 +156,15 @@ class KernelOptions:
     padded_box: int = 0
     adaptive_window: bool = False
     pixel_maps: bool = True
+    lean_hessian: bool = False
+
+
+#: A chunk (or half of one) uses the lean matrix (``lean_hessian``) only with at least this
+#: many curvature particles: the control variate's mean difference comes from them.
+LEAN_MIN_EXACT = 16
+#: The lean matrix's proxy is summed over every PROXY_STRIDE-th row and column of the padded
+#: disc (a control variate: only its correlation with the exact matrix matters).
+PROXY_STRIDE = 2
 
 
 def chunk_statistics(
@@ -201,30 +224,74 @@ def chunk_statistics(
     kern = kernel(reference, geom, optics, band, noise_power, opts)
     val, grad = kern.slices(geom)
     y_all = np.asarray(spectra).reshape(n, -1)[:, kern.band_idx].astype(_C64)
-    if not (windowed and opts.adaptive_window):
+    exact = np.ones(n, bool)
+    if getattr(kern, "lean", False):
+        exact = rows % kern.stride == 0
+        if exact.sum() < LEAN_MIN_EXACT or exact.all():
+            exact[:] = True
+    if not (windowed and opts.adaptive_window) and exact.all():
         return ChunkStatistics.from_blocks(
             _blocks(kern, geom, np.arange(n), val, grad, y_all, rows, opts.block), rows
         )
-    if not kern.upsample:
-        raise ValueError("adaptive_window needs upsample_slices")
-    # each particle on the smallest padded grid that holds its delocalised signal: one 3D
-    # evaluation on the particle grid (above), one kernel per padded size
-    sizes = padded_box_px(kern.box, kern.apix, _delocalisation(geom, kern), kern.big)
+    kernels = [(kern, np.arange(n))]
+    if windowed and opts.adaptive_window:
+        if not kern.upsample:
+            raise ValueError("adaptive_window needs upsample_slices")
+        # each particle on the smallest padded grid that holds its delocalised signal: one
+        # 3D evaluation on the particle grid (above), one kernel per padded size
+        sizes = padded_box_px(kern.box, kern.apix, _delocalisation(geom, kern), kern.big)
+        kernels = [
+            (kern if size == kern.big else kernel(
+                reference, geom, optics, band, noise_power, replace(opts, padded_box=int(size))
+            ), np.flatnonzero(sizes == size))
+            for size in np.unique(sizes)
+        ]  # fmt: skip
     parts, order = [], []
-    for size in np.unique(sizes):
-        idx = np.flatnonzero(sizes == size)
-        k_s = kern if size == kern.big else kernel(
-            reference, geom, optics, band, noise_power, replace(opts, padded_box=int(size))
-        )
-        parts += _blocks(k_s, geom, idx, val, grad, y_all, rows, opts.block)
-        order.append(idx)
+    for k_s, idx in kernels:
+        # the curvature particles (exact matrix) apart from the others (lean_hessian)
+        for sel, lean in ((idx[exact[idx]], False), (idx[~exact[idx]], True)):
+            if len(sel):
+                parts += _blocks(k_s, geom, sel, val, grad, y_all, rows, opts.block, lean)
+                order.append(sel)
+    if not exact.all():
+        _lean_hessian(parts)
     order = np.concatenate(order)
     return ChunkStatistics.from_blocks(parts, rows[order]).take(np.argsort(order))
 
 
-def _blocks(kern, geom, idx, val, grad, y_all, rows, block: int) -> list[dict]:
+def _lean_hessian(parts: list[dict]) -> None:
+    """Fill in the lean particles' matrix (``lean_hessian``), in place: per element of the
+    (5, 5) matrix of P and M's four columns, the regression of the exact matrix on the
+    proxy ``_gt`` over the exact particles (intercept and slope), applied to the lean
+    particles' proxy. The chunk's total is then the exact particles' own plus a regression
+    estimate of the others' (unbiased to O(1/n)); the slope follows the window's loss,
+    which is a fraction of the proxy that grows with the particle's delocalisation.
+    Their gradient sums ``_jr`` (<J, r>) are exact, so jy = <J, r> + s <J, P> carries the
+    estimate only through s <J, P>."""
+    x = np.concatenate([p["_gt"] for p in parts if "_gx" in p]).reshape(-1, 25)
+    y = np.concatenate([p["_gx"] for p in parts if "_gx" in p]).reshape(-1, 25)
+    xm, ym = x.mean(0), y.mean(0)
+    sxx = ((x - xm) ** 2).sum(0)
+    slope = np.where(sxx > 0, ((x - xm) * (y - ym)).sum(0) / np.where(sxx > 0, sxx, 1), 1.0)
+    slope, icpt = slope.reshape(5, 5), (ym - slope * xm).reshape(5, 5)
+    for p in parts:
+        if not p.get("_lean"):
+            continue
+        g = icpt + slope * p["_gt"]
+        s = p["_s"]
+        jp, jj = g[:, 0, 1:5], g[:, 1:5, 1:5]
+        p["hpg"] = s[:, None] * jp
+        p["hgg"] = (s * s)[:, None, None] * jj
+        if "jp" in p:
+            p["jp"], p["jj"] = jp, jj
+            p["jy"] = p["_jr"] + s[:, None] * jp
+
+
+def _blocks(kern, geom, idx, val, grad, y_all, rows, block: int, lean: bool = False
+            ) -> list[dict]:  # fmt: skip
     """The block statistics of the chunk's particles ``idx`` (in that order) by ``kern``,
-    in blocks of ``block`` particles at the box's size (fewer on a padded grid)."""
+    in blocks of ``block`` particles at the box's size (fewer on a padded grid); ``lean``:
+    the lean matrix's particles (:attr:`KernelOptions.lean_hessian`)."""
     step = max(int(block) * kern.box**2 // kern.big**2, 1)
     parts = []
     for lo in range(0, len(idx), step):
@@ -232,7 +299,8 @@ def _blocks(kern, geom, idx, val, grad, y_all, rows, block: int) -> list[dict]:
         if sl[-1] - sl[0] == len(sl) - 1:
             sl = slice(int(sl[0]), int(sl[-1]) + 1)  # contiguous: views, not copies
         parts.append(
-            kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl], rows[sl])
+            kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl], rows[sl],
+                       lean)  # fmt: skip
         )
     return parts
 
@@ -605,8 +673,9 @@ class _Kernel:
             q = self._image(f_big[:, self.box_rows][:, :, self.box_cols])
         return self._derivatives(q, 2, self.band_idx)
 
-    def block(self, geom, sl, val, grad, y, rows):
-        """Statistics of the particles ``sl`` of ``geom`` (see :class:`ChunkStatistics`)."""
+    def block(self, geom, sl, val, grad, y, rows, lean: bool = False):
+        """Statistics of the particles ``sl`` of ``geom`` (see :class:`ChunkStatistics`);
+        ``lean``: without their exact matrix (:attr:`KernelOptions.lean_hessian`)."""
         sub = geom_subset(geom, sl)
         nb = len(val)
         f_big = q_big = None
@@ -668,7 +737,7 @@ class _Kernel:
                 dcols = [slope * (c * grid.dq[i]).astype(_F32) * v_model for i in range(3)]
         dcols += self._aberration_columns(pt, slope, v_model)
         out = self._first_order(sub, pt, hcols, y, hdef, dcols,
-                                (quad, slope * v_model) if quad else None)  # fmt: skip
+                                (quad, slope * v_model) if quad else None, lean)  # fmt: skip
         out["pix_aberr"] = (
             self._aberration_maps(sub, pt, slope * v_model, y, out)
             if self.aberr is not None
@@ -731,6 +800,8 @@ class _Kernel:
         kp = np.zeros((nb, 4, 4))
         jk = np.zeros((nb, 4, 4, 4))
         out = {"jp": jp, "jy": jy, "jj": jj, "kyy": kyy, "kp": kp, "jk": jk}
+        if first.get("_lean"):
+            return out  # jp, jy, jj from _lean_hessian; no curvature particles here
         self._first_derivative_sums(first, jp, jy, jj)
         # the curvature sums, on every stride-th particle
         pick = np.flatnonzero(np.asarray(rows) % self.stride == 0)
@@ -804,7 +875,7 @@ class PeriodicKernel(_Kernel):
     def _on_band(self, arr):
         return arr
 
-    def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None):
+    def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None, lean=False):
         return self._stats_periodic(sub, pt, hcols, y, hdef if self.ctf_moves else None, dcols)
 
     def _aberration_maps(self, sub, pt, dv, y, out):
@@ -953,6 +1024,95 @@ class WindowedKernel(_Kernel):
         self._kd32 = (kx, ky)
         self._quad_monomials = (kx * kx, kx * ky, ky * ky)  # the order of _QUAD
         self._dq_coef = self._dq_coefficients()
+        self.lean = bool(
+            opts.lean_hessian and self.stride > 1 and not self.extended and not self.defocus
+            and self.aberr is None and not self.pixel_maps and not self.ctf_moves
+        )  # fmt: skip
+        if self.lean:
+            self._lean_setup(noise_power)
+
+    def _lean_setup(self, noise_power: np.ndarray) -> None:
+        """Constants of the lean matrix (:attr:`KernelOptions.lean_hessian`): the band's
+        weights (float32), the disc's (kx, ky) for the gradient sums in the float view, and
+        the proxy's subsample of the disc (every PROXY_STRIDE-th row and column of the padded grid)
+        with the band's weight there times box^2 / big^2 (the cut's density), 1/2 on the
+        self-conjugate columns and PROXY_STRIDE^2 (the subsample)."""
+        band, big, box = self.band, self.big, self.box
+        self._w32 = self.w.astype(_F32)
+        # (kx, ky) times the adjoint's weight per disc pixel, for the float view
+        kw = np.stack([self.kxd, self.kyd], 1) * self._window.adjoint_weight[:, None]
+        self._kd_rep = np.repeat(kw, 2, axis=0).astype(_F32)
+        row, col = np.divmod(self.disc_flat, big // 2 + 1)
+        k = np.hypot(self.kxd, self.kyd)
+        nyq = 0.5 / self.apix
+        shell = np.minimum((k / nyq * band.n_shells).astype(int), band.n_shells)
+        sub = PROXY_STRIDE
+        pick = (row % sub == 0) & (col % sub == 0) & (k >= band.kmin) & (k <= band.kmax) & (k > 0)
+        w = float(sub * sub) * box**2 / big**2 * self.amp**2
+        w = w / np.asarray(noise_power, float)[shell[pick]]
+        w[(col[pick] == 0) | (col[pick] == big // 2)] *= 0.5
+        self._proxy_idx = np.flatnonzero(pick)
+        self._proxy_w2 = np.repeat(w, 2).astype(_F32)
+        self._proxy_k = (self.kxd[pick].astype(_F32), self.kyd[pick].astype(_F32))
+
+    def _proxy_gram(self, pt: np.ndarray, hcols: list[np.ndarray]) -> np.ndarray:
+        """The proxy matrix (b, 5, 5) of P and M's columns (phase h_a k_b) from their
+        unwindowed values on the disc's subsample, float64: ``pt`` = C V and ``hcols`` =
+        h_a on the disc, without the shift phase (the products of two columns do not see
+        it: |phase| = amp, in the weights)."""
+        i = self._proxy_idx
+        kx, ky = self._proxy_k
+        cols = [pt[:, i]]
+        for h in hcols:
+            hs = h[:, i]
+            cols += [hs * kx, hs * ky]
+        zf = _F32view(np.stack(cols, 1))
+        return np.matmul(zf * self._proxy_w2, np.swapaxes(zf, 1, 2)).astype(float)
+
+    def _stats_lean(self, sub, pt, hcols, y):
+        """The sums of the lean particles (:attr:`KernelOptions.lean_hessian`): everything
+        but the matrix (hpg, hgg and the second-order jp, jj, jy, set by
+        :func:`_lean_hessian`) exact, from the cut prediction and the adjoint of the
+        weighted residual; ``_jr`` the exact <J_i, r>, ``_gt`` the proxy."""
+        amp = self.amp
+        phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(amp)
+        z0 = self._window(phase * pt)
+        f = _F32view
+        one = self.mono[1].col(0)
+        zf, yf = f(z0), f(y)
+        p_pp = zf * zf
+        p_yy = yf * yf
+        pp = (p_pp @ one).astype(float)
+        py = ((zf * yf) @ one).astype(float)
+        ok = pp > 0
+        s = np.where(ok, py / np.where(ok, pp, 1), 0.0)
+        r = y - s.astype(_F32)[:, None] * z0
+        p_rr = f(r) * f(r)
+        # Re sum conj(phase h_a k_b) A = Re sum conj(h_a) k_b conj(phase) A
+        adj = self._window.adjoint(r * self._w32, weighted=False)
+        adj = f(adj * phase.conj())
+        nb = len(y)
+        jr = np.empty((nb, 4))
+        for a, h in enumerate(hcols):
+            jr[:, 2 * a : 2 * a + 2] = (f(h) * adj) @ self._kd_rep
+        return {
+            "npix": np.full(nb, float(self.band.npix)),
+            "yy": (p_yy @ one).astype(float),
+            "pp": pp,
+            "py": py,
+            "rr": (p_rr @ one).astype(float),
+            "hpg": np.zeros((nb, 4)),
+            "hgg": np.zeros((nb, 4, 4)),
+            "bg": s[:, None] * jr,
+            **self._shells(p_rr, p_yy, (s * s).astype(_F32) @ p_pp, nb),
+            **self._pixel_maps(None, r, s),
+            "chi_curv": np.zeros((nb, 0, 0)),
+            "_lean": True,
+            "_s": s,
+            "_jr": jr,
+            "_gt": self._proxy_gram(pt, hcols),
+            "_nk": 4,
+        }
 
     def _model_values(self, val):
         return val
@@ -962,7 +1122,9 @@ class WindowedKernel(_Kernel):
 
     quadratic_basis = True
 
-    def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None):
+    def _first_order(self, sub, pt, hcols, y, hdef, dcols, quad=None, lean=False):
+        if lean:
+            return self._stats_lean(sub, pt, hcols, y)
         return self._stats_windowed(sub, pt, hcols, y, dcols, quad)
 
     def _hdef_coefficients(self, adef: np.ndarray) -> np.ndarray:
@@ -1055,6 +1217,9 @@ class WindowedKernel(_Kernel):
             **self._pixel_maps(z, r, s),
         }
         out["chi_curv"] = self._chi_curvature(z[:, 0], r, s)
+        if self.lean:  # the control variate's exact and proxy matrices (lean_hessian)
+            out["_gx"] = g[:, :5, :5]
+            out["_gt"] = self._proxy_gram(pt, hcols)
         out["_g"] = g
         out["_z"] = z
         # the columns of M (k-expanded): the reference's, and the extended ones

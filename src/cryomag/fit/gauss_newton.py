@@ -202,6 +202,14 @@ class GaussNewtonSettings:
         0.79 A where the full pass it replaces stepped by 1.3e-6 and 0.49 A; M 0.04
         standard errors and the particles' defocus 0.03 (rms, at most 0.43) from the
         three-pass result, the fit 1.4x faster (bench/RESULTS.md, issue 14).
+    lean_hessian : bool
+        The full passes of the window-aware group fit (no local, defocus or aberration
+        columns) form the gradient of every particle exactly but the Gauss-Newton matrix
+        exactly only on the curvature particles (every ``curvature_every``-th), the
+        others' by a control variate (:attr:`cryomag.fit.accumulate.KernelOptions.lean_hessian`).
+        The gradient's zero, the fit's fixed point, is the exact model's; a step's error
+        is the matrix's relative error times the step. False: the exact matrix for every
+        particle.
     """
 
     fit_aniso: bool = True
@@ -227,6 +235,7 @@ class GaussNewtonSettings:
     held_defocus_probe: bool = True
     newton_defocus: bool = True
     joint_check: bool = True
+    lean_hessian: bool = True
 
     @property
     def fits_anything(self) -> bool:
@@ -464,6 +473,7 @@ class GroupFit:
             pixel_maps=self.first_stats is None,
             # the box-periodic first pass's step does not use the local models' columns
             extended=not self.coarse_pass_next,
+            lean_hessian=s.lean_hessian and self.phase == "full",
         )
 
     @property

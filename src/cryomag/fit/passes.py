@@ -87,6 +87,9 @@ class GroupPass:
         :class:`PassSpec` asks for them; False: a pass whose statistics only step the
         group and the defocus (a joint fit's box-periodic first pass, never its last). When
         the CTF moves with M they are the group model's own and stay.
+    lean_hessian : bool
+        The window-aware group model's matrix exact only on the curvature particles
+        (:class:`cryomag.fit.accumulate.KernelOptions`; where it applies).
     """
 
     mag: np.ndarray
@@ -102,6 +105,7 @@ class GroupPass:
     defocus_profile: bool = False
     pixel_maps: bool = True
     extended: bool = True
+    lean_hessian: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ class StatisticsPass:
             adaptive_window=self.spec.adaptive_window and self.spec.upsample_slices,
             defocus_profile=gp.defocus_profile,
             pixel_maps=gp.pixel_maps,
+            lean_hessian=gp.lean_hessian,
         )
         out = []
         halves = self.halves[rows]

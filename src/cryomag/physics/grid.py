@@ -262,6 +262,7 @@ class WindowCut:
         self._gather = np.full(big * (big // 2 + 1), len(disc_flat))
         self._gather[disc_flat] = np.arange(len(disc_flat))
         self._rows = _corner_rows(self.box, big)
+        self._adj_w: np.ndarray | None = None
 
     def grid(self, values: np.ndarray) -> np.ndarray:
         """Disc values (b, n_disc) onto the padded rfft grid, (b, big, big // 2 + 1)."""
@@ -282,6 +283,47 @@ class WindowCut:
         cut[:, :, lo:] = img[:, :, big - hi :]
         spec = _fft.rfft2(cut)
         return spec.reshape(nb, -1)[:, self.band_idx]
+
+    def adjoint(self, values: np.ndarray, weighted: bool = True) -> np.ndarray:
+        """The cut's adjoint: band values R (b, n_band) -> disc values A (b, n_disc) with
+        ``Re sum_band conj(cut(c)) R == Re sum_disc conj(c) A`` for every ``c``.
+
+        With R the weighted residual w r, ``Re sum conj(c_i) A`` is the windowed model's
+        gradient sum ``Re sum_band w conj(cut(c_i)) r`` of any column c_i on the disc, at
+        the cost of one transform pair whatever the number of columns.
+
+        The band holds one pixel of each conjugate pair (its self-conjugate columns kx = 0
+        and, for an even box, kx = Nyquist, only their ky >= 0 half), so its sums are half
+        the full plane's: R placed on the box's rfft grid with those columns doubled is the
+        half-plane of the full-plane function whose inverse transform rho gives
+        ``sum_band = box^2 / 2 sum_x cut(c)(x) rho(x)``; the cut's image is the big image's
+        corner, so that is ``box^2 / (2 big^2) Re sum_full conj(F(rho padded)) C``, and the
+        padded disc's half plane counts its kx = 0 and kx = big / 2 columns once (the
+        factor 1/2 there), every other column for itself and its mirror.
+
+        ``weighted`` False: without that last factor per disc pixel (:attr:`adjoint_weight`),
+        for a caller that folds it into its own sums.
+        """
+        nb, box, big = len(values), self.box, self.big
+        grid = np.zeros((nb, box * (box // 2 + 1)), _C64)
+        grid[:, self.band_idx] = values
+        grid = grid.reshape(nb, box, box // 2 + 1)
+        grid[:, :, 0] *= 2
+        if box % 2 == 0:
+            grid[:, :, -1] *= 2
+        rho = _fft.irfft2(grid, box)
+        spec = padded_rfft2(rho, big).reshape(nb, -1)[:, self.disc_flat]
+        return spec * self.adjoint_weight if weighted else spec
+
+    @property
+    def adjoint_weight(self) -> np.ndarray:
+        """box^2 / big^2 per disc pixel, halved on the columns kx = 0 and kx = big / 2."""
+        if self._adj_w is None:
+            col = self.disc_flat % (self.big // 2 + 1)
+            w = np.full(len(self.disc_flat), self.box**2 / self.big**2)
+            w[(col == 0) | (col == self.big // 2)] *= 0.5
+            self._adj_w = w.astype(_F32)
+        return self._adj_w
 
 
 def padded_box_px(box: int, pixel_size_A: float, delocalisation_A, max_box: int) -> np.ndarray:
