@@ -85,11 +85,17 @@ def irfft2(x: np.ndarray, n: int, workers: int = 1) -> np.ndarray:
     return sfft.irfft2(x, s=(n, n), axes=(-2, -1), workers=workers)
 
 
-def rfft(x: np.ndarray, axis: int = -1, workers: int = 1) -> np.ndarray:
-    """Real transform along ``axis`` (unnormalised)."""
+def rfft(x: np.ndarray, axis: int = -1, workers: int = 1, out: np.ndarray | None = None
+         ) -> np.ndarray:  # fmt: skip
+    """Real transform along ``axis`` (unnormalised); into ``out`` (complex, the result's
+    shape, a view allowed) when given."""
     if BACKEND == "ducc0":
-        return _ducc.r2c(x, axes=(_axis(x, axis),), nthreads=workers)
-    return sfft.rfft(x, axis=axis, workers=workers, overwrite_x=True)
+        return _ducc.r2c(x, axes=(_axis(x, axis),), nthreads=workers, out=out)
+    res = sfft.rfft(x, axis=axis, workers=workers, overwrite_x=True)
+    if out is None:
+        return res
+    out[...] = res
+    return out
 
 
 def irfft(x: np.ndarray, n: int, axis: int = -1, workers: int = 1) -> np.ndarray:

@@ -387,7 +387,9 @@ def padded_rfft2(q: np.ndarray, big: int) -> np.ndarray:
     rows = np.zeros((nb, box, big), q.dtype)
     rows[:, :, :lo] = q[:, :, :lo]
     rows[:, :, big - hi :] = q[:, :, lo:]
-    half = _fft.rfft(rows, axis=-1)
-    out = np.zeros((nb, big, big // 2 + 1), half.dtype)
-    out[:, _corner_rows(box, big)] = half
+    # the rows' transforms straight into the grid's corner rows (no scatter of a copy)
+    out = np.empty((nb, big, big // 2 + 1), np.result_type(q.dtype, np.complex64))
+    out[:, lo : big - hi] = 0
+    _fft.rfft(rows[:, :lo], axis=-1, out=out[:, :lo])
+    _fft.rfft(rows[:, lo:], axis=-1, out=out[:, big - hi :])
     return _fft.fft(out, axis=-2)
