@@ -43,6 +43,7 @@ from cryomag.physics.grid import GridCTF, WindowCut, padded_box_px, padded_rfft2
 from cryomag.physics.reference import MapReference, slice_values
 
 from .aberrations import AberrationTerms
+from .control_variate import regression_estimate
 from .defocus_profile import RingProfile, ring_sums, search
 from .projection import sandwich
 from .statistics import Band, ChunkStatistics
@@ -260,24 +261,22 @@ def chunk_statistics(
 
 
 def _lean_hessian(parts: list[dict]) -> None:
-    """Fill in the lean particles' matrix (``lean_hessian``), in place: per element of the
-    (5, 5) matrix of P and M's four columns, the regression of the exact matrix on the
-    proxy ``_gt`` over the exact particles (intercept and slope), applied to the lean
-    particles' proxy. The chunk's total is then the exact particles' own plus a regression
-    estimate of the others' (unbiased to O(1/n)); the slope follows the window's loss,
-    which is a fraction of the proxy that grows with the particle's delocalisation.
-    Their gradient sums ``_jr`` (<J, r>) are exact, so jy = <J, r> + s <J, P> carries the
-    estimate only through s <J, P>."""
-    x = np.concatenate([p["_gt"] for p in parts if "_gx" in p]).reshape(-1, 25)
-    y = np.concatenate([p["_gx"] for p in parts if "_gx" in p]).reshape(-1, 25)
-    xm, ym = x.mean(0), y.mean(0)
-    sxx = ((x - xm) ** 2).sum(0)
-    slope = np.where(sxx > 0, ((x - xm) * (y - ym)).sum(0) / np.where(sxx > 0, sxx, 1), 1.0)
-    slope, icpt = slope.reshape(5, 5), (ym - slope * xm).reshape(5, 5)
-    for p in parts:
-        if not p.get("_lean"):
-            continue
-        g = icpt + slope * p["_gt"]
+    """Fill in the lean particles' matrix (``lean_hessian``), in place: each element of the
+    (5, 5) matrix of P and M's four columns from the particle's proxy ``_gt`` by the
+    regression estimator over the exact particles (:func:`regression_estimate`: intercept
+    and slope, the window's loss being a fraction of the proxy that grows with the
+    particle's delocalisation). The chunk's total is then the exact particles' own plus an
+    estimate of the others' unbiased to O(1/n). Their gradient sums ``_jr`` (<J, r>) are
+    exact, so jy = <J, r> + s <J, P> carries the estimate only through s <J, P>."""
+    known = [p for p in parts if "_gx" in p]
+    lean = [p for p in parts if p.get("_lean")]
+    est = regression_estimate(np.concatenate([p["_gt"] for p in known]),
+                              np.concatenate([p["_gx"] for p in known]),
+                              np.concatenate([p["_gt"] for p in lean]))  # fmt: skip
+    at = 0
+    for p in lean:
+        g = est[at : at + len(p["_gt"])]
+        at += len(g)
         s = p["_s"]
         jp, jj = g[:, 0, 1:5], g[:, 1:5, 1:5]
         p["hpg"] = s[:, None] * jp
