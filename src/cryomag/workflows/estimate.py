@@ -193,8 +193,9 @@ class EstimateOptions:
         and the Gauss-Newton matrix exactly on every ``curvature_every``-th particle, the
         others' by a control variate (default True; the fixed point is the exact model's;
         :attr:`cryomag.fit.gauss_newton.GaussNewtonSettings.lean_hessian`). Measured on
-        5,000 particles of box 128: the group's reduced matrix within 0.4 %, the full pass
-        ~20 % faster (bench/RESULTS.md, issue 14).
+        5,000 particles of box 128: the group's reduced matrix within 0.2 %, M 0.007
+        standard errors from the exact matrix's fit, the full pass's kernel 0.82-0.89x the
+        time (bench/RESULTS.md, issue 14).
     held_defocus_probe : bool
         Holding the defocus, the warm start's box-periodic passes search each subset
         particle's defocus, and the verdict is "warning" when the input defocus disagrees
