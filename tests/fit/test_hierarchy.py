@@ -18,6 +18,23 @@ def test_no_scatter_reports_spread_consistent_with_zero():
     assert np.nanmax(res.weight) < 0.3
 
 
+def test_scatter_standard_error_stays_finite_near_zero():
+    """A scatter at the boundary (T = 1e-40, as a fit without real scatter can end) gets
+    sqrt(se of T), not the delta method's se(T) / (2 scatter), which diverges there (a refit
+    once printed "+- 2e17 %"); a scatter well above its uncertainty keeps the delta method."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(0)
+    se = rng.uniform(0.002, 0.006, 500)
+    res = shrink(0.01 + rng.normal(0, se), se**2)
+    root = np.sqrt(res.between_se)
+    tiny = replace(res, between=np.full((1, 1), 1e-40))
+    np.testing.assert_allclose(tiny.scatter_se, root)
+    big = replace(res, between=np.full((1, 1), 100 * res.between_se[0]))
+    np.testing.assert_allclose(big.scatter_se, res.between_se / (2 * big.scatter))
+    assert big.scatter_se[0] < root[0]
+
+
 def test_real_scatter_is_recovered_and_shrinkage_helps():
     rng = np.random.default_rng(1)
     n = 3000

@@ -50,11 +50,14 @@ class Shrinkage:
 
     @property
     def scatter_se(self) -> np.ndarray:
-        """Standard error of :attr:`scatter` (delta method; sqrt(se of T) when T = 0)."""
+        """Standard error of :attr:`scatter`: the delta method, se(T) / (2 scatter), where
+        the scatter is well above its own uncertainty; sqrt(se of T) at and near T = 0 (the
+        smaller of the two: the delta method diverges as the scatter goes to 0, which made a
+        micrograph scatter of 1e-20 read "+- 2e17 %")."""
         sc = self.scatter
-        return np.where(
-            sc > 0, self.between_se / (2 * np.where(sc > 0, sc, 1)), np.sqrt(self.between_se)
-        )
+        root = np.sqrt(np.clip(self.between_se, 0, None))
+        delta = self.between_se / (2 * np.where(sc > 0, sc, 1))
+        return np.where(sc > 0, np.minimum(delta, root), root)
 
 
 def shrink(
