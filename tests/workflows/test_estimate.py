@@ -320,6 +320,26 @@ def test_lean_matrix_lands_where_the_exact_one_does(simulated, estimated):
     np.testing.assert_allclose(res.scales.normalised, exact.scales.normalised, atol=1e-4)
 
 
+def test_lean_matrix_is_marked_and_refit_says_so(estimated, tmp_path, caplog):
+    """The default run's statistics mark the particles whose matrix the lean full pass
+    estimated (every one but every fourth, in the file too), and refitting local models from
+    them says that these are approximate; a local run's statistics carry none."""
+    import logging
+
+    from cryomag.io import stats as store
+    from cryomag.workflows.refit import refit
+
+    res, out = estimated
+    st = res.stats[1]
+    assert np.array_equal(st.matrix_estimated, st.rows % 4 != 0)
+    stored, _ = store.load_group(store.group_path(out / "stats", 1))
+    np.testing.assert_array_equal(stored.matrix_estimated, st.matrix_estimated)
+    with caplog.at_level(logging.WARNING, logger="cryomag"):
+        refit(out, ("micrograph",), tmp_path / "refit", plots=False)
+    assert any("estimated the Gauss-Newton matrix of 600 of 800" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
+
+
 def test_true_frame_defocus_input(tmp_path):
     """Input whose defocus is in the specimen frame (simulator truth): the CTF moves with M."""
     cfg = small_config(seed=5, n=500, snr=1.0, cs=False)

@@ -123,6 +123,8 @@ def test_per_particle_values_and_columns(scatter_run):
 
 def test_refit_from_statistics_matches_and_writes_star(kappa_run, tmp_path):
     res, _ = kappa_run
+    # the local fits' passes form every particle's matrix (no lean estimate)
+    assert all(not st.matrix_estimated.any() for st in res.stats.values())
     run_dir = Path(res.particles.source.path).parent.parent / "est"
     r = CliRunner().invoke(
         app,

@@ -295,12 +295,13 @@ def _blocks(kern, geom, idx, val, grad, y_all, rows, block: int, lean: bool = Fa
     parts = []
     for lo in range(0, len(idx), step):
         sl = idx[lo : lo + step]
+        n = len(sl)
         if sl[-1] - sl[0] == len(sl) - 1:
             sl = slice(int(sl[0]), int(sl[-1]) + 1)  # contiguous: views, not copies
-        parts.append(
-            kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl], rows[sl],
-                       lean)  # fmt: skip
-        )
+        out = kern.block(geom, sl, val[sl], None if grad is None else grad[sl], y_all[sl],
+                         rows[sl], lean)  # fmt: skip
+        out["matrix_estimated"] = np.full(n, bool(lean))
+        parts.append(out)
     return parts
 
 

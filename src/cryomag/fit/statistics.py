@@ -40,6 +40,12 @@ through the CTF's phase (a term Gauss-Newton leaves out; :func:`cryomag.fit.defo
     chi_curv    s sum w g_i g_j Re(conj(P) r), g_i = d chi / d theta_i for the joint fit's
                 parameters theta = (M00, M01, M10, M11, a00, a01, a11) (M through the Cs
                 term), shape (N, 7, 7); (N, 0, 0) without defocus columns.
+Every pass also says, per particle, whether its Gauss-Newton matrix was estimated:
+    matrix_estimated  bool (N,): hpg, hgg (and jp, jj, and jy through s jp) are the lean
+                matrix's regression estimate, not the particle's own sums
+                (:attr:`cryomag.fit.accumulate.KernelOptions.lean_hessian`: the group fit's
+                window-aware full passes, every particle but every fourth); the group's
+                totals are unbiased, a single particle's matrix is off by a few per cent.
 
 Second order (full passes of the group fit; size 0 in the second axis otherwise), unit
 scale, for the group model's J_i = dP/dM_i and K_ij = d2P/dM_i dM_j:
@@ -69,7 +75,8 @@ import numpy as np
 from cryomag.physics.fourier import rfft_freqs
 
 PARTICLE_FIELDS = (
-    "npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "dz_profile", "chi_curv"
+    "npix", "yy", "pp", "py", "rr", "hpg", "hgg", "bg", "dz_profile", "chi_curv",
+    "matrix_estimated",
 )  # fmt: skip
 #: Second-order statistics of the group model (cryomag.fit.relinearise); shape (N, 0, ...)
 #: when a pass did not compute them.
@@ -221,6 +228,9 @@ class _StatisticsArrays:
     #: (N, 7, 7) the residual's term of the second derivative through the CTF's phase
     #: (module docstring); (N, 0, 0) without defocus columns.
     chi_curv: np.ndarray | None = None
+    #: (N,) bool: the particle's matrix (hpg, hgg, jp, jj) is the lean matrix's estimate
+    #: (module docstring); all False in older statistics files.
+    matrix_estimated: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -233,6 +243,8 @@ class _StatisticsArrays:
             self.dz_profile = np.zeros((n, 2))
         if self.chi_curv is None:
             self.chi_curv = np.zeros((n, 0, 0))
+        if self.matrix_estimated is None:
+            self.matrix_estimated = np.zeros(n, bool)
 
     @property
     def layout(self) -> dict[str, slice | None]:

@@ -117,7 +117,7 @@ def load_group(path: str | os.PathLike):
 #: Arrays of GroupStatistics that are sums over the group (not one entry per particle).
 SUMMED_SHAPES = ("shell_rr", "shell_yy", "shell_ss", "shell_n", "pix_a", "pix_b", "pix_aberr")
 #: Arrays a statistics file may lack (written by older versions).
-OPTIONAL_FIELDS = ("pix_aberr", "dz_profile", "chi_curv")
+OPTIONAL_FIELDS = ("pix_aberr", "dz_profile", "chi_curv", "matrix_estimated")
 
 
 def write_options(folder: str | os.PathLike, options: dict) -> Path:
