@@ -135,10 +135,11 @@ class KernelOptions:
         (hpg, hgg, jp, jj) exact only for the curvature particles (row % n == 0). The
         others' gradient comes from one cut of the prediction and one of its adjoint
         (:meth:`cryomag.physics.grid.WindowCut.adjoint`) instead of a cut per column; their
-        matrix is a control-variate estimate: the unwindowed columns' matrix on a
-        subsample of the padded disc (the proxy, every particle) plus the mean difference
-        between the exact matrix and the proxy over the chunk's curvature particles
-        (:func:`_lean_hessian`). The sums over the chunk are unbiased; the fit's fixed
+        matrix is estimated from a proxy, the unwindowed columns' matrix on a subsample of
+        the padded disc (every particle), by the regression estimator over the chunk's
+        curvature particles (:func:`_lean_hessian`, :mod:`cryomag.fit.control_variate`);
+        they are marked (``matrix_estimated``). The sums over the chunk are unbiased to
+        O(1/n); the fit's fixed
         point (where the gradient vanishes) is the exact model's, and a step made with the
         estimated matrix differs from the exact step by the matrix's relative error times
         the step (bench/RESULTS.md, issue 14). Ignored where it does not apply.
@@ -161,10 +162,11 @@ class KernelOptions:
 
 
 #: A chunk (or half of one) uses the lean matrix (``lean_hessian``) only with at least this
-#: many curvature particles: the control variate's mean difference comes from them.
+#: many curvature particles: the regression estimator's lines are fitted to them.
 LEAN_MIN_EXACT = 16
 #: The lean matrix's proxy is summed over every PROXY_STRIDE-th row and column of the padded
-#: disc (a control variate: only its correlation with the exact matrix matters).
+#: disc (only its correlation with the exact matrix matters: every third row gave the
+#: group's matrix within 0.26 % instead of 0.19 %, bench/RESULTS.md, issue 14).
 PROXY_STRIDE = 2
 
 
@@ -1034,9 +1036,9 @@ class WindowedKernel(_Kernel):
     def _lean_setup(self, noise_power: np.ndarray) -> None:
         """Constants of the lean matrix (:attr:`KernelOptions.lean_hessian`): the band's
         weights (float32), the disc's (kx, ky) for the gradient sums in the float view, and
-        the proxy's subsample of the disc (every PROXY_STRIDE-th row and column of the padded grid)
-        with the band's weight there times box^2 / big^2 (the cut's density), 1/2 on the
-        self-conjugate columns and PROXY_STRIDE^2 (the subsample)."""
+        the proxy's subsample of the disc (every PROXY_STRIDE-th row and column of the
+        padded grid) with the band's weight there times box^2 / big^2 (the cut's density),
+        amp^2, 1/2 on the self-conjugate columns and PROXY_STRIDE^2 (the subsample)."""
         band, big, box = self.band, self.big, self.box
         self._w32 = self.w.astype(_F32)
         # (kx, ky) times the adjoint's weight per disc pixel, for the float view
