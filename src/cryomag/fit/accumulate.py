@@ -228,7 +228,7 @@ def chunk_statistics(
     val, grad = kern.slices(geom)
     y_all = np.asarray(spectra).reshape(n, -1)[:, kern.band_idx].astype(_C64)
     exact = np.ones(n, bool)
-    if getattr(kern, "lean", False):
+    if kern.lean:
         exact = rows % kern.stride == 0
         if exact.sum() < LEAN_MIN_EXACT or exact.all():
             exact[:] = True
@@ -615,6 +615,10 @@ class _Kernel:
     #: Whether the defocus term's columns (extended, defocus) are formed from the three
     #: columns of the quadratic monomials (:data:`_QUAD`) rather than one by one.
     quadratic_basis = False
+
+    #: Whether the kernel forms the lean matrix (:attr:`KernelOptions.lean_hessian`; only
+    #: the window-aware kernel can).
+    lean = False
 
     def _model_values(self, val: np.ndarray) -> np.ndarray:
         """The slice values (on the disc) at the model's pixels."""
@@ -1046,8 +1050,7 @@ class WindowedKernel(_Kernel):
         self._kd_rep = np.repeat(kw, 2, axis=0).astype(_F32)
         row, col = np.divmod(self.disc_flat, big // 2 + 1)
         k = np.hypot(self.kxd, self.kyd)
-        nyq = 0.5 / self.apix
-        shell = np.minimum((k / nyq * band.n_shells).astype(int), band.n_shells)
+        shell = band.shell_index(k)
         sub = PROXY_STRIDE
         pick = (row % sub == 0) & (col % sub == 0) & (k >= band.kmin) & (k <= band.kmax) & (k > 0)
         w = float(sub * sub) * box**2 / big**2 * self.amp**2
@@ -1081,15 +1084,10 @@ class WindowedKernel(_Kernel):
         z0 = self._window(phase * pt)
         f = _F32view
         one = self.mono[1].col(0)
-        zf, yf = f(z0), f(y)
-        p_pp = zf * zf
-        p_yy = yf * yf
-        pp = (p_pp @ one).astype(float)
-        py = ((zf * yf) @ one).astype(float)
-        ok = pp > 0
-        s = np.where(ok, py / np.where(ok, pp, 1), 0.0)
-        r = y - s.astype(_F32)[:, None] * z0
-        p_rr = f(r) * f(r)
+        zf = f(z0)
+        pp = ((zf * zf) @ one).astype(float)
+        py = ((zf * f(y)) @ one).astype(float)
+        s, r, out = self._fit_sums(z0, y, pp, py)
         # Re sum conj(phase h_a k_b) A = Re sum conj(h_a) k_b conj(phase) A
         adj = self._window.adjoint(r * self._w32, weighted=False)
         adj = f(adj * phase.conj())
@@ -1098,15 +1096,10 @@ class WindowedKernel(_Kernel):
         for a, h in enumerate(hcols):
             jr[:, 2 * a : 2 * a + 2] = (f(h) * adj) @ self._kd_rep
         return {
-            "npix": np.full(nb, float(self.band.npix)),
-            "yy": (p_yy @ one).astype(float),
-            "pp": pp,
-            "py": py,
-            "rr": (p_rr @ one).astype(float),
+            **out,
             "hpg": np.zeros((nb, 4)),
             "hgg": np.zeros((nb, 4, 4)),
             "bg": s[:, None] * jr,
-            **self._shells(p_rr, p_yy, (s * s).astype(_F32) @ p_pp, nb),
             **self._pixel_maps(None, r, s),
             "chi_curv": np.zeros((nb, 0, 0)),
             "_lean": True,
@@ -1115,6 +1108,28 @@ class WindowedKernel(_Kernel):
             "_gt": self._proxy_gram(pt, hcols),
             "_nk": 4,
         }
+
+    def _fit_sums(self, z0, y, pp, py) -> tuple[np.ndarray, np.ndarray, dict]:
+        """From the windowed prediction ``z0`` (b, npix), the data ``y`` and their sums
+        ``pp``, ``py``: the closed-form scale s (b,), the residual r = y - s z0, and the
+        sums of the fit (npix, yy, pp, py, rr and the per-shell sums)."""
+        f = _F32view
+        one = self.mono[1].col(0)
+        ok = pp > 0
+        s = np.where(ok, py / np.where(ok, pp, 1), 0.0)
+        r = y - s.astype(_F32)[:, None] * z0
+        p_rr = f(r) * f(r)
+        p_yy = f(y) * f(y)
+        p_pp = f(z0) * f(z0)
+        sums = {
+            "npix": np.full(len(z0), float(self.band.npix)),
+            "yy": (p_yy @ one).astype(float),
+            "pp": pp,
+            "py": py,
+            "rr": (p_rr @ one).astype(float),
+            **self._shells(p_rr, p_yy, (s * s).astype(_F32) @ p_pp, len(z0)),
+        }
+        return s, r, sums
 
     def _model_values(self, val):
         return val
@@ -1197,27 +1212,14 @@ class WindowedKernel(_Kernel):
         lhs = zf * self.w2
         rhs = np.concatenate([zf, f(y)[:, None]], 1)
         g = np.matmul(lhs, np.swapaxes(rhs, 1, 2)).astype(float)  # (b, 1 + nc, 2 + nc)
-        p_yy = f(y) * f(y)
-        yy = p_yy @ self.mono[1].col(0)
         nc = z.shape[1] - 1
-        pp, py = g[:, 0, 0], g[:, 0, -1]
-        ok = pp > 0
-        s = np.where(ok, py / np.where(ok, pp, 1), 0.0)
-        r = y - s.astype(_F32)[:, None] * z[:, 0]
-        p_rr = f(r) * f(r)
-        p_pp = zf[:, 0] * zf[:, 0]
-        out = {
-            "npix": np.full(len(z), float(self.band.npix)),
-            "yy": yy.astype(float),
-            "pp": pp,
-            "py": py,
-            "rr": (p_rr @ self.mono[1].col(0)).astype(float),
+        s, r, out = self._fit_sums(z[:, 0], y, g[:, 0, 0], g[:, 0, -1])
+        out.update({
             "hpg": s[:, None] * g[:, 0, 1 : 1 + nc],
             "hgg": (s * s)[:, None, None] * g[:, 1 : 1 + nc, 1 : 1 + nc],
             "bg": s[:, None] * (g[:, 1 : 1 + nc, -1] - s[:, None] * g[:, 1 : 1 + nc, 0]),
-            **self._shells(p_rr, p_yy, (s * s).astype(_F32) @ p_pp, len(z)),
             **self._pixel_maps(z, r, s),
-        }
+        })  # fmt: skip
         out["chi_curv"] = self._chi_curvature(z[:, 0], r, s)
         if self.lean:  # the control variate's exact and proxy matrices (lean_hessian)
             out["_gx"] = g[:, :5, :5]

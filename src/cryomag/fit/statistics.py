@@ -176,9 +176,14 @@ class Band:
         self.ky = ky[self.mask]
         if self.n_shells <= 0:
             self.n_shells = self.box // 2
-        nyq = 0.5 / self.pixel_size_A
-        self.shell_all = np.minimum((k / nyq * self.n_shells).astype(int), self.n_shells)
+        self.shell_all = self.shell_index(k)
         self.shell = self.shell_all[self.mask]
+
+    def shell_index(self, k: np.ndarray) -> np.ndarray:
+        """The radial shell of frequencies |k| (1/A), on any grid: n_shells shells up to the
+        particle's Nyquist, the last (n_shells) holding everything beyond."""
+        nyq = 0.5 / self.pixel_size_A
+        return np.minimum((np.asarray(k) / nyq * self.n_shells).astype(int), self.n_shells)
 
     @property
     def npix(self) -> int:
