@@ -353,6 +353,16 @@ def second_order_accuracy(window_pad: int, every: int) -> float:
     return max(acc, 0.05) if every > 1 else acc
 
 
+@dataclass
+class _CheckBase:
+    """The full pass a check pass is compared with (:attr:`GroupFit.phase` "check")."""
+
+    stats: GroupStatistics  # that pass's statistics
+    delta: np.ndarray  # the step taken from it: M's increment (2, 2)
+    noise: np.ndarray  # the noise power it was weighted with (the check's weights)
+    solution: JointSolution | None = None  # a joint step's solution (joint_check)
+
+
 class GroupFit:
     """The Gauss-Newton state of one optics group (see the module docstring).
 
@@ -399,9 +409,8 @@ class GroupFit:
         self.history: list[dict] = []
         self.counts = {"warm": 0, "full": 0, "check": 0}
         self.check_available = bool(check)
-        # the full pass an untrusted re-linearised fit came from: (its statistics, the
-        # fit's increment (2, 2), the noise the pass was weighted with)
-        self._check_base: tuple | None = None
+        # the full pass the next check pass is compared with
+        self._check_base: _CheckBase | None = None
         self.warm_step = np.inf  # the last warm pass's step
         # the last warm pass uses the window (settings.warm_periodic, window_pad > 1)
         self.warm_windowed = False
@@ -460,7 +469,7 @@ class GroupFit:
             ctf_mag=None if s.ctf_moves else self.mag_in.copy(),
             # the check pass: the full pass's weights (its system is compared with that
             # pass's second-order prediction)
-            noise=self._check_base[2] if self.phase == "check" else self.noise,
+            noise=self._check_base.noise if self.phase == "check" else self.noise,
             window_pad=1 if periodic else self.window_pad,
             second_order=second,
             rows=self.rows if refine else None,
@@ -699,12 +708,13 @@ class GroupFit:
         self.update = upd
         if check_next and s.joint:
             # a pass over the check subset at the new state decides
-            self._check_base = (st_joint, upd.delta, noise_used, self.defocus_solution)
+            self._check_base = _CheckBase(st_joint, upd.delta, noise_used,
+                                          self.defocus_solution)  # fmt: skip
             self.phase = "check"
             log.info("group %d: the joint step is checked on a subset", self.group)
         elif check_next:
             # a pass over the check subset at the re-linearised M decides
-            self._check_base = (st, rel.delta, noise_used)
+            self._check_base = _CheckBase(st, rel.delta, noise_used)
             self.phase = "check"
             log.info("group %d: the re-linearised M is checked on a subset", self.group)
         elif done:
@@ -729,8 +739,8 @@ class GroupFit:
         else a full pass at the corrected M (or, after ``max_iter`` full passes, not
         converged)."""
         s = self.settings
-        full_st, delta, _ = self._check_base
-        self._check_base = None
+        base, self._check_base = self._check_base, None
+        full_st, delta = base.stats, base.delta
         self.counts["check"] += 1
         self.phase = "full"
         chk = subset_check(full_st, st, delta, s.curvature_every, s.joint_scale)
@@ -794,8 +804,8 @@ class GroupFit:
         sampling error) below ``defocus_tol_A`` (the state stays the joint step's, as after
         a last full pass); else a full pass at that state."""
         s = self.settings
-        full_st, delta, _, sol = self._check_base
-        self._check_base = None
+        base, self._check_base = self._check_base, None
+        full_st, delta, sol = base.stats, base.delta, base.solution
         self.counts["check"] += 1
         self.phase = "full"
         chk = joint_check(
