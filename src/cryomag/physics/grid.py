@@ -262,7 +262,12 @@ class WindowCut:
         self._gather = np.full(big * (big // 2 + 1), len(disc_flat))
         self._gather[disc_flat] = np.arange(len(disc_flat))
         self._rows = _corner_rows(self.box, big)
-        self._adj_w: np.ndarray | None = None
+        # the adjoint's factor per disc pixel: box^2 / big^2, halved on the columns kx = 0
+        # and kx = big / 2 (:meth:`adjoint`)
+        col = disc_flat % (big // 2 + 1)
+        w = np.full(len(disc_flat), self.box**2 / big**2)
+        w[(col == 0) | (col == big // 2)] *= 0.5
+        self.adjoint_weight = w.astype(_F32)
 
     def grid(self, values: np.ndarray) -> np.ndarray:
         """Disc values (b, n_disc) onto the padded rfft grid, (b, big, big // 2 + 1)."""
@@ -314,16 +319,6 @@ class WindowCut:
         rho = _fft.irfft2(grid, box)
         spec = padded_rfft2(rho, big).reshape(nb, -1)[:, self.disc_flat]
         return spec * self.adjoint_weight if weighted else spec
-
-    @property
-    def adjoint_weight(self) -> np.ndarray:
-        """box^2 / big^2 per disc pixel, halved on the columns kx = 0 and kx = big / 2."""
-        if self._adj_w is None:
-            col = self.disc_flat % (self.big // 2 + 1)
-            w = np.full(len(self.disc_flat), self.box**2 / self.big**2)
-            w[(col == 0) | (col == self.big // 2)] *= 0.5
-            self._adj_w = w.astype(_F32)
-        return self._adj_w
 
 
 def padded_box_px(box: int, pixel_size_A: float, delocalisation_A, max_box: int) -> np.ndarray:
