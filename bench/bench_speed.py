@@ -5,9 +5,9 @@ Issue 14's benchmark, one command. On N simulated particles (default 5,000; box 
 simulation is cached in ``--cache``) it prints, in one run:
 
 - the floor: read + rfft2 of the whole stack (float32, one thread);
-- ``cryomag estimate`` with the defaults (the CLI's execution: a LocalCluster with one
+- ``cryomag estimate`` with the defaults (the CLI's execution: local worker processes, one
   single-threaded worker per core, automatic window padding), wall time of a fresh process
-  (imports, cluster start, map preparation and every Gauss-Newton pass included), with its
+  (imports, worker start, map preparation and every Gauss-Newton pass included), with its
   parts, peak RSS of the driver and of the largest worker, and M's error against the truth
   in standard errors;
 - ``relion_ctf_refine --fit_aniso --j 2`` (one round) on the same particles and map when
@@ -110,7 +110,10 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
                                window_pad=window_pad, progress=False, executor=ex,
                                **(options or {}))  # fmt: skip
         t1 = time.time()
-        workers = ex.client.run(_peak_mb) if hasattr(ex, "client") else {}
+        if hasattr(ex, "run_on_workers"):
+            workers = ex.run_on_workers(_peak_mb)
+        else:  # a --baseline-src from before run_on_workers: a Dask LocalCluster
+            workers = ex.client.run(_peak_mb) if hasattr(ex, "client") else {}
     finally:
         ex.close()
     truth = load_truth(folder)

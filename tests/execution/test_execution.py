@@ -1,7 +1,8 @@
 """Scale-out execution (issue 7): executors, shipping, determinism, lost workers, resume.
 
-The statistics of a pass must not depend on where the chunks ran: the synchronous run, a
-LocalCluster of 1, 2 or 4 processes, and runs interrupted and resumed must agree to 1e-10
+The statistics of a pass must not depend on where the chunks ran: the synchronous run, local
+worker processes (forked or spawned), a LocalCluster of 1, 2 or 4 processes, and runs
+interrupted and resumed must agree to 1e-10
 relative (they are in fact identical: chunks are computed from the same inputs with the same
 finufft thread count, 1, and reduced in a fixed order).
 """
@@ -23,6 +24,7 @@ from cryomag.execution import ExecutorConfig, LocalExecutor, make_chunks, make_e
 from cryomag.execution.checkpoint import CheckpointExecutor
 from cryomag.execution.dask import DaskExecutor
 from cryomag.execution.payload import Payload, load_blob
+from cryomag.execution.processes import MAX_TRIES, ProcessExecutor, fork_available
 from cryomag.fit.bands import make_bands
 from cryomag.fit.passes import GroupPass, PassSpec, StatisticsPass
 from cryomag.io import ImageSource, read_particles
@@ -140,8 +142,10 @@ def test_payload_ships_the_reference_once_and_rebuilds_it(inputs):
 def test_executor_config_validation_and_factory():
     assert isinstance(make_executor(ExecutorConfig(j=1)), LocalExecutor)
     ex = make_executor(ExecutorConfig(j=2))
-    assert isinstance(ex, DaskExecutor) and "2 processes" in ex.describe()
+    local = ProcessExecutor if fork_available() else DaskExecutor
+    assert isinstance(ex, local) and "2 processes" in ex.describe()
     ex.close()  # never started: nothing to stop
+    assert "2 processes x 1 threads" in DaskExecutor.local(2).describe()
     ex = make_executor(ExecutorConfig(cluster="slurm", jobs=3, cores=4))
     assert "SLURM (3 job(s) x 4 workers)" in ex.describe()
     with pytest.raises(ValueError, match="slurm or pbs"):
@@ -298,6 +302,84 @@ def test_forked_local_workers_equal_spawned_ones(inputs, reference, tmp_path):
     assert (tmp_path / "killed").exists(), "the worker was not killed"
     assert_same_stats(res[False], res[True], rtol=0)
     assert_same_stats(reference, res[True])
+
+
+# --------------------------------------------------------------- local worker processes
+def _pid() -> int:
+    return os.getpid()
+
+
+class _KillAlways:
+    """A pass that kills its worker on one chunk, every time."""
+
+    def __init__(self, chunk_index: int) -> None:
+        self.chunk_index = chunk_index
+
+    def __call__(self, chunk):
+        if chunk.index == self.chunk_index:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return len(chunk)
+
+
+@pytest.mark.skipif(not fork_available(), reason="workers are forked on Linux only")
+def test_local_worker_processes_equal_the_synchronous_run(inputs, reference, tmp_path):
+    """Issue 14: the command line's local executor. Started early its workers are forked
+    from this process (same command line, no second import); they give the numbers of the
+    synchronous run, also when one dies mid-pass (replaced by a spawned one, its chunk rerun,
+    each particle counted once) and when a chunk raises (the caller gets the error, of its
+    type, and the workers stay usable for the next map)."""
+    import psutil
+
+    me = tuple(psutil.Process().cmdline())
+    with ProcessExecutor(2) as ex:
+        ex.start_in_background()
+        pids = ex.run_on_workers(_pid)
+        assert len(pids) == 2 and all(k == v for k, v in pids.items())
+        assert {tuple(psutil.Process(p).cmdline()) == me for p in pids} == {True}
+        assert "2 processes x 1 threads), forked" in ex.describe()
+        chunks = make_chunks(_labels(inputs[0]), 40)
+        with pytest.raises(ValueError, match="bad chunk 2") as err:
+            ex.map(_Failing(), chunks, "failing", progress=True)
+        assert any("raised in a worker process" in n for n in err.value.__notes__)
+        assert ex.map(_Rows(), chunks, "rows", progress=True) == [len(c) for c in chunks]
+        seen = []
+        res = run(inputs, _Recording(_Killing(ex, str(tmp_path / "killed")), seen))
+        assert (tmp_path / "killed").exists(), "the worker was not killed"
+        assert int((tmp_path / "killed").read_text()) in pids
+        assert "spawned" in ex.describe()  # the replacement
+        workers = [w.proc for w in ex._workers]
+    assert not any(p.is_alive() for p in workers)  # close() ended them
+    assert_same_stats(reference, res)
+    for g, st in res.stats.items():
+        assert np.array_equal(st.rows, inputs[0].group_rows(g))  # each particle once
+    n_chunks = len(make_chunks(_labels(inputs[0]), OPTS["chunk_size"]))
+    assert len(seen) == OPTS["max_iter"] * n_chunks  # each chunk reported once per pass
+
+
+def test_spawned_worker_processes_equal_forked_ones(inputs, reference):
+    """Workers started by the first map (not early) are spawned: same numbers."""
+    with ProcessExecutor(2, fork=False) as ex:
+        res = run(inputs, ex)
+        assert "spawned" in ex.describe() and "forked" not in ex.describe()
+    assert_same_stats(reference, res)
+
+
+@pytest.mark.skipif(not fork_available(), reason="workers are forked on Linux only")
+def test_a_chunk_that_kills_every_worker_fails_the_map_naming_it():
+    """No endless retries: after MAX_TRIES runs the map fails with the chunk and how its
+    worker ended; the executor still closes, leaving no process."""
+    chunks = make_chunks(np.zeros(40, int), 10)
+    ex = ProcessExecutor(2)
+    try:
+        ex.start_in_background()
+        with pytest.raises(RuntimeError, match=rf"chunk 1: its worker process ended "
+                                               rf"{MAX_TRIES} times \(last: killed by SIGKILL"):
+            ex.map(_KillAlways(1), chunks, progress=False)
+        assert ex.map(_Rows(), chunks, progress=False) == [10] * 4  # replaced, usable
+        workers = [w.proc for w in ex._workers]
+    finally:
+        ex.close()
+    assert not any(p.is_alive() for p in workers)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -496,7 +578,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_on_a_local_cluster_leaves_a_resumable_state(data, tmp_path, cli_reference):
+def test_ctrl_c_with_local_workers_leaves_a_resumable_state(data, tmp_path, cli_reference):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         _cli(data, out, "--j", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

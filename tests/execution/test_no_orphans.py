@@ -1,10 +1,10 @@
 """No process of cryomag outlives the command that started it (issue 17).
 
-``cryomag estimate --j 2`` runs a Dask LocalCluster (nanny and worker processes). The
-command is run in a subprocess whose environment carries a unique marker; every process it
-starts inherits the marker, also when it is re-parented after its parent ends. After the
-command returns (normally, after Ctrl-C, after SIGTERM), no process with the marker may
-remain.
+``cryomag estimate --j 2`` runs two worker processes (forked from the command on Linux,
+else a Dask LocalCluster: nannies and workers). The command is run in a subprocess whose
+environment carries a unique marker; every process it starts inherits the marker, also
+when it is re-parented after its parent ends. After the command returns (normally, after
+Ctrl-C, after SIGTERM), no process with the marker may remain.
 """
 
 from __future__ import annotations

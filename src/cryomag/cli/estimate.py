@@ -176,12 +176,13 @@ def estimate_cmd(
     input or --cs), OUT/results.json, OUT/stats/,
     OUT/plots/ and OUT/cryomag.log. Inputs are never overwritten.
 
-    Execution: by default a Dask LocalCluster with one single-threaded worker per core;
-    --j 1 runs in this process; --scheduler uses a running Dask cluster; --cluster slurm|pbs
-    submits --jobs batch jobs (e.g. --cluster slurm --jobs 4 --cores 8 --memory 32GB
-    --queue cpu --account proj --walltime 04:00:00). The results do not depend on where they
-    are computed. While running, each finished chunk is stored in OUT/.chunks (removed at the
-    end): after Ctrl-C, a killed job or a lost node, rerun the same command with --resume.
+    Execution: by default one single-threaded worker process per core (forked from this one
+    on Linux, else a Dask LocalCluster); --j 1 runs in this process; --scheduler uses a
+    running Dask cluster; --cluster slurm|pbs submits --jobs batch jobs (e.g. --cluster slurm
+    --jobs 4 --cores 8 --memory 32GB --queue cpu --account proj --walltime 04:00:00). The
+    results do not depend on where they are computed. While running, each finished chunk is
+    stored in OUT/.chunks (removed at the end): after Ctrl-C, a killed job or a lost node,
+    rerun the same command with --resume.
 
     Exit status: 0 success; 1 bad input or options (nothing written); 3 a fit failed its
     quality checks (not converged, the reference does not explain the particles, M not

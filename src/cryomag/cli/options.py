@@ -1,7 +1,7 @@
 """Option groups shared by the commands, each declared once.
 
-:func:`execution_options` adds the execution options (where the passes run: this process, a
-Dask LocalCluster, a scheduler, SLURM / PBS jobs) to a command and hands it one
+:func:`execution_options` adds the execution options (where the passes run: this process,
+local worker processes, a Dask scheduler, SLURM / PBS jobs) to a command and hands it one
 :class:`~cryomag.execution.ExecutorConfig`, resolved for the command's output folder
 (:meth:`~cryomag.execution.ExecutorConfig.resolve`). The meaning of each option is documented
 once, on the config's attributes; here are their command-line names and help lines.
@@ -30,8 +30,9 @@ def _opt(flag: str, help_: str):
 #: --job-logs for its log_directory).
 EXECUTION_OPTIONS: dict[str, tuple[Any, Any]] = {
     "j": (
-        Annotated[int, _opt("--j", "local worker processes (a Dask LocalCluster); 0 = one per "
-                             "core; 1 = run in this process, without Dask (debugging)")],
+        Annotated[int, _opt("--j", "local worker processes (forked from this one on Linux, "
+                             "else a Dask LocalCluster); 0 = one per core; 1 = run in this "
+                             "process (debugging)")],
         0,
     ),
     "threads": (

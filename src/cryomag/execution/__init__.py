@@ -1,11 +1,13 @@
-"""Where the passes run: this process, a Dask LocalCluster, a scheduler or batch jobs.
+"""Where the passes run: this process, local worker processes, a Dask scheduler or batch jobs.
 
 The layer maps a picklable function over chunk descriptors and hands back the results in a
 fixed order; it knows nothing of particles, maps or statistics (objects that want to travel
 once per worker declare it themselves, see :mod:`cryomag.execution.payload`).
 
 - :mod:`~cryomag.execution.base`: the :class:`Executor` interface and :class:`ExecutorConfig`;
-- :mod:`~cryomag.execution.local`, :mod:`~cryomag.execution.dask`: the executors;
+- :mod:`~cryomag.execution.local`, :mod:`~cryomag.execution.processes`,
+  :mod:`~cryomag.execution.dask`: the executors;
+- :mod:`~cryomag.execution.worker`: what a worker process does with a pass function;
 - :mod:`~cryomag.execution.checkpoint`: resumable runs;
 - :mod:`~cryomag.execution.chunks`: chunk descriptors;
 - :mod:`~cryomag.execution.payload`: shipping functions and their shared parts;
@@ -40,17 +42,21 @@ __all__ = [
 
 
 def make_executor(config: ExecutorConfig | None = None, preload: tuple[str, ...] = ()) -> Executor:
-    """The executor described by ``config`` (default: a LocalCluster sized to the machine).
+    """The executor described by ``config`` (default: worker processes sized to the machine).
 
-    ``preload``: modules a LocalCluster's workers import as they start. Clusters start on the
-    first :meth:`Executor.map` (or :meth:`Executor.start_in_background`); call
-    :meth:`Executor.close` (or use the executor as a context manager) to stop what was
-    started.
+    Local workers (``j`` != 1, no scheduler or cluster) are a
+    :class:`~cryomag.execution.processes.ProcessExecutor` where processes can be forked
+    (Linux), else a Dask LocalCluster; ``scheduler`` and ``cluster`` use Dask. ``preload``:
+    modules the workers import as they start (where they are not forked from this process).
+    Workers start on the first :meth:`Executor.map` (or
+    :meth:`Executor.start_in_background`); call :meth:`Executor.close` (or use the executor
+    as a context manager) to stop what was started.
     """
     cfg = config or ExecutorConfig()
     if cfg.synchronous:
         return LocalExecutor()
     from cryomag.execution.dask import DaskExecutor
+    from cryomag.execution.processes import ProcessExecutor, fork_available
 
     if cfg.scheduler is not None:
         return DaskExecutor.connect(cfg.scheduler)
@@ -58,6 +64,8 @@ def make_executor(config: ExecutorConfig | None = None, preload: tuple[str, ...]
         return DaskExecutor.jobqueue(cfg)
     threads = max(cfg.worker_threads, 1)
     workers = cfg.j or max(usable_cores() // threads, 1)
+    if fork_available():
+        return ProcessExecutor(workers, threads, preload)
     return DaskExecutor.local(
         n_workers=workers,
         threads_per_worker=threads,
@@ -89,7 +97,7 @@ def run_executor(
     codec : ResultCodec, optional
         How the checkpoints store results (:mod:`cryomag.execution.checkpoint`).
     preload : tuple of str
-        Modules the workers of a LocalCluster made here import as they start.
+        Modules the local workers made here import as they start (where not forked).
     """
     if resume and checkpoints is None:
         raise ValueError("resume needs an output folder (the checkpoints live in OUT/.chunks)")

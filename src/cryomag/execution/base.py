@@ -10,10 +10,13 @@ Executors
 ---------
 :class:`cryomag.execution.local.LocalExecutor`
     This process, one chunk after the other (``--j 1``: debugging, profiling, small data).
+:class:`cryomag.execution.processes.ProcessExecutor`
+    Local worker processes, forked from this one when the run starts (the command line's
+    default on Linux, one single-threaded worker per core).
 :class:`cryomag.execution.dask.DaskExecutor`
-    A ``dask.distributed`` client: a LocalCluster sized to the machine (the command line's
-    default), an existing scheduler (``--scheduler tcp://host:8786``) or SLURM / PBS jobs
-    through dask-jobqueue (``--cluster slurm --jobs N ...``).
+    A ``dask.distributed`` client: an existing scheduler (``--scheduler tcp://host:8786``),
+    SLURM / PBS jobs through dask-jobqueue (``--cluster slurm --jobs N ...``) or a
+    LocalCluster (the local default where processes cannot be forked).
 :class:`cryomag.execution.checkpoint.CheckpointExecutor`
     Wraps either of them: stores each finished chunk's result atomically and, with
     ``resume=True``, reuses those of an interrupted run.
@@ -84,6 +87,11 @@ class Executor(ABC):
             ``[fn(c) for c in chunks]``, in the order of ``chunks`` (None without
             ``collect``).
         """
+
+    def run_on_workers(self, fn: Callable[[], Any]) -> dict[Any, Any]:
+        """``fn()`` in every worker process, between passes, by worker (e.g. a process's
+        peak memory). Here: in this process, which runs the chunks."""
+        return {os.getpid(): fn()}
 
     def close(self) -> None:
         """Release workers and clusters this executor started (nothing by default)."""

@@ -30,43 +30,18 @@ import signal
 import sys
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryomag.execution.allocator import keep_block_arrays_on_heap
 from cryomag.execution.base import Executor, ResultCallback
-from cryomag.execution.payload import Blob, Payload, load_blob, on_worker
+from cryomag.execution.payload import Blob, Payload
+from cryomag.execution.worker import limit_blas_threads, materialize
 
 log = logging.getLogger("cryomag")
 
+
 # ----------------------------------------------------------------------- worker side
-#: Objects built in this (worker) process, by content token, least recently used first.
-_CACHE: OrderedDict[str, Any] = OrderedDict()
-_CACHE_LOCK = threading.RLock()
-_CACHE_MAX = 16
-
-
-#: Whether this (worker) process has limited its BLAS to one thread (:func:`run_chunk`).
-_BLAS_LIMITED = False
-
-
-def _limit_blas_threads() -> None:
-    """One BLAS thread in this worker process, as a spawned worker has (Dask sets
-    ``OPENBLAS_NUM_THREADS=1`` before it imports numpy); a forked worker inherits the
-    driver's BLAS, initialised for every core. Same thread count, same arithmetic."""
-    global _BLAS_LIMITED
-    if _BLAS_LIMITED:
-        return
-    _BLAS_LIMITED = True
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=1, user_api="blas")
-    except Exception as exc:  # pragma: no cover - threadpoolctl is a dependency
-        log.debug("could not limit the BLAS threads: %s", exc)
-
-
 def _worker_threads() -> int:
     try:
         from distributed import get_worker
@@ -74,21 +49,6 @@ def _worker_threads() -> int:
         return int(get_worker().state.nthreads)
     except (ImportError, ValueError, AttributeError):
         return 1
-
-
-def _materialize(token: str, blobs: dict[str, Blob]) -> Any:
-    """The object of ``token``, built once per process from ``blobs`` (recursively)."""
-    with _CACHE_LOCK:
-        if token in _CACHE:
-            _CACHE.move_to_end(token)
-            return _CACHE[token]
-        blob = blobs[token]
-        obj = load_blob(blob, lambda t: _materialize(t, blobs))
-        on_worker(obj, _worker_threads())
-        _CACHE[token] = obj
-        while len(_CACHE) > _CACHE_MAX:
-            _CACHE.popitem(last=False)
-        return obj
 
 
 def _keep(blob: Blob) -> Blob:
@@ -99,10 +59,10 @@ def _keep(blob: Blob) -> Blob:
 def run_chunk(chunk: Any, payload: Blob, *parts: Blob) -> Any:
     """Task body of one chunk: build (or reuse) the pass function and apply it to ``chunk``."""
     keep_block_arrays_on_heap()
-    _limit_blas_threads()
+    limit_blas_threads()
     blobs = {b.token: b for b in parts}
     blobs[payload.token] = payload
-    fn = _materialize(payload.token, blobs)
+    fn = materialize(payload.token, blobs, _worker_threads())
     return fn(chunk)
 
 
@@ -548,6 +508,10 @@ class DaskExecutor(Executor):
         if missing:  # pragma: no cover - as_completed returns every future
             raise RuntimeError(f"{len(missing)} chunk(s) returned no result")
         return results if collect else None
+
+    def run_on_workers(self, fn: Callable[[], Any]) -> dict[Any, Any]:
+        """``fn()`` in every worker of the cluster, by worker address."""
+        return self.client.run(fn)
 
     def close(self) -> None:
         """Release the shared parts; stop the client and the cluster if this started them.

@@ -59,8 +59,9 @@ log = logging.getLogger("cryomag")
 
 FITS = ("scale", "aniso", "particle", "micrograph", "defocus")
 
-#: Modules a LocalCluster's workers import as they start (numpy, scipy, finufft and the
-#: statistics kernel: about a second per worker that would otherwise fall in the first pass).
+#: Modules spawned workers import as they start (numpy, scipy, finufft and the statistics
+#: kernel: about a second per worker that would otherwise fall in the first pass; forked
+#: workers have the driver's).
 WORKER_PRELOAD = ("cryomag.fit.accumulate",)
 
 
@@ -688,7 +689,7 @@ def estimate(
         Mask multiplied into the map(s).
     executor : Executor or ExecutorConfig, optional
         Where the passes run (:mod:`cryomag.execution`): an executor you own (left open), an
-        :class:`~cryomag.execution.ExecutorConfig` (a LocalCluster, a scheduler address or
+        :class:`~cryomag.execution.ExecutorConfig` (local workers, a scheduler address or
         SLURM / PBS jobs; started and stopped here) or None (this process, synchronously).
     resume : bool
         Continue an interrupted run into the same ``out``: finished chunks stored in
