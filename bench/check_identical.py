@@ -163,6 +163,8 @@ def run(work: Path, only: set[str] | None = None) -> dict:
         prints.update(_stats_prints(res.stats, "half"))
         prints.update(_json_prints(out / "results.json", "half"))
     if not only or "dask" in only:
+        # the command line's parallel execution (named when it was a Dask LocalCluster; local
+        # worker processes on Linux now): two workers, the synchronous run's numbers
         out = work / "est_dask"
         res = cryomag.estimate(
             star, ref, out, plots=False, progress=False, nthreads=1,

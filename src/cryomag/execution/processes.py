@@ -18,8 +18,9 @@ workers.
 Against the Dask LocalCluster that ran here before (and still runs where ``fork`` is not
 available; ``--scheduler`` and ``--cluster`` use Dask): no scheduler, nanny or event-loop
 threads beside the kernels on the same cores, no import of ``distributed`` (0.5 s) and no
-cluster start (0.15 s); the default fit of 5,000 particles (box 128, 2 cores) took 1.1-1.3 s
-less of its ~12 s (bench/RESULTS.md, issue 14).
+cluster start (0.15 s). The default fit on 2 cores (box 128; medians, the same numbers bit
+for bit): 5,000 particles 10.6 s instead of 12.2 s, 20,000 33.6 s instead of 35.7 s, the
+workers' peak memory 537 MB instead of 610 (bench/RESULTS.md, issue 14).
 
 Failures: an exception in a chunk is raised in the driver, of its type, with the worker's
 traceback as a note; the workers stay usable. A worker that dies (killed, out of memory, a
