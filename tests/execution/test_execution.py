@@ -367,7 +367,8 @@ def test_spawned_worker_processes_equal_forked_ones(inputs, reference):
 @pytest.mark.skipif(not fork_available(), reason="workers are forked on Linux only")
 def test_a_chunk_that_kills_every_worker_fails_the_map_naming_it():
     """No endless retries: after MAX_TRIES runs the map fails with the chunk and how its
-    worker ended; the executor still closes, leaving no process."""
+    worker ended; the executor stays usable (also when a worker ended between two maps) and
+    closes leaving no process."""
     chunks = make_chunks(np.zeros(40, int), 10)
     ex = ProcessExecutor(2)
     try:
@@ -376,6 +377,11 @@ def test_a_chunk_that_kills_every_worker_fails_the_map_naming_it():
                                                rf"{MAX_TRIES} times \(last: killed by SIGKILL"):
             ex.map(_KillAlways(1), chunks, progress=False)
         assert ex.map(_Rows(), chunks, progress=False) == [10] * 4  # replaced, usable
+        gone = ex._workers[0].proc
+        os.kill(gone.pid, signal.SIGKILL)  # an idle worker ends between two maps
+        gone.join(10)
+        assert ex.map(_Rows(), chunks, progress=False) == [10] * 4
+        assert gone not in [w.proc for w in ex._workers]
         workers = [w.proc for w in ex._workers]
     finally:
         ex.close()

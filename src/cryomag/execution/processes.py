@@ -349,11 +349,17 @@ class ProcessExecutor(Executor):
                                 task = next(self._tasks)
                                 self._send(w, ("run", task, (payload.token, chunks[i])))
                             except _Died:
-                                pending.appendleft(i)  # it never started there
-                                self._lost(w, None, chunks, running, tries, pending)
+                                # the worker had ended: the chunk goes back (counted as a run,
+                                # so that workers that cannot start end the map)
+                                task = next(self._tasks)
+                                running[task] = i
+                                self._lost(w, task, chunks, running, tries, pending)
                                 continue
                             w.task, running[task] = task, i
-                    for w in self._wait_any([w for w in self._workers if w.task is not None]):
+                    busy = [w for w in self._workers if w.task is not None]
+                    if not busy:  # every chunk went back to pending: send them again
+                        continue
+                    for w in self._wait_any(busy):
                         try:
                             if not w.conn.poll():  # the process ended with nothing sent
                                 raise _Died
