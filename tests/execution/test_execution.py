@@ -364,6 +364,33 @@ def test_spawned_worker_processes_equal_forked_ones(inputs, reference):
     assert_same_stats(reference, res)
 
 
+class _Unpicklable(Exception):
+    def __init__(self, a, b):  # pickles, but does not unpickle (one argument stored)
+        super().__init__(f"{a} and {b}")
+
+
+class _BadResults:
+    """Chunk 0 raises an exception that cannot travel back, chunk 1 returns a result that
+    cannot be pickled."""
+
+    def __call__(self, chunk):
+        if chunk.index == 0:
+            raise _Unpicklable("first", "second")
+        return lambda: chunk.index  # a local function: pickle refuses it
+
+
+def test_errors_that_cannot_travel_still_reach_the_driver():
+    """An exception that does not unpickle arrives as a RuntimeError naming its type and
+    message; a result that does not pickle as the pickling error; neither hangs the map."""
+    chunks = make_chunks(np.zeros(20, int), 10)
+    with ProcessExecutor(1) as ex:
+        with pytest.raises(RuntimeError, match="_Unpicklable: first and second"):
+            ex.map(_BadResults(), chunks[:1], progress=False)
+        with pytest.raises(Exception, match="pickle"):
+            ex.map(_BadResults(), chunks[1:], progress=False)
+        assert ex.map(_Rows(), chunks, progress=False) == [10, 10]
+
+
 @pytest.mark.skipif(not fork_available(), reason="workers are forked on Linux only")
 def test_a_chunk_that_kills_every_worker_fails_the_map_naming_it():
     """No endless retries: after MAX_TRIES runs the map fails with the chunk and how its
