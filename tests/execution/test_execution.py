@@ -381,11 +381,14 @@ class _BadResults:
 
 def test_errors_that_cannot_travel_still_reach_the_driver():
     """An exception that does not unpickle arrives as a RuntimeError naming its type and
-    message; a result that does not pickle as the pickling error; neither hangs the map."""
+    message (or as itself where tblib, which distributed installs, makes it travel); a
+    result that does not pickle as the pickling error; neither hangs the map."""
     chunks = make_chunks(np.zeros(20, int), 10)
     with ProcessExecutor(1) as ex:
-        with pytest.raises(RuntimeError, match="_Unpicklable: first and second"):
+        with pytest.raises(Exception, match="first and second") as err:
             ex.map(_BadResults(), chunks[:1], progress=False)
+        got = type(err.value).__name__
+        assert got == "_Unpicklable" or (got == "RuntimeError" and "_Unpicklable" in str(err.value))
         with pytest.raises(Exception, match="pickle"):
             ex.map(_BadResults(), chunks[1:], progress=False)
         assert ex.map(_Rows(), chunks, progress=False) == [10, 10]
