@@ -337,6 +337,8 @@ def test_local_worker_processes_equal_the_synchronous_run(inputs, reference, tmp
         assert len(pids) == 2 and all(k == v for k, v in pids.items())
         assert {tuple(psutil.Process(p).cmdline()) == me for p in pids} == {True}
         assert "2 processes x 1 threads), forked" in ex.describe()
+        wrapped = CheckpointExecutor(ex, tmp_path / ".chunks")  # asks the workers, not itself
+        assert wrapped.run_on_workers(_pid) == pids
         chunks = make_chunks(_labels(inputs[0]), 40)
         with pytest.raises(ValueError, match="bad chunk 2") as err:
             ex.map(_Failing(), chunks, "failing", progress=True)

@@ -18,7 +18,7 @@ Executors
     SLURM / PBS jobs through dask-jobqueue (``--cluster slurm --jobs N ...``) or a
     LocalCluster (the local default where processes cannot be forked).
 :class:`cryomag.execution.checkpoint.CheckpointExecutor`
-    Wraps either of them: stores each finished chunk's result atomically and, with
+    Wraps any of them: stores each finished chunk's result atomically and, with
     ``resume=True``, reuses those of an interrupted run.
 
 :func:`cryomag.execution.make_executor` builds one from an :class:`ExecutorConfig`.

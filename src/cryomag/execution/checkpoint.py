@@ -167,6 +167,9 @@ class CheckpointExecutor(Executor):
     def start_in_background(self) -> None:
         self.inner.start_in_background()
 
+    def run_on_workers(self, fn: Callable[[], Any]) -> dict[Any, Any]:
+        return self.inner.run_on_workers(fn)
+
     # ------------------------------------------------------------------ helpers
     def _pass_dir(self, n: int) -> Path:
         return self.folder / f"pass_{n:03d}"
