@@ -12,11 +12,14 @@ pairs (its ``aberr_delta_phase`` and ``beamtilt_delta_phase`` images).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from cryomag.report.plots_estimate import _save, plt
+from cryomag.report.render import FigureSpec, plt, render_figures
+
+__all__ = ["aberration_figures", "aberration_images", "plot_aberrations"]
 
 
 def aberration_images(maps: np.ndarray, band, terms, delta: np.ndarray, mag: np.ndarray,
@@ -57,37 +60,43 @@ def aberration_images(maps: np.ndarray, band, terms, delta: np.ndarray, mag: np.
     return out
 
 
-def plot_aberrations(res, folder: Path) -> list[Path]:
+def aberration_figures(res) -> list[FigureSpec]:
     """One figure per group with refined aberrations: observed and fitted phase error (odd)
-    and chi error (even), rad. Returns the files written."""
+    and chi error (even), rad (:mod:`cryomag.report.render`)."""
+    return [
+        FigureSpec(f"aberrations_group{gr.group:03d}.png", partial(_aberration_figure, res, gr))
+        for gr in res.groups
+        if gr.aberration_maps is not None and gr.aberration_terms is not None
+    ]
+
+
+def plot_aberrations(res, folder: Path) -> list[Path]:
+    """Write :func:`aberration_figures` into ``folder``; returns the files written."""
+    return render_figures(aberration_figures(res), Path(folder))
+
+
+def _aberration_figure(res, gr):
     from cryomag.physics.ctf import electron_wavelength_A
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for gr in res.groups:
-        if gr.aberration_maps is None or gr.aberration_terms is None:
-            continue
-        band = res.bands[gr.group]
-        opt = gr.optics_in
-        img = aberration_images(gr.aberration_maps, band, gr.aberration_terms, gr.aberration,
-                                gr.mag, float(electron_wavelength_A(opt.voltage_kv)),
-                                opt.cs_mm, beam_tilt_mrad=opt.beam_tilt_mrad)  # fmt: skip
-        fig, axes = plt.subplots(2, 2, figsize=(9, 8))
-        fig.suptitle(f"Optics group {gr.group}: aberrations (first pass vs fitted change)")
-        for r, kind, title in ((0, "odd", "phase error (odd)"), (1, "even", "chi error (even)")):
-            obs, fit = img[f"{kind}_observed"], img[f"{kind}_fitted"]
-            lim = float(np.nanpercentile(np.abs(np.concatenate([obs.ravel(), fit.ravel()])),
-                                         98)) if np.isfinite(obs).any() else 1.0  # fmt: skip
-            lim = lim if lim > 0 else 1.0
-            for c, (data, what) in enumerate(((obs, "observed"), (fit, "fitted"))):
-                ax = axes[r, c]
-                im = ax.imshow(data, origin="lower", extent=img["extent"], cmap="RdBu_r",
-                               vmin=-lim, vmax=lim)  # fmt: skip
-                ax.set_title(f"{title}: {what}", fontsize=10)
-                ax.set_xlabel("kx (1/A)")
-                ax.set_ylabel("ky (1/A)")
-                fig.colorbar(im, ax=ax, label="rad", shrink=0.8)
-        fig.tight_layout()
-        paths.append(_save(fig, folder / f"aberrations_group{gr.group:03d}.png", None))
-    return paths
+    band = res.bands[gr.group]
+    opt = gr.optics_in
+    img = aberration_images(gr.aberration_maps, band, gr.aberration_terms, gr.aberration,
+                            gr.mag, float(electron_wavelength_A(opt.voltage_kv)),
+                            opt.cs_mm, beam_tilt_mrad=opt.beam_tilt_mrad)  # fmt: skip
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8))
+    fig.suptitle(f"Optics group {gr.group}: aberrations (first pass vs fitted change)")
+    for r, kind, title in ((0, "odd", "phase error (odd)"), (1, "even", "chi error (even)")):
+        obs, fit = img[f"{kind}_observed"], img[f"{kind}_fitted"]
+        lim = float(np.nanpercentile(np.abs(np.concatenate([obs.ravel(), fit.ravel()])),
+                                     98)) if np.isfinite(obs).any() else 1.0  # fmt: skip
+        lim = lim if lim > 0 else 1.0
+        for c, (data, what) in enumerate(((obs, "observed"), (fit, "fitted"))):
+            ax = axes[r, c]
+            im = ax.imshow(data, origin="lower", extent=img["extent"], cmap="RdBu_r",
+                           vmin=-lim, vmax=lim)  # fmt: skip
+            ax.set_title(f"{title}: {what}", fontsize=10)
+            ax.set_xlabel("kx (1/A)")
+            ax.set_ylabel("ky (1/A)")
+            fig.colorbar(im, ax=ax, label="rad", shrink=0.8)
+    fig.tight_layout()
+    return fig

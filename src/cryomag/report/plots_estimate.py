@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from cryomag.report.render import FigureSpec, plt, render_figures
 
-from cryomag.io.atomic import atomic_write  # noqa: E402
-
-
-def _save(fig, path: Path, pdf: PdfPages | None) -> Path:
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    if pdf is not None:
-        pdf.savefig(fig, bbox_inches="tight")
-    plt.close(fig)
-    return path
+__all__ = ["displacement_images", "estimate_figures", "plot_estimate"]
 
 
 def displacement_images(stats, band, delta: np.ndarray, bins: int = 32):
@@ -62,95 +51,113 @@ def displacement_images(stats, band, delta: np.ndarray, bins: int = 32):
     return dx, dy, fx, fy, (-nyq, nyq, -nyq, nyq)
 
 
-def plot_estimate(result, bands, folder: Path) -> list[Path]:
-    """Write every plot of an estimation into ``folder``; returns the PNG paths.
+def _displacement_figure(gr, st, band):
+    dx0, dy0, fx0, fy0, ext = displacement_images(st, band, gr.mag - gr.mag_in)
+    fig, axes = plt.subplots(2, 2, figsize=(8, 7))
+    lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
+    lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
+    for ax, img, title in zip(
+        axes.ravel(),
+        [dx0, dy0, fx0, fy0],
+        ["observed x", "observed y", "fitted x", "fitted y"],
+        strict=True,
+    ):
+        im = ax.imshow(img, origin="lower", extent=ext, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_title(f"{title} displacement (1/A)")
+        ax.set_xlabel("kx (1/A)")
+        ax.set_ylabel("ky (1/A)")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(
+        f"Optics group {gr.group}: displacement of the reference frequency, "
+        "first pass (at the input M)"
+    )
+    return fig
+
+
+def _convergence_figure(gr, tol: float):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    steps = [h["max_step"] for h in gr.history]
+    if steps:
+        it = np.arange(1, len(steps) + 1)
+        ax.semilogy(it, steps, "-", color="C0")
+        kinds = [
+            ("relinearised", "s", "re-linearised (no pass)"),
+            ("subset", "^", "pass on the warm-start subset"),
+            ("full", "o", "pass over all particles"),
+        ]
+        step_kinds = gr.step_kinds()
+        for kind, marker, label in kinds:
+            sel = [i for i, k in enumerate(step_kinds) if k == kind]
+            if sel:
+                ax.semilogy(it[sel], np.asarray(steps)[sel], marker, color="C0",
+                            mfc="white" if kind == "relinearised" else "C0",
+                            label=label)  # fmt: skip
+    ax.axhline(tol, color="grey", ls="--", label="tolerance")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("Gauss-Newton iteration")
+    ax.set_ylabel("max |update of M|")
+    ax.set_title(f"Convergence, optics group {gr.group}")
+    ax.legend()
+    return fig
+
+
+def _scale_histogram_figure(s, groups, numbers):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for num in numbers:
+        sel = (groups == num) & np.isfinite(s)
+        if sel.any():
+            ax.hist(s[sel], bins=50, histtype="step", label=f"group {num}")
+    ax.set_xlabel("per-particle contrast scale (1 = mean particle)")
+    ax.set_ylabel("particles")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _scale_vs_defocus_figure(s, dz_um, mics):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot(dz_um, s, ".", ms=2, alpha=0.5)
+    axes[0].set_xlabel("mean defocus (um)")
+    axes[0].set_ylabel("scale")
+    names, inv = np.unique(mics, return_inverse=True)
+    med = np.array([np.nanmedian(s[inv == i]) for i in range(len(names))])
+    axes[1].plot(np.arange(len(names)), med, ".")
+    axes[1].set_xlabel("micrograph index")
+    axes[1].set_ylabel("median scale")
+    fig.suptitle("Per-particle scale vs defocus and micrograph")
+    return fig
+
+
+def estimate_figures(result, bands) -> list[FigureSpec]:
+    """The figures of an estimation (:mod:`cryomag.report.render`), in the PDF's order:
+    per optics group the displacement field of its first pass and the convergence, then the
+    per-particle scales' histogram and their trend with defocus and micrograph.
 
     ``bands``: each optics group's Band, by group number.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    figures: list[FigureSpec] = []
     ps = result.particles
-    pdf_path = folder / "estimate.pdf"
-    with atomic_write(pdf_path) as tmp_pdf, PdfPages(tmp_pdf) as pdf:
-        for gr in result.groups:
-            # the first pass was linearised at the input M: it shows the whole distortion
-            # (only the first pass of a fit has the per-pixel sums: later ones have no pixels)
-            st = result.first_stats.get(gr.group) or result.stats.get(gr.group)
-            if st is not None and st.pix_a.size:
-                dx0, dy0, fx0, fy0, ext = displacement_images(
-                    st, bands[gr.group], gr.mag - gr.mag_in
-                )
-                fig, axes = plt.subplots(2, 2, figsize=(8, 7))
-                lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
-                lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
-                for ax, img, title in zip(
-                    axes.ravel(),
-                    [dx0, dy0, fx0, fy0],
-                    ["observed x", "observed y", "fitted x", "fitted y"],
-                    strict=True,
-                ):
-                    im = ax.imshow(
-                        img, origin="lower", extent=ext, cmap="RdBu_r", vmin=-lim, vmax=lim
-                    )
-                    ax.set_title(f"{title} displacement (1/A)")
-                    ax.set_xlabel("kx (1/A)")
-                    ax.set_ylabel("ky (1/A)")
-                    fig.colorbar(im, ax=ax, shrink=0.8)
-                fig.suptitle(
-                    f"Optics group {gr.group}: displacement of the reference frequency, "
-                    "first pass (at the input M)"
-                )
-                paths.append(_save(fig, folder / f"displacement_group{gr.group:03d}.png", pdf))
+    for gr in result.groups:
+        # the first pass was linearised at the input M: it shows the whole distortion
+        # (only the first pass of a fit has the per-pixel sums: later ones have no pixels)
+        st = result.first_stats.get(gr.group) or result.stats.get(gr.group)
+        if st is not None and st.pix_a.size:
+            figures.append(FigureSpec(f"displacement_group{gr.group:03d}.png",
+                                      partial(_displacement_figure, gr, st, bands[gr.group])))
+        figures.append(FigureSpec(f"convergence_group{gr.group:03d}.png",
+                                  partial(_convergence_figure, gr, result.options.tol)))
+    s = result.scales.normalised
+    if np.isfinite(s).any():
+        figures.append(FigureSpec("scale_histogram.png", partial(
+            _scale_histogram_figure, s, ps.particle_group_numbers(), ps.group_numbers())))
+        figures.append(FigureSpec("scale_vs_defocus_micrograph.png", partial(
+            _scale_vs_defocus_figure, s, ps.defocus_mean_A() / 1e4, ps.micrographs())))
+    return figures
 
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            steps = [h["max_step"] for h in gr.history]
-            if steps:
-                it = np.arange(1, len(steps) + 1)
-                ax.semilogy(it, steps, "-", color="C0")
-                kinds = [
-                    ("relinearised", "s", "re-linearised (no pass)"),
-                    ("subset", "^", "pass on the warm-start subset"),
-                    ("full", "o", "pass over all particles"),
-                ]
-                step_kinds = gr.step_kinds()
-                for kind, marker, label in kinds:
-                    sel = [i for i, k in enumerate(step_kinds) if k == kind]
-                    if sel:
-                        ax.semilogy(it[sel], np.asarray(steps)[sel], marker, color="C0",
-                                    mfc="white" if kind == "relinearised" else "C0",
-                                    label=label)  # fmt: skip
-            ax.axhline(result.options.tol, color="grey", ls="--", label="tolerance")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.set_xlabel("Gauss-Newton iteration")
-            ax.set_ylabel("max |update of M|")
-            ax.set_title(f"Convergence, optics group {gr.group}")
-            ax.legend()
-            paths.append(_save(fig, folder / f"convergence_group{gr.group:03d}.png", pdf))
 
-        s = result.scales.normalised
-        if np.isfinite(s).any():
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            groups = ps.particle_group_numbers()
-            for num in ps.group_numbers():
-                sel = (groups == num) & np.isfinite(s)
-                if sel.any():
-                    ax.hist(s[sel], bins=50, histtype="step", label=f"group {num}")
-            ax.set_xlabel("per-particle contrast scale (1 = mean particle)")
-            ax.set_ylabel("particles")
-            ax.legend(fontsize=7)
-            paths.append(_save(fig, folder / "scale_histogram.png", pdf))
+def plot_estimate(result, bands, folder: Path) -> list[Path]:
+    """Write every plot of an estimation into ``folder`` (PNG files and ``estimate.pdf``);
+    returns the PNG paths.
 
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-            dz = ps.defocus_mean_A() / 1e4
-            axes[0].plot(dz, s, ".", ms=2, alpha=0.5)
-            axes[0].set_xlabel("mean defocus (um)")
-            axes[0].set_ylabel("scale")
-            mics = ps.micrographs()
-            names, inv = np.unique(mics, return_inverse=True)
-            med = np.array([np.nanmedian(s[inv == i]) for i in range(len(names))])
-            axes[1].plot(np.arange(len(names)), med, ".")
-            axes[1].set_xlabel("micrograph index")
-            axes[1].set_ylabel("median scale")
-            fig.suptitle("Per-particle scale vs defocus and micrograph")
-            paths.append(_save(fig, folder / "scale_vs_defocus_micrograph.png", pdf))
-    return paths
+    ``bands``: each optics group's Band, by group number.
+    """
+    return render_figures(estimate_figures(result, bands), Path(folder), "estimate.pdf")

@@ -246,7 +246,8 @@ def write_outputs(
 
     ``particles.star`` (always), ``particles.cs`` + ``particles.csg`` (for .cs input or
     ``write_cs``; the .csg is the cryoSPARC result group naming it),
-    ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf``.
+    ``results.json``, ``stats/group_NNN.npz``, ``plots/*.png`` + ``plots/estimate.pdf`` (every
+    plot, one per page).
     The image names are written relative to ``image_root`` (default ``out``).
     """
     from cryomag.io import write_star
@@ -274,20 +275,23 @@ def write_outputs(
     save_statistics(res, out / "stats", summary["options"])
     written["stats"] = out / "stats"
     if plots:
-        from cryomag.report.plots_estimate import plot_estimate
+        from cryomag.report.plots_estimate import estimate_figures
+        from cryomag.report.render import render_figures
 
-        plot_estimate(res, res.bands, out / "plots")
+        figures = estimate_figures(res, res.bands)
         if res.local:
-            from cryomag.report.plots_local import plot_local
+            from cryomag.report.plots_local import local_figures
 
-            plot_local(res.particles, res.local, out / "plots")
+            figures += local_figures(res.particles, res.local)
         if any(gr.defocus_solution is not None and not gr.failed for gr in res.groups):
-            from cryomag.report.plots_defocus import plot_defocus
+            from cryomag.report.plots_defocus import defocus_figures
 
-            plot_defocus(res, out / "plots")
+            figures += defocus_figures(res)
         if any(gr.aberration_maps is not None for gr in res.groups):
-            from cryomag.report.plots_aberrations import plot_aberrations
+            from cryomag.report.plots_aberrations import aberration_figures
 
-            plot_aberrations(res, out / "plots")
+            figures += aberration_figures(res)
+        # every figure a PNG and a page of the PDF (drawn at once where possible)
+        render_figures(figures, out / "plots", "estimate.pdf")
         written["plots"] = out / "plots"
     return written

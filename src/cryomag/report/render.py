@@ -1,0 +1,198 @@
+"""Figures to files: one PNG each and one multi-page PDF of them, the two rendered at once.
+
+A run's plots are given as :class:`FigureSpec` (a file name and a function that builds the
+matplotlib figure), so that they can be drawn twice -- once into their PNG files, once as
+the pages of the PDF -- without holding every figure open. matplotlib draws in Python
+(about 0.1-0.5 s per figure and format on a laptop core), and the run's workers are idle
+by then: where a process can be forked (Linux), a child process draws the PDF while this
+one draws the PNGs (about 1 s less of a default 5,000-particle run's ~3 s of plots,
+bench/RESULTS.md, issue 14). The child writes into a temporary file of the destination
+folder that this process renames onto the PDF once the child has ended well; a child that
+fails, is killed or takes longer than :data:`PDF_CHILD_TIMEOUT_S` is replaced by drawing the
+PDF here, and an interruption here ends the child and removes its file. Either way the
+files are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cryomag._files import atomic_path  # noqa: E402
+from cryomag.report import preload  # noqa: E402
+
+__all__ = ["PDF_CHILD_TIMEOUT_S", "PNG_DPI", "FigureSpec", "render_figures"]
+
+log = logging.getLogger(__name__)
+
+#: Resolution of the PNG files (dots per inch).
+PNG_DPI = 110
+#: Seconds the PDF's child process may take (beyond them it is ended and the PDF drawn here).
+PDF_CHILD_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of a run: its PNG file name and the function that builds it.
+
+    Attributes
+    ----------
+    name : str
+        File name of the PNG (e.g. ``"convergence_group001.png"``).
+    build : callable
+        Returns a new :class:`matplotlib.figure.Figure` (called once per format).
+    """
+
+    name: str
+    build: Callable[[], Figure]
+
+
+def _save_png(spec: FigureSpec, folder: Path) -> Path:
+    path = folder / spec.name
+    fig = spec.build()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _write_pdf(figures: Sequence[FigureSpec], path: Path) -> None:
+    """Every figure as a page of the PDF ``path`` (written as it is, not atomically)."""
+    with PdfPages(path) as pdf:
+        for spec in figures:
+            fig = spec.build()
+            try:
+                pdf.savefig(fig, bbox_inches="tight")
+            finally:
+                plt.close(fig)
+
+
+def _can_fork() -> bool:
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def _fork_pdf(figures: Sequence[FigureSpec], tmp: Path) -> int | None:
+    """Start a child process that writes the PDF into ``tmp``; its pid, or None when it
+    could not be started."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log.info("plots: no child process for the PDF (%s); drawn here", exc)
+        return None
+    if pid:
+        return pid
+    # the child: draw, and leave without running this process's exit handlers
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _write_pdf(figures, tmp)
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported through the exit status
+        with contextlib.suppress(Exception):
+            os.write(2, f"cryomag: the plots' PDF failed:\n{traceback.format_exc()}".encode())
+    finally:
+        os._exit(code)
+
+
+def _end_child(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _wait_child(pid: int, timeout_s: float) -> str | None:
+    """Wait for the child; None when it ended well, else why not (it is ended)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "its process was reaped elsewhere"
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            if code == 0:
+                return None
+            return f"exit status {code}" if code > 0 else f"signal {-code}"
+        if time.monotonic() > deadline:
+            _end_child(pid)
+            return f"no result after {timeout_s:.0f} s"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def render_figures(figures: Sequence[FigureSpec], folder: Path, pdf_name: str | None = None,
+                   parallel: bool = True) -> list[Path]:  # fmt: skip
+    """Write each figure as ``folder/name`` (PNG) and, with ``pdf_name``, all of them as the
+    pages of ``folder/pdf_name``, in the order given.
+
+    Parameters
+    ----------
+    figures : sequence of FigureSpec
+    folder : Path
+        Created if missing.
+    pdf_name : str, optional
+        File name of the multi-page PDF (no PDF when None or without figures).
+    parallel : bool
+        Draw the PDF in a child process while this one draws the PNGs (where processes can
+        be forked and there is more than one figure).
+
+    Returns
+    -------
+    list of Path
+        The PNG files, in the order of ``figures``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = list(figures)
+    if not pdf_name or not figures:
+        return [_save_png(spec, folder) for spec in figures]
+    if not (parallel and len(figures) > 1 and _can_fork()):
+        paths = []
+        with atomic_path(folder / pdf_name) as tmp, PdfPages(tmp) as pdf:
+            for spec in figures:  # one figure for both formats
+                fig = spec.build()
+                try:
+                    with atomic_path(folder / spec.name) as png:
+                        fig.savefig(png, format="png", dpi=PNG_DPI, bbox_inches="tight")
+                    pdf.savefig(fig, bbox_inches="tight")
+                finally:
+                    plt.close(fig)
+                paths.append(folder / spec.name)
+        return paths
+    preload.wait()  # no import half-done in the child
+    with atomic_path(folder / pdf_name) as tmp:
+        pid = _fork_pdf(figures, tmp)
+        try:
+            paths = [_save_png(spec, folder) for spec in figures]
+        except BaseException:
+            if pid is not None:
+                _end_child(pid)
+            raise
+        why = "no child process" if pid is None else _wait_child(pid, PDF_CHILD_TIMEOUT_S)
+        if why is not None:
+            if pid is not None:
+                log.warning("plots: the PDF's child process failed (%s); drawing it here", why)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            _write_pdf(figures, tmp)
+    return paths

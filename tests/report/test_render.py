@@ -1,0 +1,103 @@
+"""Figures to PNG files and one PDF (cryomag.report.render): the PDF drawn by a child process
+gives the same files as drawing everything here, and no failure of either process leaves a
+half-written file, a missing PDF or a child process behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+
+from cryomag._files import TEMP_GLOB
+from cryomag.report import render
+from cryomag.report.render import FigureSpec, plt, render_figures
+
+pytestmark = pytest.mark.skipif(not render._can_fork(), reason="forks a process (Linux)")
+
+
+def _line(seed: int):
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot(np.random.default_rng(seed).normal(size=20), ".-")
+    ax.set_title(f"figure {seed}")
+    return fig
+
+
+def _only_in_child(parent: int, what: str, seed: int):
+    """A figure that fails (``raise``), kills its process (``kill``) or hangs (``hang``) when
+    built in another process than ``parent``."""
+    if os.getpid() != parent:
+        if what == "raise":
+            raise RuntimeError("drawing failed in the child")
+        if what == "kill":
+            os.kill(os.getpid(), 9)
+        if what == "hang":
+            time.sleep(60)
+    return _line(seed)
+
+
+def _specs(build=_line, n: int = 3) -> list[FigureSpec]:
+    return [FigureSpec(f"f{i}.png", partial(build, i)) for i in range(n)]
+
+
+def _pages(pdf) -> int:
+    return pdf.read_bytes().count(b"/Type /Page\n") + pdf.read_bytes().count(b"/Type /Page ")
+
+
+def _no_children() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_the_pdf_drawn_by_a_child_gives_the_same_files(tmp_path):
+    a, b = tmp_path / "parallel", tmp_path / "serial"
+    pa = render_figures(_specs(), a, "all.pdf")
+    pb = render_figures(_specs(), b, "all.pdf", parallel=False)
+    assert [p.name for p in pa] == [p.name for p in pb] == ["f0.png", "f1.png", "f2.png"]
+    for x, y in zip(pa, pb, strict=True):  # the PNG files bit for bit
+        assert x.read_bytes() == y.read_bytes()
+    assert _pages(a / "all.pdf") == _pages(b / "all.pdf") == 3
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    assert not list(a.glob(TEMP_GLOB)) and _no_children()
+    # without a PDF: the PNG files only
+    assert [p.name for p in render_figures(_specs(n=2), tmp_path / "png")] == ["f0.png", "f1.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["f0.png", "f1.png"]
+
+
+@pytest.mark.parametrize("what", ["raise", "kill", "hang"])
+def test_a_failed_child_leaves_the_pdf_to_this_process(tmp_path, monkeypatch, caplog, what):
+    """A child that raises, is killed or takes too long: the PDF is drawn here, complete."""
+    monkeypatch.setattr(render, "PDF_CHILD_TIMEOUT_S", 2.0)
+    build = partial(_only_in_child, os.getpid(), what)
+    with caplog.at_level(logging.WARNING, logger="cryomag.report.render"):
+        t0 = time.monotonic()
+        paths = render_figures(_specs(build), tmp_path, "all.pdf")
+    assert time.monotonic() - t0 < 30
+    assert [p.name for p in paths] == ["f0.png", "f1.png", "f2.png"]
+    assert _pages(tmp_path / "all.pdf") == 3
+    assert "the PDF's child process failed" in caplog.text
+    expect = {"raise": "exit status 1", "kill": "signal 9", "hang": "no result after 2 s"}[what]
+    assert expect in caplog.text
+    assert not list(tmp_path.glob(TEMP_GLOB)) and _no_children()
+
+
+def test_a_failure_here_ends_the_child_and_leaves_no_pdf(tmp_path):
+    """A figure that fails in this process (not in the child): the error is raised, the
+    child is ended and reaped, no PDF and no temporary file remain."""
+    parent = os.getpid()
+
+    def fails_here(seed):
+        if os.getpid() == parent and seed == 1:
+            raise ValueError("bad figure")
+        return _line(seed)
+
+    with pytest.raises(ValueError, match="bad figure"):
+        render_figures(_specs(fails_here), tmp_path, "all.pdf")
+    assert not (tmp_path / "all.pdf").exists()
+    assert not list(tmp_path.glob(TEMP_GLOB)) and _no_children()
