@@ -766,6 +766,10 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
             executor, checkpoints, resume, codec=StatisticsCodec(), preload=WORKER_PRELOAD
         ) as ex:
             log.info("executor: %s", ex.describe())
+            if out is not None and plots:
+                from cryomag.report import preload
+
+                preload.start()  # matplotlib imported while the passes run
             res = run_estimate(
                 ps, refs, ImageSource(ps), opts, fsc_res, progress, executor=ex, scratch=scratch
             )
