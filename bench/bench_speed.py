@@ -5,11 +5,12 @@ Issue 14's benchmark, one command. On N simulated particles (default 5,000; box 
 simulation is cached in ``--cache``) it prints, in one run:
 
 - the floor: read + rfft2 of the whole stack (float32, one thread);
-- ``cryomag estimate`` with the defaults (the CLI's execution: local worker processes, one
-  single-threaded worker per core, automatic window padding), wall time of a fresh process
-  (imports, worker start, map preparation and every Gauss-Newton pass included), with its
-  parts, peak RSS of the driver and of the largest worker, and M's error against the truth
-  in standard errors;
+- the command ``cryomag estimate -i particles.star --ref ref.mrc -o OUT`` with the
+  defaults (local worker processes, one single-threaded worker per core, automatic window
+  padding), wall time of a fresh process: imports, worker start, map preparation, every
+  Gauss-Newton pass and every output (STAR, results.json, statistics, plots) included, as
+  a user waits for it; with its parts, peak RSS of the driver and of the largest worker,
+  and M's error against the truth in standard errors (read back from results.json);
 - ``relion_ctf_refine --fit_aniso --j 2`` (one round) on the same particles and map when
   ``RELION_BIN`` (or ``--relion-bin``) points at a RELION 5 build's bin folder, its peak RSS
   and its M's error in cryomag's standard errors;
@@ -91,50 +92,65 @@ def _peak_mb() -> float:
 
 def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
               options: dict | None = None) -> dict:  # fmt: skip
-    """One ``cryomag estimate`` in this (fresh) process, as the CLI runs it by default.
+    """One ``cryomag estimate`` command with the defaults, in this (fresh) process.
 
-    ``t_exec``: the parent's clock when it started this process (imports are counted);
-    ``options``: more keyword arguments of ``cryomag.estimate`` (e.g. the defocus level).
+    The command line as a user runs it (``cryomag estimate -i ... --ref ... -o OUT``, its
+    local worker processes, every output: STAR, results.json, statistics, plots), from
+    ``cryomag.cli.main`` in this process so that its workers' peak memory is this process's
+    children's. ``t_exec``: the parent's clock when it started this process (the
+    interpreter's start is counted); ``options``: more command-line options (``{"defocus":
+    "micrograph"}`` -> ``--defocus micrograph``). M, its standard errors and the passes are
+    read back from OUT/results.json.
     """
+    import resource
+    import shutil
+
     t_imp = time.time()
-    import cryomag
-    from cryomag.execution import ExecutorConfig, make_executor
+    from cryomag.cli.main import app
     from cryomag.simulation.simulator import load_truth
-    from cryomag.workflows.estimate import WORKER_PRELOAD
 
     folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix="cryomag-bench-run-"))
+    out = tmp / "run"
+    args = ["estimate", "-i", str(folder / "particles.star"), "--ref", str(folder / "ref.mrc"),
+            "-o", str(out), "--fit", ",".join(fit), "--window-pad", str(window_pad),
+            "--quiet"]  # fmt: skip
+    for key, value in (options or {}).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
     t0 = time.time()
-    ex = make_executor(ExecutorConfig(j=0), WORKER_PRELOAD)
+    code = 0
     try:
-        res = cryomag.estimate(folder / "particles.star", folder / "ref.mrc", fit=tuple(fit),
-                               window_pad=window_pad, progress=False, executor=ex,
-                               **(options or {}))  # fmt: skip
-        t1 = time.time()
-        if hasattr(ex, "run_on_workers"):
-            workers = ex.run_on_workers(_peak_mb)
-        else:  # a --baseline-src from before run_on_workers: a Dask LocalCluster
-            workers = ex.client.run(_peak_mb) if hasattr(ex, "client") else {}
+        app(args, prog_name="cryomag")
+    except SystemExit as e:  # typer ends the command with sys.exit
+        code = e.code or 0
+    t1 = time.time()
+    try:
+        if code not in (0, 3):
+            raise RuntimeError(f"cryomag estimate exited {code}")
+        res = json.loads((out / "results.json").read_text())
     finally:
-        ex.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     truth = load_truth(folder)
-    g = res.groups[0]
-    err = g.mag - truth["M_group"][0]
+    g = res["groups"][0]
+    mag, se = np.asarray(g["M"]), np.asarray(g["M_standard_error"])
+    err = mag - truth["M_group"][0]
     return {
         "wall_s": time.time() - t_exec,
         "python_start_s": t_imp - t_exec,
         "imports_s": t0 - t_imp,
         "estimate_s": t1 - t0,
-        "statistics_s": res.timings["statistics_s"],
-        "particle_passes": res.timings["particle_passes"],
-        "passes": [h["particles"] for h in g.history if not h.get("relinearised")],
-        "verdict": res.verdict,
-        "mag": g.mag.tolist(),
-        "err_over_se": float(np.max(np.abs(err) / g.mag_error)),
+        "statistics_s": res["timings"]["statistics_s"],
+        "particle_passes": res["timings"]["particle_passes"],
+        "passes": [h["particles"] for h in g["history"] if not h.get("relinearised")],
+        "verdict": res["verdict"],
+        "mag": mag.tolist(),
+        "err_over_se": float(np.max(np.abs(err) / se)),
         "max_abs_error": float(np.abs(err).max()),
-        "max_se": float(g.mag_error.max()),
-        "se": g.mag_error.tolist(),
+        "max_se": float(se.max()),
+        "se": se.tolist(),
         "driver_peak_mb": _peak_mb(),
-        "worker_peak_mb": max(workers.values()) if workers else float("nan"),
+        # the largest of the command's worker processes (all reaped by now)
+        "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
     }
 
 
@@ -244,9 +260,11 @@ def main() -> int:
         parts = {k: _median(rr, k) for k in ("python_start_s", "imports_s", "estimate_s",
                                                "statistics_s")}  # fmt: skip
         print(f"{name}: {wall:.1f} s ({wall / floor:.0f}x floor; python start "
-              f"{parts['python_start_s']:.1f} + imports {parts['imports_s']:.1f} + estimate "
+              f"{parts['python_start_s']:.1f} + imports {parts['imports_s']:.1f} + command "
               f"{parts['estimate_s']:.1f} s, of which statistics passes "
-              f"{parts['statistics_s']:.1f} s); passes {last['passes']}; peak RSS driver "
+              f"{parts['statistics_s']:.1f} s and inputs, outputs and plots "
+              f"{parts['estimate_s'] - parts['statistics_s']:.1f} s); passes "
+              f"{last['passes']}; peak RSS driver "
               f"{last['driver_peak_mb']:.0f} MB, worker {last['worker_peak_mb']:.0f} MB; "
               f"max |M - truth| {last['max_abs_error']:.1e} = {last['err_over_se']:.2f} SE "
               f"(SE {last['max_se']:.1e}); verdict {last.get('verdict', '?')}")  # fmt: skip
