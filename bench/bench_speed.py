@@ -208,8 +208,16 @@ def main() -> int:
             out = m_cryomag(**kw, t_exec=t_exec)
         print(json.dumps(out))
         return 0
+    # the bytecode an installed package has (pip compiles it; a source tree run with
+    # PYTHONDONTWRITEBYTECODE would compile every module in every run)
+    import compileall
+
+    import cryomag
     from cryomag.simulation.simulator import load_truth
 
+    for src in [Path(cryomag.__file__).parent, *([Path(a.baseline_src) / "cryomag"]
+                                                 if a.baseline_src else [])]:  # fmt: skip
+        compileall.compile_dir(str(src), quiet=1)
     cpu = cpu_model()
     print(f"date {time.strftime('%Y-%m-%d %H:%M')}, cores {os.cpu_count()} ({cpu}), "
           f"load {os.getloadavg()}")  # fmt: skip

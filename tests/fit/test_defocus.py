@@ -20,7 +20,7 @@ import cryomag
 from cryomag.cli.main import app
 from cryomag.fit.accumulate import KernelOptions, chunk_statistics
 from cryomag.fit.defocus import DefocusLevels, joint_system, solve_joint, unit_mag_fits
-from cryomag.fit.gauss_newton import check_subsets
+from cryomag.fit.gauss_newton import check_subsets, curvature_stride, second_order_accuracy
 from cryomag.fit.statistics import Band, GroupStatistics
 from cryomag.io import read_cs, read_star
 from cryomag.physics.ctf import defocus_from_matrix, defocus_matrix
@@ -783,6 +783,24 @@ def test_check_subsets():
     assert sub[1][0] == 12 and sub[1][-1] == 1008  # spread over the whole group
     assert check_subsets(rows, 0, 4) == {}
     assert check_subsets({1: np.arange(300)}, 100, 4) == {}  # 75 rows with curvature sums
+    # automatic stride (0): every 4th below 5,000 particles, every 8th from there
+    auto = check_subsets({1: np.arange(4999), 2: np.arange(5000, 10000)}, 500, 0)
+    assert np.all(auto[1] % 4 == 0) and np.any(auto[1] % 8) and np.all(auto[2] % 8 == 0)
+    assert len(auto[1]) == len(auto[2]) == 500
+
+
+def test_curvature_stride():
+    """Every 8th particle carries the curvature sums where a group keeps 625 of them and its
+    check subset; else every 4th; an explicit stride is kept."""
+    assert curvature_stride(0, 4999, 500) == 4
+    assert curvature_stride(0, 5000, 500) == 8
+    assert curvature_stride(0, 5000, 700) == 4  # 625 < the check subset
+    assert curvature_stride(0, 100_000, 0) == 8
+    assert curvature_stride(3, 100_000, 500) == 3 and curvature_stride(1, 10, 0) == 1
+    # the sparser sample's second-order correction counted less accurate
+    assert second_order_accuracy(1, 4) == 0.05 and second_order_accuracy(1, 1) == 0.0
+    assert second_order_accuracy(1, 8) == pytest.approx(0.05 * np.sqrt(2))
+    assert second_order_accuracy(2, 8) == 0.3
 
 
 def test_refused_check_after_the_last_full_pass_is_not_converged(heights):

@@ -96,7 +96,8 @@ class GaussNewtonSettings:
         Full passes accumulate second-order statistics and Gauss-Newton re-linearises
         from them.
     curvature_every : int
-        The curvature sums from every n-th particle.
+        The curvature sums from every n-th particle; 0: automatic per group
+        (:func:`curvature_stride`).
     levels : DefocusLevels
         Which parts of the defocus are refined jointly with M, at which level
         (:mod:`cryomag.fit.defocus`); full passes then solve M and the defocus together
@@ -219,7 +220,7 @@ class GaussNewtonSettings:
     max_iter: int = 10
     warm_tol: float = 1e-4
     relinearise: bool = True
-    curvature_every: int = 4
+    curvature_every: int = 0
     levels: DefocusLevels = field(default_factory=DefocusLevels)
     defocus_tol_A: float = 1.0
     aberrations: AberrationTerms = field(default_factory=AberrationTerms)
@@ -347,10 +348,38 @@ def second_order_accuracy(window_pad: int, every: int) -> float:
     The window-aware model uses the box-periodic second derivatives (its change of the sums
     was predicted within ~30 %: tests/test_accumulate.py); sampling every n-th particle
     adds a statistical error (measured 2 % of the correction for n = 4 on 20,000 particles;
-    counted as 5 %).
+    counted as 5 %, and as 5 % x sqrt(n / 4) for sparser samples).
     """
     acc = 0.3 if window_pad > 1 else 0.0
-    return max(acc, 0.05) if every > 1 else acc
+    return max(acc, 0.05 * np.sqrt(max(every, 4) / 4)) if every > 1 else acc
+
+
+#: With automatic curvature sums (``curvature_every`` 0): every SPARSE_CURVATURE_EVERY-th
+#: particle of a group that then still has AUTO_CURVATURE_PARTICLES of them (and at least
+#: its check subset), else every DEFAULT_CURVATURE_EVERY-th.
+DEFAULT_CURVATURE_EVERY = 4
+SPARSE_CURVATURE_EVERY = 8
+AUTO_CURVATURE_PARTICLES = 625
+
+
+def curvature_stride(setting: int, n_particles: int, check_subset: int = 0) -> int:
+    """The stride of a group's curvature particles (row % stride == 0).
+
+    ``setting`` > 0 is taken as it is. 0 (automatic): every 8th particle when the group then
+    has at least :data:`AUTO_CURVATURE_PARTICLES` (625) curvature particles and at least
+    ``check_subset``, i.e. from 5,000 particles at the defaults, else every 4th. The
+    curvature particles carry the exact window-aware Gauss-Newton matrix (the others' is
+    regressed on them, ``lean_hessian``) and the second-order sums; on 5,000 particles of
+    box 128 every 8th instead of every 4th made the full pass ~8 % faster, with the same
+    passes and M 0.008 standard errors apart (0.06 on the real-like set, whose re-linearised
+    fit is checked on 500 of them; bench/RESULTS.md, issue 14).
+    """
+    if int(setting) > 0:
+        return int(setting)
+    sparse = n_particles // SPARSE_CURVATURE_EVERY
+    if sparse >= max(AUTO_CURVATURE_PARTICLES, int(check_subset)):
+        return SPARSE_CURVATURE_EVERY
+    return DEFAULT_CURVATURE_EVERY
 
 
 @dataclass
@@ -399,6 +428,9 @@ class GroupFit:
                  check: bool = False):  # fmt: skip
         self.group = int(group)
         self.n_particles = int(n_particles)
+        # the stride of the curvature particles (settings.curvature_every, resolved)
+        self.curvature_every = curvature_stride(settings.curvature_every, n_particles,
+                                                settings.check_subset)  # fmt: skip
         self.mag_in = np.asarray(mag_in, float).copy()
         self.mag = self.mag_in.copy()
         self.mag_lin = self.mag_in.copy()
@@ -455,7 +487,7 @@ class GroupFit:
         """This group's part of the next pass's specification."""
         s = self.settings
         second = (
-            max(int(s.curvature_every), 1)
+            self.curvature_every
             if s.fit_aniso and s.relinearise and self.phase in ("full", "check") and not s.joint
             else 0
         )
@@ -631,7 +663,7 @@ class GroupFit:
                 st,
                 joint_scale=s.joint_scale,
                 tol=s.tol,
-                accuracy=second_order_accuracy(self.window_pad, s.curvature_every),
+                accuracy=second_order_accuracy(self.window_pad, self.curvature_every),
             )
             upd = MagUpdate(rel.delta, rel.covariance, int((st.pp > 0).sum()), rel.normal_matrix)
             steps, path = rel.steps, rel.path
@@ -743,7 +775,7 @@ class GroupFit:
         full_st, delta = base.stats, base.delta
         self.counts["check"] += 1
         self.phase = "full"
-        chk = subset_check(full_st, st, delta, s.curvature_every, s.joint_scale)
+        chk = subset_check(full_st, st, delta, self.curvature_every, s.joint_scale)
         usable = chk.n_used > 0 and bool(np.all(np.isfinite(chk.step)))
         bound = (
             float(np.max(np.abs(chk.step) + 2 * chk.step_error)) if usable else float("inf")
@@ -1014,16 +1046,16 @@ def warm_subsets(group_rows: dict[int, np.ndarray], size: int, seed: int = 20261
 
 def check_subsets(group_rows: dict[int, np.ndarray], size: int, stride: int) -> dict:
     """Each group's check subset (:attr:`GaussNewtonSettings.check_subset`): ``size`` of its
-    rows with curvature sums (row % ``stride`` == 0), evenly spaced (sorted), for the groups
-    with more than twice ``size`` particles and at least ``size`` such rows; {} when
-    ``size`` is 0."""
+    rows with curvature sums (row % stride == 0, the group's :func:`curvature_stride` of
+    ``stride``), evenly spaced (sorted), for the groups with more than twice ``size``
+    particles and at least ``size`` such rows; {} when ``size`` is 0."""
     out = {}
     if size <= 0:
         return out
-    stride = max(int(stride), 1)
     for g in sorted(group_rows):
         rows = np.asarray(group_rows[g])
-        eligible = rows[rows % stride == 0]
+        every = max(curvature_stride(stride, len(rows), size), 1)
+        eligible = rows[rows % every == 0]
         if len(rows) > 2 * size and len(eligible) >= size:
             pick = np.unique(np.linspace(0, len(eligible) - 1, size).round().astype(int))
             out[g] = np.sort(eligible[pick])

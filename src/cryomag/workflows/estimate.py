@@ -241,10 +241,13 @@ class EstimateOptions:
         pass then usually suffices. False: every Gauss-Newton iteration is a real pass.
     curvature_every : int
         The second-order sums through the model's second derivatives (which only enter the
-        O(|dM|^2) correction of a step) from every n-th particle, weighted n; 1: from every
-        particle. Measured on 20,000 particles (bench/bench_estimate.py's data): n = 4 moved
-        M by at most 2.5e-7 (0.015 standard errors; 2 % of the correction) and saved ~10 %
-        of the fit's time.
+        O(|dM|^2) correction of a step) and the exact window-aware matrix from every n-th
+        particle, weighted n; 1: from every particle; 0 (default): every 8th in groups of
+        5,000 particles or more, else every 4th
+        (:func:`cryomag.fit.gauss_newton.curvature_stride`). Measured on 20,000 particles
+        (bench/bench_estimate.py's data): n = 4 moved M by at most 2.5e-7 (0.015 standard
+        errors; 2 % of the correction) and saved ~10 % of the fit's time; on 5,000 (issue
+        14's benchmark) n = 8 instead of 4 moved M by 0.008 standard errors and saved ~8 %.
     defocus : str
         Level at which the mean defocus is refined jointly with M (:mod:`cryomag.fit.defocus`):
         ``"fixed"``, ``"group"``, ``"micrograph"`` or ``"particle"`` (a micrograph mean plus
@@ -297,7 +300,7 @@ class EstimateOptions:
     adaptive_window: bool = True
     exact_gradient: bool | None = None
     relinearise: bool = True
-    curvature_every: int = 4
+    curvature_every: int = 0
     defocus: str = "auto"
     astigmatism: str = "auto"
     defocus_tol_A: float = 1.0
