@@ -83,7 +83,7 @@ def _aberration_figure(res, gr):
     img = aberration_images(gr.aberration_maps, band, gr.aberration_terms, gr.aberration,
                             gr.mag, float(electron_wavelength_A(opt.voltage_kv)),
                             opt.cs_mm, beam_tilt_mrad=opt.beam_tilt_mrad)  # fmt: skip
-    fig, axes = plt.subplots(2, 2, figsize=(9, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8), sharex=True, sharey=True)
     fig.suptitle(f"Optics group {gr.group}: aberrations (first pass vs fitted change)")
     for r, kind, title in ((0, "odd", "phase error (odd)"), (1, "even", "chi error (even)")):
         obs, fit = img[f"{kind}_observed"], img[f"{kind}_fitted"]
@@ -95,8 +95,9 @@ def _aberration_figure(res, gr):
             im = ax.imshow(data, origin="lower", extent=img["extent"], cmap="RdBu_r",
                            vmin=-lim, vmax=lim)  # fmt: skip
             ax.set_title(f"{title}: {what}", fontsize=10)
-            ax.set_xlabel("kx (1/A)")
-            ax.set_ylabel("ky (1/A)")
-            fig.colorbar(im, ax=ax, label="rad", shrink=0.8)
-    fig.tight_layout()
+        axes[r, 0].set_ylabel("ky (1/A)")
+        # one colour scale per row: observed and fitted compare directly
+        fig.colorbar(im, ax=axes[r].tolist(), label="rad", shrink=0.8)
+    for ax in axes[1]:
+        ax.set_xlabel("kx (1/A)")
     return fig

@@ -53,7 +53,7 @@ def displacement_images(stats, band, delta: np.ndarray, bins: int = 32):
 
 def _displacement_figure(gr, st, band):
     dx0, dy0, fx0, fy0, ext = displacement_images(st, band, gr.mag - gr.mag_in)
-    fig, axes = plt.subplots(2, 2, figsize=(8, 7))
+    fig, axes = plt.subplots(2, 2, figsize=(8, 7), sharex=True, sharey=True)
     lim = np.nanmax(np.abs([fx0, fy0])) if np.isfinite(fx0).any() else 1
     lim = lim if lim > 0 else np.nanmax(np.abs(dx0[np.isfinite(dx0)]), initial=1e-6)
     for ax, img, title in zip(
@@ -64,9 +64,12 @@ def _displacement_figure(gr, st, band):
     ):
         im = ax.imshow(img, origin="lower", extent=ext, cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set_title(f"{title} displacement (1/A)")
+    for ax in axes[1]:
         ax.set_xlabel("kx (1/A)")
+    for ax in axes[:, 0]:
         ax.set_ylabel("ky (1/A)")
-        fig.colorbar(im, ax=ax, shrink=0.8)
+    # one colour scale for the four panels (observed and fitted compare directly)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="displacement (1/A)")
     fig.suptitle(
         f"Optics group {gr.group}: displacement of the reference frequency, "
         "first pass (at the input M)"
