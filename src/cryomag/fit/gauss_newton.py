@@ -370,9 +370,10 @@ def curvature_stride(setting: int, n_particles: int, check_subset: int = 0) -> i
     ``check_subset``, i.e. from 5,000 particles at the defaults, else every 4th. The
     curvature particles carry the exact window-aware Gauss-Newton matrix (the others' is
     regressed on them, ``lean_hessian``) and the second-order sums; on 5,000 particles of
-    box 128 every 8th instead of every 4th made the full pass ~8 % faster, with the same
-    passes and M 0.008 standard errors apart (0.06 on the real-like set, whose re-linearised
-    fit is checked on 500 of them; bench/RESULTS.md, issue 14).
+    box 128 every 8th instead of every 4th made the full pass's kernel ~4 % faster (0.90-1.01
+    in interleaved rounds), with the same passes and M 0.008 standard errors apart (0.06 on
+    the real-like set, whose re-linearised fit is checked on 500 of them; bench/RESULTS.md,
+    issue 14).
     """
     if int(setting) > 0:
         return int(setting)

@@ -247,7 +247,8 @@ class EstimateOptions:
         (:func:`cryomag.fit.gauss_newton.curvature_stride`). Measured on 20,000 particles
         (bench/bench_estimate.py's data): n = 4 moved M by at most 2.5e-7 (0.015 standard
         errors; 2 % of the correction) and saved ~10 % of the fit's time; on 5,000 (issue
-        14's benchmark) n = 8 instead of 4 moved M by 0.008 standard errors and saved ~8 %.
+        14's benchmark) n = 8 instead of 4 moved M by 0.008 standard errors and saved ~4 % of
+        the full pass.
     defocus : str
         Level at which the mean defocus is refined jointly with M (:mod:`cryomag.fit.defocus`):
         ``"fixed"``, ``"group"``, ``"micrograph"`` or ``"particle"`` (a micrograph mean plus
