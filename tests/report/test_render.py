@@ -47,15 +47,34 @@ def _pages(pdf) -> int:
     return pdf.read_bytes().count(b"/Type /Page\n") + pdf.read_bytes().count(b"/Type /Page ")
 
 
-def _no_children() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+@pytest.fixture
+def forked(monkeypatch):
+    """The pids of the child processes forked during the test."""
+    pids: list[int] = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    return pids
 
 
-def test_the_pdf_drawn_by_a_child_gives_the_same_files(tmp_path):
+def _reaped(pids: list[int]) -> bool:
+    """Whether every one of ``pids`` has ended and been waited for (no zombie, no orphan)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        return False
+    return True
+
+
+def test_the_pdf_drawn_by_a_child_gives_the_same_files(tmp_path, forked):
     a, b = tmp_path / "parallel", tmp_path / "serial"
     pa = render_figures(_specs(), a, "all.pdf")
     pb = render_figures(_specs(), b, "all.pdf", parallel=False)
@@ -64,14 +83,16 @@ def test_the_pdf_drawn_by_a_child_gives_the_same_files(tmp_path):
         assert x.read_bytes() == y.read_bytes()
     assert _pages(a / "all.pdf") == _pages(b / "all.pdf") == 3
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-    assert not list(a.glob(TEMP_GLOB)) and _no_children()
+    assert len(forked) == 1 and _reaped(forked)  # the parallel run's child only
+    assert not list(a.glob(TEMP_GLOB))
     # without a PDF: the PNG files only
     assert [p.name for p in render_figures(_specs(n=2), tmp_path / "png")] == ["f0.png", "f1.png"]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["f0.png", "f1.png"]
 
 
 @pytest.mark.parametrize("what", ["raise", "kill", "hang"])
-def test_a_failed_child_leaves_the_pdf_to_this_process(tmp_path, monkeypatch, caplog, what):
+def test_a_failed_child_leaves_the_pdf_to_this_process(tmp_path, monkeypatch, caplog, what,
+                                                       forked):  # fmt: skip
     """A child that raises, is killed or takes too long: the PDF is drawn here, complete."""
     monkeypatch.setattr(render, "PDF_CHILD_TIMEOUT_S", 2.0)
     build = partial(_only_in_child, os.getpid(), what)
@@ -84,10 +105,11 @@ def test_a_failed_child_leaves_the_pdf_to_this_process(tmp_path, monkeypatch, ca
     assert "the PDF's child process failed" in caplog.text
     expect = {"raise": "exit status 1", "kill": "signal 9", "hang": "no result after 2 s"}[what]
     assert expect in caplog.text
-    assert not list(tmp_path.glob(TEMP_GLOB)) and _no_children()
+    assert len(forked) == 1 and _reaped(forked)
+    assert not list(tmp_path.glob(TEMP_GLOB))
 
 
-def test_a_failure_here_ends_the_child_and_leaves_no_pdf(tmp_path):
+def test_a_failure_here_ends_the_child_and_leaves_no_pdf(tmp_path, forked):
     """A figure that fails in this process (not in the child): the error is raised, the
     child is ended and reaped, no PDF and no temporary file remain."""
     parent = os.getpid()
@@ -100,4 +122,5 @@ def test_a_failure_here_ends_the_child_and_leaves_no_pdf(tmp_path):
     with pytest.raises(ValueError, match="bad figure"):
         render_figures(_specs(fails_here), tmp_path, "all.pdf")
     assert not (tmp_path / "all.pdf").exists()
-    assert not list(tmp_path.glob(TEMP_GLOB)) and _no_children()
+    assert not list(tmp_path.glob(TEMP_GLOB))
+    assert len(forked) == 1 and _reaped(forked)
