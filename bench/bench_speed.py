@@ -149,7 +149,8 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
         "max_se": float(se.max()),
         "se": se.tolist(),
         "driver_peak_mb": _peak_mb(),
-        # the largest of the command's worker processes (all reaped by now)
+        # the largest child of the command: its worker processes (the plots' PDF child is
+        # smaller), all reaped by now
         "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
     }
 
