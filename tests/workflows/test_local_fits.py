@@ -126,6 +126,12 @@ def test_refit_from_statistics_matches_and_writes_star(kappa_run, tmp_path):
     # the local fits' passes form every particle's matrix (no lean estimate)
     assert all(not st.matrix_estimated.any() for st in res.stats.values())
     run_dir = Path(res.particles.source.path).parent.parent / "est"
+    # the run's PDF: every plot, the local models' too, one per page
+    pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+    assert {"mag_vs_defocus_group001.png", "micrograph_mag_group001.png",
+            "shrinkage_group001.png"} <= set(pngs), pngs  # fmt: skip
+    pdf = (run_dir / "plots" / "estimate.pdf").read_bytes()
+    assert pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") == len(pngs)
     r = CliRunner().invoke(
         app,
         [
