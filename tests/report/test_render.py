@@ -124,3 +124,19 @@ def test_a_failure_here_ends_the_child_and_leaves_no_pdf(tmp_path, forked):
     assert not (tmp_path / "all.pdf").exists()
     assert not list(tmp_path.glob(TEMP_GLOB))
     assert len(forked) == 1 and _reaped(forked)
+
+
+def test_an_interruption_while_waiting_ends_the_child(tmp_path, monkeypatch, forked):
+    """Ctrl-C (or SIGTERM, which the command line raises as one) while this process waits
+    for the PDF's child: the child is ended and reaped, no PDF, no temporary file."""
+
+    def interrupted(pid, timeout_s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render, "_wait_child", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        render_figures(_specs(partial(_only_in_child, os.getpid(), "hang")), tmp_path,
+                       "all.pdf")  # fmt: skip
+    assert len(forked) == 1 and _reaped(forked)
+    assert not (tmp_path / "all.pdf").exists() and not list(tmp_path.glob(TEMP_GLOB))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.png", "f1.png", "f2.png"]

@@ -184,11 +184,11 @@ def render_figures(figures: Sequence[FigureSpec], folder: Path, pdf_name: str | 
         pid = _fork_pdf(figures, tmp)
         try:
             paths = [_save_png(spec, folder) for spec in figures]
-        except BaseException:
+            why = "no child process" if pid is None else _wait_child(pid, PDF_CHILD_TIMEOUT_S)
+        except BaseException:  # an error or an interruption here (also while waiting)
             if pid is not None:
                 _end_child(pid)
             raise
-        why = "no child process" if pid is None else _wait_child(pid, PDF_CHILD_TIMEOUT_S)
         if why is not None:
             if pid is not None:
                 log.warning("plots: the PDF's child process failed (%s); drawing it here", why)
