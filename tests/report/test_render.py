@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,8 +44,10 @@ def _specs(build=_line, n: int = 3) -> list[FigureSpec]:
     return [FigureSpec(f"f{i}.png", partial(build, i)) for i in range(n)]
 
 
-def _pages(pdf) -> int:
-    return pdf.read_bytes().count(b"/Type /Page\n") + pdf.read_bytes().count(b"/Type /Page ")
+def pdf_pages(path) -> int:
+    """The number of pages of the PDF file ``path`` (its page objects)."""
+    data = Path(path).read_bytes()
+    return data.count(b"/Type /Page\n") + data.count(b"/Type /Page ")
 
 
 @pytest.fixture
@@ -81,7 +84,7 @@ def test_the_pdf_drawn_by_a_child_gives_the_same_files(tmp_path, forked):
     assert [p.name for p in pa] == [p.name for p in pb] == ["f0.png", "f1.png", "f2.png"]
     for x, y in zip(pa, pb, strict=True):  # the PNG files bit for bit
         assert x.read_bytes() == y.read_bytes()
-    assert _pages(a / "all.pdf") == _pages(b / "all.pdf") == 3
+    assert pdf_pages(a / "all.pdf") == pdf_pages(b / "all.pdf") == 3
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     assert len(forked) == 1 and _reaped(forked)  # the parallel run's child only
     assert not list(a.glob(TEMP_GLOB))
@@ -101,7 +104,7 @@ def test_a_failed_child_leaves_the_pdf_to_this_process(tmp_path, monkeypatch, ca
         paths = render_figures(_specs(build), tmp_path, "all.pdf")
     assert time.monotonic() - t0 < 30
     assert [p.name for p in paths] == ["f0.png", "f1.png", "f2.png"]
-    assert _pages(tmp_path / "all.pdf") == 3
+    assert pdf_pages(tmp_path / "all.pdf") == 3
     assert "the PDF's child process failed" in caplog.text
     expect = {"raise": "exit status 1", "kill": "signal 9", "hang": "no result after 2 s"}[what]
     assert expect in caplog.text

@@ -18,6 +18,7 @@ from cryomag.cli.main import app
 from cryomag.io import read_star
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import load_truth, simulate_dataset
+from tests.report.test_render import pdf_pages
 
 FITS = ("scale", "aniso", "particle", "micrograph", "defocus")
 
@@ -130,8 +131,7 @@ def test_refit_from_statistics_matches_and_writes_star(kappa_run, tmp_path):
     pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert {"mag_vs_defocus_group001.png", "micrograph_mag_group001.png",
             "shrinkage_group001.png"} <= set(pngs), pngs  # fmt: skip
-    pdf = (run_dir / "plots" / "estimate.pdf").read_bytes()
-    assert pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") == len(pngs)
+    assert pdf_pages(run_dir / "plots" / "estimate.pdf") == len(pngs)
     r = CliRunner().invoke(
         app,
         [

@@ -62,23 +62,31 @@ class FigureSpec:
     build: Callable[[], Figure]
 
 
+def _png(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight")
+
+
 def _save_png(spec: FigureSpec, folder: Path) -> Path:
     path = folder / spec.name
     fig = spec.build()
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight")
+        _png(fig, path)
     finally:
         plt.close(fig)
     return path
 
 
-def _write_pdf(figures: Sequence[FigureSpec], path: Path) -> None:
-    """Every figure as a page of the PDF ``path`` (written as it is, not atomically)."""
+def _write_pdf(figures: Sequence[FigureSpec], path: Path, png_folder: Path | None = None
+               ) -> None:  # fmt: skip
+    """Every figure as a page of the PDF ``path`` (written as it is, not atomically); with
+    ``png_folder``, each figure also as its PNG file there (one build for both formats)."""
     with PdfPages(path) as pdf:
         for spec in figures:
             fig = spec.build()
             try:
+                if png_folder is not None:
+                    _png(fig, png_folder / spec.name)
                 pdf.savefig(fig, bbox_inches="tight")
             finally:
                 plt.close(fig)
@@ -167,18 +175,9 @@ def render_figures(figures: Sequence[FigureSpec], folder: Path, pdf_name: str | 
     if not pdf_name or not figures:
         return [_save_png(spec, folder) for spec in figures]
     if not (parallel and len(figures) > 1 and _can_fork()):
-        paths = []
-        with atomic_path(folder / pdf_name) as tmp, PdfPages(tmp) as pdf:
-            for spec in figures:  # one figure for both formats
-                fig = spec.build()
-                try:
-                    with atomic_path(folder / spec.name) as png:
-                        fig.savefig(png, format="png", dpi=PNG_DPI, bbox_inches="tight")
-                    pdf.savefig(fig, bbox_inches="tight")
-                finally:
-                    plt.close(fig)
-                paths.append(folder / spec.name)
-        return paths
+        with atomic_path(folder / pdf_name) as tmp:
+            _write_pdf(figures, tmp, png_folder=folder)
+        return [folder / spec.name for spec in figures]
     preload.wait()  # no import half-done in the child
     with atomic_path(folder / pdf_name) as tmp:
         pid = _fork_pdf(figures, tmp)

@@ -275,22 +275,19 @@ def write_outputs(
     save_statistics(res, out / "stats", summary["options"])
     written["stats"] = out / "stats"
     if plots:
+        from cryomag.report.plots_aberrations import aberration_figures
+        from cryomag.report.plots_defocus import defocus_figures
         from cryomag.report.plots_estimate import estimate_figures
+        from cryomag.report.plots_local import local_figures
         from cryomag.report.render import render_figures
 
-        figures = estimate_figures(res, res.bands)
-        if res.local:
-            from cryomag.report.plots_local import local_figures
-
-            figures += local_figures(res.particles, res.local)
-        if any(gr.defocus_solution is not None and not gr.failed for gr in res.groups):
-            from cryomag.report.plots_defocus import defocus_figures
-
-            figures += defocus_figures(res)
-        if any(gr.aberration_maps is not None for gr in res.groups):
-            from cryomag.report.plots_aberrations import aberration_figures
-
-            figures += aberration_figures(res)
+        # each module gives the figures of the groups it has something to show for
+        figures = [
+            *estimate_figures(res, res.bands),
+            *local_figures(res.particles, res.local or {}),
+            *defocus_figures(res),
+            *aberration_figures(res),
+        ]
         # every figure a PNG and a page of the PDF (drawn at once where possible)
         render_figures(figures, out / "plots", "estimate.pdf")
         written["plots"] = out / "plots"
