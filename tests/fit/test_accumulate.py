@@ -397,6 +397,44 @@ def test_extended_columns_match_the_definition(setup, pad):
         assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (pad, got.ndim)
 
 
+def test_windowed_columns_from_the_cut_basis(setup):
+    """The windowed kernel cuts a basis (P, M's columns, three quadratic monomials) and
+    forms the extended and defocus columns from it by their coefficients: each equals the
+    cut of the column formed on the padded grid from its own formula (the CTF defocus
+    term's gradient (d chi / d u_a) k_b, and pi lambda dq_i), and the sums are those of the
+    columns (the second-order sums of a moving CTF read the columns back from the basis)."""
+    from cryomag.fit.accumulate import WindowedKernel
+    from cryomag.physics.grid import shift_phase32
+
+    ref, optics, band, geom, spectra, power = setup
+    geom = ParticleGeometry(**{**_at(geom, np.asarray(geom.mag)).__dict__, "ctf_mag": None})
+    opts = KernelOptions(window_pad=2, extended=True, defocus=True, second_order=1,
+                         ctf_moves=True)  # fmt: skip
+    kern = WindowedKernel(ref, geom, optics, band, power, opts)
+    n = len(geom)
+    val, grad = kern.slices(geom)
+    y = spectra.reshape(n, -1)[:, kern.band_idx].astype(np.complex64)
+    out = kern.block(geom, slice(0, n), val, grad, y, np.arange(n))
+    grid = kern.model_ctf
+    val = grid.apply_odd(val, [val, val])[0]  # the odd aberrations' phase on V
+    ctf, slope, adef = grid.of(geom)
+    phase = shift_phase32(geom.origin_A, kern.kxd, kern.kyd) * np.complex64(kern.amp)
+    k = (kern.kxd, kern.kyd)
+    want = [slope * g * val * k[b] for g in grid.chi_defocus_grad(adef) for b in range(2)]
+    want += [slope * (np.pi * kern.lam * grid.dq[i]) * val for i in range(3)]
+    pick = np.arange(n)
+    for j, col in enumerate(want):
+        expect = kern._window((phase * col).astype(np.complex64))
+        got = kern._column(out, pick, 5 + j)
+        assert np.abs(got - expect).max() <= 1e-4 * np.abs(expect).max(), j
+    # the sums of the columns: hgg's extended and defocus block from the explicit columns
+    cols = np.stack([kern._column(out, pick, j) for j in range(12)], 1).astype(complex)
+    gram = np.einsum("nip,p,njp->nij", cols.conj(), kern.w, cols).real
+    s = out["py"] / out["pp"]
+    hgg = (s * s)[:, None, None] * gram[:, 1:, 1:]
+    assert np.abs(out["hgg"] - hgg).max() <= 1e-4 * np.abs(hgg).max()
+
+
 #: Fixed aberrations the aberration columns are tested at (besides the ones moved).
 FIXED = {"beam_tilt_mrad": (0.3, -0.2), "odd_zernike": (0.0, 0.0, 2.0, 0.0, 0.0, -3.0),
          "even_zernike": (0.0, 0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, -8.0)}  # fmt: skip

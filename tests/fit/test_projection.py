@@ -45,8 +45,13 @@ def test_sandwich_is_the_einsum_bit_for_bit(case):
     )
 
 
-def test_sandwich_falls_back_to_the_einsum_for_other_maps():
+def test_sandwich_of_other_maps_is_the_einsum_to_rounding():
     rng = np.random.default_rng(9)
     h = rng.standard_normal((30, 5, 5))
     m = rng.standard_normal((5, 3))
-    np.testing.assert_array_equal(sandwich(m, h, m), np.einsum("ia,nij,jb->nab", m, h, m))
+    r = rng.standard_normal((5, 2))
+    for left, right in ((m, m), (m, r)):
+        want = np.einsum("ia,nij,jb->nab", left, h, right)
+        got = sandwich(left, h, right)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * np.abs(want).max())

@@ -1172,12 +1172,20 @@ class WindowedKernel(_Kernel):
         """Per-pixel sums of the phase- and amplitude-error maps of the windowed model
         (:data:`cryomag.fit.statistics.ABERRATION_MAPS`), shape (4, npix_band)."""
         phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(self.amp)
-        return _aberration_map_sums(_scale(out), out["_z"][:, 0], y, self._window(phase * dv))
+        return _aberration_map_sums(_scale(out), out["_zb"][:, 0], y, self._window(phase * dv))
 
     def _stats_windowed(self, sub, pt, hcols, y, dcols=(), quad=None):
         """The windowed model's sums. ``quad``: (coefficient arrays (b, n, 3), (dCTF/dchi)
         V) of the columns formed from the windowed quadratic monomials (the extended
-        columns, then the defocus ones), placed after the columns of ``hcols``."""
+        columns, then the defocus ones), placed after the columns of ``hcols``.
+
+        The window cuts the basis: P, the columns of ``hcols`` times kx and ky, the three
+        quadratic monomials, the columns of ``dcols``; their products with each other and
+        with the data are one matrix product, and the quadratic columns' products follow
+        from the basis's by their coefficients (:meth:`_basis_map`, float64), without
+        forming the columns (:meth:`_column` forms one where it is needed). Without
+        ``quad`` the columns are the basis and the sums the same arithmetic as forming them.
+        """
         amp = self.amp
         phase = shift_phase32(sub.origin_A, self.kxd, self.kyd) * _C64(amp)
         kx, ky = self._kd32
@@ -1190,44 +1198,78 @@ class WindowedKernel(_Kernel):
             sv = phase * quad[1]
             padded += [sv * m for m in self._quad_monomials]
         padded += [phase * dc for dc in dcols]
-        # one window cut per column (batching them all is slower: the grid leaves the cache)
-        cut = [self._window(c) for c in padded]
-        cols = cut[:n_direct]
-        if quad is not None:
-            basis = cut[n_direct : n_direct + 3]
-            for coef in quad[0]:
-                c32 = np.asarray(coef, _F32)
-                cols += [
-                    c32[:, i, 0, None] * basis[0]
-                    + c32[:, i, 1, None] * basis[1]
-                    + c32[:, i, 2, None] * basis[2]
-                    for i in range(c32.shape[1])
-                ]
-            cols += cut[n_direct + 3 :]
-        else:
-            cols += cut[n_direct:]
-        z = np.stack(cols, 1)  # (b, 1 + nc, npix): P, then dP/dM columns, then defocus
+        # one window cut per column (batching them all is slower: the grid leaves the
+        # cache), into the basis array whose last row is the data
+        nbasis = len(padded)
+        zb = np.empty((len(y), nbasis + 1, len(self.band_idx)), _C64)
+        for j, c in enumerate(padded):
+            zb[:, j] = self._window(c)
+        zb[:, nbasis] = y
         f = _F32view
-        zf = f(z)
-        lhs = zf * self.w2
-        rhs = np.concatenate([zf, f(y)[:, None]], 1)
-        g = np.matmul(lhs, np.swapaxes(rhs, 1, 2)).astype(float)  # (b, 1 + nc, 2 + nc)
-        nc = z.shape[1] - 1
-        s, r, out = self._fit_sums(z[:, 0], y, g[:, 0, 0], g[:, 0, -1])
+        zf = f(zb)
+        lhs = zf[:, :nbasis] * self.w2
+        gb = np.matmul(lhs, np.swapaxes(zf, 1, 2)).astype(float)  # (b, nbasis, nbasis + 1)
+        t = None
+        if quad is None:
+            g = gb  # (b, 1 + nc, 2 + nc): P, then dP/dM columns, then defocus, then y
+        else:
+            t = self._basis_map(n_direct, nbasis, quad[0])
+            tg = np.matmul(t, gb)  # (b, 1 + nc, nbasis + 1)
+            g = np.concatenate([np.matmul(tg[:, :, :nbasis], np.swapaxes(t, 1, 2)),
+                                tg[:, :, nbasis:]], 2)  # fmt: skip
+        nc = g.shape[1] - 1
+        z0 = zb[:, 0]
+        s, r, out = self._fit_sums(z0, y, g[:, 0, 0], g[:, 0, -1])
         out.update({
             "hpg": s[:, None] * g[:, 0, 1 : 1 + nc],
             "hgg": (s * s)[:, None, None] * g[:, 1 : 1 + nc, 1 : 1 + nc],
             "bg": s[:, None] * (g[:, 1 : 1 + nc, -1] - s[:, None] * g[:, 1 : 1 + nc, 0]),
-            **self._pixel_maps(z, r, s),
+            **self._pixel_maps(zb, r, s),
         })  # fmt: skip
-        out["chi_curv"] = self._chi_curvature(z[:, 0], r, s)
+        out["chi_curv"] = self._chi_curvature(z0, r, s)
         if self.lean:  # the control variate's exact and proxy matrices (lean_hessian)
             out["_gx"] = g[:, :5, :5]
             out["_gt"] = self._proxy_gram(pt, hcols)
         out["_g"] = g
-        out["_z"] = z
+        out["_zb"] = zb
+        out["_t"] = t
         # the columns of M (k-expanded): the reference's, and the extended ones
         out["_nk"] = 2 * len(hcols) + (4 if self.extended else 0)
+        return out
+
+    @staticmethod
+    def _basis_map(n_direct: int, nbasis: int, coefs) -> np.ndarray:
+        """The columns (P, M's, the quadratic ones, then the others) as combinations of
+        the cut basis (the first ``n_direct``, the three quadratic monomials, the others),
+        float64 (b, 1 + nc, nbasis); ``coefs``: the quadratic columns' coefficient arrays
+        (b, n, 3)."""
+        coefs = [np.asarray(c, float) for c in coefs]
+        nq = sum(c.shape[1] for c in coefs)
+        n_rest = nbasis - n_direct - 3
+        nb = len(coefs[0])
+        t = np.zeros((nb, n_direct + nq + n_rest, nbasis))
+        i = np.arange(n_direct)
+        t[:, i, i] = 1.0
+        at = n_direct
+        for c in coefs:
+            t[:, at : at + c.shape[1], n_direct : n_direct + 3] = c
+            at += c.shape[1]
+        j = np.arange(n_rest)
+        t[:, at + j, n_direct + 3 + j] = 1.0
+        return t
+
+    @staticmethod
+    def _column(first: dict, pick: np.ndarray, j: int) -> np.ndarray:
+        """Column ``j`` of the windowed columns (P, M's, ...) of the particles ``pick``,
+        complex64 (n, npix), from the cut basis and its map (:meth:`_stats_windowed`)."""
+        zb, t = first["_zb"], first["_t"]
+        if t is None:
+            return zb[pick, j]
+        tj = t[pick, j].astype(_F32)  # (n, nbasis)
+        nz = np.flatnonzero(np.any(tj != 0, axis=0))
+        out = np.zeros((len(tj), zb.shape[-1]), _C64)
+        for k in nz:
+            out += tj[:, k, None] * zb[pick, k]
         return out
 
     def _pixel_maps(self, z, r, s) -> dict[str, np.ndarray]:
@@ -1255,12 +1297,12 @@ class WindowedKernel(_Kernel):
         return self.ctf_moves and first["_nk"] == 8  # the group column: ref + def
 
     def _first_derivative_sums(self, first, jp, jy, jj):
-        g, z = first["_g"], first["_z"]
-        nc = z.shape[1] - 1
+        g = first["_g"]
+        nc = g.shape[1] - 1
         sel = np.zeros((nc, 4))
         sel[:4, :4] = np.eye(4)
         if self._moves(first):
-            sel[4:, :4] = np.eye(4)
+            sel[4:8, :4] = np.eye(4)  # the extended columns (defocus ones after)
         jp[:] = g[:, 0, 1 : 1 + nc] @ sel
         jy[:] = g[:, 1 : 1 + nc, -1] @ sel
         jj[:] = sandwich(sel, g[:, 1 : 1 + nc, 1 : 1 + nc], sel)
@@ -1276,11 +1318,14 @@ class WindowedKernel(_Kernel):
         left_y = y[pick] * phase
         # the windowed columns carry amp; the sums below multiply by amp once more
         phase_a = phase * _C64(1.0 / amp)
-        zp = first["_z"][pick]
-        left_p = zp[:, 0] * phase_a
-        jcols = [
-            (zp[:, 1 + i] + zp[:, 5 + i] if moves else zp[:, 1 + i]) * phase_a for i in range(4)
-        ]
+        col = self._column
+        left_p = col(first, pick, 0) * phase_a
+        jcols = []
+        for i in range(4):
+            j = col(first, pick, 1 + i)
+            if moves:  # the group column: the reference's and the CTF defocus term's
+                j = j + col(first, pick, 5 + i)
+            jcols.append(j * phase_a)
         return left_y, left_p, jcols
 
     def _jk_sums(self, qi, jcols, jk_s, a, cc):

@@ -31,13 +31,16 @@ def sandwich(left: np.ndarray, h: np.ndarray, right: np.ndarray) -> np.ndarray:
     ndarray, shape (N, A, B)
         Float64. Where every entry of ``left`` and ``right`` is 0, 1 or -1, formed by
         adding the picked entries of ``h`` (bit-identical to the einsum for finite ``h``);
-        otherwise by the einsum.
+        otherwise by two matrix products (the einsum's value to rounding, ~1e-15
+        relative).
     """
     left = np.asarray(left, float)
     right = np.asarray(right, float)
     h = np.asarray(h)
     if not (_is_signs(left) and _is_signs(right)):
-        return np.einsum("ia,nij,jb->nab", left, h, right)
+        # two matrix products (the three-operand einsum makes a product per entry of
+        # every term: ~10x slower for 5,000 particles of 11 columns mapped to 4)
+        return np.matmul(np.matmul(left.T, h), right)
     n = h.shape[0]
     out = np.zeros((n, left.shape[1], right.shape[1]))
     rows = [np.flatnonzero(left[:, a]) for a in range(left.shape[1])]
