@@ -401,15 +401,19 @@ def test_windowed_columns_from_the_cut_basis(setup):
     """The windowed kernel cuts a basis (P, M's columns, three quadratic monomials) and
     forms the extended and defocus columns from it by their coefficients: each equals the
     cut of the column formed on the padded grid from its own formula (the CTF defocus
-    term's gradient (d chi / d u_a) k_b, and pi lambda dq_i), and the sums are those of the
-    columns (the second-order sums of a moving CTF read the columns back from the basis)."""
+    term's gradient (d chi / d u_a) k_b, and pi lambda dq_i), the aberration columns after
+    them are cut as they are, and the sums are those of the columns (the second-order sums
+    of a moving CTF read the columns back from the basis)."""
+    from cryomag.fit.aberrations import AberrationTerms
     from cryomag.fit.accumulate import WindowedKernel
     from cryomag.physics.grid import shift_phase32
 
     ref, optics, band, geom, spectra, power = setup
     geom = ParticleGeometry(**{**_at(geom, np.asarray(geom.mag)).__dict__, "ctf_mag": None})
+    # two aberration columns after the quadratic ones (an even and an odd parameter)
+    terms = AberrationTerms(("cs", "trefoil"))
     opts = KernelOptions(window_pad=2, extended=True, defocus=True, second_order=1,
-                         ctf_moves=True)  # fmt: skip
+                         ctf_moves=True, aberrations=terms)  # fmt: skip
     kern = WindowedKernel(ref, geom, optics, band, power, opts)
     n = len(geom)
     val, grad = kern.slices(geom)
@@ -422,13 +426,16 @@ def test_windowed_columns_from_the_cut_basis(setup):
     k = (kern.kxd, kern.kyd)
     want = [slope * g * val * k[b] for g in grid.chi_defocus_grad(adef) for b in range(2)]
     want += [slope * (np.pi * kern.lam * grid.dq[i]) * val for i in range(3)]
+    want += kern._aberration_columns(ctf * val, slope, val)
     pick = np.arange(n)
     for j, col in enumerate(want):
         expect = kern._window((phase * col).astype(np.complex64))
         got = kern._column(out, pick, 5 + j)
         assert np.abs(got - expect).max() <= 1e-4 * np.abs(expect).max(), j
     # the sums of the columns: hgg's extended and defocus block from the explicit columns
-    cols = np.stack([kern._column(out, pick, j) for j in range(12)], 1).astype(complex)
+    nc = 11 + len(terms)  # M, extended, defocus, the aberration parameters
+    assert out["hgg"].shape[1:] == (nc, nc) and len(want) == nc - 4
+    cols = np.stack([kern._column(out, pick, j) for j in range(1 + nc)], 1).astype(complex)
     gram = np.einsum("nip,p,njp->nij", cols.conj(), kern.w, cols).real
     s = out["py"] / out["pp"]
     hgg = (s * s)[:, None, None] * gram[:, 1:, 1:]
