@@ -85,7 +85,9 @@ class KernelOptions:
         Whether the group model's CTF defocus term moves with M (None: when the geometry's
         ``ctf_mag`` is None); decides which columns the second-order statistics describe.
     block : int
-        Particles per block of the 2D arithmetic (divided by window_pad^2 when padded).
+        Particles per block of the 2D arithmetic (divided by window_pad^2 when padded). 32:
+        the default group fit's statistics passes 3-5 % faster than with 16 (5,000
+        particles of box 128, bench/RESULTS.md, issue 14); the local models' the same.
     defocus : bool
         Also accumulate the derivatives with respect to each particle's defocus matrix
         Adef = (a00, a01, a11) (A) in the frame of the CTF's defocus term (d = ctf_mag k,
@@ -150,7 +152,7 @@ class KernelOptions:
     exact_gradient: bool = False
     second_order: int = 0
     ctf_moves: bool | None = None
-    block: int = 16
+    block: int = 32
     defocus: bool = False
     aberrations: AberrationTerms | None = None
     upsample_slices: bool = False

@@ -18,9 +18,9 @@ b = 8 bytes per complex value at eps >= 1e-5, else 16)::
     chunk       c B^2 8     images and spectra (single precision)
               + c B^2 p^2 5 the slice values (and with the exact gradient 3x more)
               + < 16e6 x 20 one batch of 3D points and values (accumulate.MAX_POINTS)
-              + 16 B^2 p^2 100   one block of 2D arithmetic (16 / p^2 particles at p > 1)
+              + 32 B^2 p^2 100   one block of 2D arithmetic (32 / p^2 particles at p > 1)
 
-e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 134 + 84 + 133 + 26 MB ~ 0.45 GB plus the
+e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 134 + 84 + 133 + 52 MB ~ 0.48 GB plus the
 worker's own (:mod:`cryomag.execution`); measured peak RSS of a local worker on 20,000
 such particles: 0.81-0.90 GB at p = 1, 1.2 GB at p = 2.
 """
