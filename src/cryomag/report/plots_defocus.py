@@ -59,7 +59,8 @@ def _defocus_figure(result, gr):
     spread = np.sqrt(np.diag(sol.prior)) if sol.particle.shape[1] else None
     title = "Particles' defocus within their micrograph"
     if spread is not None and len(spread):
-        title += f" (spread {spread[0]:.0f} A)"
+        # the prior's spread is of the refined changes (the input's own heights are kept)
+        title += f" (their changes' spread {spread[0]:.0f} A)"
     ax.set_title(title, fontsize=9)
     ax = axes[2]
     if "cmagMicrographMagRaw" in ps.particles.columns:
