@@ -1055,7 +1055,7 @@ def check_subsets(group_rows: dict[int, np.ndarray], size: int, stride: int) -> 
         return out
     for g in sorted(group_rows):
         rows = np.asarray(group_rows[g])
-        every = max(curvature_stride(stride, len(rows), size), 1)
+        every = curvature_stride(stride, len(rows), size)
         eligible = rows[rows % every == 0]
         if len(rows) > 2 * size and len(eligible) >= size:
             pick = np.unique(np.linspace(0, len(eligible) - 1, size).round().astype(int))
