@@ -138,12 +138,21 @@ def test_slice_matches_direct_evaluation_per_shell(blob_reference):
         assert err < 1e-3, (lo, hi, err)
 
 
+@pytest.mark.parametrize("values_by", ["ducc0", "finufft"])
 @pytest.mark.parametrize("eps", [1e-3, 1e-6, 1e-10])
-def test_kept_upsampled_grid_evaluates_as_finufft_does(eps):
-    """The map's kept upsampled grid (interpolation only per call) against finufft's plain
-    type 2 (its own grid every call): errors against the direct sum within 1.1x of
-    finufft's, values and gradients, in single (eps >= 1e-5) and double precision and at
-    both upsampling factors (1.25; 2 for eps < 1e-9)."""
+def test_kept_upsampled_grid_evaluates_as_finufft_does(eps, values_by, monkeypatch):
+    """The map's kept upsampled grids (interpolation only per call: ducc0's incremental type
+    2 for the values where ducc0 has it, else finufft's spreadinterponly; finufft's for the
+    gradient) against finufft's plain type 2 (its own grid every call): errors against the
+    direct sum within 1.1x of finufft's and below 3 eps, values and gradients, in single
+    (eps >= 1e-5) and double precision and at both of finufft's upsampling factors (1.25; 2
+    for eps < 1e-9)."""
+    import cryomag.physics.reference as reference
+
+    if values_by == "ducc0" and reference._ducc_u2nu is None:
+        pytest.skip("ducc0 without incremental_u2nu")
+    if values_by == "finufft":
+        monkeypatch.setattr(reference, "_ducc_u2nu", None)
     rng = np.random.default_rng(8)
     vol = rng.normal(size=(24, 24, 24))
     k3 = rng.uniform(-0.5 / 1.3, 0.5 / 1.3, (300, 3))
@@ -155,12 +164,39 @@ def test_kept_upsampled_grid_evaluates_as_finufft_does(eps):
     err_kept, err_plain = (
         np.linalg.norm((r.evaluate(k3) - exact)[inside]) / norm for r in (kept, plain)
     )
-    print("relative error kept grid", err_kept, "finufft", err_plain)
+    print(values_by, "relative error kept grid", err_kept, "finufft", err_plain)
     assert err_kept <= 1.1 * err_plain + 1e-13
     assert err_kept < 3 * eps
-    assert kept._fine[False] is not None and plain._fine == {}
+    if values_by == "ducc0" and eps >= 1e-6:
+        assert kept._ducc[1] is not None and False not in kept._fine
+    else:  # ducc0 has no kernel for eps / 2 = 5e-11 within its upsampling 1.5: finufft's
+        assert (kept._ducc is None or kept._ducc[1] is None) and kept._fine[False] is not None
+    assert plain._fine == {} and plain._ducc is None
     (_, g_kept), (_, g_plain) = (r.evaluate(k3, gradient=True) for r in (kept, plain))
     np.testing.assert_allclose(g_kept, g_plain, atol=20 * eps * np.abs(g_plain).max())
+    assert kept._fine[True] is not None
+
+
+def test_planes_by_ducc0_and_by_finufft_agree(blob_reference):
+    """evaluate_planes' two layouts of the points (one (n, 3) array for ducc0, three arrays
+    for finufft) give the same slices, and the values beside the gradient agree with the
+    values alone."""
+    import cryomag.physics.reference as reference
+
+    vol, _ = blob_reference
+    rot = Rotation.random(7, random_state=2).as_matrix()
+    kx, ky = rfft_freqs(48, 1.2)
+    kx, ky = kx.ravel(), ky.ravel()
+    by_ducc = MapReference(vol, 1.2, eps=1e-6, nthreads=1)
+    by_finufft = MapReference(vol, 1.2, eps=1e-6, nthreads=1, cache_fine_grid=False)
+    v1 = by_ducc.evaluate_planes(rot, kx, ky)
+    v2 = by_finufft.evaluate_planes(rot, kx, ky)
+    v3, _ = by_ducc.evaluate_planes(rot, kx, ky, gradient=True)
+    scale = np.abs(v2).max()
+    np.testing.assert_allclose(v1, v2, atol=1e-5 * scale)
+    np.testing.assert_allclose(v3, v2, atol=1e-5 * scale)
+    if reference._ducc_u2nu is not None:
+        assert by_ducc._ducc[1] is not None
 
 
 def test_gradient_matches_finite_differences(blob_reference):
