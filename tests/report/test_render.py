@@ -4,8 +4,10 @@ half-written file, a missing PDF or a child process behind."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -143,3 +145,46 @@ def test_an_interruption_while_waiting_ends_the_child(tmp_path, monkeypatch, for
     assert len(forked) == 1 and _reaped(forked)
     assert not (tmp_path / "all.pdf").exists() and not list(tmp_path.glob(TEMP_GLOB))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.png", "f1.png", "f2.png"]
+
+
+def test_log_axis_labels_in_unicode_as_matplotlib_labels_them():
+    """UnicodeLogFormatter labels the ticks matplotlib's log formatters label, with the same
+    numbers (10^-4 -> 10⁻⁴, 2 x 10^-4 -> 2×10⁻⁴) as plain text: no mathtext to parse."""
+    from matplotlib import mathtext
+
+    from cryomag.report.render import unicode_log_ticks
+
+    def labels(ax):
+        ax.figure.canvas.draw()
+        return ([t.get_text() for t in ax.get_yticklabels()]
+                + [t.get_text() for t in ax.yaxis.get_minorticklabels()])  # fmt: skip
+
+    def plain(label: str) -> str:  # matplotlib's mathtext label, as we write it
+        m = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", label)
+        if not m:
+            return label
+        sup = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+        text = m.group(1).replace("\\times", "×")
+        return re.sub(r"\^\{([^}]*)\}", lambda e: e.group(1).translate(sup), text)
+
+    for lo, hi in [(1e-6, 3e-2), (2e-4, 5e-4), (0.5, 40.0)]:
+        fig, ax = plt.subplots()
+        ax.semilogy([1, 2], [lo, hi])
+        own = labels(ax)
+        unicode_log_ticks(ax.yaxis)
+        ours = labels(ax)
+        plt.close(fig)
+        assert ours == [plain(t) for t in own], (lo, hi)
+        assert not any("$" in t for t in ours)
+        assert any(ours)
+    # a figure with such an axis draws without mathtext's parser
+    fig, ax = plt.subplots()
+    ax.semilogy([1, 2, 3], [1e-2, 3e-4, 1e-6])
+    unicode_log_ticks(ax.yaxis)
+    real = mathtext.MathTextParser.parse
+    try:
+        mathtext.MathTextParser.parse = None  # any use fails
+        fig.savefig(io.BytesIO(), format="png")
+    finally:
+        mathtext.MathTextParser.parse = real
+        plt.close(fig)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.report.render import FigureSpec, plt, render_figures
+from cryomag.report.render import FigureSpec, plt, render_figures, unicode_log_ticks
 
 __all__ = ["displacement_images", "estimate_figures", "plot_estimate"]
 
@@ -96,6 +96,8 @@ def _convergence_figure(gr, tol: float):
                             mfc="white" if kind == "relinearised" else "C0",
                             label=label)  # fmt: skip
     ax.axhline(tol, color="grey", ls="--", label="tolerance")
+    if ax.get_yscale() == "log":
+        unicode_log_ticks(ax.yaxis)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("Gauss-Newton iteration")
     ax.set_ylabel("max |update of M|")
