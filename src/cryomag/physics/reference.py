@@ -42,7 +42,8 @@ except ImportError:  # pragma: no cover
     _ducc_u2nu = None
 
 __all__ = [
-    "DUCC_SIGMA_MAX", "FINE_GRID_CACHE_BYTES", "MapReference", "direct_fourier", "slice_values",
+    "DUCC_SIGMA_BYTES", "DUCC_SIGMA_MAX", "FINE_GRID_CACHE_BYTES", "MapReference",
+    "direct_fourier", "slice_values",
 ]
 
 #: Largest upsampled grid (bytes, the gradient's four volumes together) a map keeps for its
@@ -50,8 +51,11 @@ __all__ = [
 #: map in single precision keeps 33 MB (131 MB with the gradient); box 400, 1 GB.
 FINE_GRID_CACHE_BYTES = 2 << 30
 #: Largest upsampling of ducc0's kept grid: 1.5 (a box-128 map's grid 57 MB in single
-#: precision) while that grid stays under 512 MB, else 1.25 (finufft's; box 400: 1 GB).
+#: precision; 0.31 s for the 625 slices above) while that grid stays under
+#: :data:`DUCC_SIGMA_BYTES`, else 1.25 (finufft's size, box 400: 1 GB; 0.40 s).
 DUCC_SIGMA_MAX = 1.5
+#: Largest kept grid (bytes) at :data:`DUCC_SIGMA_MAX`: maps up to box ~210 in single precision.
+DUCC_SIGMA_BYTES = 256 << 20
 
 
 class MapReference:
@@ -187,7 +191,7 @@ class MapReference:
             return self._ducc[1]
         item = np.dtype(self._dtype).itemsize
         sigma_max = DUCC_SIGMA_MAX
-        if (sigma_max * self.box) ** 3 * item > 512 << 20:
+        if (sigma_max * self.box) ** 3 * item > DUCC_SIGMA_BYTES:
             sigma_max = 1.25
         if _fine_size(self.box, sigma_max) ** 3 * item > FINE_GRID_CACHE_BYTES:
             return None
