@@ -68,13 +68,14 @@ class MapReference:
     pixel_size_A : float
         Voxel size a_ref in A.
     eps : float
-        Requested relative accuracy of the non-uniform FFT (finufft ``eps``); errors are
-        relative to the overall norm, so weak high-frequency shells see larger relative
-        errors: use 1e-7 or below for maps whose power falls steeply.
+        Requested relative accuracy of the non-uniform FFT (finufft's ``eps``; ducc0 is
+        asked for eps / 2, its errors being nearer its request); errors are relative to the
+        overall norm, so weak high-frequency shells see larger relative errors: use 1e-7 or
+        below for maps whose power falls steeply.
     nthreads : int
-        Threads for finufft (0 = all cores).
+        Threads for the non-uniform FFT (0 = all cores).
     cache_fine_grid : bool
-        Keep the upsampled grid between evaluations (see the module docstring); False:
+        Keep the upsampled grids between evaluations (see the module docstring); False:
         finufft's plain type 2 in every call.
     """
 
