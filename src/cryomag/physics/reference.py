@@ -206,22 +206,19 @@ class MapReference:
         self._ducc = (self.nthreads, obj)
         return obj
 
-    def _transform(self, pts, gradient: bool) -> np.ndarray:
-        """Type 2 of the map (and its gradient volumes) at points (z, y, x) in rad.
+    def _ducc_values(self, interp, coord: np.ndarray) -> np.ndarray:
+        """The map's values (npts,) by ducc0's ``interp`` (:meth:`_ducc_interpolator`) at
+        points ``coord`` (npts, 3), the columns z, y, x in rad."""
+        real = np.float64 if self._dtype == np.complex128 else np.float32
+        coord = np.ascontiguousarray(coord, dtype=real)
+        with self._ducc_lock:  # one call at a time on one object (ducc0's rule)
+            return interp.get_points(coord=coord)
 
-        ``pts``: three arrays (npts,), or one (npts, 3) with the columns z, y, x. Returns
-        shape (npts,) or, with ``gradient``, (4, npts): V, dV/dkx, dV/dky, dV/dkz.
+    def _transform(self, pts, gradient: bool) -> np.ndarray:
+        """finufft type 2 of the map (and its gradient volumes) at points (z, y, x) in rad.
+
+        Returns shape (npts,) or, with ``gradient``, (4, npts): V, dV/dkx, dV/dky, dV/dkz.
         """
-        if not gradient:
-            interp = self._ducc_interpolator()
-            if interp is not None:
-                real = np.float64 if self._dtype == np.complex128 else np.float32
-                coord = pts if isinstance(pts, np.ndarray) else np.stack(pts, axis=-1)
-                coord = np.ascontiguousarray(coord, dtype=real)
-                with self._ducc_lock:  # one call at a time on one object (ducc0's rule)
-                    return interp.get_points(coord=coord)
-        if isinstance(pts, np.ndarray):
-            pts = [np.ascontiguousarray(pts[:, i]) for i in range(3)]
         fine = self._fine_grid(gradient)
         plan = finufft.Plan(
             2,
@@ -272,7 +269,12 @@ class MapReference:
         # wrap into [-pi, pi): points beyond the cube are zeroed anyway
         for p in (pz, py, px):
             np.clip(p, -np.pi, np.pi * (1 - 1e-7), out=p)
-        out = np.asarray(self._transform((pz, py, px), gradient), dtype=np.complex128)
+        interp = None if gradient else self._ducc_interpolator()
+        if interp is not None:
+            out = self._ducc_values(interp, np.stack((pz, py, px), axis=-1))
+        else:
+            out = self._transform((pz, py, px), gradient)
+        out = np.asarray(out, dtype=np.complex128)
         if not gradient:
             return np.where(inside, out, 0)
         value = np.where(inside, out[0], 0)
@@ -326,15 +328,19 @@ class MapReference:
         if n == 0 or npix == 0:
             empty = np.zeros((n, npix), complex)
             return (empty, np.zeros((n, npix, 2), complex)) if gradient else empty
-        # the points' (z, y, x) as three arrays, or as the columns of one (ducc0's layout)
-        columns = not gradient and self._ducc_interpolator() is not None
-        pts = np.empty((n, npix, 3), real) if columns else []
+        # the points' (z, y, x) as the columns of one array (ducc0's layout), or as three
+        # arrays (finufft's)
+        interp = None if gradient else self._ducc_interpolator()
+        pts = np.empty((n, npix, 3), real) if interp is not None else []
         for c, j in enumerate((2, 1, 0)):
-            p = np.multiply(a[:, 0, j, None], uxr, out=pts[..., c] if columns else None)
+            p = np.multiply(a[:, 0, j, None], uxr, out=pts[..., c] if interp is not None else None)
             p += a[:, 1, j, None] * uyr
-            if not columns:
+            if interp is None:
                 pts.append(p.ravel())
-        out = self._transform(pts.reshape(-1, 3) if columns else pts, gradient)
+        if interp is not None:
+            out = self._ducc_values(interp, pts.reshape(-1, 3))
+        else:
+            out = self._transform(pts, gradient)
         out = out.reshape((4 if gradient else 1), n, npix)
         value = out[0]
         if not all_inside:  # in place: no copy of the (N, npix) values
