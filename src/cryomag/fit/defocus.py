@@ -33,6 +33,7 @@ import numpy as np
 
 from cryomag.fit.projection import sandwich
 from cryomag.fit.statistics import GroupStatistics, column_layout
+from cryomag.fit.unit_sums import unit_sums
 
 __all__ = [
     "LEVELS",
@@ -378,10 +379,7 @@ def solve_joint(
         hh_n = hh + sandwich(jmap[:7], newton_block(stats, na), jmap[:7])
         d_ = slice(nmag, nmag + kg + km)  # the group and micrograph defocus parameters
         gn_p = hh[:, d_, d_]
-        kd = gn_p.shape[-1]
-        gn_m, ex_m = np.zeros((nu, kd, kd)), np.zeros((nu, kd, kd))
-        np.add.at(gn_m, inv, gn_p)
-        np.add.at(ex_m, inv, hh_n[:, d_, d_])
+        gn_m, ex_m = unit_sums(gn_p, inv, nu), unit_sums(hh_n[:, d_, d_], inv, nu)
         per = (_floored(gn_m, ex_m, NEWTON_FLOOR) - gn_m) / np.bincount(inv, minlength=nu)[
             :, None, None
         ]
@@ -704,12 +702,9 @@ def _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2) -> dict:
     t_loc, m_loc = slice(0, nt), slice(nt, nt + nm)
     h_tt = h_rest[:, t_loc, t_loc].sum(0)
     b_t = b_rest[:, t_loc].sum(0)
-    hm_mm = np.zeros((nu, nm, nm))
-    hm_tm = np.zeros((nu, nt, nm))
-    bm = np.zeros((nu, nm))
-    np.add.at(hm_mm, inv, h_rest[:, m_loc, m_loc])
-    np.add.at(hm_tm, inv, h_rest[:, t_loc, m_loc])
-    np.add.at(bm, inv, b_rest[:, m_loc])
+    hm_mm = unit_sums(h_rest[:, m_loc, m_loc], inv, nu)
+    hm_tm = unit_sums(h_rest[:, t_loc, m_loc], inv, nu)
+    bm = unit_sums(b_rest[:, m_loc], inv, nu)
     k_m = np.linalg.pinv(hm_mm, rcond=1e-12, hermitian=True) if nm else np.zeros((nu, 0, 0))
     if nm:
         h_tt = h_tt - np.einsum("uim,umk,ujk->ij", hm_tm, k_m, hm_tm)

@@ -30,6 +30,7 @@ from scipy.special import ndtr, ndtri
 
 from cryomag.fit.anisomag import per_particle_system
 from cryomag.fit.statistics import GroupStatistics
+from cryomag.fit.unit_sums import unit_sums
 
 
 @dataclass
@@ -116,10 +117,8 @@ def unit_fits(
             theta = np.where(a > 0, c / a, np.nan)
             var = np.where(a > 0, chi2 / (2 * a), np.nan)
         return units, theta[:, None], var[:, None, None], np.where(a > 0, c * theta, 0.0)
-    a = np.zeros((nu, 4, 4))
-    c = np.zeros((nu, 4))
-    np.add.at(a, inv, h)
-    np.add.at(c, inv, bp)
+    a = unit_sums(h, inv, nu)
+    c = unit_sums(bp, inv, nu)
     theta = np.full((nu, 4), np.nan)
     cov = np.full((nu, 4, 4), np.nan)
     gain = np.zeros(nu)
