@@ -188,3 +188,47 @@ def test_log_axis_labels_in_unicode_as_matplotlib_labels_them():
     finally:
         mathtext.MathTextParser.parse = real
         plt.close(fig)
+
+
+def _panels():
+    """Two titled panels sharing y, a log axis with Unicode labels, a suptitle and labels: the
+    parts whose placement matplotlib works out while drawing."""
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3), sharey=True)
+    rng = np.random.default_rng(3)
+    for i, ax in enumerate(axes):
+        ax.semilogy(np.arange(1, 9), 10.0 ** rng.uniform(-6, -2, 8), "o-")
+        render.unicode_log_ticks(ax.yaxis)
+        ax.set_title(f"panel {i}")
+        ax.set_xlabel("iteration")
+    axes[0].set_ylabel("step")
+    fig.suptitle("two panels")
+    return fig
+
+
+def test_the_figure_settings_leave_the_pixels_as_matplotlib_draws_them(tmp_path):
+    """FIGURE_RC (titles placed without searching the tick labels) and PNG_COMPRESS_LEVEL
+    are for speed only: the PNG written by render_figures has the pixels of the same figure
+    saved with matplotlib's defaults, and the settings do not outlive the drawing."""
+    import matplotlib
+    from matplotlib.image import imread
+
+    assert matplotlib.rcParams["axes.titley"] is None
+    (path,) = render_figures([FigureSpec("panels.png", _panels)], tmp_path)
+    fig = _panels()
+    plain = io.BytesIO()
+    fig.savefig(plain, format="png", dpi=render.PNG_DPI, bbox_inches="tight")
+    plt.close(fig)
+    plain.seek(0)
+    ours, theirs = imread(path), imread(plain)
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+    assert matplotlib.rcParams["axes.titley"] is None
+    # the settings are in effect while a figure is built (its axes take them then)
+    seen = []
+
+    def build():
+        seen.append(matplotlib.rcParams["axes.titley"])
+        return _panels()
+
+    plt.close(FigureSpec("x.png", build).figure())
+    assert seen == [render.FIGURE_RC["axes.titley"]]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.report.render import FigureSpec, plt, render_figures
+from cryomag.report.render import FigureSpec, particle_points, plt, render_figures
 
 __all__ = ["defocus_figures", "plot_defocus"]
 
@@ -53,7 +53,7 @@ def _defocus_figure(result, gr):
     ax.set_ylabel("mean defocus change (A)")
     ax.set_title("Refined - input, per micrograph")
     ax = axes[1]
-    ax.plot(mic_mean[inv] / 1e4, (refined - mic_mean[inv]), ".", ms=2, alpha=0.5)
+    particle_points(ax, mic_mean[inv] / 1e4, (refined - mic_mean[inv]), ms=2, alpha=0.5)
     ax.set_xlabel("micrograph mean defocus (um)")
     ax.set_ylabel("particle - micrograph mean (A)")
     spread = np.sqrt(np.diag(sol.prior)) if sol.particle.shape[1] else None
@@ -70,7 +70,7 @@ def _defocus_figure(result, gr):
         ax.set_ylabel("magnification - group (%)")
     elif "cmagParticleMagRaw" in ps.particles.columns:
         m = ps.column("cmagParticleMagRaw")[rows]
-        ax.plot(refined / 1e4, 100 * (m - 1), ".", ms=2, alpha=0.4, label="particles")
+        particle_points(ax, refined / 1e4, 100 * (m - 1), ms=2, alpha=0.4, label="particles")
         ax.set_ylabel("magnification - group (%)")
     if "cmagDefocusMag" in ps.particles.columns:
         dm = ps.column("cmagDefocusMag")[rows]

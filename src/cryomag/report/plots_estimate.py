@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.report.render import FigureSpec, plt, render_figures, unicode_log_ticks
+from cryomag.report.render import (
+    FigureSpec,
+    particle_points,
+    plt,
+    render_figures,
+    unicode_log_ticks,
+)
 
 __all__ = ["displacement_images", "estimate_figures", "plot_estimate"]
 
@@ -120,7 +126,7 @@ def _scale_histogram_figure(s, groups, numbers):
 
 def _scale_vs_defocus_figure(s, dz_um, mics):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].plot(dz_um, s, ".", ms=2, alpha=0.5)
+    particle_points(axes[0], dz_um, s, ms=2, alpha=0.5)
     axes[0].set_xlabel("mean defocus (um)")
     axes[0].set_ylabel("scale")
     names, inv = np.unique(mics, return_inverse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomag.report.render import FigureSpec, plt, render_figures
+from cryomag.report.render import FigureSpec, particle_points, plt, render_figures
 
 __all__ = ["local_figures", "plot_local"]
 
@@ -49,7 +49,7 @@ def _mag_vs_defocus_figure(ps, g, num, info, particle: bool, micrograph: bool):
     fig, ax = plt.subplots(figsize=(6, 4))
     if particle:
         raw = t["cmagParticleMagRaw"].to_numpy(float)[sel]
-        ax.plot(dz[sel], 100 * (raw - 1), ".", ms=2, alpha=0.3, label="particle (raw)")
+        particle_points(ax, dz[sel], 100 * (raw - 1), ms=2, alpha=0.3, label="particle (raw)")
     if micrograph:
         mic = t["cmagMicrographMagRaw"].to_numpy(float)[sel]
         names = ps.micrographs()[sel]
@@ -96,7 +96,7 @@ def _shrinkage_figure(ps, g, num, info):
     raw = t["cmagParticleMagRaw"].to_numpy(float)[sel]
     shr = t["cmagParticleMag"].to_numpy(float)[sel]
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(100 * (raw - 1), 100 * (shr - 1), ".", ms=2, alpha=0.4)
+    particle_points(ax, 100 * (raw - 1), 100 * (shr - 1), ms=2, alpha=0.4)
     ax.set_xlabel("raw particle magnification - 1 (%)")
     ax.set_ylabel("shrunk - 1 (%)")
     sc = info["particle"]["isotropic_scatter"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,14 +40,31 @@ from cryomag._files import atomic_path  # noqa: E402
 from cryomag.report import preload  # noqa: E402
 
 __all__ = [
-    "PDF_CHILD_TIMEOUT_S", "PNG_DPI", "FigureSpec", "UnicodeLogFormatter", "render_figures",
-    "unicode_log_ticks",
+    "FIGURE_RC", "PDF_CHILD_TIMEOUT_S", "PNG_COMPRESS_LEVEL", "PNG_DPI", "FigureSpec",
+    "PDF_RASTER_DPI", "RASTER_POINTS", "UnicodeLogFormatter", "particle_points",
+    "render_figures", "unicode_log_ticks",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Resolution of the PNG files (dots per inch).
 PNG_DPI = 110
+#: zlib level of the PNG files: the same pixels as the default 6, ~2 % larger files, and a
+#: few tens of ms less per figure (PIL's encoder, bench/RESULTS.md, issue 14).
+PNG_COMPRESS_LEVEL = 3
+#: matplotlib settings the figures are built with. ``axes.titley`` 1.0 places each axes'
+#: title at its top (plus the usual pad) instead of searching every tick label's box for
+#: top-side labels to clear, ~10 % of a figure's drawing: no figure of a run has labels
+#: above its axes (one that does sets its title's ``y`` itself); the PNG files of the runs'
+#: figures are pixel for pixel those of matplotlib's automatic placement.
+FIGURE_RC = {"axes.titley": 1.0}
+#: A layer of one point per particle with at least this many points is drawn as an image
+#: in the PDF (:func:`particle_points`; the PNG files are images anyway): a vector marker per
+#: particle makes a PDF that grows with the data set and is slow to write and to view
+#: (matplotlib writes each marker in Python, ~0.1 s per 5,000).
+RASTER_POINTS = 1000
+#: Resolution of the PDF's image layers (dots per inch; axes, text and lines stay vectors).
+PDF_RASTER_DPI = 200
 #: Seconds the PDF's child process may take (beyond them it is ended and the PDF drawn here).
 PDF_CHILD_TIMEOUT_S = 300.0
 
@@ -60,11 +78,17 @@ class FigureSpec:
     name : str
         File name of the PNG (e.g. ``"convergence_group001.png"``).
     build : callable
-        Returns a new :class:`matplotlib.figure.Figure` (called once per format).
+        Returns a new :class:`matplotlib.figure.Figure` (called once per format, with
+        :data:`FIGURE_RC` in effect).
     """
 
     name: str
     build: Callable[[], Figure]
+
+    def figure(self) -> Figure:
+        """The figure, built with :data:`FIGURE_RC` in effect."""
+        with matplotlib.rc_context(FIGURE_RC):
+            return self.build()
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789.", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076"
@@ -95,14 +119,23 @@ def unicode_log_ticks(axis) -> None:
     axis.set_minor_formatter(UnicodeLogFormatter(base, labelOnlyBase=False))
 
 
+def particle_points(ax, x, y, fmt: str = ".", **kwargs):
+    """``ax.plot(x, y, fmt, **kwargs)`` of a layer of one point per particle: drawn as an
+    image in the PDF when it has :data:`RASTER_POINTS` points or more (the same pixels in
+    the PNG). Returns the Line2D."""
+    (line,) = ax.plot(x, y, fmt, rasterized=bool(np.size(x) >= RASTER_POINTS), **kwargs)
+    return line
+
+
 def _png(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight",
+                    pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
 
 
 def _save_png(spec: FigureSpec, folder: Path) -> Path:
     path = folder / spec.name
-    fig = spec.build()
+    fig = spec.figure()
     try:
         _png(fig, path)
     finally:
@@ -116,11 +149,11 @@ def _write_pdf(figures: Sequence[FigureSpec], path: Path, png_folder: Path | Non
     ``png_folder``, each figure also as its PNG file there (one build for both formats)."""
     with PdfPages(path) as pdf:
         for spec in figures:
-            fig = spec.build()
+            fig = spec.figure()
             try:
                 if png_folder is not None:
                     _png(fig, png_folder / spec.name)
-                pdf.savefig(fig, bbox_inches="tight")
+                pdf.savefig(fig, bbox_inches="tight", dpi=PDF_RASTER_DPI)
             finally:
                 plt.close(fig)
 
