@@ -232,3 +232,34 @@ def test_the_figure_settings_leave_the_pixels_as_matplotlib_draws_them(tmp_path)
 
     plt.close(FigureSpec("x.png", build).figure())
     assert seen == [render.FIGURE_RC["axes.titley"]]
+
+
+def _cloud(n: int, dense_as_points: bool = True):
+    fig, ax = plt.subplots(figsize=(4, 3))
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(2, n))
+    if dense_as_points:
+        render.particle_points(ax, x, y, ms=2, alpha=0.5)
+    else:
+        ax.plot(x, y, ".", ms=2, alpha=0.5)
+    ax.set_title(f"{n} particles")
+    return fig
+
+
+@pytest.mark.parametrize("n", [200, 5000])
+def test_particle_layers_are_images_in_the_pdf_only(tmp_path, n):
+    """A layer of RASTER_POINTS or more particles is an image in the PDF (axes and text stay
+    vector), a smaller one vector markers; the PNG has the pixels of a plain ax.plot."""
+    from matplotlib.image import imread
+
+    (path,) = render_figures([FigureSpec("cloud.png", partial(_cloud, n))], tmp_path,
+                             "cloud.pdf", parallel=False)  # fmt: skip
+    fig = _cloud(n, dense_as_points=False)
+    plain = io.BytesIO()
+    fig.savefig(plain, format="png", dpi=render.PNG_DPI, bbox_inches="tight")
+    plt.close(fig)
+    plain.seek(0)
+    assert np.array_equal(imread(path), imread(plain))
+    pdf = (tmp_path / "cloud.pdf").read_bytes()
+    assert (b"/Subtype /Image" in pdf) == (n >= render.RASTER_POINTS)
+    assert b"/Font" in pdf  # the title and tick labels are text
