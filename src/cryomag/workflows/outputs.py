@@ -191,6 +191,8 @@ def defocus_summary(res: EstimateResult, gr) -> dict:
             "parameters": _names(res, "particle"),
             "spread_A": np.sqrt(np.clip(np.diag(sol.prior), 0, None)).tolist(),
             "spread_se_A": sol.prior_se.tolist(),
+            "em_steps": int(sol.em_iterations),
+            "converged": bool(sol.em_converged),
             "meaning": "standard deviation of the particles' deviations from their "
             "micrograph (the heights in the ice for the defocus), empirical Bayes",
         }
