@@ -71,3 +71,29 @@ def test_not_converged_is_said():
     elim, h_pp, _, _ = _random_effects(150.0)
     _, n_eval, ok = _prior_by_em(elim, h_pp, C2, np.eye(1) * 1e6, 4, 1e-12)
     assert not ok and n_eval <= 4
+
+
+def test_one_parameter_at_zero_the_other_found():
+    """Two parameters per particle (as defocus and astigmatism per particle): the first with
+    a spread of 150 A, the second none. The second is held at a negligible variance, the
+    first is the likelihood's maximum of its own (the two are independent here)."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    v = rng.uniform(20.0, 80.0, (n, 2)) ** 2
+    d = np.stack([rng.normal(0.0, np.sqrt(150.0**2 + v[:, 0])),
+                  0.9 * rng.normal(0.0, np.sqrt(v[:, 1]))], 1)  # fmt: skip
+    h = np.zeros((n, 2, 2))
+    h[:, 0, 0], h[:, 1, 1] = C2 / v[:, 0], C2 / v[:, 1]
+
+    def elim(t):
+        s = h + C2 * np.linalg.pinv(t, hermitian=True)[None]
+        s_inv = np.linalg.pinv(s, hermitian=True)
+        return {"psi": np.einsum("nij,njk,nk->ni", s_inv, h, d), "s_inv": s_inv}
+
+    assert _ml_variance(d[:, 1], v[:, 1]) < 1e-3  # the second's maximum is at 0
+    t, n_eval, ok = _prior_by_em(elim, h, C2, np.eye(2) * 1e6, 100, 1e-4)
+    assert ok, n_eval
+    want = _ml_variance(d[:, 0], v[:, 0])
+    assert abs(t[0, 0] - want) < 2e-3 * want, (t[0, 0], want)
+    assert np.sqrt(t[1, 1]) < 1e-3 * np.sqrt(np.median(v[:, 1]))
+    assert abs(t[0, 1]) < 1e-6 * want

@@ -262,9 +262,10 @@ def _prior_by_em(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_eval: in
     steps. Converged when every diagonal element of T moves by less than ``tol`` times
     itself plus 1e-3 of a particle's own data variance of that parameter (median of
     c2 / H_pp): below that the prior pins the deviations to 1e-3 of theirs, and T's further
-    steps no longer change them. When a cycle lowers every variance, whether 0 is the fixed
-    point is tested directly (EM does not raise a tiny T_b = 1e-6 of the data variance):
-    then T_b, i.e. the deviations pinned to their micrograph's defocus.
+    steps no longer change them. When a cycle lowers variances, whether 0 is their fixed
+    point is tested directly (EM does not raise a tiny 1e-6 of the data variance there):
+    then they are held there (the deviations pinned to their micrograph's in those
+    parameters) and the others iterate on.
 
     Returns
     -------
@@ -306,14 +307,21 @@ def _prior_by_em(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_eval: in
         n_eval += 3
         if not moved(t, t3):
             return t3, n_eval, True
-        if np.all(np.diag(t3) < 0.75 * np.diag(t)) and n_eval < max_eval:
-            # every variance falling: is 0 (the boundary) the fixed point? Near it EM's map
-            # is T - c T^2 with c of the sign of the likelihood's slope at 0; from a small
-            # T_b that EM does not raise, it would only creep down: T_b is the answer
-            t_b = np.diag(1e-6 * scale)
+        falling = np.diag(t3) < 0.75 * np.diag(t)
+        if falling.any() and n_eval < max_eval:
+            # variances falling: is 0 (the boundary) their fixed point? Near it EM's map is
+            # T - c T^2 with c of the sign of the likelihood's slope at 0; from a small T_b
+            # that EM does not raise, it would only creep down: those parameters sit at
+            # T_b (uncorrelated with the others), and the others go on
+            t_b = t3.copy()
+            t_b[falling, :] = 0.0
+            t_b[:, falling] = 0.0
+            t_b[falling, falling] = 1e-6 * scale[falling]
             n_eval += 1
-            if np.all(np.diag(em(t_b)) <= np.diag(t_b)):
-                return t_b, n_eval, True
+            if np.all(np.diag(em(t_b))[falling] <= np.diag(t_b)[falling]):
+                if falling.all():
+                    return t_b, n_eval, True
+                t3 = t_b
         t = t3
     return t, n_eval, False
 
