@@ -300,7 +300,7 @@ def _prior_by_em(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_eval: in
         while True:
             tp = t - 2.0 * alpha * r + alpha * alpha * v
             tp = 0.5 * (tp + tp.T)
-            if alpha == -1.0 or np.linalg.eigvalsh(tp).min() >= 0:
+            if alpha == -1.0 or (np.all(np.isfinite(tp)) and np.linalg.eigvalsh(tp).min() >= 0):
                 break
             alpha = (alpha - 1.0) / 2.0 if alpha < -1.5 else -1.0
         t3 = em(tp)
@@ -515,7 +515,8 @@ def solve_joint(
         sd = np.sqrt(np.diag(tmat))
         # the delta method, bounded by the variance's own standard error near a spread of 0
         # (where the delta method's se_var / 2 sd grows without bound)
-        prior_se = np.minimum(se_var / (2 * np.where(sd > 0, sd, 1)), np.sqrt(se_var))
+        prior_se = np.where(sd > 0, np.minimum(se_var / (2 * np.where(sd > 0, sd, 1)),
+                                               np.sqrt(se_var)), np.sqrt(se_var))  # fmt: skip
     return JointSolution(
         delta_mag=delta_mag,
         mag_covariance=mag_cov,
