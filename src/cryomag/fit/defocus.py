@@ -32,6 +32,7 @@ from functools import partial
 
 import numpy as np
 
+from cryomag.fit.hierarchy import scatter_standard_error
 from cryomag.fit.projection import sandwich
 from cryomag.fit.statistics import GroupStatistics, column_layout
 from cryomag.fit.unit_sums import unit_sums
@@ -191,8 +192,8 @@ class JointSolution:
     prior : ndarray, shape (k_p, k_p)
         T, the covariance of the particles' deviations (EB estimate, A^2).
     prior_se : ndarray, shape (k_p,)
-        Standard errors of the standard deviations sqrt(diag(T)) (A); near a spread of 0,
-        the variance's own standard error's square root (the delta method's bound).
+        Standard errors of the standard deviations sqrt(diag(T)) (A;
+        :func:`cryomag.fit.hierarchy.scatter_standard_error`).
     em_iterations, em_converged : int, bool
         The EM steps T took (:func:`_prior_by_em`) and whether they converged.
     delta_a : ndarray, shape (N, 3)
@@ -512,11 +513,7 @@ def solve_joint(
         vv = c2 * np.einsum("nii->ni", s_data)
         dd = np.diag(tmat)[None, :]
         se_var = np.sqrt(2.0 / np.sum(1.0 / (dd + vv) ** 2, axis=0))
-        sd = np.sqrt(np.diag(tmat))
-        # the delta method, bounded by the variance's own standard error near a spread of 0
-        # (where the delta method's se_var / 2 sd grows without bound)
-        prior_se = np.where(sd > 0, np.minimum(se_var / (2 * np.where(sd > 0, sd, 1)),
-                                               np.sqrt(se_var)), np.sqrt(se_var))  # fmt: skip
+        prior_se = scatter_standard_error(np.sqrt(np.diag(tmat)), se_var)
     return JointSolution(
         delta_mag=delta_mag,
         mag_covariance=mag_cov,

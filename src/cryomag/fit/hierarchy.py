@@ -50,14 +50,20 @@ class Shrinkage:
 
     @property
     def scatter_se(self) -> np.ndarray:
-        """Standard error of :attr:`scatter`: the delta method, se(T) / (2 scatter), where
-        the scatter is well above its own uncertainty; sqrt(se of T) at and near T = 0 (the
-        smaller of the two: the delta method diverges as the scatter goes to 0, which made a
-        micrograph scatter of 1e-20 read "+- 2e17 %")."""
-        sc = self.scatter
-        root = np.sqrt(np.clip(self.between_se, 0, None))
-        delta = self.between_se / (2 * np.where(sc > 0, sc, 1))
-        return np.where(sc > 0, np.minimum(delta, root), root)
+        """Standard error of :attr:`scatter` (:func:`scatter_standard_error`)."""
+        return scatter_standard_error(self.scatter, self.between_se)
+
+
+def scatter_standard_error(scatter: np.ndarray, variance_se: np.ndarray) -> np.ndarray:
+    """Standard error of a standard deviation ``scatter`` whose variance has the standard
+    error ``variance_se``: the delta method, se(T) / (2 scatter), where the scatter is well
+    above its own uncertainty; sqrt(se of T) at and near T = 0 (the smaller of the two: the
+    delta method diverges as the scatter goes to 0, which made a micrograph scatter of 1e-20
+    read "+- 2e17 %"). Shapes (d,)."""
+    sc = np.asarray(scatter, float)
+    root = np.sqrt(np.clip(variance_se, 0, None))
+    delta = variance_se / (2 * np.where(sc > 0, sc, 1))
+    return np.where(sc > 0, np.minimum(delta, root), root)
 
 
 def shrink(
