@@ -190,6 +190,17 @@ def test_log_axis_labels_in_unicode_as_matplotlib_labels_them():
         plt.close(fig)
 
 
+def _plain_pixels(fig):
+    """The pixels of ``fig`` saved as a PNG with matplotlib's defaults (then closed)."""
+    from matplotlib.image import imread
+
+    plain = io.BytesIO()
+    fig.savefig(plain, format="png", dpi=render.PNG_DPI, bbox_inches="tight")
+    plt.close(fig)
+    plain.seek(0)
+    return imread(plain)
+
+
 def _panels():
     """Two titled panels sharing y, a log axis with Unicode labels, a suptitle and labels: the
     parts whose placement matplotlib works out while drawing."""
@@ -215,11 +226,7 @@ def test_the_figure_settings_leave_the_pixels_as_matplotlib_draws_them(tmp_path)
     assert matplotlib.rcParams["axes.titley"] is None
     (path,) = render_figures([FigureSpec("panels.png", _panels)], tmp_path)
     fig = _panels()
-    plain = io.BytesIO()
-    fig.savefig(plain, format="png", dpi=render.PNG_DPI, bbox_inches="tight")
-    plt.close(fig)
-    plain.seek(0)
-    ours, theirs = imread(path), imread(plain)
+    ours, theirs = imread(path), _plain_pixels(fig)
     assert ours.shape == theirs.shape
     assert np.array_equal(ours, theirs)
     assert matplotlib.rcParams["axes.titley"] is None
@@ -255,11 +262,7 @@ def test_particle_layers_are_images_in_the_pdf_only(tmp_path, n):
     (path,) = render_figures([FigureSpec("cloud.png", partial(_cloud, n))], tmp_path,
                              "cloud.pdf", parallel=False)  # fmt: skip
     fig = _cloud(n, dense_as_points=False)
-    plain = io.BytesIO()
-    fig.savefig(plain, format="png", dpi=render.PNG_DPI, bbox_inches="tight")
-    plt.close(fig)
-    plain.seek(0)
-    assert np.array_equal(imread(path), imread(plain))
+    assert np.array_equal(imread(path), _plain_pixels(fig))
     pdf = (tmp_path / "cloud.pdf").read_bytes()
     assert (b"/Subtype /Image" in pdf) == (n >= render.RASTER_POINTS)
     assert b"/Font" in pdf  # the title and tick labels are text
