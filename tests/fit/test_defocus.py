@@ -359,6 +359,11 @@ def test_particle_heights_are_found_and_their_errors_calibrated(heights, tmp_pat
     cs = read_cs(tmp_path / "particles.cs")
     star = read_star(tmp_path / "particles.star")
     np.testing.assert_allclose(cs.column("rlnDefocusU"), star.column("rlnDefocusU"), rtol=1e-5)
+    dev = json.loads((tmp_path / "results.json").read_text())["groups"][0]["defocus"][
+        "particle_deviations"]  # fmt: skip
+    assert dev["parameters"] == ["defocus_A"] and dev["correlation"] == [[1.0]]
+    assert dev["converged"] and 1 <= dev["prior_steps"] <= 20
+    assert dev["spread_A"] == [pytest.approx(spread)]
 
 
 def test_micrograph_magnification_does_not_read_defocus_error(heights, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 import cryomag
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
-from cryomag.simulation.simulator import load_truth, simulate_dataset
+from cryomag.simulation.simulator import group_matrix, load_truth, simulate_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +103,29 @@ def test_particle_magnification_with_particle_defocus(tmp_path):
           f"{np.corrcoef(ps.column('cmagParticleMag'), iso)[0, 1]:.3f}")  # fmt: skip
     assert 0.77 < ratio < 1.3
     assert abs(info["isotropic_scatter"] - realised) < 2 * info["isotropic_scatter_se"] + 1e-4
+
+
+def test_astigmatism_per_particle_follows_the_heights(tmp_path):
+    """Defocus and astigmatism per particle, heights spread 300 A, one astigmatism per
+    micrograph and 2 % anisotropic magnification: a height h changes the CTF's defocus
+    matrix in the measured frame by h M^T M, so the particles' astigmatism deviates with
+    their height by the anisotropic part of M^T M (~1-2 % of it) and by nothing else. The
+    prior's covariance T has that direction (slopes within ~3 of their standard errors,
+    ~0.002 here) and no spread orthogonal to it beyond its noise."""
+    sim = tmp_path / "sim"
+    cfg = _config(54, heights_A=300.0)
+    simulate_dataset(cfg, sim, progress=False)
+    res = _estimate(sim, ("scale", "aniso"), defocus="particle", astigmatism="particle")
+    sol = res.groups[0].defocus_solution
+    assert res.verdict == "ok" and sol.prior_converged
+    t = sol.prior
+    a = group_matrix(cfg.optics_groups[0])
+    a = a.T @ a
+    want = np.array([a[0, 0] - a[1, 1], 2 * a[0, 1]]) / (a[0, 0] + a[1, 1])
+    got = t[0, 1:] / t[0, 0]
+    w = np.linalg.eigvalsh(t)
+    print(f"spreads {np.sqrt(np.diag(t))} A (SE {sol.prior_se}); slopes {got} (want {want}); "
+          f"eigenvalues {w}; steps {sol.prior_steps}")  # fmt: skip
+    assert abs(np.sqrt(t[0, 0]) - 300.0) < 30.0
+    np.testing.assert_allclose(got, want, atol=0.006)
+    assert np.sqrt(w[-2]) < 8.0  # orthogonal to the heights' direction: noise only

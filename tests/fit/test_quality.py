@@ -123,6 +123,6 @@ def test_degenerate_and_implausible_fits_are_caught(good, tmp_path):
     nan_cov = assess_group(st, gr.mag, np.full((4, 4), np.nan), np.eye(4), **base)
     assert nan_cov.failed
     # a prior of the particles' defocus spread that did not converge: a warning, not ok
-    prior = assess_group(st, gr.mag, gr.covariance, np.eye(4), prior_em_steps=100, **base)
+    prior = assess_group(st, gr.mag, gr.covariance, np.eye(4), prior_steps=20, **base)
     assert prior.verdict == "warning" and not prior.failed
-    assert "did not converge in 100 EM steps" in prior.problems[0]
+    assert "did not converge in 20 steps" in prior.problems[0]

@@ -17,9 +17,10 @@ two parts, each fitted at a level the user chooses (RELION's --fit_mode):
 Levels: ``"fixed"`` (not fitted), ``"group"`` (one value per optics group), ``"micrograph"``
 (one per micrograph) or ``"particle"`` (per particle, hierarchically: a micrograph mean plus
 per-particle deviations with a Gaussian prior N(0, T) whose covariance T, the spread of the
-particles' heights in the ice, is estimated from the data by empirical Bayes (EM)). With the
-group's M (4 elements) and each particle's contrast scale (profiled out) every parameter comes
-from one sparse linear system of the statistics' 7- or 11-column blocks
+particles' heights in the ice, is estimated from the data by empirical Bayes, the maximum of
+its marginal likelihood). With the group's M (4 elements) and each particle's contrast scale
+(profiled out) every parameter comes from one sparse linear system of the statistics' 7- or
+11-column blocks
 (:func:`cryomag.fit.statistics.column_layout`), solved by eliminating the particles, then
 the micrographs, then solving the group: each level's covariance includes the uncertainty of
 the others (Schur complements). Gauss-Newton repeats it at the updated state in each pass.
@@ -32,7 +33,7 @@ from functools import partial
 
 import numpy as np
 
-from cryomag.fit.hierarchy import scatter_standard_error
+from cryomag.fit.hierarchy import centred_max_likelihood, scatter_standard_error
 from cryomag.fit.projection import sandwich
 from cryomag.fit.statistics import GroupStatistics, column_layout
 from cryomag.fit.unit_sums import unit_sums
@@ -194,8 +195,9 @@ class JointSolution:
     prior_se : ndarray, shape (k_p,)
         Standard errors of the standard deviations sqrt(diag(T)) (A;
         :func:`cryomag.fit.hierarchy.scatter_standard_error`).
-    em_iterations, em_converged : int, bool
-        The EM steps T took (:func:`_prior_by_em`) and whether they converged.
+    prior_steps, prior_converged : int, bool
+        The eliminations T's estimate took (:func:`_prior_by_likelihood`) and whether it
+        converged.
     delta_a : ndarray, shape (N, 3)
         Each particle's change of (a00, a01, a11) (A).
     defocus_se : ndarray, shape (N,)
@@ -226,8 +228,8 @@ class JointSolution:
     delta_a: np.ndarray
     defocus_se: np.ndarray
     corr_mag_defocus: float = float("nan")
-    em_iterations: int = 0
-    em_converged: bool = True
+    prior_steps: int = 0
+    prior_converged: bool = True
     normal_matrix: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
     aberration: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -248,83 +250,59 @@ def _solve_sym(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.pinv(a, rcond=1e-12, hermitian=True) @ b
 
 
-def _prior_by_em(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_eval: int,
-                 tol: float) -> tuple[np.ndarray, int, bool]:  # fmt: skip
-    """The prior T of the particles' deviations: the fixed point of EM's map
-    T -> mean over particles of (psi psi^T + c2 S^-1) (the posterior second moments, from
-    ``elim(T)``, :func:`_eliminate`), reached by SQUAREM (Varadhan & Roland 2008, Scand. J.
-    Stat. 35: 335, the S3 steplength alpha = -|r| / |v| <= -1, stepped back towards -1 while
-    the extrapolated T is not positive semi-definite, then one EM step from it).
+def _prior_by_likelihood(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_steps: int,
+                         tol: float) -> tuple[np.ndarray, int, bool]:  # fmt: skip
+    """The prior T of the particles' deviations by empirical Bayes: the marginal likelihood
+    of (theta, phi, T) with the deviations integrated out, maximised by alternating the
+    elimination (theta and phi given T, ``elim(T)``, :func:`_eliminate`) with T's maximum
+    given them (:func:`cryomag.fit.hierarchy.centred_max_likelihood`: each particle's data
+    system in its deviation, ``elim``'s ``data_b`` and ``h_pp``, the prior's mean held at 0
+    as the model has it; particles with a singular ``h_pp`` add nothing where they have no
+    information).
 
-    Plain EM converges slowly where the particles' spread is small against their data's
-    precision, and sublinearly towards a spread of 0 (where the simulated data put it): 100
-    EM steps ended at a 3.2 A spread (+- 0.4 A) that was 1.1 A after 3,000 and still falling
-    (bench/RESULTS.md, issue 14). SQUAREM halves such a spread in each cycle of three EM
-    steps. Converged when every diagonal element of T moves by less than ``tol`` times
-    itself plus 1e-3 of a particle's own data variance of that parameter (median of
-    c2 / H_pp): below that the prior pins the deviations to 1e-3 of theirs, and T's further
-    steps no longer change them. When a cycle lowers variances, whether 0 is their fixed
-    point is tested directly (EM does not raise a tiny 1e-6 of the data variance there):
-    then they are held there (the deviations pinned to their micrograph's in those
-    parameters) and the others iterate on.
+    EM's map (T -> the posterior second moments) has the same fixed point but crawls where
+    the spread is small against a particle's precision, sublinearly towards a spread of 0:
+    capped at 100 steps it reported a 3.2 A spread where the simulation had none, and with
+    the astigmatism also per particle SQUAREM-accelerated EM still took ~80-100 steps
+    (bench/RESULTS.md, issue 14). The direct maximum takes a few dozen cheap likelihood
+    evaluations per alternation, and the alternations converge in a few (the micrographs'
+    means barely move with T). T's eigenvalues are floored at 1e-6 of a particle's data
+    variance (a spread of 0 pins the deviations to 1e-3 of their own noise; the
+    elimination's prior precision stays finite).
+
+    Starts from one EM step at ``t0`` (a flat prior: the data's own scale). Converged when
+    an alternation moves every diagonal element of T by less than ``tol`` of itself plus
+    1e-3 of a particle's data variance of that parameter (median of c2 / H_pp).
 
     Returns
     -------
     T : ndarray, shape (k_p, k_p)
-    n_eval : int
-        EM steps taken (calls of ``elim``).
+    n_steps : int
+        Eliminations made (calls of ``elim``).
     converged : bool
     """
     diag = np.einsum("nii->ni", h_pp)
     scale = np.array([c2 / np.median(d[d > 0]) if np.any(d > 0) else 1.0 for d in diag.T])
+    floor = 1e-6 * float(scale.min())
 
-    def em(t: np.ndarray) -> np.ndarray:
+    def floored(t: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh(0.5 * (t + t.T))
+        return (v * np.maximum(w, floor)) @ v.T
+
+    sol = elim(t0)
+    post = sol["psi"]
+    t = floored((post[:, :, None] * post[:, None, :] + c2 * sol["s_inv"]).mean(0))
+    n_steps = 1
+    while n_steps < max_steps:
         sol = elim(t)
-        post = sol["psi"]
-        t_new = (post[:, :, None] * post[:, None, :] + c2 * sol["s_inv"]).mean(0)
-        return 0.5 * (t_new + t_new.T)
+        n_steps += 1
+        t_new = floored(centred_max_likelihood(sol["data_b"], h_pp, c2, t)[0])
+        da, db = np.diag(t), np.diag(t_new)
+        t = t_new
+        if np.all(np.abs(db - da) <= tol * (np.abs(db) + 1e-3 * scale)):
+            return t, n_steps, True
+    return t, n_steps, False
 
-    def moved(a: np.ndarray, b: np.ndarray) -> bool:
-        da, db = np.diag(a), np.diag(b)
-        return not np.all(np.abs(db - da) <= tol * (np.abs(db) + 1e-3 * scale))
-
-    t = em(t0)  # from the flat start: one plain step to the data's scale first
-    n_eval = 1
-    while n_eval + 3 <= max_eval:
-        # one cycle; converged when its net move is small (a single EM step is small also
-        # far from a fixed point where EM is slow, which is the case this is for)
-        t1 = em(t)
-        t2 = em(t1)
-        r, v = t1 - t, t2 - 2.0 * t1 + t
-        nv = float(np.linalg.norm(v))
-        alpha = min(-float(np.linalg.norm(r)) / nv, -1.0) if nv > 0 else -1.0
-        while True:
-            tp = t - 2.0 * alpha * r + alpha * alpha * v
-            tp = 0.5 * (tp + tp.T)
-            if alpha == -1.0 or (np.all(np.isfinite(tp)) and np.linalg.eigvalsh(tp).min() >= 0):
-                break
-            alpha = (alpha - 1.0) / 2.0 if alpha < -1.5 else -1.0
-        t3 = em(tp)
-        n_eval += 3
-        if not moved(t, t3):
-            return t3, n_eval, True
-        falling = np.diag(t3) < 0.75 * np.diag(t)
-        if falling.any() and n_eval < max_eval:
-            # variances falling: is 0 (the boundary) their fixed point? Near it EM's map is
-            # T - c T^2 with c of the sign of the likelihood's slope at 0; from a small T_b
-            # that EM does not raise, it would only creep down: those parameters sit at
-            # T_b (uncorrelated with the others), and the others go on
-            t_b = t3.copy()
-            t_b[falling, :] = 0.0
-            t_b[:, falling] = 0.0
-            t_b[falling, falling] = 1e-6 * scale[falling]
-            n_eval += 1
-            if np.all(np.diag(em(t_b))[falling] <= np.diag(t_b)[falling]):
-                if falling.all():
-                    return t_b, n_eval, True
-                t3 = t_b
-        t = t3
-    return t, n_eval, False
 
 
 def solve_joint(
@@ -336,8 +314,8 @@ def solve_joint(
     deviation: np.ndarray | None = None,
     mag_shift: np.ndarray | None = None,
     prior: np.ndarray | None = None,
-    em_iterations: int = 100,
-    em_tol: float = 1e-4,
+    prior_steps: int = 20,
+    prior_tol: float = 1e-4,
     n_aberration: int = 0,
     profile: np.ndarray | None = None,
     newton_defocus: bool = True,
@@ -363,11 +341,11 @@ def solve_joint(
         M already moved by this since the pass (the step is then from there).
     prior : ndarray, shape (k_p, k_p), optional
         Hold T at this value instead of estimating it.
-    em_iterations, em_tol : int, float
-        The most EM steps for T and their tolerance (:func:`_prior_by_em`: SQUAREM, each
-        diagonal element of T moving by less than ``em_tol`` of itself plus 1e-3 of a
-        particle's data variance); not converged: ``em_converged`` False, and the group's
-        verdict a warning.
+    prior_steps, prior_tol : int, float
+        The most eliminations for T and their tolerance (:func:`_prior_by_likelihood`:
+        each diagonal element of T moving by less than ``prior_tol`` of itself plus 1e-3 of
+        a particle's data variance); not converged: ``prior_converged`` False, and the
+        group's verdict a warning.
     n_aberration : int
         K group-level aberration parameters in the last columns of the statistics, fitted
         with M (after M in the group-level vector).
@@ -438,10 +416,10 @@ def solve_joint(
     fixed_prior = prior is not None
     tmat = np.asarray(prior, float).reshape(kp, kp) if fixed_prior else np.eye(kp) * 1e6
     elim = partial(_eliminate, hh, bb, inv, nu, t_, m_, p_, dev=dev, c2=c2)
-    em_converged = True
+    prior_converged = True
     if kp and not fixed_prior:
-        tmat, it, em_converged = _prior_by_em(elim, hh[:, p_, p_], c2, tmat, em_iterations,
-                                              em_tol)  # fmt: skip
+        tmat, it, prior_converged = _prior_by_likelihood(elim, hh[:, p_, p_], c2, tmat,
+                                                         prior_steps, prior_tol)  # fmt: skip
     else:
         it = 1
     sol = elim(tmat)
@@ -529,8 +507,8 @@ def solve_joint(
         delta_a=delta_a,
         defocus_se=np.sqrt(np.clip(var, 0, None)),
         corr_mag_defocus=corr,
-        em_iterations=it,
-        em_converged=em_converged,
+        prior_steps=it,
+        prior_converged=prior_converged,
         aberration=aberration,
         aberration_cov=aberration_cov,
         theta_cov=cov_t,
@@ -810,11 +788,15 @@ def _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2) -> dict:
             with np.errstate(invalid="ignore", divide="ignore"):
                 corr_mag_mic = cross[:, 0] / np.sqrt(var_v * cov_phi[:, 0, 0])
     psi = np.zeros((n, kp))
+    data_b = np.zeros((n, kp))
     if kp:
         rest = np.concatenate([np.broadcast_to(theta, (n, nt)), phi[inv]], axis=1)
         b_psi = bb[:, p_] - dev @ (c2 * np.linalg.pinv(tmat, hermitian=True))
-        rhs = b_psi - np.einsum("nji,nj->ni", hh[:, r_, p_], rest)
-        psi = dev + np.einsum("nij,nj->ni", s_inv, rhs)
+        cross = np.einsum("nji,nj->ni", hh[:, r_, p_], rest)
+        psi = dev + np.einsum("nij,nj->ni", s_inv, b_psi - cross)
+        # the data's own system in the deviation (no prior): its gradient at the deviation
+        # 0, given theta and phi (for the prior's likelihood)
+        data_b = bb[:, p_] - cross + np.einsum("nij,nj->ni", hh[:, p_, p_], dev)
     return {
         "theta": theta,
         "cov_theta": cov_theta,
@@ -823,6 +805,7 @@ def _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2) -> dict:
         "cov_phi": cov_phi,
         "psi": psi,
         "s_inv": s_inv,
+        "data_b": data_b,
         "corr_mag_mic": corr_mag_mic,
     }
 

@@ -962,13 +962,13 @@ class GroupFit:
         return float(max(parts))
 
     # ---------------------------------------------------------------- the result
-    def _prior_em_steps(self) -> int | None:
-        """The EM steps of the last joint step's prior of the particles' deviations when
-        they did not converge (None otherwise)."""
+    def _prior_steps(self) -> int | None:
+        """The steps of the last joint step's prior of the particles' deviations when they
+        did not converge (None otherwise)."""
         sol = self.defocus_solution
-        if sol is None or not sol.particle.shape[1] or sol.em_converged:
+        if sol is None or not sol.particle.shape[1] or sol.prior_converged:
             return None
-        return int(sol.em_iterations)
+        return int(sol.prior_steps)
 
     def result(self, band: Band) -> GroupResult:
         """The group's result (after :func:`iterate`), with its quality verdict."""
@@ -985,7 +985,7 @@ class GroupFit:
             fit_aniso=self.settings.fit_aniso,
             # the warm start's probe of a held defocus (of a refined one: the linear start)
             held_defocus_z=np.nan if self.settings.levels.active else self.probe_z,
-            prior_em_steps=self._prior_em_steps(),
+            prior_steps=self._prior_steps(),
         )
         if not self.settings.fit_aniso:  # M held: no error of its own
             err, cov = np.zeros((2, 2)), np.zeros((4, 4))

@@ -10,6 +10,7 @@ everything shrinks to mu.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -143,18 +144,34 @@ def shrink(
 
 def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
                     max_iter: int) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
-    """(mu, T, evaluations) maximising the marginal likelihood, T = L L^T by L-BFGS.
+    """(mu, T, evaluations) maximising the marginal likelihood, T = L L^T by L-BFGS
+    (:func:`_maximise_over_factor`), mu profiled.
 
     L is scaled by the units' typical standard deviation (parameters of order one) and
     starts from the moment estimate ``t0`` plus a ridge of 1 % of that variance (L = 0 is a
     stationary point of the factorised likelihood).
     """
-    from scipy.optimize import minimize
-
-    d = xs.shape[1]
-    lower = np.tril_indices(d)
     scale = float(np.sqrt(np.median(np.diagonal(vs, axis1=1, axis2=2))))
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+
+    def loglik(t: np.ndarray) -> tuple[float, np.ndarray]:
+        return _profiled_likelihood(xs, vs, t)[:2]
+
+    t, n_eval = _maximise_over_factor(loglik, t0, scale, max_iter)
+    return _profiled_likelihood(xs, vs, t)[2], t, n_eval
+
+
+def _maximise_over_factor(loglik, t0: np.ndarray, scale: float,
+                          max_iter: int) -> tuple[np.ndarray, int]:  # fmt: skip
+    """The covariance T (d, d) maximising ``loglik(T) -> (value, d value / dT)``, as T = L
+    L^T over the lower triangle of L / ``scale`` by L-BFGS (T stays positive semi-definite),
+    from the Cholesky factor of ``t0`` plus a ridge of (0.1 scale)^2 (L = 0 is a stationary
+    point of the factorised objective). Returns (T, evaluations); never worse than the start
+    (a failed line search, a non-finite value)."""
+    from scipy.optimize import minimize
+
+    d = t0.shape[0]
+    lower = np.tril_indices(d)
 
     def factor(p: np.ndarray) -> np.ndarray:
         f = np.zeros((d, d))
@@ -163,7 +180,7 @@ def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
 
     def objective(p: np.ndarray) -> tuple[float, np.ndarray]:
         f = factor(p)
-        ll, g, _ = _profiled_likelihood(xs, vs, f @ f.T)
+        ll, g = loglik(f @ f.T)
         return -ll, -(2 * g @ f * scale)[lower]
 
     start = (np.linalg.cholesky(t0 + (0.1 * scale) ** 2 * np.eye(d)) / scale)[lower]
@@ -171,10 +188,54 @@ def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
                    options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-10})  # fmt: skip
     p = res.x
     if not (np.isfinite(res.fun) and res.fun <= objective(start)[0]):
-        p = start  # never worse than the start (a failed line search, a non-finite value)
+        p = start
     f = factor(p)
-    t = f @ f.T
-    return _profiled_likelihood(xs, vs, t)[2], t, int(res.nfev)
+    return f @ f.T, int(res.nfev)
+
+
+def centred_likelihood(b: np.ndarray, h: np.ndarray, c2: float,
+                       t: np.ndarray) -> tuple[float, np.ndarray]:  # fmt: skip
+    """The marginal log-likelihood of T for units with a zero-mean prior N(0, T), from their
+    data in information form, and its gradient d log L / dT (d, d).
+
+    Unit n's data log-likelihood in its effect p is -(p^T h_n p - 2 b_n^T p) / (2 c2) (a
+    Gauss-Newton system: the estimate h_n^-1 b_n with covariance c2 h_n^-1 where h_n is
+    invertible). With W = h_n / c2 and u = b_n / c2, relative to T = 0:
+    log L(T) = -1/2 sum_n [log det(I + W T) - u^T T (I + W T)^-1 u], defined for a
+    singular h_n (a unit with no information in some direction adds nothing there), and
+    d log L / dT = 1/2 sum_n (r r^T - (I + W T)^-1 W), r = (I + W T)^-1 u (= S x for the
+    covariance form's S = (T + c2 h^-1)^-1 and estimate x).
+
+    Parameters
+    ----------
+    b : ndarray, shape (n, d)
+    h : ndarray, shape (n, d, d)
+    c2 : float
+        The data's noise level (chi2 / 2 of the system).
+    t : ndarray, shape (d, d)
+    """
+    w = h / c2
+    u = b / c2
+    a = np.eye(len(t))[None] + w @ t[None]
+    r = np.linalg.solve(a, u[..., None])[..., 0]
+    quad = np.einsum("ni,ij,nj->", u, t, r)
+    ll = -0.5 * (np.linalg.slogdet(a)[1].sum() - quad)
+    aw = np.linalg.solve(a, w).sum(0)
+    grad = 0.5 * (r.T @ r - 0.5 * (aw + aw.T))
+    return float(ll), grad
+
+
+def centred_max_likelihood(b: np.ndarray, h: np.ndarray, c2: float, t0: np.ndarray,
+                           max_iter: int = 200) -> tuple[np.ndarray, int]:  # fmt: skip
+    """T maximising :func:`centred_likelihood` (the units' mean held at 0), by L-BFGS over
+    its Cholesky factor from ``t0`` (:func:`_maximise_over_factor`); the factor's scale is
+    a typical unit's standard deviation sqrt(c2 / h_ii) (median over units and
+    parameters). Returns (T (d, d), evaluations)."""
+    diag = np.einsum("nii->ni", h)
+    pos = diag[diag > 0]
+    scale = float(np.sqrt(c2 / np.median(pos))) if len(pos) else 1.0
+    scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+    return _maximise_over_factor(partial(centred_likelihood, b, h, c2), t0, scale, max_iter)
 
 
 def _profiled_likelihood(xs: np.ndarray, vs: np.ndarray,

@@ -127,7 +127,7 @@ def assess_group(
     iterations: int,
     fit_aniso: bool = True,
     held_defocus_z: float = float("nan"),
-    prior_em_steps: int | None = None,
+    prior_steps: int | None = None,
 ) -> FitQuality:
     """Check one group's fit (see the module docstring).
 
@@ -147,9 +147,9 @@ def assess_group(
     held_defocus_z : float
         For a fit that held the input defocus: how far its warm start's probe found it from
         the particles', in standard errors (NaN: not probed, or the defocus was refined).
-    prior_em_steps : int, optional
-        For per-particle defocus: the EM steps of its last prior (the particles' spread)
-        when they did not converge (None: converged, or no such prior).
+    prior_steps : int, optional
+        For per-particle defocus: the steps of its last prior (the particles' spread) when
+        they did not converge (None: converged, or no such prior).
     """
     problems: list[str] = []
     failed = warn = False
@@ -221,11 +221,11 @@ def assess_group(
             "as magnification and M's standard errors leave them out: refine it with M "
             "(--defocus group, micrograph or particle)"
         )
-    if prior_em_steps is not None:
+    if prior_steps is not None:
         warn = True
         problems.append(
             f"the spread of the particles' defocus around their micrograph (the prior of "
-            f"their heights) did not converge in {prior_em_steps} EM steps: the spread and "
+            f"their heights) did not converge in {prior_steps} steps: the spread and "
             "the particles' shrunk defocus are not the fit's fixed point"
         )
     verdict = "failed" if failed else ("warning" if warn else "ok")
