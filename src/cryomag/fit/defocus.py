@@ -33,7 +33,11 @@ from functools import partial
 
 import numpy as np
 
-from cryomag.fit.hierarchy import centred_max_likelihood, scatter_standard_error
+from cryomag.fit.hierarchy import (
+    centred_max_likelihood,
+    scatter_standard_error,
+    variance_standard_error,
+)
 from cryomag.fit.projection import sandwich
 from cryomag.fit.statistics import GroupStatistics, column_layout
 from cryomag.fit.unit_sums import unit_sums
@@ -488,9 +492,7 @@ def solve_joint(
         # Fisher information of the variances (each parameter on its own), then the delta
         # method for the standard deviations; v_p = the data's variance of each deviation
         s_data = np.linalg.pinv(hh[:, p_, p_], rcond=1e-12, hermitian=True)
-        vv = c2 * np.einsum("nii->ni", s_data)
-        dd = np.diag(tmat)[None, :]
-        se_var = np.sqrt(2.0 / np.sum(1.0 / (dd + vv) ** 2, axis=0))
+        se_var = variance_standard_error(np.diag(tmat), c2 * np.einsum("nii->ni", s_data))
         prior_se = scatter_standard_error(np.sqrt(np.diag(tmat)), se_var)
     return JointSolution(
         delta_mag=delta_mag,

@@ -137,9 +137,23 @@ def shrink(
     pcov[ok] = t[None] - kgain @ t[None]
     weight = np.full(n, np.nan)
     weight[ok] = np.trace(kgain, axis1=1, axis2=2) / d
-    # Fisher information of the diagonal of T (each parameter on its own)
-    se = np.array([np.sqrt(2.0 / np.sum(1.0 / (t[j, j] + vs[:, j, j]) ** 2)) for j in range(d)])
+    se = variance_standard_error(np.diag(t), np.diagonal(vs, axis1=1, axis2=2))
     return Shrinkage(mu, t, se, post, pcov, weight, n_iter)
+
+
+def variance_standard_error(between: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """Standard errors of between-unit variances from their Fisher information, each
+    parameter on its own: sqrt(2 / sum_i (T_jj + V_i,jj)^-2).
+
+    Parameters
+    ----------
+    between : ndarray, shape (d,)
+        The variances T_jj.
+    within : ndarray, shape (n, d)
+        Each unit's own variance V_i,jj of each parameter.
+    """
+    return np.array([np.sqrt(2.0 / np.sum(1.0 / (between[j] + within[:, j]) ** 2))
+                     for j in range(len(between))])  # fmt: skip
 
 
 def _max_likelihood(xs: np.ndarray, vs: np.ndarray, t0: np.ndarray,
