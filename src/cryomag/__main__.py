@@ -1,5 +1,5 @@
 """``python -m cryomag``: the command line (:mod:`cryomag.cli.main`)."""
 
-from cryomag.cli.main import app
+from cryomag.cli.main import main
 
-app()
+main()
