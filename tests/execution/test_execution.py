@@ -75,15 +75,45 @@ def _labels(ps):
     return ps.particles["rlnOpticsGroup"].to_numpy(int)
 
 
-def run(inputs, executor=None):
+def run(inputs, executor=None, on_running=None):
     ps, refs, opts = inputs
-    return run_estimate(ps, refs, ImageSource(ps), opts, None, False, executor=executor)
+    return run_estimate(ps, refs, ImageSource(ps), opts, None, False, executor=executor,
+                        on_running=on_running)  # fmt: skip
+
+
+class _RecordingLocal(LocalExecutor):
+    """The synchronous executor, recording its maps and results in ``events``."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def map(self, fn, chunks, *args, on_result=None, **kwargs):
+        self.events.append("map")
+
+        def record(chunk, res):
+            self.events.append("result")
+            on_result(chunk, res)
+
+        return super().map(fn, chunks, *args, on_result=record, **kwargs)
+
+
+RUN_EVENTS: list[str] = []
 
 
 @pytest.fixture(scope="module")
 def reference(inputs):
-    """The synchronous run (finufft with 1 thread, as in the workers)."""
-    return run(inputs, LocalExecutor())
+    """The synchronous run (finufft with 1 thread, as in the workers); its executor's maps
+    and results and the ``on_running`` hook recorded in RUN_EVENTS."""
+    return run(inputs, _RecordingLocal(RUN_EVENTS), on_running=lambda: RUN_EVENTS.append("running"))
+
+
+def test_on_running_is_called_once_at_the_first_result(reference):
+    """The hook (the plots' imports start there) comes after the first pass was sent out
+    and its first chunk came back, and only once."""
+    assert RUN_EVENTS.count("running") == 1
+    assert RUN_EVENTS.count("map") > 1 and RUN_EVENTS.count("result") > 2
+    assert RUN_EVENTS[: RUN_EVENTS.index("running") + 1] == ["map", "result", "running"]
 
 
 def assert_same_stats(a, b, rtol: float = RTOL) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -470,13 +471,16 @@ def run_estimate(
     progress: bool = True,
     executor: Executor | None = None,
     scratch=None,
+    on_running: Callable[[], None] | None = None,
 ) -> EstimateResult:
     """The estimation engine on loaded inputs (see :func:`estimate` for files).
 
     ``executor`` runs the chunks of each pass (:mod:`cryomag.execution`; default: this
     process, synchronously); the result does not depend on it. ``scratch``: a factory of
     allocators for the reduced per-particle arrays of each pass
-    (:func:`cryomag.io.stats.scratch_allocator`; default: memory).
+    (:func:`cryomag.io.stats.scratch_allocator`; default: memory). ``on_running``: called
+    once, when the first chunk's result arrives: the passes are under way and this
+    process mostly waits for them from then on.
     """
     opts = options or EstimateOptions()
     if opts.exact_gradient is None:  # resolved here, so results.json records what was used
@@ -538,13 +542,20 @@ def run_estimate(
 
     ex = executor or LocalExecutor()
     n_passes = 0
+    running_hook = [on_running] if on_running is not None else []
 
     def run_pass(pass_spec: PassSpec, todo: list, label: str) -> dict[int, GroupStatistics]:
         nonlocal n_passes
         n_passes += 1
         reducer = StatisticsReducer(todo, scratch() if scratch is not None else None)
         fn = StatisticsPass(ps, refs, image_source, bands, pass_spec)
-        ex.map(fn, todo, label, progress, on_result=reducer.add, collect=False)
+
+        def add(chunk, res) -> None:
+            if running_hook:  # the first result: the passes are under way
+                running_hook.pop()()
+            reducer.add(chunk, res)
+
+        ex.map(fn, todo, label, progress, on_result=add, collect=False)
         return reducer.finish()
 
     particle_passes = iterate(fits, chunks, run_pass, spec)
@@ -770,12 +781,17 @@ def _estimate(particles, reference, out, half_maps, mask, angpix, passthrough, w
             executor, checkpoints, resume, codec=StatisticsCodec(), preload=WORKER_PRELOAD
         ) as ex:
             log.info("executor: %s", ex.describe())
+            running = None
             if out is not None and plots:
                 from cryomag.report import preload
 
-                preload.start()  # matplotlib imported while the passes run
+                # matplotlib imported while the passes run, not while this process prepares
+                # and sends out the first pass (the import thread would share its
+                # interpreter with that work while the workers wait)
+                running = preload.start
             res = run_estimate(
-                ps, refs, ImageSource(ps), opts, fsc_res, progress, executor=ex, scratch=scratch
+                ps, refs, ImageSource(ps), opts, fsc_res, progress, executor=ex, scratch=scratch,
+                on_running=running,
             )
             for gr in res.groups:
                 log.info(
