@@ -276,7 +276,8 @@ def _prior_by_likelihood(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_
 
     Starts from one EM step at ``t0`` (a flat prior: the data's own scale). Converged when
     an alternation moves every diagonal element of T by less than ``tol`` of itself plus
-    1e-3 of a particle's data variance of that parameter (median of c2 / H_pp).
+    1e-3 of a particle's data variance of that parameter (median of c2 / H_pp), and every
+    covariance by as little on the scale of the two standard deviations.
 
     Returns
     -------
@@ -301,9 +302,13 @@ def _prior_by_likelihood(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_
         sol = elim(t)
         n_steps += 1
         t_new = floored(centred_max_likelihood(sol["data_b"], h_pp, c2, t)[0])
-        da, db = np.diag(t), np.diag(t_new)
+        # each element against its own scale (the covariances against the product of the
+        # standard deviations; on the diagonal: tol of itself plus 1e-3 of the data's)
+        sd = np.sqrt(np.abs(np.diag(t_new)))
+        bound = tol * (np.outer(sd, sd) + 1e-3 * np.sqrt(np.outer(scale, scale)))
+        done = bool(np.all(np.abs(t_new - t) <= bound))
         t = t_new
-        if np.all(np.abs(db - da) <= tol * (np.abs(db) + 1e-3 * scale)):
+        if done:
             return t, n_steps, True
     return t, n_steps, False
 
@@ -347,9 +352,9 @@ def solve_joint(
         Hold T at this value instead of estimating it.
     prior_steps, prior_tol : int, float
         The most eliminations for T and their tolerance (:func:`_prior_by_likelihood`:
-        each diagonal element of T moving by less than ``prior_tol`` of itself plus 1e-3 of
-        a particle's data variance); not converged: ``prior_converged`` False, and the
-        group's verdict a warning.
+        each element of T moving by less than ``prior_tol`` of its scale, on the diagonal
+        itself plus 1e-3 of a particle's data variance); not converged: ``prior_converged``
+        False, and the group's verdict a warning.
     n_aberration : int
         K group-level aberration parameters in the last columns of the statistics, fitted
         with M (after M in the group-level vector).
