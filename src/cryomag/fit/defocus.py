@@ -241,6 +241,17 @@ class JointSolution:
     theta_cov: np.ndarray | None = None
 
     @property
+    def prior_correlation(self) -> np.ndarray:
+        """The correlation matrix of T (k_p, k_p); 0 where a variance is 0. Near +-1 where
+        one cause moves several parameters (a height moves the astigmatism through an
+        anisotropic magnification: h M^T M in the measured frame)."""
+        sd = np.sqrt(np.clip(np.diag(self.prior), 0, None))
+        outer = np.outer(sd, sd)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.where(outer > 0, self.prior / np.where(outer > 0, outer, 1), 0.0)
+        return np.clip(corr, -1.0, 1.0)
+
+    @property
     def level_step(self) -> float:
         """The largest change of the group's and the micrographs' defocus parameters (A):
         with the particles' rms deviation change, the fit's measure of a defocus step."""

@@ -99,6 +99,7 @@ def print_estimate_summary(res, console) -> None:
         )
     console.print(table)
     _print_aberrations(res, console)
+    _print_particle_deviations(res, console)
     for problem in res.problems:
         style = "red" if res.verdict == "failed" else "yellow"
         console.print(f"[{style}]{problem}[/]")
@@ -139,6 +140,40 @@ def _print_aberrations(res, console) -> None:
                 f"{gr.aberration_mag_corr[i]:+.2f}",
             )  # fmt: skip
     console.print(table)
+
+
+#: Labels of the per-particle defocus parameters (:meth:`DefocusLevels.names`).
+_DEVIATION_LABELS = {"defocus_A": "defocus", "astig_plus_A": "astigmatism +",
+                     "astig_cross_A": "astigmatism x"}  # fmt: skip
+
+
+def _print_particle_deviations(res, console) -> None:
+    """Per group with per-particle defocus: the spread of the particles' deviations from
+    their micrograph (T's standard deviations +- SE) and, with more than one parameter,
+    their correlation with the first (a height moves the astigmatism through an anisotropic
+    magnification: correlated near 1, not independent scatter)."""
+    from cryomag.fit.defocus import DefocusLevels
+
+    names = DefocusLevels(res.options.defocus, res.options.astigmatism).names("particle")
+    for gr in res.groups:
+        sol = gr.defocus_solution
+        if sol is None or not sol.particle.shape[1]:
+            continue
+        sd = np.sqrt(np.clip(np.diag(sol.prior), 0, None))
+        parts = [f"{_DEVIATION_LABELS.get(n, n)} {v:.1f} +- {e:.1f} A"
+                 for n, v, e in zip(names, sd, sol.prior_se, strict=False)]  # fmt: skip
+        heights = names[0] == "defocus_A"
+        line = (f"Particles' deviations from their micrograph (group {gr.group}"
+                + ("; the heights in the ice" if heights else "") + "), spread: "
+                + ", ".join(parts))  # fmt: skip
+        if len(sd) > 1:
+            corr = sol.prior_correlation[0, 1:]
+            line += (f"; correlation with the {_DEVIATION_LABELS.get(names[0], names[0])} "
+                     + " / ".join(f"{c:+.2f}" for c in corr))  # fmt: skip
+            if heights and np.all(np.abs(corr) > 0.9):
+                line += (" (they move together: a height moves the astigmatism through the "
+                         "anisotropic magnification, h M^T M)")  # fmt: skip
+        console.print(line)
 
 
 def _verdict_text(verdict: str) -> str:

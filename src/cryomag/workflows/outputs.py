@@ -193,21 +193,13 @@ def defocus_summary(res: EstimateResult, gr) -> dict:
             "spread_se_A": sol.prior_se.tolist(),
             # the deviations move together where one cause moves several parameters (a
             # height moves the astigmatism through an anisotropic magnification)
-            "correlation": _correlation(sol.prior).tolist(),
+            "correlation": sol.prior_correlation.tolist(),
             "prior_steps": int(sol.prior_steps),
             "converged": bool(sol.prior_converged),
             "meaning": "standard deviation of the particles' deviations from their "
             "micrograph (the heights in the ice for the defocus), empirical Bayes",
         }
     return out
-
-
-def _correlation(cov: np.ndarray) -> np.ndarray:
-    """The correlation matrix of a covariance (0 where a variance is 0), shape (k, k)."""
-    sd = np.sqrt(np.clip(np.diag(cov), 0, None))
-    outer = np.outer(sd, sd)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.clip(np.where(outer > 0, cov / np.where(outer > 0, outer, 1), 0.0), -1, 1)
 
 
 def _names(res, level: str) -> list[str]:

@@ -1,0 +1,43 @@
+"""The console summary's line on the particles' deviations from their micrograph."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+from rich.console import Console
+
+from cryomag.fit.defocus import JointSolution
+from cryomag.report.console import _print_particle_deviations
+
+
+def _printed(defocus: str, astigmatism: str, prior: np.ndarray) -> str:
+    k = len(prior)
+    sol = SimpleNamespace(particle=np.zeros((5, k)), prior=prior,
+                          prior_se=np.full(k, 0.5))  # fmt: skip
+    sol.prior_correlation = JointSolution.prior_correlation.fget(sol)
+    res = SimpleNamespace(options=SimpleNamespace(defocus=defocus, astigmatism=astigmatism),
+                          groups=[SimpleNamespace(group=1, defocus_solution=sol)])  # fmt: skip
+    out = io.StringIO()
+    _print_particle_deviations(res, Console(file=out, width=1000, no_color=True))
+    return " ".join(out.getvalue().split())
+
+
+def test_astigmatism_that_follows_the_heights_is_said():
+    direction = np.array([1.0, 0.01, 0.017])
+    t = 200.0**2 * np.outer(direction, direction) + np.diag([0.0, 1e-4, 1e-4])
+    line = _printed("particle", "particle", t)
+    assert "group 1; the heights in the ice" in line
+    assert "defocus 200.0 +- 0.5 A" in line and "astigmatism + 2.0 +- 0.5 A" in line
+    assert "correlation with the defocus +1.00 / +1.00" in line
+    assert "h M^T M" in line
+
+
+def test_one_parameter_and_independent_ones():
+    assert "correlation" not in _printed("particle", "micrograph", np.array([[150.0**2]]))
+    line = _printed("particle", "particle", np.diag([150.0**2, 9.0, 4.0]))
+    assert "correlation with the defocus +0.00 / +0.00" in line and "h M^T M" not in line
+    # astigmatism alone per particle: no heights
+    line = _printed("micrograph", "particle", np.array([[9.0, 5.9], [5.9, 4.0]]))
+    assert "heights" not in line and "correlation with the astigmatism + +0.98" in line
