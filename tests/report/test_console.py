@@ -41,3 +41,26 @@ def test_one_parameter_and_independent_ones():
     # astigmatism alone per particle: no heights
     line = _printed("micrograph", "particle", np.array([[9.0, 5.9], [5.9, 4.0]]))
     assert "heights" not in line and "correlation with the astigmatism + +0.98" in line
+
+
+def _group(names, spread, corr, converged=True):
+    return {"optics_group": 1, "defocus": {"particle_deviations": {
+        "parameters": names, "spread_A": spread, "spread_se_A": [0.5] * len(names),
+        "correlation": corr, "converged": converged, "prior_steps": 4}}}  # fmt: skip
+
+
+def test_html_report_section_of_the_deviations():
+    from cryomag.report.html import _deviations_of, _particle_deviations
+
+    names = ["defocus_A", "astig_plus_A", "astig_cross_A"]
+    rank_one = [[1.0, 0.99997, 0.99999], [0.99997, 1.0, 0.99996], [0.99999, 0.99996, 1.0]]
+    text = _particle_deviations(_group(names, [201.4, 1.8, 3.2], rank_one))
+    assert "the heights in the ice" in text and "201.4 &plusmn; 0.5" in text
+    assert "M<sup>T</sup>M" in text and "did not converge" not in text
+    assert "astigmatism \u00d7" in text and "&amp;" not in text
+    independent = _particle_deviations(_group(names, [150.0, 3.0, 2.0], np.eye(3).tolist()))
+    assert "M<sup>T</sup>M" not in independent and "<td>0.00</td>" in independent
+    one = _particle_deviations(_group(["defocus_A"], [150.0], [[1.0]], converged=False))
+    assert "did not converge" in one
+    assert _deviations_of({"optics_group": 1}) is None
+    assert _deviations_of({"defocus": {"levels": {}}}) is None

@@ -48,6 +48,7 @@ figure img { max-width: 100%; border: 1px solid #e0e0e0; }
 figcaption { font-size: 0.85em; color: #555; }
 .summary { background: #eef6ee; border: 1px solid #b9d9b9; padding: 0.6em 1em; }
 .muted { color: #777; }
+.warn { color: #a15c00; }
 table.mat { margin: 0; border: none; }
 table.mat td { border: none; padding: 0 0.4em; white-space: nowrap; }
 """
@@ -344,6 +345,7 @@ def _section_groups(results: dict) -> str:
             "</tr>"
         )
     parts.append(f"<table>{head}{''.join(rows)}</table>")
+    parts += [_particle_deviations(g) for g in groups if _deviations_of(g)]
     sc = results.get("scale") or {}
     q = sc.get("quantiles") or {}
     if q:
@@ -355,6 +357,49 @@ def _section_groups(results: dict) -> str:
             f"<p>Median standard error: {_fmt(sc.get('median_standard_error'), 3)}</p>"
         )
     return "\n".join(parts)
+
+
+#: Labels of the per-particle defocus parameters in results.json.
+_DEVIATION_LABELS = {"defocus_A": "defocus", "astig_plus_A": "astigmatism +",
+                     "astig_cross_A": "astigmatism \u00d7"}  # fmt: skip
+
+
+def _deviations_of(group: dict) -> dict | None:
+    return ((group.get("defocus") or {}).get("particle_deviations")) or None
+
+
+def _particle_deviations(group: dict) -> str:
+    """A group's particles' deviations from their micrograph (results.json's
+    ``defocus.particle_deviations``): spread +- s.e. per parameter and the correlation with
+    the first; with the defocus first and every correlation near 1, what that means."""
+    d = _deviations_of(group) or {}
+    names = d.get("parameters") or []
+    spread, se = d.get("spread_A") or [], d.get("spread_se_A") or []
+    corr = np.asarray(d.get("correlation") or np.eye(len(names)), float)
+    heights = bool(names) and names[0] == "defocus_A"
+    rows = "".join(
+        f"<tr><td>{html.escape(_DEVIATION_LABELS.get(n, n), quote=False)}</td>"
+        f"<td>{_fmt(spread[i] if i < len(spread) else None, 1)} &plusmn; "
+        f"{_fmt(se[i] if i < len(se) else None, 1)}</td>"
+        f"<td>{_fmt(corr[0, i], 2) if corr.shape == (len(names), len(names)) else ''}</td></tr>"
+        for i, n in enumerate(names)
+    )
+    note = ""
+    if heights and len(names) > 1 and np.all(np.abs(corr[0, 1:]) > 0.9):
+        note = ("<p>The astigmatism's deviations follow the defocus's: a particle's height h "
+                "changes the CTF's defocus matrix in the measured frame by h M<sup>T</sup>M, "
+                "so an anisotropic magnification gives each height its astigmatism. They are "
+                "one cause, not independent scatter.</p>")  # fmt: skip
+    if not d.get("converged", True):
+        note += ('<p class="warn">The spread did not converge: the particles&#39; shrunk '
+                 "defocus is not the fit&#39;s fixed point.</p>")  # fmt: skip
+    what = "; the heights in the ice" if heights else ""
+    return (
+        f"<h3>Optics group {_fmt(group.get('optics_group'))}: the particles' deviations from "
+        f"their micrograph{what} (empirical Bayes)</h3>"
+        "<table><tr><th>parameter</th><th>spread (A) &plusmn; s.e.</th>"
+        f"<th>correlation with the first</th></tr>{rows}</table>{note}"
+    )
 
 
 def _section_resolution(
