@@ -44,6 +44,7 @@ from cryomag.fit.unit_sums import unit_sums
 
 __all__ = [
     "LEVELS",
+    "PARAMETER_LABELS",
     "DefocusLevels",
     "JointCheck",
     "JointSolution",
@@ -53,6 +54,11 @@ __all__ = [
 ]
 
 LEVELS = ("fixed", "group", "micrograph", "particle")
+
+#: Readable names of the parameters :meth:`DefocusLevels.names` lists (for the console and
+#: the report).
+PARAMETER_LABELS = {"defocus_A": "defocus", "astig_plus_A": "astigmatism +",
+                    "astig_cross_A": "astigmatism x"}  # fmt: skip
 
 #: The parts of the defocus matrix change (a00, a01, a11): columns of the basis.
 PART_BASIS = {

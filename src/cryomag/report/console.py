@@ -142,16 +142,12 @@ def _print_aberrations(res, console) -> None:
     console.print(table)
 
 
-#: Labels of the per-particle defocus parameters (:meth:`DefocusLevels.names`).
-_DEVIATION_LABELS = {"defocus_A": "defocus", "astig_plus_A": "astigmatism +",
-                     "astig_cross_A": "astigmatism x"}  # fmt: skip
-
-
 def _print_particle_deviations(res, console) -> None:
     """Per group with per-particle defocus: the spread of the particles' deviations from
     their micrograph (T's standard deviations +- SE) and, with more than one parameter,
     their correlation with the first (a height moves the astigmatism through an anisotropic
     magnification: correlated near 1, not independent scatter)."""
+    from cryomag.fit.defocus import PARAMETER_LABELS as labels
     from cryomag.fit.defocus import DefocusLevels
 
     names = DefocusLevels(res.options.defocus, res.options.astigmatism).names("particle")
@@ -160,7 +156,7 @@ def _print_particle_deviations(res, console) -> None:
         if sol is None or not sol.particle.shape[1]:
             continue
         sd = np.sqrt(np.clip(np.diag(sol.prior), 0, None))
-        parts = [f"{_DEVIATION_LABELS.get(n, n)} {v:.1f} +- {e:.1f} A"
+        parts = [f"{labels.get(n, n)} {v:.1f} +- {e:.1f} A"
                  for n, v, e in zip(names, sd, sol.prior_se, strict=False)]  # fmt: skip
         heights = names[0] == "defocus_A"
         line = (f"Particles' deviations from their micrograph (group {gr.group}"
@@ -168,7 +164,7 @@ def _print_particle_deviations(res, console) -> None:
                 + ", ".join(parts))  # fmt: skip
         if len(sd) > 1:
             corr = sol.prior_correlation[0, 1:]
-            line += (f"; correlation with the {_DEVIATION_LABELS.get(names[0], names[0])} "
+            line += (f"; correlation with the {labels.get(names[0], names[0])} "
                      + " / ".join(f"{c:+.2f}" for c in corr))  # fmt: skip
             if heights and np.all(np.abs(corr) > 0.9):
                 line += (" (they move together: a height moves the astigmatism through the "

@@ -359,11 +359,6 @@ def _section_groups(results: dict) -> str:
     return "\n".join(parts)
 
 
-#: Labels of the per-particle defocus parameters in results.json.
-_DEVIATION_LABELS = {"defocus_A": "defocus", "astig_plus_A": "astigmatism +",
-                     "astig_cross_A": "astigmatism \u00d7"}  # fmt: skip
-
-
 def _deviations_of(group: dict) -> dict | None:
     return ((group.get("defocus") or {}).get("particle_deviations")) or None
 
@@ -372,13 +367,15 @@ def _particle_deviations(group: dict) -> str:
     """A group's particles' deviations from their micrograph (results.json's
     ``defocus.particle_deviations``): spread +- s.e. per parameter and the correlation with
     the first; with the defocus first and every correlation near 1, what that means."""
+    from cryomag.fit.defocus import PARAMETER_LABELS as labels
+
     d = _deviations_of(group) or {}
     names = d.get("parameters") or []
     spread, se = d.get("spread_A") or [], d.get("spread_se_A") or []
     corr = np.asarray(d.get("correlation") or np.eye(len(names)), float)
     heights = bool(names) and names[0] == "defocus_A"
     rows = "".join(
-        f"<tr><td>{html.escape(_DEVIATION_LABELS.get(n, n), quote=False)}</td>"
+        f"<tr><td>{html.escape(labels.get(n, n), quote=False)}</td>"
         f"<td>{_fmt(spread[i] if i < len(spread) else None, 1)} &plusmn; "
         f"{_fmt(se[i] if i < len(se) else None, 1)}</td>"
         f"<td>{_fmt(corr[0, i], 2) if corr.shape == (len(names), len(names)) else ''}</td></tr>"
