@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def _peak_mb() -> float:
 
 
 def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
-              options: dict | None = None) -> None:  # fmt: skip
+              options: dict | None = None) -> NoReturn:  # fmt: skip
     """One ``cryomag estimate`` command with the defaults, in this (fresh) process, which it
     ends; the measurement is printed (a JSON line) by an exit handler.
 
@@ -219,12 +220,10 @@ def main() -> int:
     if a.one:
         kw = json.loads(a.one)
         what, t_exec = kw.pop("what"), kw.pop("t_exec")
-        if what == "floor":
-            out = {"wall_s": floor_seconds(Path(kw["folder"]))}
-        elif what == "relion":
-            out = m_relion(**kw)
-        else:
+        if what == "cryomag":
             m_cryomag(**kw, t_exec=t_exec)  # ends the process; its exit handler reports
+        out = (m_relion(**kw) if what == "relion"
+               else {"wall_s": floor_seconds(Path(kw["folder"]))})  # fmt: skip
         print(json.dumps(out))
         return 0
     # the bytecode an installed package has (pip compiles it; a source tree run with

@@ -16,6 +16,7 @@ def _printed(defocus: str, astigmatism: str, prior: np.ndarray) -> str:
     k = len(prior)
     sol = SimpleNamespace(particle=np.zeros((5, k)), prior=prior,
                           prior_se=np.full(k, 0.5))  # fmt: skip
+    sol.prior_spread = JointSolution.prior_spread.fget(sol)
     sol.prior_correlation = JointSolution.prior_correlation.fget(sol)
     res = SimpleNamespace(options=SimpleNamespace(defocus=defocus, astigmatism=astigmatism),
                           groups=[SimpleNamespace(group=1, defocus_solution=sol)])  # fmt: skip

@@ -43,11 +43,13 @@ from cryomag.fit.statistics import GroupStatistics, column_layout
 from cryomag.fit.unit_sums import unit_sums
 
 __all__ = [
+    "HEIGHT_CORRELATION",
     "LEVELS",
     "PARAMETER_LABELS",
     "DefocusLevels",
     "JointCheck",
     "JointSolution",
+    "follows_heights",
     "joint_check",
     "joint_system",
     "solve_joint",
@@ -59,6 +61,23 @@ LEVELS = ("fixed", "group", "micrograph", "particle")
 #: the report).
 PARAMETER_LABELS = {"defocus_A": "defocus", "astig_plus_A": "astigmatism +",
                     "astig_cross_A": "astigmatism x"}  # fmt: skip
+
+#: |correlation| with the defocus above which the other deviations are read as moving with
+#: the particles' heights (:func:`follows_heights`).
+HEIGHT_CORRELATION = 0.9
+
+
+def follows_heights(names: list[str], correlation: np.ndarray) -> bool:
+    """Whether the per-particle deviations ``names`` (:meth:`DefocusLevels.names`) are one
+    cause, the heights: the defocus first and every other parameter correlated with it by
+    more than :data:`HEIGHT_CORRELATION` (a height h moves the CTF's defocus matrix in the
+    measured frame by h M^T M, so an anisotropic M gives each height its astigmatism).
+    ``correlation``: T's correlation matrix (k_p, k_p)."""
+    corr = np.asarray(correlation, float)
+    return (len(names) > 1 and names[0] == "defocus_A"
+            and corr.shape == (len(names), len(names))
+            and bool(np.all(np.abs(corr[0, 1:]) > HEIGHT_CORRELATION)))  # fmt: skip
+
 
 #: The parts of the defocus matrix change (a00, a01, a11): columns of the basis.
 PART_BASIS = {
@@ -247,11 +266,17 @@ class JointSolution:
     theta_cov: np.ndarray | None = None
 
     @property
+    def prior_spread(self) -> np.ndarray:
+        """The standard deviations sqrt(diag(T)) of the particles' deviations (k_p,) (A)."""
+        return np.sqrt(np.clip(np.diag(self.prior), 0, None))
+
+    @property
     def prior_correlation(self) -> np.ndarray:
         """The correlation matrix of T (k_p, k_p); 0 where a variance is 0. Near +-1 where
         one cause moves several parameters (a height moves the astigmatism through an
-        anisotropic magnification: h M^T M in the measured frame)."""
-        sd = np.sqrt(np.clip(np.diag(self.prior), 0, None))
+        anisotropic magnification: h M^T M in the measured frame;
+        :func:`follows_heights`)."""
+        sd = self.prior_spread
         outer = np.outer(sd, sd)
         with np.errstate(invalid="ignore", divide="ignore"):
             corr = np.where(outer > 0, self.prior / np.where(outer > 0, outer, 1), 0.0)
@@ -328,7 +353,6 @@ def _prior_by_likelihood(elim, h_pp: np.ndarray, c2: float, t0: np.ndarray, max_
         if done:
             return t, n_steps, True
     return t, n_steps, False
-
 
 
 def solve_joint(

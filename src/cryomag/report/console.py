@@ -148,14 +148,14 @@ def _print_particle_deviations(res, console) -> None:
     their correlation with the first (a height moves the astigmatism through an anisotropic
     magnification: correlated near 1, not independent scatter)."""
     from cryomag.fit.defocus import PARAMETER_LABELS as labels
-    from cryomag.fit.defocus import DefocusLevels
+    from cryomag.fit.defocus import DefocusLevels, follows_heights
 
     names = DefocusLevels(res.options.defocus, res.options.astigmatism).names("particle")
     for gr in res.groups:
         sol = gr.defocus_solution
         if sol is None or not sol.particle.shape[1]:
             continue
-        sd = np.sqrt(np.clip(np.diag(sol.prior), 0, None))
+        sd = sol.prior_spread
         parts = [f"{labels.get(n, n)} {v:.1f} +- {e:.1f} A"
                  for n, v, e in zip(names, sd, sol.prior_se, strict=False)]  # fmt: skip
         heights = names[0] == "defocus_A"
@@ -166,7 +166,7 @@ def _print_particle_deviations(res, console) -> None:
             corr = sol.prior_correlation[0, 1:]
             line += (f"; correlation with the {labels.get(names[0], names[0])} "
                      + " / ".join(f"{c:+.2f}" for c in corr))  # fmt: skip
-            if heights and np.all(np.abs(corr) > 0.9):
+            if follows_heights(names, sol.prior_correlation):
                 line += (" (they move together: a height moves the astigmatism through the "
                          "anisotropic magnification, h M^T M)")  # fmt: skip
         console.print(line)

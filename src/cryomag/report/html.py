@@ -368,6 +368,7 @@ def _particle_deviations(group: dict) -> str:
     ``defocus.particle_deviations``): spread +- s.e. per parameter and the correlation with
     the first; with the defocus first and every correlation near 1, what that means."""
     from cryomag.fit.defocus import PARAMETER_LABELS as labels
+    from cryomag.fit.defocus import follows_heights
 
     d = _deviations_of(group) or {}
     names = d.get("parameters") or []
@@ -382,7 +383,7 @@ def _particle_deviations(group: dict) -> str:
         for i, n in enumerate(names)
     )
     note = ""
-    if heights and len(names) > 1 and np.all(np.abs(corr[0, 1:]) > 0.9):
+    if follows_heights(names, corr):
         note = ("<p>The astigmatism's deviations follow the defocus's: a particle's height h "
                 "changes the CTF's defocus matrix in the measured frame by h M<sup>T</sup>M, "
                 "so an anisotropic magnification gives each height its astigmatism. They are "

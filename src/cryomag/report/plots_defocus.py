@@ -56,7 +56,7 @@ def _defocus_figure(result, gr):
     particle_points(ax, mic_mean[inv] / 1e4, (refined - mic_mean[inv]), ms=2, alpha=0.5)
     ax.set_xlabel("micrograph mean defocus (um)")
     ax.set_ylabel("particle - micrograph mean (A)")
-    spread = np.sqrt(np.diag(sol.prior)) if sol.particle.shape[1] else None
+    spread = sol.prior_spread if sol.particle.shape[1] else None
     title = "Particles' defocus within their micrograph"
     if spread is not None and len(spread):
         # the prior's spread is of the refined changes (the input's own heights are kept)

@@ -189,7 +189,7 @@ def defocus_summary(res: EstimateResult, gr) -> dict:
     if sol.particle.shape[1]:
         out["particle_deviations"] = {
             "parameters": _names(res, "particle"),
-            "spread_A": np.sqrt(np.clip(np.diag(sol.prior), 0, None)).tolist(),
+            "spread_A": sol.prior_spread.tolist(),
             "spread_se_A": sol.prior_se.tolist(),
             # the deviations move together where one cause moves several parameters (a
             # height moves the astigmatism through an anisotropic magnification)
