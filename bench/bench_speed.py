@@ -147,6 +147,8 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
             "statistics_s": res["timings"]["statistics_s"],
             "particle_passes": res["timings"]["particle_passes"],
             "passes": [h["particles"] for h in g["history"] if not h.get("relinearised")],
+            # each pass's wall (older results.json without them: none)
+            "pass_s": res["timings"].get("pass_seconds", []),
             "verdict": res["verdict"],
             "mag": mag.tolist(),
             "err_over_se": float(np.max(np.abs(err) / se)),
@@ -293,7 +295,10 @@ def main() -> int:
               f"{parts['estimate_s']:.1f} + exit {parts['exit_s']:.2f} s, of which "
               f"statistics passes {parts['statistics_s']:.1f} s and inputs, outputs and plots "
               f"{parts['estimate_s'] - parts['statistics_s']:.1f} s); passes "
-              f"{last['passes']}; peak RSS driver "
+              f"{last['passes']}"
+              + (f" in [{', '.join(f'{t:.2f}' for t in last['pass_s'])}] s"
+                 if last.get("pass_s") else "")
+              + "; peak RSS driver "
               f"{last['driver_peak_mb']:.0f} MB, worker {last['worker_peak_mb']:.0f} MB; "
               f"max |M - truth| {last['max_abs_error']:.1e} = {last['err_over_se']:.2f} SE "
               f"(SE {last['max_se']:.1e}); verdict {last.get('verdict', '?')}")  # fmt: skip

@@ -455,9 +455,15 @@ def test_relinearised_full_pass_matches_real_passes(simulated):
     assert res[True].stats[1].has_second_order and not res[False].stats[1].has_second_order
     from cryomag.workflows.outputs import results_dict
 
-    passes = results_dict(res[True])["groups"][0]["passes"]
+    summary = results_dict(res[True])
+    passes = summary["groups"][0]["passes"]
     assert passes["subset"] >= 1 and passes["full"] == len(real1)
     assert passes["relinearised_steps"] >= 1
+    # each pass's wall time, in the order run; together within the statistics' time
+    timings = summary["timings"]
+    seconds = timings["pass_seconds"]
+    assert len(seconds) == timings["passes"] == passes["subset"] + passes["full"]
+    assert all(t > 0 for t in seconds) and sum(seconds) <= timings["statistics_s"]
 
 
 def test_fast_warm_start_lands_where_the_exact_one_does(simulated):

@@ -542,6 +542,7 @@ def run_estimate(
 
     ex = executor or LocalExecutor()
     n_passes = 0
+    pass_seconds: list[float] = []  # each pass's wall time, for results.json
     running_hook = [on_running] if on_running is not None else []
 
     def run_pass(pass_spec: PassSpec, todo: list, label: str) -> dict[int, GroupStatistics]:
@@ -555,8 +556,11 @@ def run_estimate(
                 running_hook.pop()()
             reducer.add(chunk, res)
 
+        t = time.perf_counter()
         ex.map(fn, todo, label, progress, on_result=add, collect=False)
-        return reducer.finish()
+        out = reducer.finish()
+        pass_seconds.append(time.perf_counter() - t)
+        return out
 
     particle_passes = iterate(fits, chunks, run_pass, spec)
     t1 = time.perf_counter()
@@ -625,6 +629,7 @@ def run_estimate(
     timings = {
         "statistics_s": t1 - t0,
         "passes": n_passes,
+        "pass_seconds": pass_seconds,
         "particle_passes": particle_passes,
         "particles_per_s": particle_passes / max(t1 - t0, 1e-9),
         "dataset_particles_per_s": len(ps) / max(t1 - t0, 1e-9),
