@@ -169,6 +169,32 @@ def test_payload_ships_the_reference_once_and_rebuilds_it(inputs):
     assert shipped.ps is shipped.images.ps  # one table per worker, not two
 
 
+def test_spectra_read_in_blocks_equal_the_whole_chunks(inputs, monkeypatch):
+    """A chunk's images are read and transformed a few at a time
+    (``passes.SPECTRA_BLOCK_BYTES``: no chunk-sized image arrays in the workers): every
+    spectrum is bit for bit the centred transform of the chunk's images taken at once."""
+    import cryomag.fit.passes as passes
+    from cryomag.physics.fourier import centered_rfft2
+
+    ps, refs, _ = inputs
+    bands = make_bands(ps, refs[0].nyquist)
+    groups = {
+        g: GroupPass(ps.mag_matrix(g), ps.mag_matrix(g), np.ones(b.n_shells + 1))
+        for g, b in bands.items()
+    }
+    sp = StatisticsPass(ps, refs, ImageSource(ps), bands, PassSpec(groups))
+    rows = ps.group_rows(min(bands))[:23]
+    whole = centered_rfft2(ImageSource(ps).read(rows))
+    box = whole.shape[-2]
+    for per_block in (1, 5, 22, 23, 64):
+        monkeypatch.setattr(passes, "SPECTRA_BLOCK_BYTES", per_block * 4 * box * box)
+        got = sp.spectra(rows)
+        assert got.dtype == whole.dtype and got.shape == whole.shape
+        assert np.array_equal(got.view(np.uint32), whole.view(np.uint32)), per_block
+    one = sp.spectra(rows[:1])
+    assert one.shape == (1, box, box // 2 + 1) and np.array_equal(one[0], whole[0])
+
+
 def test_executor_config_validation_and_factory():
     assert isinstance(make_executor(ExecutorConfig(j=1)), LocalExecutor)
     ex = make_executor(ExecutorConfig(j=2))

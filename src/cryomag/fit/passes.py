@@ -15,7 +15,8 @@ b = 8 bytes per complex value at eps >= 1e-5, else 16)::
                             the exact gradient), built once per process
               + 4 N^3       the shipped float32 volume (kept by Dask with the task)
               + 2 N^3 b     finufft's upsampled grid (1.25^3) while a batch is evaluated
-    chunk       c B^2 8     images and spectra (single precision)
+    chunk       c B^2 4     the spectra (single precision; the images are read and
+                            transformed SPECTRA_BLOCK_BYTES at a time)
               + c B^2 p^2 5 the slice values (and with the exact gradient 3x more)
               + < 16e6 x 20 one batch of 3D points and values (accumulate.MAX_POINTS)
               + 32 B^2 p^2 100   one block of 2D arithmetic (32 / p^2 particles at p > 1)
@@ -37,7 +38,16 @@ from cryomag.fit.statistics import Band, ChunkStatistics
 from cryomag.physics.forward import OpticsParams
 from cryomag.physics.fourier import centered_rfft2
 
-__all__ = ["GroupPass", "PassSpec", "StatisticsPass", "reference_for"]
+__all__ = ["SPECTRA_BLOCK_BYTES", "GroupPass", "PassSpec", "StatisticsPass", "reference_for"]
+
+#: A chunk's images are read and transformed this many bytes of float32 images at a time
+#: (at least one image), into the chunk's spectra: the images and their centred copy are
+#: then heap blocks reused through the chunk instead of two chunk-sized arrays (fresh
+#: memory-mapped pages for every chunk above glibc's mmap threshold; in a virtual machine
+#: the first touch of such memory costs ~0.3-0.5 s in a worker's first full-pass chunk,
+#: bench/RESULTS.md, issue 14). Each image's transform is the same bit for bit: the
+#: transforms are per image.
+SPECTRA_BLOCK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -177,13 +187,28 @@ class StatisticsPass:
         self.halves = particles.half_sets()
 
     def spectra(self, rows: np.ndarray) -> np.ndarray:
-        """Centred rfft2 of the images of ``rows``, complex64, (n, box, box // 2 + 1)."""
+        """Centred rfft2 of the images of ``rows``, complex64, (n, box, box // 2 + 1).
+
+        Read and transformed :data:`SPECTRA_BLOCK_BYTES` of images at a time."""
         # as many FFT threads as the 3D transforms use (1 in a Dask worker by default)
         workers = self.spec.nthreads if self.spec.nthreads > 0 else None
-        # float32 images as read are transformed in place of a copy (a first chunk's copy is
-        # ~40 MB of fresh pages)
-        return centered_rfft2(np.asarray(self.images.read(rows), dtype=np.float32),
-                              workers=workers)
+
+        def transform(sel: np.ndarray) -> np.ndarray:
+            # float32 images as read are transformed without a copy
+            return centered_rfft2(np.asarray(self.images.read(sel), dtype=np.float32),
+                                  workers=workers)  # fmt: skip
+
+        rows = np.asarray(rows)
+        first = transform(rows[:1])  # its size sets the blocks'
+        if len(rows) <= 1:
+            return first
+        box = first.shape[-2]
+        step = max(1, SPECTRA_BLOCK_BYTES // (4 * box * box))
+        out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+        out[:1] = first
+        for lo in range(1, len(rows), step):
+            out[lo : lo + step] = transform(rows[lo : lo + step])
+        return out
 
     def checkpoint_info(self) -> dict:
         """What the checkpoints record about this pass: M of each group."""
