@@ -43,10 +43,10 @@ __all__ = ["SPECTRA_BLOCK_BYTES", "GroupPass", "PassSpec", "StatisticsPass", "re
 #: A chunk's images are read and transformed this many bytes of float32 images at a time
 #: (at least one image), into the chunk's spectra: the images and their centred copy are
 #: then heap blocks reused through the chunk instead of two chunk-sized arrays (fresh
-#: memory-mapped pages for every chunk above glibc's mmap threshold; in a virtual machine
-#: the first touch of such memory costs ~0.3-0.5 s in a worker's first full-pass chunk,
-#: bench/RESULTS.md, issue 14). Each image's transform is the same bit for bit: the
-#: transforms are per image.
+#: memory-mapped pages for every chunk above glibc's mmap threshold, slow on first touch in
+#: a virtual machine: a worker's first full-pass chunk of 625 box-128 particles 0.1-0.2 s
+#: faster, bench/RESULTS.md, issue 14). Each image's transform is the same bit for bit:
+#: the transforms are per image.
 SPECTRA_BLOCK_BYTES = 4 << 20
 
 
