@@ -21,9 +21,10 @@ b = 8 bytes per complex value at eps >= 1e-5, else 16)::
               + < 16e6 x 20 one batch of 3D points and values (accumulate.MAX_POINTS)
               + 32 B^2 p^2 100   one block of 2D arithmetic (32 / p^2 particles at p > 1)
 
-e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 134 + 84 + 133 + 52 MB ~ 0.48 GB plus the
-worker's own (:mod:`cryomag.execution`); measured peak RSS of a local worker on 20,000
-such particles: 0.81-0.90 GB at p = 1, 1.2 GB at p = 2.
+e.g. N = B = 128, c = 1024, p = 1: 34 + 8 + 34 + 67 + 84 + 133 + 52 MB ~ 0.41 GB plus the
+worker's own (:mod:`cryomag.execution`); measured peak RSS of a local worker of the default
+fit on 20,000 such particles (window-aware, each particle's padding up to 2): 0.73 GB
+(bench/RESULTS.md, issue 14).
 """
 
 from __future__ import annotations
