@@ -10,6 +10,7 @@ from rich.console import Console
 
 from cryomag.fit.defocus import JointSolution
 from cryomag.report.console import _print_particle_deviations
+from cryomag.workflows.estimate import EstimateOptions
 
 
 def _printed(defocus: str, astigmatism: str, prior: np.ndarray) -> str:
@@ -18,7 +19,7 @@ def _printed(defocus: str, astigmatism: str, prior: np.ndarray) -> str:
                           prior_se=np.full(k, 0.5))  # fmt: skip
     sol.prior_spread = JointSolution.prior_spread.fget(sol)
     sol.prior_correlation = JointSolution.prior_correlation.fget(sol)
-    res = SimpleNamespace(options=SimpleNamespace(defocus=defocus, astigmatism=astigmatism),
+    res = SimpleNamespace(options=EstimateOptions(defocus=defocus, astigmatism=astigmatism),
                           groups=[SimpleNamespace(group=1, defocus_solution=sol)])  # fmt: skip
     out = io.StringIO()
     _print_particle_deviations(res, Console(file=out, width=1000, no_color=True))

@@ -840,11 +840,12 @@ def _eliminate(hh, bb, inv, nu, t_, m_, p_, tmat, dev, c2) -> dict:
     if kp:
         rest = np.concatenate([np.broadcast_to(theta, (n, nt)), phi[inv]], axis=1)
         b_psi = bb[:, p_] - dev @ (c2 * np.linalg.pinv(tmat, hermitian=True))
-        cross = np.einsum("nji,nj->ni", hh[:, r_, p_], rest)
-        psi = dev + np.einsum("nij,nj->ni", s_inv, b_psi - cross)
+        # the deviations' coupling to theta and phi
+        coupling = np.einsum("nji,nj->ni", hh[:, r_, p_], rest)
+        psi = dev + np.einsum("nij,nj->ni", s_inv, b_psi - coupling)
         # the data's own system in the deviation (no prior): its gradient at the deviation
         # 0, given theta and phi (for the prior's likelihood)
-        data_b = bb[:, p_] - cross + np.einsum("nij,nj->ni", hh[:, p_, p_], dev)
+        data_b = bb[:, p_] - coupling + np.einsum("nij,nj->ni", hh[:, p_, p_], dev)
     return {
         "theta": theta,
         "cov_theta": cov_theta,

@@ -148,9 +148,9 @@ def _print_particle_deviations(res, console) -> None:
     their correlation with the first (a height moves the astigmatism through an anisotropic
     magnification: correlated near 1, not independent scatter)."""
     from cryomag.fit.defocus import PARAMETER_LABELS as labels
-    from cryomag.fit.defocus import DefocusLevels, follows_heights
+    from cryomag.fit.defocus import follows_heights
 
-    names = DefocusLevels(res.options.defocus, res.options.astigmatism).names("particle")
+    names = res.options.defocus_levels().names("particle")
     for gr in res.groups:
         sol = gr.defocus_solution
         if sol is None or not sol.particle.shape[1]:

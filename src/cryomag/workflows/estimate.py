@@ -541,13 +541,10 @@ def run_estimate(
         )  # fmt: skip
 
     ex = executor or LocalExecutor()
-    n_passes = 0
     pass_seconds: list[float] = []  # each pass's wall time, for results.json
     running_hook = [on_running] if on_running is not None else []
 
     def run_pass(pass_spec: PassSpec, todo: list, label: str) -> dict[int, GroupStatistics]:
-        nonlocal n_passes
-        n_passes += 1
         reducer = StatisticsReducer(todo, scratch() if scratch is not None else None)
         fn = StatisticsPass(ps, refs, image_source, bands, pass_spec)
 
@@ -628,7 +625,7 @@ def run_estimate(
         out.particles["cmagScaleError"] = scales.error
     timings = {
         "statistics_s": t1 - t0,
-        "passes": n_passes,
+        "passes": len(pass_seconds),
         "pass_seconds": pass_seconds,
         "particle_passes": particle_passes,
         "particles_per_s": particle_passes / max(t1 - t0, 1e-9),

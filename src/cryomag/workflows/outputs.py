@@ -203,9 +203,7 @@ def defocus_summary(res: EstimateResult, gr) -> dict:
 
 
 def _names(res, level: str) -> list[str]:
-    from cryomag.fit.defocus import DefocusLevels
-
-    return DefocusLevels(res.options.defocus, res.options.astigmatism).names(level)
+    return res.options.defocus_levels().names(level)
 
 
 def save_statistics(res, folder: Path, options: dict | None = None) -> None:
