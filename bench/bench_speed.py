@@ -9,11 +9,13 @@ simulation is cached in ``--cache``) it prints, in one run:
   defaults (local worker processes, one single-threaded worker per core, automatic window
   padding), wall time of a fresh process: imports, worker start, map preparation, every
   Gauss-Newton pass and every output (STAR, results.json, statistics, plots) included, as
-  a user waits for it; with its parts, peak RSS of the driver and of the largest worker,
-  and M's error against the truth in standard errors (read back from results.json);
+  a user waits for it; with its parts, its CPU time (user + system of the process and its
+  workers: the work done, which unlike the wall does not count the time they wait for a
+  core), peak RSS of the driver and of the largest worker, and M's error
+  against the truth in standard errors (read back from results.json);
 - ``relion_ctf_refine --fit_aniso --j 2`` (one round) on the same particles and map when
-  ``RELION_BIN`` (or ``--relion-bin``) points at a RELION 5 build's bin folder, its peak RSS
-  and its M's error in cryomag's standard errors;
+  ``RELION_BIN`` (or ``--relion-bin``) points at a RELION 5 build's bin folder, its CPU
+  time, peak RSS and its M's error in cryomag's standard errors;
 - optionally (``--local``) ``--fit scale,aniso,particle,micrograph,defocus`` against the
   group fit on the same data: by default (``--local-ctf micrograph``) a second data set
   with real-like CTF input (the same particles' parameters, but one defocus per micrograph
@@ -24,7 +26,7 @@ simulation is cached in ``--cache``) it prints, in one run:
   defocus); and (``--pads``) other window paddings;
 
 each a median of ``--repeat`` runs, and the ratios cryomag / floor, RELION / floor and
-cryomag / RELION.
+cryomag / RELION (wall, and CPU time).
 
 Usage::
 
@@ -159,6 +161,10 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
             # the largest child of the command: its worker processes (the plots' PDF child
             # is smaller), all reaped by now
             "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+            # the CPU time of the whole command: this process (imports included) and its
+            # children (the workers, the plots' PDF child)
+            "cpu_s": sum(getattr(resource.getrusage(who), f) for who in (
+                resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime")),
             "report_s": time.time() - t1,
         }), flush=True)  # fmt: skip
 
@@ -173,11 +179,11 @@ def m_relion(relion_bin: str, folder: str, out: str) -> dict:
     """One round of relion_ctf_refine --fit_aniso; its M from the output's optics table."""
     from cryomag.io import read_star
 
-    dt, peak = run_relion_ctf_refine(Path(relion_bin), Path(folder), Path(out), BOX, APIX,
-                                     ["--fit_aniso"])  # fmt: skip
+    dt, peak, cpu_s = run_relion_ctf_refine(Path(relion_bin), Path(folder), Path(out), BOX,
+                                            APIX, ["--fit_aniso"])  # fmt: skip
     ps = read_star(Path(out) / "particles_ctf_refine.star")
     mag = ps.mag_matrix(ps.groups_used()[0])
-    return {"wall_s": dt, "peak_mb": peak, "mag": np.asarray(mag).tolist()}
+    return {"wall_s": dt, "peak_mb": peak, "cpu_s": cpu_s, "mag": np.asarray(mag).tolist()}
 
 
 def one(what: str, src: str | None = None, **kw) -> dict:
@@ -290,7 +296,8 @@ def main() -> int:
         # what the process took after its command: the interpreter's exit
         parts["exit_s"] = _median([{"x": r["wall_s"] - r["python_start_s"] - r["imports_s"]
                                     - r["estimate_s"]} for r in rr], "x")  # fmt: skip
-        print(f"{name}: {wall:.1f} s ({wall / floor:.0f}x floor; python start "
+        cpu_s = _median(rr, "cpu_s") if all("cpu_s" in r for r in rr) else float("nan")
+        print(f"{name}: {wall:.1f} s ({wall / floor:.0f}x floor; CPU {cpu_s:.1f} s; python start "
               f"{parts['python_start_s']:.1f} + imports {parts['imports_s']:.1f} + command "
               f"{parts['estimate_s']:.1f} + exit {parts['exit_s']:.2f} s, of which "
               f"statistics passes {parts['statistics_s']:.1f} s and inputs, outputs and plots "
@@ -302,7 +309,8 @@ def main() -> int:
               f"{last['driver_peak_mb']:.0f} MB, worker {last['worker_peak_mb']:.0f} MB; "
               f"max |M - truth| {last['max_abs_error']:.1e} = {last['err_over_se']:.2f} SE "
               f"(SE {last['max_se']:.1e}); verdict {last.get('verdict', '?')}")  # fmt: skip
-        summary[name] = {"wall_s": wall, "floor_ratio": wall / floor, **parts, "last": last}
+        summary[name] = {"wall_s": wall, "floor_ratio": wall / floor, "cpu_s": cpu_s, **parts,
+                         "last": last}  # fmt: skip
     if a.baseline_src:
         b = summary["cryomag baseline"]
         now = summary[ref_name]
@@ -332,15 +340,20 @@ def main() -> int:
         rel = _median(runs["relion"], "wall_s")
         mag = np.asarray(runs["relion"][-1]["mag"])
         err = mag - truth
+        rel_cpu = _median(runs["relion"], "cpu_s")
         ours = summary[ref_name]["wall_s"]
-        print(f"RELION ctf_refine --fit_aniso --j 2: {rel:.1f} s ({rel / floor:.0f}x floor); "
-              f"peak RSS {runs['relion'][-1]['peak_mb']:.0f} MB; max |M - truth| "
-              f"{np.abs(err).max():.1e} = {np.max(np.abs(err) / se):.2f} SE (cryomag's)")
+        ours_cpu = summary[ref_name]["cpu_s"]
+        print(f"RELION ctf_refine --fit_aniso --j 2: {rel:.1f} s ({rel / floor:.0f}x floor; "
+              f"CPU {rel_cpu:.1f} s); peak RSS {runs['relion'][-1]['peak_mb']:.0f} MB; max "
+              f"|M - truth| {np.abs(err).max():.1e} = {np.max(np.abs(err) / se):.2f} SE "
+              f"(cryomag's)")  # fmt: skip
         print(f"cryomag / RELION: {ours / rel:.2f}"
               + (f" (baseline {summary['cryomag baseline']['wall_s'] / rel:.2f})"
-                 if a.baseline_src else ""))  # fmt: skip
-        summary["relion"] = {"wall_s": rel, "floor_ratio": rel / floor,
-                             "mag": mag.tolist(), "cryomag_over_relion": ours / rel}
+                 if a.baseline_src else "")
+              + f"; CPU time {ours_cpu / rel_cpu:.2f}")  # fmt: skip
+        summary["relion"] = {"wall_s": rel, "floor_ratio": rel / floor, "cpu_s": rel_cpu,
+                             "mag": mag.tolist(), "cryomag_over_relion": ours / rel,
+                             "cryomag_over_relion_cpu": ours_cpu / rel_cpu}  # fmt: skip
     else:
         print("RELION: not run (set RELION_BIN to a RELION 5 build's bin folder)")
     print(f"load at end {os.getloadavg()}")

@@ -86,7 +86,8 @@ def write_postprocess(folder: Path, box: int, apix: float) -> Path:
 
 
 def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, apix: float,
-                          fit: list[str], threads: int = 2) -> tuple[float, float]:  # fmt: skip
+                          fit: list[str], threads: int = 2
+                          ) -> tuple[float, float, float]:  # fmt: skip
     """One round of relion_ctf_refine on ``folder`` (particles.star, ref.mrc as both halves).
 
     Parameters
@@ -107,8 +108,9 @@ def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, a
 
     Returns
     -------
-    (float, float)
-        Wall time (s) and the child's peak RSS (MB, ru_maxrss of the children).
+    (float, float, float)
+        Wall time (s), the child's peak RSS (MB, ru_maxrss of the children) and its CPU
+        time (s, user + system of its threads).
     """
     if out.exists():
         shutil.rmtree(out)
@@ -117,10 +119,18 @@ def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, a
     cmd = [str(relion_bin / "relion_ctf_refine"), "--i", "particles.star", "--f", str(pp),
            "--m1", "ref.mrc", "--m2", "ref.mrc", "--o", str(out) + "/", *fit,
            "--j", str(threads)]  # fmt: skip
+    before = _children_cpu_s()
     t0 = time.perf_counter()
     run = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
+    cpu_s = _children_cpu_s() - before
     if run.returncode != 0:
         raise RuntimeError(f"relion_ctf_refine failed:\n{run.stderr[-3000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    return elapsed, peak
+    return elapsed, peak, cpu_s
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU time (s) of this process's ended and waited-for descendants."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
