@@ -52,7 +52,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from relion_common import cpu_model, floor_seconds, run_relion_ctf_refine  # noqa: E402
+from relion_common import (  # noqa: E402
+    cpu_model,
+    cpu_seconds,
+    floor_seconds,
+    run_relion_ctf_refine,
+)
 
 BOX, APIX = 128, 1.25
 GROUP_FIT = ("scale", "aniso")
@@ -163,8 +168,7 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
             "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
             # the CPU time of the whole command: this process (imports included) and its
             # children (the workers, the plots' PDF child)
-            "cpu_s": sum(getattr(resource.getrusage(who), f) for who in (
-                resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime")),
+            "cpu_s": cpu_seconds(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN),
             "report_s": time.time() - t1,
         }), flush=True)  # fmt: skip
 
@@ -296,7 +300,7 @@ def main() -> int:
         # what the process took after its command: the interpreter's exit
         parts["exit_s"] = _median([{"x": r["wall_s"] - r["python_start_s"] - r["imports_s"]
                                     - r["estimate_s"]} for r in rr], "x")  # fmt: skip
-        cpu_s = _median(rr, "cpu_s") if all("cpu_s" in r for r in rr) else float("nan")
+        cpu_s = _median(rr, "cpu_s")
         print(f"{name}: {wall:.1f} s ({wall / floor:.0f}x floor; CPU {cpu_s:.1f} s; python start "
               f"{parts['python_start_s']:.1f} + imports {parts['imports_s']:.1f} + command "
               f"{parts['estimate_s']:.1f} + exit {parts['exit_s']:.2f} s, of which "

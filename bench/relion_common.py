@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cpu_model", "floor_seconds", "run_relion_ctf_refine", "write_postprocess"]
+__all__ = ["cpu_model", "cpu_seconds", "floor_seconds", "run_relion_ctf_refine",
+           "write_postprocess"]
 
 
 def cpu_model() -> str:
@@ -119,18 +120,18 @@ def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, a
     cmd = [str(relion_bin / "relion_ctf_refine"), "--i", "particles.star", "--f", str(pp),
            "--m1", "ref.mrc", "--m2", "ref.mrc", "--o", str(out) + "/", *fit,
            "--j", str(threads)]  # fmt: skip
-    before = _children_cpu_s()
+    before = cpu_seconds(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     run = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
-    cpu_s = _children_cpu_s() - before
+    cpu_s = cpu_seconds(resource.RUSAGE_CHILDREN) - before
     if run.returncode != 0:
         raise RuntimeError(f"relion_ctf_refine failed:\n{run.stderr[-3000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     return elapsed, peak, cpu_s
 
 
-def _children_cpu_s() -> float:
-    """User + system CPU time (s) of this process's ended and waited-for descendants."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+def cpu_seconds(*who: int) -> float:
+    """User + system CPU time (s) of ``who`` (``resource.RUSAGE_SELF``: this process;
+    ``resource.RUSAGE_CHILDREN``: its ended and waited-for descendants), summed."""
+    return sum(ru.ru_utime + ru.ru_stime for ru in map(resource.getrusage, who))
