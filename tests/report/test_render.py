@@ -266,3 +266,79 @@ def test_particle_layers_are_images_in_the_pdf_only(tmp_path, n):
     pdf = (tmp_path / "cloud.pdf").read_bytes()
     assert (b"/Subtype /Image" in pdf) == (n >= render.RASTER_POINTS)
     assert b"/Font" in pdf  # the title and tick labels are text
+
+
+def _maps():
+    """2 x 2 shared image panels with a common colorbar and a suptitle (the displacement
+    figure's layout)."""
+    fig, axes = plt.subplots(2, 2, figsize=(6, 5), sharex=True, sharey=True)
+    rng = np.random.default_rng(5)
+    for i, ax in enumerate(axes.flat):
+        im = ax.imshow(rng.normal(size=(20, 20)), origin="lower", cmap="RdBu_r",
+                       extent=(-0.4, 0.4, -0.4, 0.4))  # fmt: skip
+        ax.set_title(f"map {i} (1/A)")
+    for ax in axes[1]:
+        ax.set_xlabel("kx (1/A)")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="displacement (1/A)")
+    fig.suptitle("four maps, one colorbar")
+    return fig
+
+
+def _wide():
+    """Three panels placed by hand (subplots_adjust), a legend, text beyond the axes and a
+    histogram: the defocus and scale figures' parts."""
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    fig.subplots_adjust(wspace=0.35, left=0.06, right=0.98)
+    rng = np.random.default_rng(6)
+    axes[0].hist(rng.lognormal(size=500), bins=40)
+    axes[1].plot(rng.normal(size=30), "o", label="micrographs")
+    axes[1].legend(loc="upper right")
+    render.particle_points(axes[2], *rng.normal(size=(2, 2000)), ms=1)
+    axes[2].annotate("outside", (1.02, 0.5), xycoords="axes fraction")
+    for ax in axes:
+        ax.set_xlabel("defocus (um)")
+    return fig
+
+
+def _pdf_bytes(fig, bbox) -> bytes:
+    out = io.BytesIO()
+    with render.PdfPages(out) as pdf:
+        pdf.savefig(fig, bbox_inches=bbox, dpi=render.PDF_RASTER_DPI)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("build", [_panels, _maps, _wide, partial(_cloud, 5000)])
+def test_tight_box_without_drawing_gives_matplotlibs_files(build, monkeypatch):
+    """tight_bbox measures the box that bbox_inches="tight" draws the figure once to find,
+    without that draw: the PNG has matplotlib's tight pixels and the PDF its bytes."""
+    from matplotlib.image import imread
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # the PDF's creation date
+    fig = build()
+    ours = io.BytesIO()
+    fig.savefig(ours, format="png", dpi=render.PNG_DPI, bbox_inches=render.tight_bbox(fig, "png"))
+    pdf_ours = _pdf_bytes(fig, render.tight_bbox(fig, "pdf"))
+    plt.close(fig)
+    fig = build()
+    pdf_theirs = _pdf_bytes(fig, "tight")
+    ours.seek(0)
+    assert np.array_equal(imread(ours), _plain_pixels(fig))  # closes fig
+    assert pdf_ours == pdf_theirs
+    plt.close("all")
+
+
+def test_tight_box_left_to_matplotlib_where_drawing_lays_out():
+    """A figure with a layout engine, or with an axes placed by a locator, is laid out while
+    drawing: its box is left to matplotlib ("tight")."""
+    fig, ax = plt.subplots(layout="constrained")
+    assert render.tight_bbox(fig, "png") == render.tight_bbox(fig, "pdf") == "tight"
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.inset_axes([0.6, 0.6, 0.3, 0.3])
+    assert render.tight_bbox(fig, "png") == "tight"
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert isinstance(render.tight_bbox(fig, "pdf"), render.Bbox)
+    with pytest.raises(ValueError, match="svg"):
+        render.tight_bbox(fig, "svg")
+    plt.close(fig)

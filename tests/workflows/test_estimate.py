@@ -21,7 +21,7 @@ from cryomag.physics.ctf import ctf_values
 from cryomag.simulation.config import OpticsGroupConfig, SimulationConfig
 from cryomag.simulation.simulator import load_truth, simulate_dataset
 from tests.data_paths import DATA
-from tests.report.test_render import pdf_pages
+from tests.report.test_render import _plain_pixels, pdf_pages
 
 
 def small_config(seed=0, aniso=(1.01, 0.99, 30.0), n=800, box=64, snr=0.5, spread=30.0, cs=True):
@@ -121,6 +121,16 @@ def test_outputs_written_and_reread(simulated, estimated):
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "scale_histogram.png" in pngs and any(p.startswith("displacement") for p in pngs)
     assert pdf_pages(out / "plots" / "estimate.pdf") == len(pngs)
+    # each PNG has the pixels of its figure saved with matplotlib's own bbox_inches="tight"
+    # (render.tight_bbox measures that box without its extra draw)
+    from matplotlib.image import imread
+
+    from cryomag.report.plots_estimate import estimate_figures
+
+    specs = estimate_figures(res, res.bands)
+    assert sorted(spec.name for spec in specs) == pngs
+    for spec in specs:
+        assert np.array_equal(imread(out / "plots" / spec.name), _plain_pixels(spec.figure()))
     assert (out / "cryomag.log").read_text().count("iteration") >= 2
     # no temporary files left behind
     assert not list(out.rglob(".*tmp*"))

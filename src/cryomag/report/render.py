@@ -32,9 +32,11 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.backends.backend_agg import RendererAgg  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages, RendererPdf  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatterSciNotation  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from cryomag._files import atomic_path  # noqa: E402
 from cryomag.report import preload  # noqa: E402
@@ -42,7 +44,7 @@ from cryomag.report import preload  # noqa: E402
 __all__ = [
     "FIGURE_RC", "PDF_CHILD_TIMEOUT_S", "PNG_COMPRESS_LEVEL", "PNG_DPI", "FigureSpec",
     "PDF_RASTER_DPI", "RASTER_POINTS", "UnicodeLogFormatter", "particle_points",
-    "render_figures", "unicode_log_ticks",
+    "render_figures", "tight_bbox", "unicode_log_ticks",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,61 @@ def particle_points(ax, x, y, fmt: str = ".", **kwargs):
     return line
 
 
+@contextlib.contextmanager
+def _at_dpi(fig: Figure, dpi: float):
+    """``fig`` at ``dpi`` for the duration (as ``savefig`` sets it while saving)."""
+    old = fig.dpi
+    fig.dpi = dpi
+    try:
+        yield
+    finally:
+        fig.dpi = old
+
+
+def _all_axes(axes) -> list:
+    """``axes`` and their child axes (insets), at every depth."""
+    out = []
+    for ax in axes:
+        out += [ax, *_all_axes(ax.child_axes)]
+    return out
+
+
+def tight_bbox(fig: Figure, fmt: str) -> Bbox | str:
+    """The box (inches) that ``savefig(..., bbox_inches="tight")`` crops ``fig`` to in
+    ``fmt`` ("png" at :data:`PNG_DPI`, "pdf"), measured without drawing the figure.
+
+    matplotlib's "tight" draws the whole figure once with its output switched off, to lay it
+    out, takes the artists' extents from that renderer, then draws the figure again into the
+    file: about a fifth of a PNG's time and a third of a PDF page's here (bench/RESULTS.md,
+    issue 14). The figures of a run are laid out when they are built (no layout engine, no
+    axes locator), so their extents can be taken from the file format's renderer at once:
+    the same box, saved as an explicit ``bbox_inches``, gives the same PNG pixels and the
+    same PDF bytes (tests/report/test_render.py). A figure whose layout happens while it
+    is drawn (a layout engine, subfigures, or an axes placed by a locator, as insets are)
+    gets ``"tight"``.
+    """
+    if fig.get_layout_engine() is not None or fig.subfigs or any(
+        ax.get_axes_locator() is not None for ax in _all_axes(fig.axes)
+    ):
+        return "tight"
+    if fmt == "png":
+        with _at_dpi(fig, PNG_DPI):
+            width, height = fig.bbox.size  # px, as FigureCanvasAgg sizes its renderer
+            box = fig.get_tightbbox(RendererAgg(width, height, PNG_DPI))
+    elif fmt == "pdf":
+        with _at_dpi(fig, 72):  # PDF points, as the PDF backend draws
+            width, height = fig.get_size_inches()
+            # the text's extents only: no file to draw into
+            box = fig.get_tightbbox(RendererPdf(None, PDF_RASTER_DPI, height, width))
+    else:
+        raise ValueError(f"format {fmt!r}: expected 'png' or 'pdf'")
+    return box.padded(matplotlib.rcParams["savefig.pad_inches"])
+
+
 def _png(fig: Figure, path: Path) -> None:
+    bbox = tight_bbox(fig, "png")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight",
+        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches=bbox,
                     pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
 
 
@@ -153,7 +207,7 @@ def _write_pdf(figures: Sequence[FigureSpec], path: Path, png_folder: Path | Non
             try:
                 if png_folder is not None:
                     _png(fig, png_folder / spec.name)
-                pdf.savefig(fig, bbox_inches="tight", dpi=PDF_RASTER_DPI)
+                pdf.savefig(fig, bbox_inches=tight_bbox(fig, "pdf"), dpi=PDF_RASTER_DPI)
             finally:
                 plt.close(fig)
 
