@@ -328,9 +328,14 @@ def test_tight_box_without_drawing_gives_matplotlibs_files(build, monkeypatch):
 
 
 def test_tight_box_left_to_matplotlib_where_drawing_lays_out():
-    """A figure with a layout engine, or with an axes placed by a locator, is laid out while
-    drawing: its box is left to matplotlib ("tight")."""
+    """A figure with a layout engine, subfigures or an axes placed by a locator is laid out
+    while drawing: its box is left to matplotlib ("tight")."""
     fig, ax = plt.subplots(layout="constrained")
+    assert render.tight_bbox(fig, "png") == render.tight_bbox(fig, "pdf") == "tight"
+    plt.close(fig)
+    fig = plt.figure()
+    for sub in fig.subfigures(1, 2):
+        sub.subplots()
     assert render.tight_bbox(fig, "png") == render.tight_bbox(fig, "pdf") == "tight"
     plt.close(fig)
     fig, ax = plt.subplots()
