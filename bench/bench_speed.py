@@ -24,6 +24,10 @@ simulation is cached in ``--cache``) it prints, in one run:
   micrograph``, what the held fit's warning there asks for); ``--local-ctf exact`` runs
   them on the main data set (each particle's exact
   defocus); and (``--pads``) other window paddings;
+- optionally (``--split N2``) both tools again on the data set's first N2 particles (a STAR
+  of them beside ``particles.star``), interleaved: each one's time split into a fixed part
+  and a part per particle (the line through the two sizes), so that a ratio at one size can
+  be told apart into the two;
 
 each a median of ``--repeat`` runs, and the ratios cryomag / floor, RELION / floor and
 cryomag / RELION (wall, and CPU time).
@@ -31,7 +35,7 @@ cryomag / RELION (wall, and CPU time).
 Usage::
 
     python bench/bench_speed.py [--n 5000] [--repeat 3] [--relion-bin DIR] [--local]
-        [--local-ctf micrograph|exact]
+        [--local-ctf micrograph|exact] [--split N2]
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ def _peak_mb() -> float:
 
 
 def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
-              options: dict | None = None) -> NoReturn:  # fmt: skip
+              options: dict | None = None, star: str = "particles.star"
+              ) -> NoReturn:  # fmt: skip
     """One ``cryomag estimate`` command with the defaults, in this (fresh) process, which it
     ends; the measurement is printed (a JSON line) by an exit handler.
 
@@ -111,7 +116,8 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
     :func:`one` measures runs from the interpreter's start to the process's end, as a
     user's clock (and RELION's, measured the same way) sees it. ``t_exec``: the parent's
     clock when it started this process; ``options``: more command-line options
-    (``{"defocus": "micrograph"}`` -> ``--defocus micrograph``). M, its standard errors
+    (``{"defocus": "micrograph"}`` -> ``--defocus micrograph``); ``star``: the particles'
+    STAR file in ``folder``. M, its standard errors
     and the passes are read back from OUT/results.json by the handler, whose own time is
     reported (``report_s``) and left out of the wall.
     """
@@ -126,7 +132,7 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix="cryomag-bench-run-"))
     out = tmp / "run"
-    args = ["estimate", "-i", str(folder / "particles.star"), "--ref", str(folder / "ref.mrc"),
+    args = ["estimate", "-i", str(folder / star), "--ref", str(folder / "ref.mrc"),
             "-o", str(out), "--fit", ",".join(fit), "--window-pad", str(window_pad),
             "--quiet"]  # fmt: skip
     for key, value in (options or {}).items():
@@ -179,12 +185,13 @@ def m_cryomag(folder: str, fit: list[str], window_pad: int, t_exec: float,
     raise SystemExit(0)  # an entry that returned
 
 
-def m_relion(relion_bin: str, folder: str, out: str) -> dict:
-    """One round of relion_ctf_refine --fit_aniso; its M from the output's optics table."""
+def m_relion(relion_bin: str, folder: str, out: str, star: str = "particles.star") -> dict:
+    """One round of relion_ctf_refine --fit_aniso on ``folder``'s ``star``; its M from the
+    output's optics table."""
     from cryomag.io import read_star
 
     dt, peak, cpu_s = run_relion_ctf_refine(Path(relion_bin), Path(folder), Path(out), BOX,
-                                            APIX, ["--fit_aniso"])  # fmt: skip
+                                            APIX, ["--fit_aniso"], star=star)  # fmt: skip
     ps = read_star(Path(out) / "particles_ctf_refine.star")
     mag = ps.mag_matrix(ps.groups_used()[0])
     return {"wall_s": dt, "peak_mb": peak, "cpu_s": cpu_s, "mag": np.asarray(mag).tolist()}
@@ -214,6 +221,27 @@ def _median(runs: list[dict], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
+def first_particles(folder: Path, n: int) -> str:
+    """A STAR file of ``folder``'s first ``n`` particles, written (again) beside its
+    particles.star, where the images' paths stay valid; returns its name."""
+    from cryomag.io import read_star, write_star
+
+    name = f"particles_first{n}.star"
+    ps = read_star(folder / "particles.star")
+    if not 0 < n < len(ps):
+        raise SystemExit(f"--split {n}: expected 0 < N2 < {len(ps)} (the data set's size)")
+    tmp = folder / (name + ".tmp")
+    write_star(ps.select(np.arange(n)), tmp)
+    tmp.replace(folder / name)
+    return name
+
+
+def split_costs(n: int, wall: float, n2: int, wall2: float) -> tuple[float, float]:
+    """The line through (n2, wall2) and (n, wall): (fixed part (s), ms per particle)."""
+    per = (wall - wall2) / (n - n2)
+    return wall - per * n, 1e3 * per
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5000)
@@ -225,6 +253,9 @@ def main() -> int:
     ap.add_argument("--local-ctf", choices=("micrograph", "exact"), default="micrograph",
                     help="the local models' data: real-like CTF input (default) or exact")
     ap.add_argument("--pads", default="0", help="window paddings to run (0 = automatic)")
+    ap.add_argument("--split", type=int, default=0, metavar="N2",
+                    help="also both tools on the first N2 particles: fixed and per-particle "
+                    "parts of each one's time")
     ap.add_argument("--baseline-src", help="also the defaults with cryomag imported from this "
                     "folder (e.g. an older checkout's src), interleaved in the same run")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -275,6 +306,11 @@ def main() -> int:
         runs[name] = []
     if a.relion_bin:
         runs["relion"] = []
+    small = first_particles(folder, a.split) if a.split else None
+    if small:
+        runs["cryomag small"] = []
+        if a.relion_bin:
+            runs["relion small"] = []
     work = Path(tempfile.mkdtemp(prefix="cryomag-speed-"))
     for _ in range(a.repeat):  # interleaved: the machine's load affects every tool alike
         runs["floor"].append(one("floor", folder=str(folder)))
@@ -285,6 +321,13 @@ def main() -> int:
         if a.relion_bin:
             runs["relion"].append(one("relion", relion_bin=str(a.relion_bin),
                                       folder=str(folder), out=str(work / "relion")))  # fmt: skip
+        if small:
+            runs["cryomag small"].append(one("cryomag", folder=str(folder), fit=list(GROUP_FIT),
+                                             window_pad=cases[0][2], star=small))  # fmt: skip
+            if a.relion_bin:
+                runs["relion small"].append(one("relion", relion_bin=str(a.relion_bin),
+                                                folder=str(folder), out=str(work / "relion"),
+                                                star=small))  # fmt: skip
     floor = _median(runs["floor"], "wall_s")
     print(f"{a.n} particles, box {BOX} at {APIX} A, medians of {a.repeat} run(s)")
     print(f"floor (read + rfft2, 1 thread, median of 3 reads per run): {floor:.3f} s")
@@ -360,6 +403,23 @@ def main() -> int:
                              "cryomag_over_relion_cpu": ours_cpu / rel_cpu}  # fmt: skip
     else:
         print("RELION: not run (set RELION_BIN to a RELION 5 build's bin folder)")
+    if small:
+        tools = [("cryomag", summary[ref_name]["wall_s"], runs["cryomag small"])]
+        if a.relion_bin:
+            tools.append(("RELION", summary["relion"]["wall_s"], runs["relion small"]))
+        split = {}
+        for tool, wall, rs in tools:
+            w2 = _median(rs, "wall_s")
+            fixed, per = split_costs(a.n, wall, a.split, w2)
+            split[tool] = {"wall_small_s": w2, "fixed_s": fixed, "ms_per_particle": per}
+            print(f"{tool} on the first {a.split}: {w2:.1f} s; fixed part {fixed:.1f} s + "
+                  f"{per:.2f} ms per particle (the line through {a.split} and {a.n})")
+        if len(split) == 2:
+            c, r = split["cryomag"], split["RELION"]
+            per = c["ms_per_particle"] / r["ms_per_particle"]
+            print(f"cryomag / RELION: per particle {per:.2f}, fixed part "
+                  f"{c['fixed_s'] - r['fixed_s']:+.1f} s")  # fmt: skip
+        summary["split"] = {"n_small": a.split, **split}
     print(f"load at end {os.getloadavg()}")
     print(json.dumps(summary))
     return 0

@@ -87,9 +87,9 @@ def write_postprocess(folder: Path, box: int, apix: float) -> Path:
 
 
 def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, apix: float,
-                          fit: list[str], threads: int = 2
+                          fit: list[str], threads: int = 2, star: str = "particles.star"
                           ) -> tuple[float, float, float]:  # fmt: skip
-    """One round of relion_ctf_refine on ``folder`` (particles.star, ref.mrc as both halves).
+    """One round of relion_ctf_refine on ``folder`` (``star``, ref.mrc as both halves).
 
     Parameters
     ----------
@@ -106,6 +106,8 @@ def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, a
         "fpmff", "--kmin_defocus", "30"]``.
     threads : int
         ``--j``.
+    star : str
+        The particles' STAR file in ``folder``.
 
     Returns
     -------
@@ -117,7 +119,7 @@ def run_relion_ctf_refine(relion_bin: Path, folder: Path, out: Path, box: int, a
         shutil.rmtree(out)
     out.mkdir(parents=True)
     pp = write_postprocess(out, box, apix)
-    cmd = [str(relion_bin / "relion_ctf_refine"), "--i", "particles.star", "--f", str(pp),
+    cmd = [str(relion_bin / "relion_ctf_refine"), "--i", star, "--f", str(pp),
            "--m1", "ref.mrc", "--m2", "ref.mrc", "--o", str(out) + "/", *fit,
            "--j", str(threads)]  # fmt: skip
     before = cpu_seconds(resource.RUSAGE_CHILDREN)
