@@ -222,17 +222,16 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def first_particles(folder: Path, n: int) -> str:
-    """A STAR file of ``folder``'s first ``n`` particles, written (again) beside its
-    particles.star, where the images' paths stay valid; returns its name."""
+    """A STAR file of ``folder``'s first ``n`` particles, written again (atomically, by
+    ``write_star``) beside its particles.star, where the images' paths stay valid; returns
+    its name."""
     from cryomag.io import read_star, write_star
 
     name = f"particles_first{n}.star"
     ps = read_star(folder / "particles.star")
     if not 0 < n < len(ps):
         raise SystemExit(f"--split {n}: expected 0 < N2 < {len(ps)} (the data set's size)")
-    tmp = folder / (name + ".tmp")
-    write_star(ps.select(np.arange(n)), tmp)
-    tmp.replace(folder / name)
+    write_star(ps.select(np.arange(n)), folder / name)
     return name
 
 
